@@ -1,0 +1,277 @@
+"""Read DICOM series with SimpleITK and convert them into an nnU-Net v2 raw dataset (``imagesTs`` only).
+
+Series are found per directory with GDCM (``ImageSeriesReader.GetGDCMSeriesIDs``), walking ``root``
+recursively, and sorted by directory and SeriesInstanceUID. A series is read as one 3D volume only
+when that volume has a geometry: slices that share one orientation, each at its own position. A
+series whose slices have several orientations (a three-plane localizer, radial projections) is split
+into one stack per orientation, and repeated positions (several echoes or time points in one series)
+into one stack per repetition; ``metadata['stack']`` tells the stacks of one series apart. Every stack
+becomes a case ``series_000``, ``series_001``, ... written as NIfTI by SimpleITK, geometry preserved.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+from spineauto.datasets.bids import check_output_free, dataset_json, staged_dataset_dir
+from spineauto.errors import SpineautoError
+from spineauto.io.atomic import write_json
+
+logger = logging.getLogger(__name__)
+
+TAGS = {
+    "Modality": "0008|0060",
+    "SeriesDescription": "0008|103e",
+    "SeriesInstanceUID": "0020|000e",
+    "PatientID": "0010|0020",
+}
+ORIENTATION, POSITION, INSTANCE = "0020|0037", "0020|0032", "0020|0013"
+POSITION_TOLERANCE_MM = 1e-3
+SPACING_TOLERANCE = 0.01  # relative deviation of a slice gap from the mean before we warn
+
+
+@dataclass
+class DicomStack:
+    """Files of one series that form one 3D volume, in slice order, and what we know about them."""
+
+    series_uid: str
+    directory: Path
+    files: list[str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def convert_dicom(root: Path, dataset_dir: Path, label_name: str = "cord", overwrite: bool = False) -> Path:
+    """Write every DICOM series under ``root`` as a test case of a raw dataset in ``dataset_dir``."""
+    root = Path(root).expanduser().resolve()
+    dataset_dir = Path(dataset_dir).expanduser().resolve()
+    check_output_free(dataset_dir, overwrite)
+    stacks = find_dicom_stacks(root)
+    with staged_dataset_dir(dataset_dir, overwrite) as stage:
+        cases: dict[str, dict[str, Any]] = {}
+        for index, (stack, image) in enumerate(_read_stacks(stacks)):
+            case_id = f"series_{index:03d}"
+            metadata = dict(stack.metadata, source=_relative(stack.directory, root))
+            with _quiet_itk():
+                sitk.WriteImage(image, str(stage / "imagesTs" / f"{case_id}_0000.nii.gz"), True)
+            subject = str(metadata.get("PatientID") or case_id)
+            cases[case_id] = {"subject": subject, "classes": {}, "metadata": metadata}
+        if not cases:
+            raise SpineautoError(f"no DICOM series under {root} could be read as a scalar 3D image")
+        write_json(
+            stage / "dataset.json",
+            dataset_json(
+                name=dataset_dir.name,
+                description=f"Converted from DICOM directory {root} by spineauto",
+                labels={"background": 0, label_name: 1},
+                num_training=0,
+                cases=cases,
+            ),
+        )
+    logger.info("converted %d DICOM series from %s into %s", len(cases), root, dataset_dir)
+    return dataset_dir
+
+
+def read_dicom_series(directory: Path, recursive: bool = True) -> list[tuple[str, sitk.Image, dict[str, Any]]]:
+    """``(SeriesInstanceUID, image, metadata)`` for every series (stack) under ``directory``.
+
+    Images are 3D (a single slice gives a depth of one). Stacks split from one series share the uid
+    and differ in ``metadata['stack']``. ``metadata['source']`` is the directory relative to
+    ``directory``.
+    """
+    directory = Path(directory).expanduser().resolve()
+    stacks = find_dicom_stacks(directory, recursive=recursive)
+    return [
+        (stack.series_uid, image, dict(stack.metadata, source=_relative(stack.directory, directory)))
+        for stack, image in _read_stacks(stacks)
+    ]
+
+
+# --------------------------------------------------------------------------------------- discovery
+
+
+def find_dicom_stacks(root: Path, recursive: bool = True) -> list[DicomStack]:
+    """Every series under ``root`` split into 3D stacks, sorted by directory, series uid and stack."""
+    if not root.is_dir():
+        raise SpineautoError(f"DICOM folder {root} does not exist or is not a folder")
+    directories = sorted(d for d, _, files in os.walk(root) if files) if recursive else [str(root)]
+    stacks: list[DicomStack] = []
+    for directory in directories:
+        with _quiet_itk():
+            uids = sorted(sitk.ImageSeriesReader.GetGDCMSeriesIDs(directory))
+        for uid in uids:
+            with _quiet_itk():
+                files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(directory, uid))
+            stacks.extend(split_series(uid, Path(directory), files))
+    if not stacks:
+        where = "or its subfolders " if recursive else ""
+        raise SpineautoError(
+            f"no DICOM series found in {root} {where}(files must be DICOM with a SeriesInstanceUID)"
+        )
+    return stacks
+
+
+def split_series(uid: str, directory: Path, files: list[str]) -> list[DicomStack]:
+    """Split one series' files into stacks of parallel slices at distinct positions, each in order."""
+    infos = [_file_info(f) for f in files]
+    groups: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for info in infos:
+        if info["depth"] > 1 or info["orientation"] is None or info["position"] is None:
+            groups[("file", info["file"])].append(info)  # multi-frame or no geometry: on its own
+        else:
+            groups[tuple(np.round(info["orientation"], 3))].append(info)
+    stacks: list[list[dict[str, Any]]] = []
+    for group in groups.values():
+        stacks.extend(_split_repeated_positions(group))
+    stacks.sort(key=lambda s: (s[0]["instance"], s[0]["file"]))
+    metadata = _series_metadata(files[0])
+    result = []
+    for k, stack in enumerate(stacks):
+        meta = dict(metadata, num_files=len(stack))
+        if len(stacks) > 1:
+            meta["stack"] = k
+        gaps = _slice_gaps(stack)
+        if gaps is not None:
+            meta["nonuniform_slice_gaps_mm"] = gaps
+            logger.warning(
+                "series %s in %s has uneven slice gaps (%.3g to %.3g mm): the NIfTI spacing is their mean",
+                uid, directory, gaps[0], gaps[1],
+            )
+        result.append(DicomStack(uid, directory, [i["file"] for i in stack], meta))
+    if len(stacks) > 1:
+        logger.info("series %s in %s split into %d stacks (orientations or repeated positions)", uid, directory, len(stacks))
+    return result
+
+
+def _split_repeated_positions(group: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Sort parallel slices along their normal; the k-th slice at each position goes to stack k."""
+    if len(group) == 1 or group[0]["orientation"] is None or group[0]["depth"] > 1:
+        return [group]
+    row, col = group[0]["orientation"][:3], group[0]["orientation"][3:]
+    normal = np.cross(row, col)
+    for info in group:
+        info["along"] = float(np.dot(info["position"], normal))
+    group = sorted(group, key=lambda i: (i["along"], i["instance"], i["file"]))
+    stacks: list[list[dict[str, Any]]] = []
+    previous, rank = None, 0
+    for info in group:
+        rank = rank + 1 if previous is not None and abs(info["along"] - previous) < POSITION_TOLERANCE_MM else 0
+        previous = info["along"]
+        while len(stacks) <= rank:
+            stacks.append([])
+        stacks[rank].append(info)
+    if len({len(s) for s in stacks}) > 1:
+        logger.warning("series in %s has a different number of slices at each position", Path(group[0]["file"]).parent)
+    return stacks
+
+
+def _slice_gaps(stack: list[dict[str, Any]]) -> list[float] | None:
+    """``[min, max]`` slice gap when the gaps differ by more than the tolerance, else None."""
+    if len(stack) < 3 or "along" not in stack[0]:
+        return None
+    gaps = np.diff([i["along"] for i in stack])
+    mean = float(gaps.mean())
+    if np.abs(gaps - mean).max() <= max(SPACING_TOLERANCE * abs(mean), POSITION_TOLERANCE_MM):
+        return None
+    return [round(float(gaps.min()), 4), round(float(gaps.max()), 4)]
+
+
+def _file_info(path: str) -> dict[str, Any]:
+    reader = _information_reader(path)
+    info: dict[str, Any] = {"file": path, "depth": reader.GetSize()[2] if reader.GetDimension() > 2 else 1}
+    info["orientation"] = _floats(reader, ORIENTATION, 6)
+    info["position"] = _floats(reader, POSITION, 3)
+    instance = _tag(reader, INSTANCE)
+    try:
+        info["instance"] = int(float(instance)) if instance else 0
+    except ValueError:
+        info["instance"] = 0
+    return info
+
+
+def _series_metadata(path: str) -> dict[str, Any]:
+    reader = _information_reader(path)
+    return {key: value for key, tag in TAGS.items() if (value := _tag(reader, tag))}
+
+
+def _information_reader(path: str) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(path)
+    try:
+        with _quiet_itk():
+            reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise SpineautoError(f"cannot read DICOM file {path}: {str(err).strip().splitlines()[-1]}") from err
+    return reader
+
+
+def _tag(reader: sitk.ImageFileReader, tag: str) -> str:
+    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+
+
+def _floats(reader: sitk.ImageFileReader, tag: str, count: int) -> np.ndarray | None:
+    try:
+        values = np.array([float(v) for v in _tag(reader, tag).split("\\")])
+    except ValueError:
+        return None
+    return values if values.size == count else None
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def _read_stacks(stacks: list[DicomStack]) -> Iterator[tuple[DicomStack, sitk.Image]]:
+    """Read each stack as a scalar 3D image; stacks that are not (colour, 4D) are skipped with a warning."""
+    for stack in stacks:
+        image = read_stack(stack)
+        if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
+            logger.warning(
+                "skipping series %s in %s: %d-component %dD image, a scalar 3D image is expected",
+                stack.series_uid, stack.directory, image.GetNumberOfComponentsPerPixel(), image.GetDimension(),
+            )
+            continue
+        yield stack, image
+
+
+def read_stack(stack: DicomStack) -> sitk.Image:
+    """The stack's files as one image (a single 2D slice becomes a 3D image of depth one)."""
+    try:
+        with _quiet_itk():
+            if len(stack.files) == 1:
+                image = sitk.ReadImage(stack.files[0], imageIO="GDCMImageIO")
+            else:
+                reader = sitk.ImageSeriesReader()
+                reader.SetImageIO("GDCMImageIO")
+                reader.SetFileNames(stack.files)
+                image = reader.Execute()
+    except RuntimeError as err:
+        raise SpineautoError(
+            f"cannot read DICOM series {stack.series_uid} in {stack.directory}: {str(err).strip().splitlines()[-1]}"
+        ) from err
+    if image.GetDimension() == 2:
+        image = sitk.JoinSeries(image)
+    return image
+
+
+@contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """Silence ITK's own stderr warnings (we log what matters ourselves); restore the setting after."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def _relative(path: Path, root: Path) -> str:
+    rel = Path(path).relative_to(root).as_posix()
+    return rel if rel else "."
