@@ -1,0 +1,3 @@
+from spineauto.cli import main
+
+main()

@@ -1,0 +1,116 @@
+"""The `spineauto` command: one small function per command, no logic of its own."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from spineauto.errors import SpineautoError
+
+console = Console(stderr=True)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Self-configuring deep learning for spinal-cord MRI (segmentation, classification, pipeline).")
+convert_app = typer.Typer(no_args_is_help=True, help="Convert BIDS or DICOM data into a raw dataset (nnU-Net v2 layout).")
+app.add_typer(convert_app, name="convert")
+
+DatasetOpt = typer.Option(..., "-d", "--dataset", help="Dataset id (1) or folder name (Dataset001_Name).")
+
+
+def _command(name: str, **kw):
+    """Register under the documented underscore name, with a hidden dashed alias."""
+    def deco(fn):
+        app.command(name, **kw)(fn)
+        if "_" in name:
+            app.command(name.replace("_", "-"), hidden=True, **kw)(fn)
+        return fn
+    return deco
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "-v", "--verbose", help="Show debug logging.")):
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
+    for noisy in ("matplotlib", "PIL", "urllib3", "wandb", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@_command("plan_and_preprocess")
+def plan_and_preprocess(
+    dataset: str = DatasetOpt,
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the integrity check (geometry, labels, NaN, counts)."),
+    preset: Optional[Path] = typer.Option(None, "--preset", help="YAML overriding planned values, e.g. plans/spinal_cord_segmentation.yaml."),
+    num_processes: int = typer.Option(min(os.cpu_count() or 1, 8), "-np", "--num-processes", help="Parallel worker processes."),
+):
+    """Check the raw dataset, fingerprint it, write plans.json and preprocess every training case."""
+    from spineauto.cli_views import plan_summary, stage_progress
+    from spineauto.planning.experiment import plan_and_preprocess as run
+
+    with stage_progress(console) as progress:
+        result = run(dataset, verify=not no_verify, preset=preset, workers=num_processes, progress=progress)
+    plan_summary(console, result)
+
+
+@convert_app.command("bids")
+def convert_bids(
+    root: Path = typer.Argument(..., help="BIDS root (sub-*/anat/*.nii.gz, masks under derivatives/labels)."),
+    dataset: int = typer.Option(..., "-d", "--dataset", help="New dataset id (1-999)."),
+    name: str = typer.Option(..., "--name", help="Dataset name, e.g. SpineGeneric."),
+    label_suffix: str = typer.Option("seg-manual", "--label-suffix", help="Mask suffix: <image>_<suffix>.nii.gz."),
+    contrast: Optional[List[str]] = typer.Option(None, "--contrast", help="Only these contrasts (repeatable): T2w, T1w, ..."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset of that name."),
+):
+    """Convert a BIDS dataset (spine-generic convention) into Dataset<ID>_<NAME>."""
+    from spineauto import paths
+    from spineauto.datasets.bids import convert_bids as run
+
+    out = run(root, paths.root("raw") / paths.dataset_name(dataset, name), label_suffix=label_suffix,
+              contrasts=contrast or None, overwrite=overwrite)
+    console.print(f"[green]wrote[/] {out}")
+
+
+@convert_app.command("dicom")
+def convert_dicom(
+    root: Path = typer.Argument(..., help="Folder searched recursively for DICOM series."),
+    dataset: int = typer.Option(..., "-d", "--dataset", help="New dataset id (1-999)."),
+    name: str = typer.Option(..., "--name", help="Dataset name."),
+):
+    """Convert every DICOM series under ROOT into a case of Dataset<ID>_<NAME> (imagesTs)."""
+    from spineauto import paths
+    from spineauto.datasets.dicom import convert_dicom as run
+
+    out = run(root, paths.root("raw") / paths.dataset_name(dataset, name))
+    console.print(f"[green]wrote[/] {out}")
+
+
+@app.command("demo")
+def demo(
+    workdir: Path = typer.Option(Path("spineauto_demo"), "--workdir", help="Folder for the demo's raw, preprocessed and results data."),
+    cases: int = typer.Option(16, "--cases", help="Number of synthetic training cases."),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Generate synthetic spine phantoms and run the main job on them."""
+    from spineauto.demo import run_demo
+
+    run_demo(workdir, n_train=cases, seed=seed, console=console)
+
+
+def main() -> None:
+    try:
+        app()
+    except SpineautoError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The raw dataset description: nnU-Net v2's dataset.json plus per-case classification labels.
+
+Any nnU-Net v2 raw dataset works unchanged. spineauto adds two optional keys:
+``heads`` (head name -> its class names) and ``cases`` (case id -> subject, classes, metadata).
+See raw_data_templates/README.md.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spineauto.errors import SpineautoError
+
+
+@dataclass
+class CaseInfo:
+    subject: str | None = None
+    classes: dict[str, str] = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class DatasetInfo:
+    folder: Path
+    name: str
+    channel_names: dict[str, str]
+    labels: dict[str, int]  # name -> value; empty for a classification-only dataset
+    num_training: int
+    file_ending: str
+    heads: dict[str, list[str]] = field(default_factory=dict)
+    cases: dict[str, CaseInfo] = field(default_factory=dict)
+    lesion_labels: list[str] = field(default_factory=list)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def has_segmentation(self) -> bool:
+        return len(self.labels) > 1
+
+    @property
+    def label_values(self) -> list[int]:
+        return sorted(self.labels.values())
+
+    def training_cases(self) -> list[str]:
+        return _cases_in(self.folder / "imagesTr", self.file_ending)
+
+    def test_cases(self) -> list[str]:
+        return _cases_in(self.folder / "imagesTs", self.file_ending)
+
+    def image_files(self, case: str, split: str = "Tr") -> list[Path]:
+        return [self.folder / f"images{split}" / f"{case}_{int(c):04d}{self.file_ending}" for c in sorted(self.channel_names, key=int)]
+
+    def label_file(self, case: str, split: str = "Tr") -> Path:
+        return self.folder / f"labels{split}" / f"{case}{self.file_ending}"
+
+    def subject_of(self, case: str) -> str:
+        info = self.cases.get(case)
+        if info and info.subject:
+            return info.subject
+        if case.startswith("sub-"):
+            return case.split("_")[0]
+        return case
+
+
+def _cases_in(folder: Path, ending: str) -> list[str]:
+    if not folder.is_dir():
+        return []
+    names = {p.name[: -len(ending)][:-5] for p in folder.iterdir() if p.name.endswith(ending) and p.name[: -len(ending)][-5:-4] == "_"}
+    return sorted(names)
+
+
+def load_dataset_json(folder: Path) -> DatasetInfo:
+    """Read and check ``folder/dataset.json``; every problem at once, as one message."""
+    path = folder / "dataset.json"
+    if not path.is_file():
+        raise SpineautoError(f"{path}: dataset.json is missing; copy a template from raw_data_templates/ and fill it in")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SpineautoError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise SpineautoError(f"{path}: must be a JSON object")
+    problems = []
+    for key in ("channel_names", "file_ending"):
+        if key not in raw:
+            problems.append(f"missing key {key!r}")
+    channels = raw.get("channel_names") or raw.get("modality") or {}
+    if not isinstance(channels, dict) or not channels or not all(str(k).isdigit() for k in channels):
+        problems.append("'channel_names' must map channel numbers to names, e.g. {\"0\": \"MRI\"}")
+        channels = {}
+    labels = raw.get("labels", {})
+    if not isinstance(labels, dict) or (labels and not all(isinstance(v, int) for v in labels.values())):
+        problems.append("'labels' must map label names to integer values (region-based labels are not supported)")
+        labels = {}
+    if labels and labels.get("background", 0) != 0:
+        problems.append("'labels' must have background = 0")
+    heads = raw.get("heads", {})
+    if not isinstance(heads, dict) or not all(isinstance(v, list) for v in heads.values()):
+        problems.append("'heads' must map head names to lists of class names")
+        heads = {}
+    for head, classes in heads.items():
+        if len(classes) < 2:
+            problems.append(f"head {head!r} has a single class {classes}: a classifier needs at least two; remove the head")
+        if len(set(classes)) != len(classes):
+            problems.append(f"head {head!r} lists a class twice")
+    cases = {}
+    for case, info in (raw.get("cases") or {}).items():
+        if not isinstance(info, dict):
+            problems.append(f"cases[{case!r}] must be an object")
+            continue
+        cases[case] = CaseInfo(subject=info.get("subject"), classes=dict(info.get("classes") or {}), metadata=dict(info.get("metadata") or {}))
+    try:
+        num_training = int(raw.get("numTraining", -1))
+    except (TypeError, ValueError):
+        problems.append("'numTraining' must be an integer")
+        num_training = -1
+    if problems:
+        raise SpineautoError(f"{path}: " + "; ".join(problems))
+    lesion = raw.get("lesion_labels") or [k for k in labels if "lesion" in k.lower()]
+    return DatasetInfo(
+        folder=folder, name=raw.get("name", folder.name), channel_names={str(k): v for k, v in channels.items()},
+        labels={"background": 0, **labels} if labels else {}, num_training=num_training, file_ending=raw["file_ending"],
+        heads={k: list(v) for k, v in heads.items()}, cases=cases, lesion_labels=list(lesion),
+    )

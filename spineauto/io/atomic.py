@@ -1,0 +1,72 @@
+"""Atomic writes: write to a temporary name in the same folder, then rename.
+
+A killed run therefore never leaves a half-written plan, checkpoint or prediction behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+
+@contextmanager
+def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; it replaces ``target`` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_atomic(target: Path | str, writer: Callable[[Path], Any], suffix: str = "") -> Path:
+    """Call ``writer(tmp_path)`` and move the result onto ``target``."""
+    with atomic_path(target, suffix) as tmp:
+        writer(tmp)
+    return Path(target)
+
+
+def write_json(target: Path | str, data: Any) -> Path:
+    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default)
+    return write_atomic(target, lambda p: p.write_text(text + "\n"))
+
+
+def read_json(path: Path | str) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_npy(target: Path | str, array: np.ndarray) -> Path:
+    def _write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.save(f, array)
+
+    return write_atomic(target, _write)
+
+
+def save_nifti(target: Path | str, image: Any) -> Path:
+    """Save a nibabel image atomically (the temporary name keeps the .nii.gz ending)."""
+    import nibabel as nib
+
+    ending = ".nii.gz" if str(target).endswith(".nii.gz") else ".nii"
+    return write_atomic(target, lambda p: nib.save(image, str(p)), suffix=ending)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")

@@ -1,0 +1,163 @@
+"""Dataset fingerprint: the facts about each case that planning decides from.
+
+One pass over the raw data, parallel over cases, that also runs the per-case integrity checks, so
+verification costs no extra read.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from spineauto.datasets.dataset_json import DatasetInfo
+from spineauto.datasets.integrity import check_case, check_layout, load_training_case
+from spineauto.errors import SpineautoError
+from spineauto.io.atomic import read_json, write_json
+from spineauto.io.geometry import CaseGeometry, choose_slice_axis, orientation_code
+from spineauto.schema import from_dict, to_dict
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+SAMPLES_PER_CASE = 10_000
+
+
+@dataclass
+class IntensityStats:
+    mean: float
+    std: float
+    median: float
+    p00_5: float
+    p99_5: float
+    min: float
+    max: float
+
+
+@dataclass
+class CaseFingerprint:
+    case: str
+    subject: str
+    orientation: str  # nibabel axis codes of the stored array, e.g. "PSR"
+    plane: str  # acquisition plane the 2D slices are cut in
+    slice_axis: int  # RAS axis across which slices are cut
+    slice_axis_reason: str
+    spacing: list[float]  # voxel sizes of the stored array, mm
+    shape: list[int]  # stored array shape
+    layout_spacing: list[float]  # (slice, row, column) after reorientation, mm
+    cropped_shape: list[int]  # (slice, row, column) after cropping to the nonzero region
+    crop_fraction: float  # cropped voxels / all voxels
+    intensity: list[IntensityStats]  # per channel, foreground voxels (or all nonzero without labels)
+    label_voxels: dict[str, int] = field(default_factory=dict)
+    classes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Fingerprint:
+    dataset_name: str
+    channel_names: dict[str, str]
+    labels: dict[str, int]
+    heads: dict[str, list[str]]
+    cases: list[CaseFingerprint]
+    intensity: list[IntensityStats]  # per channel, pooled over cases
+    class_counts: dict[str, dict[str, int]]
+    schema_version: int = SCHEMA_VERSION
+
+    def save(self, path: Path) -> Path:
+        return write_json(path, to_dict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> "Fingerprint":
+        if not Path(path).is_file():
+            raise SpineautoError(f"{path}: no fingerprint yet; run `spineauto plan_and_preprocess` first")
+        data = read_json(path)
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise SpineautoError(f"{path}: fingerprint schema {data.get('schema_version')} is not {SCHEMA_VERSION}; rerun plan_and_preprocess")
+        return from_dict(cls, data, str(path))
+
+
+def _stats(values: np.ndarray) -> IntensityStats:
+    if values.size == 0:
+        return IntensityStats(0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    p = np.percentile(values, [50.0, 0.5, 99.5])
+    return IntensityStats(float(values.mean()), float(values.std()), float(p[0]), float(p[1]), float(p[2]), float(values.min()), float(values.max()))
+
+
+def scan_case(info: DatasetInfo, case: str, verify: bool = True, seed: int = 0):
+    """(problems, CaseFingerprint or None, per-channel foreground samples)."""
+    data, affine, seg, seg_affine, problems = load_training_case(info, case)
+    if data is None or (info.has_segmentation and seg is None):
+        return problems, None, None
+    if verify:
+        problems += check_case(info, case, data, affine, seg, seg_affine)
+        if problems:
+            return problems, None, None
+    from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
+    from acvl_utils.cropping_and_padding.bounding_boxes import get_bbox_from_mask
+
+    axis, reason = choose_slice_axis(affine, data.shape[1:])
+    geom = CaseGeometry(affine.tolist(), list(data.shape[1:]), axis)
+    layout = geom.to_layout(data)
+    nonzero = create_nonzero_mask(layout)
+    bbox = get_bbox_from_mask(nonzero)
+    cropped_shape = [b - a for a, b in bbox]
+    if seg is not None:
+        fg = geom.to_layout(seg) > 0
+        label_voxels = {str(int(v)): int(c) for v, c in zip(*np.unique(seg, return_counts=True))}
+    else:
+        fg = nonzero
+        label_voxels = {}
+    if not fg.any():
+        fg = np.ones_like(nonzero)
+    rng = np.random.default_rng(seed)
+    samples, stats = [], []
+    for c in range(layout.shape[0]):
+        vals = layout[c][fg]
+        stats.append(_stats(vals))
+        samples.append(rng.choice(vals, min(SAMPLES_PER_CASE, vals.size), replace=False) if vals.size else vals)
+    cinfo = info.cases.get(case)
+    fp = CaseFingerprint(
+        case=case, subject=info.subject_of(case), orientation=orientation_code(affine), plane=geom.plane,
+        slice_axis=axis, slice_axis_reason=reason, spacing=[float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
+        shape=list(data.shape[1:]), layout_spacing=geom.spacing, cropped_shape=cropped_shape,
+        crop_fraction=float(np.prod(cropped_shape) / np.prod(data.shape[1:])), intensity=stats,
+        label_voxels=label_voxels, classes={h: cinfo.classes[h] for h in info.heads if cinfo and h in cinfo.classes},
+    )
+    return problems, fp, samples
+
+
+def fingerprint_dataset(info: DatasetInfo, verify: bool = True, workers: int = 2,
+                        progress: Callable[[str], None] | None = None) -> Fingerprint:
+    """Scan every training case; raise one SpineautoError listing every problem found."""
+    problems = check_layout(info) if verify else []
+    cases = info.training_cases()
+    if not cases:
+        raise SpineautoError("\n".join(problems) or f"{info.folder}/imagesTr: no training cases")
+    results = []
+    if workers > 1 and len(cases) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(cases))) as pool:
+            futures = [pool.submit(scan_case, info, c, verify, i) for i, c in enumerate(cases)]
+            for c, fut in zip(cases, futures):
+                results.append(fut.result())
+                if progress:
+                    progress(c)
+    else:
+        for i, c in enumerate(cases):
+            results.append(scan_case(info, c, verify, i))
+            if progress:
+                progress(c)
+    for case_problems, _, _ in results:
+        problems += case_problems
+    if problems:
+        raise SpineautoError(f"{len(problems)} problem(s) in {info.folder}:\n" + "\n".join(f"  - {p}" for p in problems)
+                             + "\nFix them, or pass --no-verify to skip these checks.")
+    fps = [fp for _, fp, _ in results]
+    pooled = [_stats(np.concatenate([s[c] for _, _, s in results])) for c in range(info.num_channels)]
+    counts = {h: dict(Counter(fp.classes[h] for fp in fps if h in fp.classes)) for h in info.heads}
+    for h, classes in info.heads.items():
+        counts[h] = {k: counts[h].get(k, 0) for k in classes}
+    return Fingerprint(dataset_name=info.folder.name, channel_names=info.channel_names, labels=info.labels,
+                       heads=info.heads, cases=fps, intensity=pooled, class_counts=counts)

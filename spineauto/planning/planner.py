@@ -1,0 +1,134 @@
+"""From a fingerprint to plans: every value derived from a fingerprint fact, recorded in ``reasons``.
+
+The spine-specific part is the slicing rule. nnU-Net 2D cuts every case along one array axis chosen
+for the whole dataset, without reorienting, so a sagittal and an axial scan of the same dataset are
+cut in different anatomical planes and a 17 mm slice axis can end up in-plane. spineauto reorients
+every case and cuts it across its own through-plane axis (``per_case``), so every 2D slice is a
+full-resolution acquisition plane; in-plane spacing is resampled to one isotropic target, the
+slice spacing is left alone. A preset may force one anatomical plane for all cases instead.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from spineauto.planning.fingerprint import Fingerprint
+from spineauto.planning.plans import ConfigurationPlan, HeadPlan, NetworkPlan, Plans
+from spineauto.planning.presets import apply_preset
+
+log = logging.getLogger(__name__)
+
+BASE_FEATURES = 32
+MAX_FEATURES = 512
+MIN_FEATURE_MAP = 4
+MAX_PATCH_EDGE = 512  # pixels; larger slices are trained on patches
+MEMORY_BUDGET_GB = 2.0  # activations of one training step, used to size the batch
+MIN_BATCH, MAX_BATCH = 2, 64
+MAX_DATASET_FRACTION = 0.05  # one batch covers at most this fraction of all training pixels (nnU-Net's rule)
+CROP_FRACTION_FOR_MASK = 0.75  # normalise inside the nonzero mask when cropping removed more than 25%
+
+
+def _median_in_plane_spacing(fp: Fingerprint) -> tuple[float, str]:
+    values = np.concatenate([c.layout_spacing[1:] for c in fp.cases])
+    t = float(np.median(values))
+    return t, f"median in-plane spacing over {len(fp.cases)} cases ({values.min():.3g}-{values.max():.3g} mm)"
+
+
+def _in_plane_shapes(fp: Fingerprint, target: float) -> np.ndarray:
+    return np.array([[s * sp / target for s, sp in zip(c.cropped_shape[1:], c.layout_spacing[1:])] for c in fp.cases])
+
+
+def estimate_activation_bytes(patch: list[int], features: list[int], n_conv: list[int], encoder_only: bool = False) -> float:
+    """Rough training memory per sample: every conv output, its norm and its nonlinearity, kept for backward."""
+    area = float(np.prod(patch))
+    total = 0.0
+    for s, (f, n) in enumerate(zip(features, n_conv)):
+        stage = area / (4**s) * f * n * 3
+        total += stage * (1 if encoder_only else 2)
+    return total * 4 * 2  # float32, forward activations plus their gradients
+
+
+def _network(patch_median: np.ndarray, target: float) -> tuple[NetworkPlan, list[int], str]:
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+
+    patch = [int(min(max(8, round(x)), MAX_PATCH_EDGE)) for x in patch_median]
+    _, pools, kernels, patch_out, _ = get_pool_and_conv_props([target, target], patch, MIN_FEATURE_MAP, 999)
+    n = len(pools)
+    features = [min(BASE_FEATURES * 2**i, MAX_FEATURES) for i in range(n)]
+    net = NetworkPlan(
+        architecture="unet", features_per_stage=features, kernel_sizes=[list(k) for k in kernels],
+        strides=[list(p) for p in pools], n_conv_per_stage=[2] * n, n_conv_per_stage_decoder=[2] * (n - 1),
+    )
+    return net, [int(x) for x in patch_out], f"{n} stages down to >= {MIN_FEATURE_MAP} px (nnunetv2 get_pool_and_conv_props)"
+
+
+def _batch_size(patch: list[int], net: NetworkPlan, total_pixels: float, encoder_only: bool = False) -> tuple[int, str]:
+    per_sample = estimate_activation_bytes(patch, net.features_per_stage, net.n_conv_per_stage, encoder_only)
+    by_memory = int(MEMORY_BUDGET_GB * 1024**3 // per_sample)
+    by_data = int(MAX_DATASET_FRACTION * total_pixels // np.prod(patch))
+    bs = int(np.clip(min(by_memory, by_data), MIN_BATCH, MAX_BATCH))
+    return bs, (f"{MEMORY_BUDGET_GB} GB activation budget allows {by_memory} ({per_sample / 2**20:.0f} MB/sample); "
+                f"{MAX_DATASET_FRACTION:.0%} of the {total_pixels:.3g} training pixels allows {by_data}; clipped to [{MIN_BATCH}, {MAX_BATCH}]")
+
+
+def _heads(fp: Fingerprint) -> list[HeadPlan]:
+    heads = []
+    for name, classes in fp.heads.items():
+        counts = np.array([fp.class_counts.get(name, {}).get(c, 0) for c in classes], dtype=float)
+        present = counts > 0
+        w = np.ones(len(classes))
+        w[present] = counts[present].sum() / (present.sum() * counts[present])
+        heads.append(HeadPlan(name=name, classes=list(classes), class_weights=[round(float(x), 4) for x in w]))
+    return heads
+
+
+def plan_dataset(fp: Fingerprint, preset: Path | None = None) -> Plans:
+    from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
+
+    target, target_reason = _median_in_plane_spacing(fp)
+    shapes = _in_plane_shapes(fp, target)
+    median_shape = np.median(shapes, axis=0)
+    net, patch, net_reason = _network(median_shape, target)
+    slices = [c.cropped_shape[0] for c in fp.cases]
+    total_pixels = float((shapes.prod(axis=1) * np.array(slices)).sum())
+    bs, bs_reason = _batch_size(patch, net, total_pixels)
+    planes = Counter(c.plane for c in fp.cases)
+    norm = [get_normalization_scheme(n).__name__ for n in fp.channel_names.values()]
+    median_crop = float(np.median([c.crop_fraction for c in fp.cases]))
+    use_mask = [n == "ZScoreNormalization" and median_crop < CROP_FRACTION_FOR_MASK for n in norm]
+    common = dict(
+        data_identifier="2d", slicing="per_case", target_spacing=[target, target], normalization=norm, use_mask_for_norm=use_mask,
+    )
+    reasons = {
+        "slicing": f"acquisition planes {dict(planes)}: each case is cut across its own through-plane axis",
+        "target_spacing": target_reason,
+        "patch_size": f"median cropped in-plane shape {np.round(median_shape, 1).tolist()} px at target spacing, made divisible by the pooling",
+        "network": net_reason,
+        "batch_size": bs_reason,
+        "normalization": f"channel names {list(fp.channel_names.values())} (nnunetv2 get_normalization_scheme)",
+        "use_mask_for_norm": f"median crop fraction {median_crop:.2f} vs {CROP_FRACTION_FOR_MASK}",
+    }
+    configs: dict[str, ConfigurationPlan] = {}
+    heads = _heads(fp)
+    head_reason = "; ".join(f"{h.name}: class counts {fp.class_counts.get(h.name)} -> inverse-frequency weights" for h in heads)
+    if len(fp.labels) > 1:
+        configs["2d"] = ConfigurationPlan(name="2d", task="segmentation", patch_size=patch, batch_size=bs, network=net,
+                                          reasons=dict(reasons), **common)
+    if heads:
+        cls_bs, cls_reason = _batch_size(patch, net, total_pixels * 4, encoder_only=True)
+        configs["cls"] = ConfigurationPlan(
+            name="cls", task="classification", patch_size=patch, batch_size=cls_bs,
+            network=NetworkPlan(**{**net.__dict__, "deep_supervision": False}), heads=heads,
+            foreground_oversampling=0.0, reasons={**reasons, "batch_size": cls_reason + " (encoder only)", "heads": head_reason}, **common)
+    if heads and len(fp.labels) > 1:
+        configs["multitask"] = ConfigurationPlan(name="multitask", task="multitask", patch_size=patch, batch_size=bs, network=net,
+                                                 heads=heads, reasons={**reasons, "heads": head_reason}, **common)
+    lesion = [k for k in fp.labels if "lesion" in k.lower()]
+    plans = Plans(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=fp.labels, heads=fp.heads,
+                  lesion_labels=lesion, configurations=configs)
+    if preset is not None:
+        plans = apply_preset(plans, preset)
+    return plans

@@ -1,0 +1,169 @@
+"""Plans: typed plain data describing every configuration of a dataset.
+
+A plan fully describes a run: the trainer, the predictor and the pipeline are built from it and
+nothing else. ``plans.json`` round-trips through :func:`Plans.load` / :meth:`Plans.save`, validated
+on load. Each configuration carries ``reasons``: for a field name, the fingerprint fact (or preset)
+that decided its value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from spineauto.errors import SpineautoError
+from spineauto.io.atomic import read_json, write_json
+from spineauto.schema import from_dict, to_dict
+
+SCHEMA_VERSION = 1
+
+Task = Literal["segmentation", "classification", "multitask"]
+Slicing = Literal["per_case", "axial", "sagittal", "coronal"]
+
+
+@dataclass
+class NetworkPlan:
+    architecture: Literal["unet", "resenc_unet", "attention_unet"] = "unet"
+    features_per_stage: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    kernel_sizes: list[list[int]] = field(default_factory=lambda: [[3, 3]] * 5)
+    strides: list[list[int]] = field(default_factory=lambda: [[1, 1]] + [[2, 2]] * 4)
+    n_conv_per_stage: list[int] = field(default_factory=lambda: [2] * 5)
+    n_conv_per_stage_decoder: list[int] = field(default_factory=lambda: [2] * 4)
+    deep_supervision: bool = True
+    norm: Literal["instance", "batch"] = "instance"
+    dropout: float = 0.0
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.features_per_stage)
+
+
+@dataclass
+class HeadPlan:
+    name: str
+    classes: list[str]
+    class_weights: list[float]
+    loss_weight: float = 1.0
+
+
+@dataclass
+class OptimPlan:
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    initial_lr: float = 0.01
+    weight_decay: float = 3e-5
+    momentum: float = 0.99
+    schedule: Literal["poly", "constant"] = "poly"
+    grad_clip: float = 12.0
+    epochs: int = 100
+    iters_per_epoch: int = 250
+    val_iters: int = 20
+
+
+@dataclass
+class LossPlan:
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    label_smoothing: float = 0.1  # classification heads
+    segmentation_weight: float = 1.0  # multitask: weight of the segmentation loss
+    classification_weight: float = 0.5  # multitask: weight of the summed head losses
+
+
+@dataclass
+class AugmentationPlan:
+    rotation_degrees: float = 180.0
+    scale_range: list[float] = field(default_factory=lambda: [0.7, 1.4])
+    elastic: bool = False
+    mirror_axes: list[int] = field(default_factory=lambda: [0, 1])
+    gamma_range: list[float] = field(default_factory=lambda: [0.7, 1.5])
+    noise_variance: float = 0.1
+    blur_sigma: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    brightness_range: list[float] = field(default_factory=lambda: [0.75, 1.25])
+    contrast_range: list[float] = field(default_factory=lambda: [0.75, 1.25])
+    lowres_range: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    probability: float = 0.2
+
+
+@dataclass
+class ConfigurationPlan:
+    name: str
+    task: Task
+    data_identifier: str  # preprocessed folder shared by configurations with the same preprocessing
+    slicing: Slicing
+    target_spacing: list[float]  # in-plane (row, column) spacing in mm; slices keep their own spacing
+    patch_size: list[int]
+    batch_size: int
+    normalization: list[str]  # per channel: nnunetv2 scheme name
+    use_mask_for_norm: list[bool]
+    network: NetworkPlan
+    heads: list[HeadPlan] = field(default_factory=list)
+    optim: OptimPlan = field(default_factory=OptimPlan)
+    loss: LossPlan = field(default_factory=LossPlan)
+    augmentation: AugmentationPlan = field(default_factory=AugmentationPlan)
+    foreground_oversampling: float = 0.33
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_segmentation(self) -> bool:
+        return self.task in ("segmentation", "multitask")
+
+    @property
+    def has_classification(self) -> bool:
+        return self.task in ("classification", "multitask")
+
+
+@dataclass
+class Plans:
+    dataset_name: str
+    channel_names: dict[str, str]
+    labels: dict[str, int]
+    heads: dict[str, list[str]]
+    lesion_labels: list[str]
+    configurations: dict[str, ConfigurationPlan]
+    schema_version: int = SCHEMA_VERSION
+    plans_name: str = "spineautoPlans"
+    preset: str | None = None
+
+    def configuration(self, name: str) -> ConfigurationPlan:
+        if name not in self.configurations:
+            raise SpineautoError(f"configuration {name!r} is not in the plans of {self.dataset_name}; available: {', '.join(self.configurations)}")
+        return self.configurations[name]
+
+    @property
+    def num_classes(self) -> int:
+        """Segmentation output channels (background included)."""
+        return max(self.labels.values()) + 1 if self.labels else 0
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "plans") -> "Plans":
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if version != SCHEMA_VERSION:
+            raise SpineautoError(f"{where}: schema_version {version!r} is not {SCHEMA_VERSION}; rerun `spineauto plan_and_preprocess`")
+        plans = from_dict(cls, data, where)
+        for name, cfg in plans.configurations.items():
+            if cfg.name != name:
+                raise SpineautoError(f"{where}: configuration key {name!r} holds a plan named {cfg.name!r}")
+            if len(cfg.patch_size) != 2 or len(cfg.target_spacing) != 2:
+                raise SpineautoError(f"{where}.configurations.{name}: patch_size and target_spacing must have 2 values (2D)")
+            if cfg.batch_size < 1:
+                raise SpineautoError(f"{where}.configurations.{name}: batch_size must be >= 1")
+            n = cfg.network.n_stages
+            if not (len(cfg.network.kernel_sizes) == len(cfg.network.strides) == len(cfg.network.n_conv_per_stage) == n
+                    and len(cfg.network.n_conv_per_stage_decoder) == n - 1):
+                raise SpineautoError(f"{where}.configurations.{name}.network: per-stage lists must have {n} entries ({n - 1} for the decoder)")
+        return plans
+
+    def save(self, path: Path) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path) -> "Plans":
+        if not Path(path).is_file():
+            raise SpineautoError(f"{path}: no plans yet; run `spineauto plan_and_preprocess -d <dataset>` first")
+        try:
+            data = read_json(path)
+        except ValueError as e:
+            raise SpineautoError(f"{path}: invalid JSON ({e})") from None
+        return cls.from_dict(data, where=str(path))

@@ -1,0 +1,161 @@
+"""Preprocessing: reorient, crop, resample in-plane and normalise (nnunetv2's functions), stored
+per case as memory-mappable ``.npy`` in the slice-first layout for fast random 2D slice access.
+
+The same forward transform is used at inference (:func:`preprocess_array`) and undone by
+:func:`restore_to_original` so predictions land in the input's exact voxel grid.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from spineauto.datasets.dataset_json import DatasetInfo
+from spineauto.io.atomic import read_json, save_npy, write_json
+from spineauto.io.geometry import AXIS_OF_PLANE, CaseGeometry, choose_slice_axis
+from spineauto.io.images import read_channels, read_volume
+from spineauto.planning.fingerprint import IntensityStats
+from spineauto.planning.plans import ConfigurationPlan
+
+log = logging.getLogger(__name__)
+LOCATIONS_PER_LABEL = 2000
+PREPROCESS_VERSION = 1
+
+
+def slice_axis_for(plan: ConfigurationPlan, affine: np.ndarray, shape) -> int:
+    if plan.slicing == "per_case":
+        return choose_slice_axis(affine, shape)[0]
+    return AXIS_OF_PLANE[plan.slicing]
+
+
+def _normalizer(name: str, use_mask: bool, stats: IntensityStats | None):
+    from nnunetv2.preprocessing.normalization import default_normalization_schemes as schemes
+
+    props = None
+    if stats is not None:
+        props = {"mean": stats.mean, "std": stats.std, "percentile_00_5": stats.p00_5, "percentile_99_5": stats.p99_5}
+    return getattr(schemes, name)(use_mask_for_norm=use_mask, intensityproperties=props)
+
+
+def preprocess_array(data: np.ndarray, affine: np.ndarray, plan: ConfigurationPlan, intensity: list[IntensityStats] | None,
+                     seg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """(C, X, Y, Z) in the stored order -> normalised (C, S, H, W) at the target in-plane spacing.
+
+    Returns (data, seg or None, properties); the properties restore the original grid.
+    """
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
+
+    geom = CaseGeometry(np.asarray(affine).tolist(), list(data.shape[1:]), slice_axis_for(plan, affine, data.shape[1:]))
+    data = geom.to_layout(data)
+    seg_l = geom.to_layout(seg[None]).astype(np.int8) if seg is not None else None
+    data, seg_c, bbox = crop_to_nonzero(data, seg_l)
+    geom.bbox = [[int(a), int(b)] for a, b in bbox]
+    data = data.astype(np.float32)
+    for c in range(data.shape[0]):
+        norm = _normalizer(plan.normalization[c], plan.use_mask_for_norm[c], intensity[c] if intensity else None)
+        data[c] = norm.run(data[c], seg_c[0])
+    spacing = geom.spacing
+    cropped_shape = list(data.shape[1:])
+    new_shape = [cropped_shape[0]] + [max(1, int(round(s * sp / t))) for s, sp, t in zip(cropped_shape[1:], spacing[1:], plan.target_spacing)]
+    if new_shape != cropped_shape:
+        data = resample_data_or_seg(data, new_shape, is_seg=False, axis=0, order=3, do_separate_z=True, order_z=0)
+        if seg is not None:
+            seg_c = resample_data_or_seg(seg_c, new_shape, is_seg=True, axis=0, order=1, do_separate_z=True, order_z=0)
+    props = {"geometry": geom.to_dict(), "spacing": spacing, "cropped_shape": cropped_shape, "shape": new_shape}
+    out_seg = None
+    if seg is not None:
+        out_seg = np.where(seg_c < 0, 0, seg_c).astype(np.int8)
+    return data.astype(np.float32), out_seg, props
+
+
+def restore_to_original(layout: np.ndarray, props: dict, order: int = 1, fill: float = 0.0) -> np.ndarray:
+    """(K, S, H, W) at target spacing (probabilities or one-hot) -> (K, X, Y, Z) in the input's grid.
+
+    In-plane resampling back to the cropped shape, padding to the uncropped layout, then the inverse
+    reorientation. ``fill`` is written outside the crop for channel 0 (background) and 0 elsewhere.
+    """
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
+
+    geom = CaseGeometry.from_dict(props["geometry"])
+    cropped = list(props["cropped_shape"])
+    if list(layout.shape[1:]) != cropped:
+        layout = resample_data_or_seg(layout, cropped, is_seg=False, axis=0, order=order, do_separate_z=True, order_z=0)
+    full = np.zeros((layout.shape[0], *geom.layout_shape), dtype=layout.dtype)
+    full[0] = fill
+    sl = tuple(slice(a, b) for a, b in geom.bbox)
+    full[(slice(None), *sl)] = layout
+    return geom.from_layout(full)
+
+
+def class_locations(seg: np.ndarray, labels: list[int], rng: np.random.Generator) -> dict[str, list[list[int]]]:
+    out = {}
+    for v in labels:
+        if v == 0:
+            continue
+        idx = np.argwhere(seg[0] == v)
+        if len(idx) > LOCATIONS_PER_LABEL:
+            idx = idx[rng.choice(len(idx), LOCATIONS_PER_LABEL, replace=False)]
+        out[str(v)] = idx.tolist()
+    return out
+
+
+def _source_hash(files: list[Path], plan: ConfigurationPlan, intensity) -> str:
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    key = [PREPROCESS_VERSION, plan.slicing, plan.target_spacing, plan.normalization, plan.use_mask_for_norm,
+           [s.__dict__ for s in intensity] if intensity else None]
+    h.update(json.dumps(key, default=str).encode())
+    return h.hexdigest()
+
+
+def preprocess_case(info: DatasetInfo, case: str, plan: ConfigurationPlan, intensity: list[IntensityStats], out_dir: Path) -> bool:
+    """Preprocess one training case into ``out_dir``; False when it was already up to date."""
+    files = info.image_files(case) + ([info.label_file(case)] if info.has_segmentation else [])
+    digest = _source_hash(files, plan, intensity)
+    props_path = out_dir / f"{case}.json"
+    if props_path.is_file() and (out_dir / f"{case}.npy").is_file():
+        try:
+            if read_json(props_path).get("source_hash") == digest:
+                return False
+        except ValueError:
+            pass
+    data, affine = read_channels(info.image_files(case))
+    seg = read_volume(info.label_file(case))[0].round().astype(np.int16) if info.has_segmentation else None
+    data, seg_p, props = preprocess_array(data, affine, plan, intensity, seg)
+    cinfo = info.cases.get(case)
+    props.update(case=case, subject=info.subject_of(case), classes=dict(cinfo.classes) if cinfo else {}, source_hash=digest)
+    if seg_p is not None:
+        props["class_locations"] = class_locations(seg_p, info.label_values, np.random.default_rng(int(hashlib.sha1(case.encode()).hexdigest()[:8], 16)))
+        save_npy(out_dir / f"{case}_seg.npy", seg_p)
+    save_npy(out_dir / f"{case}.npy", data)
+    write_json(props_path, props)  # last: its presence with the right hash marks the case done
+    return True
+
+
+def preprocess_dataset(info: DatasetInfo, plan: ConfigurationPlan, intensity: list[IntensityStats], out_dir: Path,
+                       workers: int = 2, progress: Callable[[str], None] | None = None) -> int:
+    """Preprocess every training case; returns how many were (re)written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = info.training_cases()
+    written = 0
+    if workers > 1 and len(cases) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(cases))) as pool:
+            futures = [pool.submit(preprocess_case, info, c, plan, intensity, out_dir) for c in cases]
+            for c, fut in zip(cases, futures):
+                written += fut.result()
+                if progress:
+                    progress(c)
+    else:
+        for c in cases:
+            written += preprocess_case(info, c, plan, intensity, out_dir)
+            if progress:
+                progress(c)
+    return written
