@@ -71,3 +71,12 @@ def preprocessed_dataset(dataset: str | int, preprocessed: Path | str | None = N
 
 def results_dataset(dataset: str | int, results: Path | str | None = None) -> Path:
     return root("results", results) / resolve_dataset(dataset)
+
+
+TRAINER_NAME = "spineautoTrainer"
+
+
+def model_folder(dataset: str | int, configuration: str, plans_name: str = "spineautoPlans",
+                 trainer: str = TRAINER_NAME, results: Path | str | None = None) -> Path:
+    """``<results>/<Dataset>/<trainer>__<plans>__<configuration>``: a self-contained trained model."""
+    return results_dataset(dataset, results) / f"{trainer}__{plans_name}__{configuration}"
