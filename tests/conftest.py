@@ -1,0 +1,66 @@
+"""Shared fixtures: isolated spineauto folders, the real data beside the checkout, phantom datasets."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sct_testing_data"
+
+
+def require_real_data() -> Path:
+    """The real data folder; fails the test in CI (CI set) when missing, skips elsewhere."""
+    if REAL_DATA.is_dir():
+        return REAL_DATA
+    if os.environ.get("CI"):
+        pytest.fail(f"real data missing at {REAL_DATA}; CI must run with ../shared beside the checkout")
+    pytest.skip(f"real data not found at {REAL_DATA}")
+
+
+@pytest.fixture
+def real_data() -> Path:
+    return require_real_data()
+
+
+@pytest.fixture
+def spineauto_env(tmp_path, monkeypatch) -> dict[str, Path]:
+    """SPINEAUTO_RAW / _PREPROCESSED / _RESULTS pointing into tmp_path; W&B off unless a test says otherwise."""
+    folders = {k: tmp_path / k for k in ("raw", "preprocessed", "results")}
+    for k, p in folders.items():
+        p.mkdir()
+        monkeypatch.setenv(f"SPINEAUTO_{k.upper()}", str(p))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    return folders
+
+
+# Real image / cord-mask pairs (see ../shared/data/README.md): case id -> (image, mask, view, sequence)
+REAL_PAIRS = {
+    "t2": ("t2/t2.nii.gz", "t2/t2_seg-manual.nii.gz", "sagittal", "T2w"),
+    "t1": ("t1/t1w.nii.gz", "t1/t1w_seg-manual.nii.gz", "sagittal", "T1w"),
+    "t2s": ("t2s/t2s.nii.gz", "t2s/t2s_seg.nii.gz", "axial", "T2starw"),
+    "mt1": ("mt/mt1.nii.gz", "mt/mt1_seg.nii.gz", "axial", "MT"),
+    "mt0": ("mt/mt0.nii.gz", "mt/mt0_seg.nii.gz", "axial", "MT"),
+    "lesion": ("t2/t2_fake_lesion.nii.gz", "t2/t2_fake_lesion_sc_seg.nii.gz", "sagittal", "T2w"),
+}
+
+
+def layout_real_dataset(raw_root: Path, dataset_id: int = 1, name: str = "RealCord") -> Path:
+    """The six real image/cord pairs as an nnU-Net v2 raw dataset (plus view classes)."""
+    import json
+    import shutil
+
+    src = require_real_data()
+    folder = raw_root / f"Dataset{dataset_id:03d}_{name}"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    for case, (img, seg, _, _) in REAL_PAIRS.items():
+        shutil.copy(src / img, folder / "imagesTr" / f"{case}_0000.nii.gz")
+        shutil.copy(src / seg, folder / "labelsTr" / f"{case}.nii.gz")
+    ds = {
+        "channel_names": {"0": "MRI"}, "labels": {"background": 0, "cord": 1}, "numTraining": len(REAL_PAIRS),
+        "file_ending": ".nii.gz", "heads": {"view": ["axial", "sagittal"]},
+        "cases": {c: {"subject": "sub-lesion" if c == "lesion" else "sub-01", "classes": {"view": v[2]}} for c, v in REAL_PAIRS.items()},
+    }
+    (folder / "dataset.json").write_text(json.dumps(ds, indent=2))
+    return folder
