@@ -64,3 +64,22 @@ def layout_real_dataset(raw_root: Path, dataset_id: int = 1, name: str = "RealCo
     }
     (folder / "dataset.json").write_text(json.dumps(ds, indent=2))
     return folder
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `spineauto ARGS` in-process through the real entry point: (exit code, stdout, stderr)."""
+    import sys
+
+    from spineauto.cli import main
+
+    argv = sys.argv
+    sys.argv = ["spineauto", *map(str, args)]
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    return code, out.out, out.err
