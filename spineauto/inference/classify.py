@@ -1,0 +1,147 @@
+"""Volume-level classification: every slice of a preprocessed case through the network(s), slice
+probabilities averaged into one probability vector per head, folds (and mirrored copies) averaged.
+
+The classifier's heads sit on globally pooled encoder features, so a whole slice goes through at
+once (padded to at least the training patch and to a multiple of the network's total stride, with
+zeros as the training crops are); no tiling is needed. Written per case: ``<case>.json``
+(``kind: spineauto.classification``, each head's class and probabilities, slice count) and one
+``classification.csv`` row per case with ``<head>`` and ``<head>_p_<class>`` columns.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from spineauto.io.atomic import write_atomic, write_json
+from spineauto.planning.plans import ConfigurationPlan
+
+log = logging.getLogger(__name__)
+PREDICTION_KIND = "spineauto.classification"
+PIXELS_PER_BATCH = {"cuda": 2 ** 23, "cpu": 2 ** 20}
+
+
+@dataclass
+class CaseClassification:
+    case: str
+    probabilities: dict[str, np.ndarray]  # head -> (K,) summing to 1
+    classes: dict[str, list[str]]  # head -> class names in output order
+    n_slices: int
+
+    def predicted(self, head: str) -> str:
+        return self.classes[head][int(np.argmax(self.probabilities[head]))]
+
+    def to_dict(self) -> dict:
+        return {"kind": PREDICTION_KIND, "case": self.case, "n_slices": self.n_slices, "heads": {
+            h: {"class": self.predicted(h), "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes[h], self.probabilities[h])}}
+            for h in self.classes}}
+
+
+def total_stride(plan: ConfigurationPlan) -> list[int]:
+    return [int(np.prod([s[i] for s in plan.network.strides])) for i in range(2)]
+
+
+def pad_slices(x: torch.Tensor, plan: ConfigurationPlan) -> torch.Tensor:
+    """(B, C, H, W) zero-padded (centred) to at least the patch size and a multiple of the total stride."""
+    h, w = x.shape[-2:]
+    stride = total_stride(plan)
+    target = [max(s, p) for s, p in zip((h, w), plan.patch_size)]
+    target = [int(np.ceil(t / k) * k) for t, k in zip(target, stride)]
+    ph, pw = target[0] - h, target[1] - w
+    if ph == 0 and pw == 0:
+        return x
+    return torch.nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+
+def aggregate_slices(slice_probs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """(S, K) slice probabilities -> (K,) volume probabilities: their (weighted) mean, renormalised."""
+    p = np.asarray(slice_probs, dtype=np.float64)
+    w = np.ones(len(p)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.sum() <= 0:
+        w = np.ones(len(p))
+    v = (p * w[:, None]).sum(axis=0) / w.sum()
+    return (v / v.sum()).astype(np.float32)
+
+
+def slice_probabilities(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: ConfigurationPlan, device: torch.device,
+                        tta: bool = False, amp: bool = True, batch_slices: int | None = None) -> dict[str, np.ndarray]:
+    """head -> (S, K) softmax probabilities of every slice of one preprocessed case (C, S, H, W),
+    averaged over ``networks`` and, with ``tta``, mirrored copies."""
+    from spineauto.inference.predictor import eval_mode, mirror_combinations
+
+    device = torch.device(device)
+    mirrors = [()] + (mirror_combinations(plan.augmentation.mirror_axes) if tta else [])
+    autocast = torch.autocast("cuda", dtype=torch.float16) if (amp and device.type == "cuda") else nullcontext()
+    x_all = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data, 1, 0), dtype=np.float32))  # (S, C, H, W)
+    x_all = pad_slices(x_all, plan)
+    per_batch = batch_slices or max(1, PIXELS_PER_BATCH["cuda" if device.type == "cuda" else "cpu"] // int(np.prod(x_all.shape[-2:])))
+    out: dict[str, list[torch.Tensor]] = {}
+    scale = 1.0 / (len(networks) * len(mirrors))
+    with torch.inference_mode(), eval_mode(list(networks)):
+        for start in range(0, x_all.shape[0], per_batch):
+            xb = x_all[start:start + per_batch].to(device)
+            acc: dict[str, torch.Tensor] = {}
+            for net in networks:
+                for dims in mirrors:
+                    with autocast:
+                        res = net(torch.flip(xb, dims) if dims else xb)
+                    for head, logits in res["cls"].items():
+                        p = torch.softmax(logits.float(), dim=1) * scale
+                        acc[head] = p if head not in acc else acc[head] + p
+            for head, p in acc.items():
+                out.setdefault(head, []).append(p.cpu())
+    return {h: torch.cat(v).numpy() for h, v in out.items()}
+
+
+def classify_layout(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: ConfigurationPlan, device: torch.device,
+                    case: str = "case", tta: bool = False, amp: bool = True) -> CaseClassification:
+    """One preprocessed case (C, S, H, W) -> volume-level probabilities per head."""
+    per_slice = slice_probabilities(networks, data, plan, device, tta=tta, amp=amp)
+    classes = {h.name: list(h.classes) for h in plan.heads}
+    return CaseClassification(case=case, probabilities={h: aggregate_slices(per_slice[h]) for h in classes},
+                              classes=classes, n_slices=int(data.shape[1]))
+
+
+def write_case_json(out_dir: Path, result: CaseClassification, extra: dict | None = None) -> Path:
+    return write_json(Path(out_dir) / f"{result.case}.json", {**result.to_dict(), **(extra or {})})
+
+
+def csv_header(classes: dict[str, list[str]]) -> list[str]:
+    cols = ["case"]
+    for h, cs in classes.items():
+        cols += [h] + [f"{h}_p_{c}" for c in cs]
+    return cols
+
+
+def write_classification_csv(out_dir: Path, results: Sequence[CaseClassification]) -> Path | None:
+    """``classification.csv``: one row per case; rows of cases not in ``results`` are kept (reruns)."""
+    if not results:
+        return None
+    path = Path(out_dir) / "classification.csv"
+    header = csv_header(results[0].classes)
+    rows: dict[str, dict] = {}
+    if path.is_file():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames == header:
+                rows = {r["case"]: r for r in reader}
+    for r in results:
+        row = {"case": r.case}
+        for h, cs in r.classes.items():
+            row[h] = r.predicted(h)
+            row.update({f"{h}_p_{c}": f"{float(p):.6f}" for c, p in zip(cs, r.probabilities[h])})
+        rows[r.case] = row
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    for case in sorted(rows):
+        writer.writerow(rows[case])
+    text = buf.getvalue()
+    return write_atomic(path, lambda p: p.write_text(text))
