@@ -89,6 +89,24 @@ def convert_dicom(
     console.print(f"[green]wrote[/] {out}")
 
 
+@convert_app.command("images")
+def convert_images(
+    root: Path = typer.Argument(..., help="Folder of PNG/JPEG images, one subfolder per class (or train/ and test/ each with class folders)."),
+    dataset: int = typer.Option(..., "-d", "--dataset", help="New dataset id (1-999)."),
+    name: str = typer.Option(..., "--name", help="Dataset name."),
+    head: str = typer.Option("class", "--head", help="Name of the classification head the folder names are classes of."),
+    rgb: bool = typer.Option(False, "--rgb", help="Keep three colour channels (default: grey-scale)."),
+    spacing: float = typer.Option(1.0, "--spacing", help="Pixel size in mm."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset of that name."),
+):
+    """Convert 2D images (one folder per class) into a classification dataset, e.g. for encoder pretraining."""
+    from spineauto import paths
+    from spineauto.datasets.image_folder import convert_image_folder as run
+
+    out = run(root, paths.root("raw") / paths.dataset_name(dataset, name), head=head, rgb=rgb, spacing=spacing, overwrite=overwrite)
+    console.print(f"[green]wrote[/] {out}")
+
+
 @app.command("demo")
 def demo(
     workdir: Path = typer.Option(Path("spineauto_demo"), "--workdir", help="Folder for the demo's raw, preprocessed and results data."),
