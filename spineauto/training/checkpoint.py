@@ -1,0 +1,137 @@
+"""Checkpoints: atomic writes, best / top-k bookkeeping, exact resume and pretrained transfer.
+
+``checkpoint_latest.pt`` is written atomically at the end of EVERY epoch and holds everything a
+resume needs (network, optimiser, scheduler, grad scaler, epoch, RNG states, metric history, best
+and top-k state). ``checkpoint_best.pt``, ``checkpoint_final.pt`` and the top-k files
+(``checkpoint_top_epochXXXX.pt``, index in ``checkpoints_top.json``) are hard links to (or copies
+of) a latest file, so they cost no extra serialisation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spineauto.errors import SpineautoError
+from spineauto.io.atomic import atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
+LATEST, BEST, FINAL = "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"
+TOP_INDEX = "checkpoints_top.json"
+
+
+def save_checkpoint(path: Path, state: dict) -> Path:
+    """``torch.save`` to a temporary name, then rename; a failure leaves the previous file intact."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:
+        raise SpineautoError(f"{path}: could not write the checkpoint ({e}); the previous checkpoint is intact; "
+                             "free disk space or fix permissions, then rerun with --continue") from None
+    return Path(path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise SpineautoError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); delete it or pick another") from None
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Place ``src`` at ``dst`` atomically (hard link when possible)."""
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except RuntimeError:  # fewer GPUs than when saved
+            pass
+
+
+@dataclass
+class TopK:
+    """The k best epochs by the monitored metric (higher is better)."""
+
+    k: int = 5
+    entries: list[dict] = field(default_factory=list)  # {"epoch", "metric", "file"}, best first
+
+    def offer(self, epoch: int, metric: float) -> tuple[bool, list[dict]]:
+        """Whether ``epoch`` enters the top k, and the entries it evicts."""
+        if self.k <= 0 or not np.isfinite(metric):
+            return False, []
+        entry = {"epoch": epoch, "metric": float(metric), "file": f"checkpoint_top_epoch{epoch:04d}.pt"}
+        ranked = sorted(self.entries + [entry], key=lambda e: (-e["metric"], e["epoch"]))
+        keep, evicted = ranked[:self.k], ranked[self.k:]
+        self.entries = keep
+        return entry in keep, evicted
+
+    def write(self, folder: Path, monitor: str) -> None:
+        write_json(Path(folder) / TOP_INDEX, {"monitor": monitor, "mode": "max", "k": self.k,
+                                              "checkpoints": [dict(rank=i + 1, **e) for i, e in enumerate(self.entries)]})
+
+    def reconcile(self, folder: Path) -> None:
+        """After a resume: drop entries whose file is missing, delete top files no entry names."""
+        folder = Path(folder)
+        self.entries = [e for e in self.entries if (folder / e["file"]).is_file()]
+        names = {e["file"] for e in self.entries}
+        for f in folder.glob("checkpoint_top_epoch*.pt"):
+            if f.name not in names:
+                f.unlink()
+
+
+def load_pretrained(network: torch.nn.Module, path: Path) -> tuple[list[str], list[str]]:
+    """Copy every tensor of ``path`` whose name and shape match into ``network``.
+
+    ``encoder.*`` tensors must all match (that is what is transferred); other mismatches (e.g. a
+    segmentation layer for another number of labels) are skipped. Returns (loaded, skipped).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpineautoError(f"--pretrained {path}: no such file")
+    ckpt = load_checkpoint(path)
+    source = ckpt.get("network", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(source, dict):
+        raise SpineautoError(f"--pretrained {path}: no network weights in it (expected a spineauto checkpoint or a state_dict)")
+    source = {k.removeprefix("module."): v for k, v in source.items() if isinstance(v, torch.Tensor)}
+    target = network.state_dict()
+    bad = [f"{k} {tuple(source[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
+           if k.startswith("encoder.") and k in source and source[k].shape != v.shape]
+    if bad:
+        raise SpineautoError(f"--pretrained {path}: {len(bad)} encoder tensor(s) do not match this plan's network: "
+                             f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}; use a checkpoint trained with the same network topology")
+    loaded = [k for k, v in target.items() if k in source and source[k].shape == v.shape]
+    if not any(k.startswith("encoder.") for k in loaded):
+        raise SpineautoError(f"--pretrained {path}: none of its tensors match this network's encoder; "
+                             "use a spineauto checkpoint with the same architecture")
+    network.load_state_dict({**target, **{k: source[k] for k in loaded}})
+    skipped = sorted(set(target) - set(loaded))
+    log.info("pretrained %s: loaded %d tensors, skipped %d%s", path.name, len(loaded), len(skipped),
+             f" ({', '.join(skipped[:8])}{' ...' if len(skipped) > 8 else ''})" if skipped else "")
+    return loaded, skipped
+
+
+def read_top_index(folder: Path) -> dict | None:
+    path = Path(folder) / TOP_INDEX
+    return read_json(path) if path.is_file() else None

@@ -1,0 +1,171 @@
+"""Loggers: local files always (metrics.jsonl, log.txt, progress.png, overlays), W&B when asked.
+
+The metric history lives in the checkpoint too, so a resumed run rewrites ``metrics.jsonl`` from it
+and never shows the epochs of a killed session twice.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+from pathlib import Path
+
+import numpy as np
+
+from spineauto.errors import SpineautoError
+from spineauto.io.atomic import write_atomic
+
+log = logging.getLogger(__name__)
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+class LocalLogger:
+    def __init__(self, folder: Path, history: list[dict] | None = None):
+        self.folder = Path(folder)
+        self.history: list[dict] = list(history or [])
+        self._file_handler: logging.Handler | None = None
+
+    def start_log_file(self) -> None:
+        handler = logging.FileHandler(self.folder / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        logging.getLogger("spineauto").addHandler(handler)
+        if logging.getLogger("spineauto").getEffectiveLevel() > logging.INFO:
+            logging.getLogger("spineauto").setLevel(logging.INFO)
+        self._file_handler = handler
+
+    def close(self) -> None:
+        if self._file_handler is not None:
+            logging.getLogger("spineauto").removeHandler(self._file_handler)
+            self._file_handler.close()
+            self._file_handler = None
+
+    def rewrite(self) -> None:
+        """metrics.jsonl = the history (after a resume)."""
+        text = "".join(json.dumps(r) + "\n" for r in self.history)
+        write_atomic(self.folder / "metrics.jsonl", lambda p: p.write_text(text))
+
+    def log_epoch(self, record: dict) -> None:
+        self.history.append(record)
+        with open(self.folder / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot_progress(self) -> None:
+        if not self.history:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        h = self.history
+        ep = [r["epoch"] for r in h]
+        fig, axes = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
+        ax = axes[0]
+        ax.plot(ep, [r["train_loss"] for r in h], "b-", label="train loss")
+        ax.plot(ep, [r.get("val_loss", math.nan) for r in h], "r-", label="val loss")
+        ax.set_ylabel("loss")
+        ax.legend(loc="upper right")
+        ax = axes[1]
+        for key in sorted({k for r in h for k in r if k.startswith("pseudo_dice")}):
+            ax.plot(ep, [r.get(key, math.nan) for r in h], "-" if key == "pseudo_dice" else ":", label=key)
+        if "ema" in h[-1]:
+            ax.plot(ep, [r.get("ema", math.nan) for r in h], "g-", linewidth=2, label=f"EMA {h[-1].get('monitor', '')}")
+        ax.set_ylabel("validation")
+        ax.set_ylim(0, 1)
+        ax.legend(loc="lower right", fontsize=8)
+        ax = axes[2]
+        ax.plot(ep, [r["lr"] for r in h], "k-", label="learning rate")
+        ax2 = ax.twinx()
+        ax2.plot(ep, [r.get("epoch_time", math.nan) for r in h], "c:", label="epoch time (s)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("learning rate")
+        ax2.set_ylabel("epoch time (s)")
+        fig.tight_layout()
+        write_atomic(self.folder / "progress.png", lambda p: fig.savefig(p, format="png", dpi=80))
+        plt.close(fig)
+
+    def overlay(self, epoch: int, example: dict | None) -> Path | None:
+        """Image | truth | prediction PNG of one validation sample (fold_k/overlays/epoch_XXX.png)."""
+        if not example:
+            return None
+        panels = [_gray(example["image"])]
+        for key in ("truth", "prediction"):
+            if key in example:
+                panels.append(_color_labels(panels[0], example[key]))
+        sep = np.full((panels[0].shape[0], 2, 3), 255, np.uint8)
+        strip = np.concatenate([x for p in panels for x in (p, sep)][:-1], axis=1)
+        from PIL import Image
+
+        scale = max(1, 256 // max(strip.shape[0], 1))
+        img = Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.NEAREST)
+        path = self.folder / "overlays" / f"epoch_{epoch:03d}.png"
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, lambda p: img.save(p, format="PNG"))
+        return path
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    g = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
+    return (np.repeat(g[..., None], 3, axis=-1) * 255).astype(np.uint8)
+
+
+_COLORS = np.array([[0, 0, 0], [255, 60, 60], [60, 220, 60], [60, 120, 255], [255, 220, 0], [255, 0, 255]], np.uint8)
+
+
+def _color_labels(gray_rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels).astype(int)
+    out = gray_rgb.copy()
+    mask = labels > 0
+    colors = _COLORS[np.clip(labels, 0, len(_COLORS) - 1)]
+    out[mask] = (0.45 * out[mask] + 0.55 * colors[mask]).astype(np.uint8)
+    return out
+
+
+def wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    if mode not in WANDB_MODES:
+        raise SpineautoError(f"--wandb {mode!r}: choose one of {', '.join(WANDB_MODES)}")
+    if mode == "auto":
+        if os.environ.get("WANDB_MODE") in ("offline", "disabled", "online"):
+            return os.environ["WANDB_MODE"]
+        return "online" if wandb_credentials() else "offline"
+    return mode
+
+
+class WandbLogger:
+    """A W&B run (online or offline) whose files live in the fold folder (``fold_k/wandb``)."""
+
+    def __init__(self, folder: Path, mode: str, name: str, config: dict, run_id: str | None):
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.wandb = wandb
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "spineauto"), dir=str(folder), mode=mode, name=name,
+                              id=run_id, resume="allow", config=config, reinit="finish_previous")
+        wandb.define_metric("epoch")
+        wandb.define_metric("*", step_metric="epoch")
+        self.run_id = self.run.id
+
+    def log(self, record: dict, overlay: Path | None) -> None:
+        data = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if overlay is not None:
+            data["overlay"] = self.wandb.Image(str(overlay), caption=f"epoch {record['epoch']}: image | truth | prediction")
+        self.run.log(data)
+
+    def summary(self, values: dict) -> None:
+        self.run.summary.update(values)
+
+    def finish(self) -> None:
+        self.run.finish()
