@@ -107,6 +107,68 @@ def convert_images(
     console.print(f"[green]wrote[/] {out}")
 
 
+@_command("predict")
+def predict(
+    dataset: str = DatasetOpt,
+    input: Path = typer.Option(..., "-i", "--input", help="Folder of NIfTI files (<case>_0000.nii.gz or <case>.nii.gz), one NIfTI file, or a folder of DICOM series."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder for <case>.nii.gz masks."),
+    configuration: str = typer.Option("2d", "-c", "--configuration", help="Trained configuration."),
+    folds: Optional[List[str]] = typer.Option(None, "-f", "--folds", help="Folds to ensemble (repeat or list: -f 0 1 2, or 'all'); default every trained fold."),
+    checkpoint: str = typer.Option("final", "--checkpoint", help="best, final or latest."),
+    no_tta: bool = typer.Option(False, "--no-tta", help="No mirroring test-time augmentation (faster)."),
+    save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write <case>.npz probabilities (for `spineauto ensemble`)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    model_folder: Optional[Path] = typer.Option(None, "-m", "--model", help="Use this model folder instead of the one of -d/-c."),
+):
+    """Segment new scans with a trained model; masks keep each input's exact geometry."""
+    from spineauto.inference.cli_impl import run_predict
+
+    run_predict(console, dataset, input, output, configuration, _split_folds(folds), checkpoint, not no_tta,
+                save_probabilities, device, model_folder)
+
+
+def _split_folds(folds: Optional[List[str]]) -> Optional[List[str]]:
+    return [f for item in folds for f in item.replace(",", " ").split()] if folds else None
+
+
+@_command("ensemble")
+def ensemble(
+    inputs: List[Path] = typer.Option(..., "-i", "--input", help="Folders of <case>.npz probabilities (repeat -i or list them)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder for <case>.nii.gz masks."),
+    save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write the averaged <case>.npz."),
+    postprocessing: Optional[Path] = typer.Option(None, "--postprocessing", help="postprocessing.json to apply to the ensembled masks."),
+):
+    """Average saved probabilities of several models (configurations or trainings) and write masks."""
+    from spineauto.inference.cli_impl import run_ensemble
+
+    run_ensemble(console, inputs, output, save_probabilities, postprocessing)
+
+
+@_command("evaluate")
+def evaluate(
+    pred_dir: Path = typer.Argument(..., help="Folder of predicted <case>.nii.gz."),
+    gt_dir: Path = typer.Argument(..., help="Folder of ground-truth <case>.nii.gz (e.g. labelsTs)."),
+    dataset: Optional[str] = typer.Option(None, "-d", "--dataset", help="Dataset id or name: labels and lesion labels from its dataset.json."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="summary.json to write (a .csv is written beside it); default PRED_DIR/summary.json."),
+):
+    """Dice, IoU, HD95, ASD, volume difference per label; lesion-wise detection for lesion labels."""
+    from spineauto.evaluation.cli_impl import run_evaluate
+
+    run_evaluate(console, pred_dir, gt_dir, dataset, output)
+
+
+@_command("find_best_configuration")
+def find_best_configuration(
+    dataset: str = DatasetOpt,
+    configurations: Optional[List[str]] = typer.Option(None, "-c", "--configurations", help="Only these configurations (default: every trained one)."),
+    no_ensembles: bool = typer.Option(False, "--no-ensembles", help="Do not try ensembles of configurations."),
+):
+    """Compare trained configurations and their ensembles on the cross-validation; print the predict command."""
+    from spineauto.evaluation.cli_impl import run_find_best
+
+    run_find_best(console, dataset, _split_folds(configurations), not no_ensembles)
+
+
 @app.command("demo")
 def demo(
     workdir: Path = typer.Option(Path("spineauto_demo"), "--workdir", help="Folder for the demo's raw, preprocessed and results data."),

@@ -71,6 +71,13 @@ def predict_layout(networks: list[torch.nn.Module], data: np.ndarray, plan: Conf
     must live on ``device``. ``batch_slices`` is the number of tiles per forward pass (default from
     the patch size and device). ``amp`` uses float16 autocast on CUDA.
     """
+    probs = predict_probabilities(networks, data, plan, device, tta, batch_slices, amp)
+    return probs.cpu().numpy().astype(np.float32, copy=False)
+
+
+def predict_probabilities(networks: list[torch.nn.Module], data: np.ndarray, plan: ConfigurationPlan, device: torch.device,
+                          tta: bool = True, batch_slices: int | None = None, amp: bool = True) -> torch.Tensor:
+    """As :func:`predict_layout`, but the (K, S, H, W) float32 tensor stays on ``device``."""
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
@@ -118,5 +125,4 @@ def predict_layout(networks: list[torch.nn.Module], data: np.ndarray, plan: Conf
                 for i, (s, y, z) in enumerate(chunk):
                     acc[:, s, y:y + patch[0], z:z + patch[1]] += probs[i]
         acc /= weight
-        acc = acc[(slice(None), *slicer[1:])]
-        return acc.cpu().numpy().astype(np.float32, copy=False)
+        return acc[(slice(None), *slicer[1:])]

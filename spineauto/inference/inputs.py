@@ -1,0 +1,122 @@
+"""Input cases for predict: NIfTI files (nnU-Net ``<case>_0000.nii.gz`` naming or plain
+``<case>.nii.gz``, single file or folder) or DICOM series (one case per stack).
+
+Every case is read into ``(C, X, Y, Z)`` float32 with its RAS affine, plus a reference to write the
+output with: the first channel's NIfTI header, or the SimpleITK image of the DICOM series.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from spineauto.errors import SpineautoError
+from spineauto.io.images import load_nifti, read_channels
+
+log = logging.getLogger(__name__)
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def strip_ending(name: str) -> str:
+    for e in NIFTI_ENDINGS:
+        if name.endswith(e):
+            return name[: -len(e)]
+    return name
+
+
+@dataclass
+class InputCase:
+    name: str
+    files: list[Path] = field(default_factory=list)  # NIfTI, one per channel
+    dicom: Any = None  # SimpleITK image of a DICOM stack
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return str(self.files[0]) if self.files else f"DICOM {self.metadata.get('source', '')} {self.metadata.get('SeriesInstanceUID', '')}".strip()
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """(C, X, Y, Z) float32 and the RAS affine."""
+        if self.files:
+            return read_channels(self.files)
+        return sitk_to_array(self.dicom)[None], sitk_affine(self.dicom)
+
+    def reference_header(self) -> nib.Nifti1Header | None:
+        if not self.files:
+            return None
+        return load_nifti(self.files[0]).header
+
+    def reference_shape(self) -> tuple[int, ...]:
+        if self.files:
+            return tuple(load_nifti(self.files[0]).shape)
+        return tuple(self.dicom.GetSize())
+
+
+def sitk_to_array(image) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return np.ascontiguousarray(sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0))
+
+
+def sitk_affine(image) -> np.ndarray:
+    """RAS affine of a 3D SimpleITK image (SimpleITK is LPS)."""
+    direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.asarray(image.GetSpacing(), float)[None, :]
+    affine[:3, 3] = image.GetOrigin()
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def discover_cases(source: Path, num_channels: int) -> list[InputCase]:
+    """Cases under ``source`` (a NIfTI file, a folder of NIfTI files, or a folder of DICOM series)."""
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise SpineautoError(f"{source}: input not found; pass a folder of NIfTI files or DICOM series")
+    if source.is_file():
+        if not source.name.endswith(NIFTI_ENDINGS):
+            raise SpineautoError(f"{source}: not a NIfTI file (.nii/.nii.gz); pass a folder for DICOM series")
+        files = [source]
+    else:
+        files = sorted(p for p in source.iterdir() if p.is_file() and p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith("."))
+    if not files:
+        return _dicom_cases(source)
+    stems = [strip_ending(p.name) for p in files]
+    if all(_CHANNEL.match(s) for s in stems):
+        groups: dict[str, dict[int, Path]] = {}
+        for p, s in zip(files, stems):
+            m = _CHANNEL.match(s)
+            groups.setdefault(m["case"], {})[int(m["channel"])] = p
+        cases = []
+        for case, chans in sorted(groups.items()):
+            if sorted(chans) != list(range(num_channels)):
+                have = ", ".join(f"_{c:04d}" for c in sorted(chans))
+                raise SpineautoError(f"{source}: case {case!r} has channel files {have} but the model expects {num_channels} "
+                                     f"channel(s) _0000.._{num_channels - 1:04d}; add or remove files")
+            cases.append(InputCase(case, [chans[c] for c in range(num_channels)]))
+        return cases
+    if num_channels != 1:
+        raise SpineautoError(f"{source}: the model expects {num_channels} channels per case; name the files "
+                             "<case>_0000.nii.gz, <case>_0001.nii.gz, ... (nnU-Net naming)")
+    return [InputCase(s, [p]) for p, s in zip(files, stems)]
+
+
+def _dicom_cases(folder: Path) -> list[InputCase]:
+    from spineauto.datasets.dicom import read_dicom_series
+
+    try:
+        series = read_dicom_series(folder)
+    except SpineautoError:
+        series = []
+    if not series:
+        raise SpineautoError(f"{folder}: no NIfTI files (.nii.gz) and no readable DICOM series found; check the input folder")
+    cases = []
+    for i, (uid, image, meta) in enumerate(series):
+        cases.append(InputCase(f"series_{i:03d}", dicom=image, metadata=dict(meta, SeriesInstanceUID=uid)))
+        log.info("series_%03d: %s %s", i, meta.get("source", ""), meta.get("SeriesDescription", uid))
+    return cases

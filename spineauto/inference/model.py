@@ -1,0 +1,132 @@
+"""A trained model loaded from its self-contained model folder (plans, label map, intensity
+statistics, postprocessing and fold checkpoints); nothing from the raw or preprocessed data."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from spineauto.errors import SpineautoError
+from spineauto.io.atomic import read_json
+from spineauto.planning.fingerprint import Fingerprint, IntensityStats
+from spineauto.planning.plans import ConfigurationPlan, Plans
+
+log = logging.getLogger(__name__)
+CHECKPOINTS = ("final", "best", "latest")
+
+
+@dataclass
+class TrainedModel:
+    folder: Path
+    plans: Plans
+    plan: ConfigurationPlan
+    intensity: list[IntensityStats]
+    networks: list[torch.nn.Module]
+    folds: list[str]
+    device: torch.device
+    postprocessing: dict = field(default_factory=dict)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.plans.channel_names)
+
+    @property
+    def label_values(self) -> list[int]:
+        return sorted(set(self.plans.labels.values()))
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SpineautoError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise SpineautoError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def fold_folders(folder: Path) -> list[str]:
+    """Names of the fold folders present (fold_0, fold_1, ..., fold_all)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("fold_"))
+
+
+def _describe(folder: Path) -> str:
+    parts = []
+    for name in fold_folders(folder):
+        ckpts = sorted(p.stem.replace("checkpoint_", "") for p in (folder / name).glob("checkpoint_*.pt"))
+        parts.append(f"{name} ({', '.join(ckpts) or 'no checkpoint'})")
+    return "; ".join(parts) or "no fold folders"
+
+
+def select_folds(folder: Path, folds: Sequence[str] | None, checkpoint: str) -> list[Path]:
+    """Checkpoint files of the asked folds; default every numbered fold with that checkpoint, else fold_all."""
+    name = f"checkpoint_{checkpoint}.pt"
+    present = fold_folders(folder)
+    if folds:
+        wanted = ["fold_all" if f == "all" else f"fold_{int(f)}" if str(f).isdigit() else str(f) for f in folds]
+    else:
+        wanted = [f for f in present if f != "fold_all" and (folder / f / name).is_file()]
+        if not wanted and (folder / "fold_all" / name).is_file():
+            wanted = ["fold_all"]
+    files = [folder / f / name for f in wanted]
+    missing = [f for f in files if not f.is_file()]
+    if not files or missing:
+        what = ", ".join(f"{m.parent.name}/{m.name}" for m in missing) or f"any fold with {name}"
+        raise SpineautoError(f"{folder}: no trained {what}; present: {_describe(folder)}. Train with `spineauto train` "
+                             "or pick other folds with -f / --checkpoint")
+    return files
+
+
+def load_checkpoint_network(path: Path, plan: ConfigurationPlan, in_channels: int, num_classes: int,
+                            device: torch.device) -> torch.nn.Module:
+    from spineauto.networks.build import build_network
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many kinds for a damaged file
+        raise SpineautoError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); retrain or copy it again") from None
+    state = ckpt.get("network") if isinstance(ckpt, dict) else None
+    if state is None:
+        raise SpineautoError(f"{path}: not a spineauto checkpoint (no 'network' entry)")
+    net = build_network(plan, in_channels, num_classes)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise SpineautoError(f"{path}: weights do not fit the network planned in plans.json ({first}); "
+                             "the checkpoint belongs to another plan") from None
+    net.set_deep_supervision(False)
+    return net.to(device).eval()
+
+
+def load_model(folder: Path, folds: Sequence[str] | None = None, checkpoint: str = "final",
+               device: torch.device | str = "cpu", configuration: str | None = None) -> TrainedModel:
+    """Load plans, intensity statistics, postprocessing and the folds' networks from ``folder``."""
+    folder = Path(folder)
+    if checkpoint not in CHECKPOINTS:
+        raise SpineautoError(f"--checkpoint {checkpoint!r} is not one of {', '.join(CHECKPOINTS)}")
+    if not folder.is_dir():
+        parent = folder.parent
+        others = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+        raise SpineautoError(f"{folder}: no trained model folder; present in {parent}: {', '.join(others) or 'nothing'}. "
+                             "Train first or set SPINEAUTO_RESULTS")
+    plans = Plans.load(folder / "plans.json")
+    if configuration is None:
+        configuration = folder.name.split("__")[-1]
+    plan = plans.configuration(configuration)
+    if not plan.has_segmentation:
+        raise SpineautoError(f"{folder}: configuration {plan.name!r} has no segmentation output; predict writes masks")
+    intensity = Fingerprint.load(folder / "fingerprint.json").intensity
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    files = select_folds(folder, folds, checkpoint)
+    nets = [load_checkpoint_network(f, plan, len(plans.channel_names), plans.num_classes, device) for f in files]
+    pp_file = folder / "postprocessing.json"
+    postprocessing = read_json(pp_file) if pp_file.is_file() else {}
+    log.info("loaded %s: %s (%s checkpoints) on %s", folder.name, ", ".join(f.parent.name for f in files), checkpoint, device)
+    return TrainedModel(folder=folder, plans=plans, plan=plan, intensity=intensity, networks=nets,
+                        folds=[f.parent.name for f in files], device=device, postprocessing=postprocessing)

@@ -1,0 +1,58 @@
+"""Helpers for the inference tests: phantom datasets and model folders built without the trainer."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from spineauto.planning.plans import Plans
+
+SMALL_FEATURES = [4, 8, 16, 32, 64]
+
+
+def make_model_folder(preprocessed: Path, results: Path, configuration: str = "2d", folds=(0,), seed: int = 0,
+                      normalization: str | None = None, features=SMALL_FEATURES) -> Path:
+    """A model folder (plans, dataset.json, fingerprint.json, fold_k/checkpoint_final.pt) with random small networks."""
+    from spineauto.networks.build import build_network
+
+    plans = Plans.load(preprocessed / "plans.json")
+    cfg = plans.configurations[configuration]
+    n = cfg.network.n_stages
+    cfg.network.features_per_stage = list(features[:n]) + [features[-1]] * max(0, n - len(features))
+    if normalization:
+        cfg.normalization = [normalization] * len(cfg.normalization)
+    folder = results / preprocessed.name / f"spineautoTrainer__spineautoPlans__{configuration}"
+    folder.mkdir(parents=True, exist_ok=True)
+    plans.save(folder / "plans.json")
+    for name in ("dataset.json", "fingerprint.json"):
+        shutil.copy(preprocessed / name, folder / name)
+    for k in folds:
+        torch.manual_seed(seed + (k if isinstance(k, int) else 99))
+        net = build_network(cfg, len(plans.channel_names), plans.num_classes)
+        (folder / f"fold_{k}").mkdir(exist_ok=True)
+        torch.save({"network": net.state_dict(), "configuration": configuration, "epoch": 0, "plans": plans.to_dict()},
+                   folder / f"fold_{k}" / "checkpoint_final.pt")
+    return folder
+
+
+class OracleNet(nn.Module):
+    """Reads the label off an input whose intensity is the label value (no normalisation): a perfect model."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def set_deep_supervision(self, enabled: bool) -> None:
+        pass
+
+    def forward(self, x):
+        values = torch.arange(self.num_classes, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return {"seg": -20.0 * (x[:, :1] - values).abs()}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return 2 * (a & b).sum() / max(1, a.sum() + b.sum())
