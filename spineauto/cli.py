@@ -37,7 +37,7 @@ def _main(verbose: bool = typer.Option(False, "-v", "--verbose", help="Show debu
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
-    for noisy in ("matplotlib", "PIL", "urllib3", "wandb", "fsspec"):
+    for noisy in ("matplotlib", "PIL", "urllib3", "wandb", "fsspec", "numexpr", "numexpr.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

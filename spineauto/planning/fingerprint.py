@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from acvl_utils.cropping_and_padding.bounding_boxes import get_bbox_from_mask
+from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
 
 from spineauto.datasets.dataset_json import DatasetInfo
 from spineauto.datasets.integrity import check_case, check_layout, load_training_case
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import read_json, write_json
 from spineauto.io.geometry import CaseGeometry, choose_slice_axis, orientation_code
+from spineauto.parallel import map_cases
 from spineauto.schema import from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -95,9 +97,6 @@ def scan_case(info: DatasetInfo, case: str, verify: bool = True, seed: int = 0):
         problems += check_case(info, case, data, affine, seg, seg_affine)
         if problems:
             return problems, None, None
-    from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
-    from acvl_utils.cropping_and_padding.bounding_boxes import get_bbox_from_mask
-
     axis, reason = choose_slice_axis(affine, data.shape[1:])
     geom = CaseGeometry(affine.tolist(), list(data.shape[1:]), axis)
     layout = geom.to_layout(data)
@@ -136,19 +135,7 @@ def fingerprint_dataset(info: DatasetInfo, verify: bool = True, workers: int = 2
     cases = info.training_cases()
     if not cases:
         raise SpineautoError("\n".join(problems) or f"{info.folder}/imagesTr: no training cases")
-    results = []
-    if workers > 1 and len(cases) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(cases))) as pool:
-            futures = [pool.submit(scan_case, info, c, verify, i) for i, c in enumerate(cases)]
-            for c, fut in zip(cases, futures):
-                results.append(fut.result())
-                if progress:
-                    progress(c)
-    else:
-        for i, c in enumerate(cases):
-            results.append(scan_case(info, c, verify, i))
-            if progress:
-                progress(c)
+    results = map_cases(scan_case, cases, [(info, c, verify, i) for i, c in enumerate(cases)], workers, progress)
     for case_problems, _, _ in results:
         problems += case_problems
     if problems:

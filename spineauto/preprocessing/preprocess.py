@@ -9,17 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+from nnunetv2.preprocessing.normalization import default_normalization_schemes as schemes
+from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
 
 from spineauto.datasets.dataset_json import DatasetInfo
 from spineauto.io.atomic import read_json, save_npy, write_json
 from spineauto.io.geometry import AXIS_OF_PLANE, CaseGeometry, choose_slice_axis
 from spineauto.io.images import read_channels, read_volume
 from spineauto.planning.fingerprint import IntensityStats
+from spineauto.parallel import map_cases
 from spineauto.planning.plans import ConfigurationPlan
 
 log = logging.getLogger(__name__)
@@ -34,8 +37,6 @@ def slice_axis_for(plan: ConfigurationPlan, affine: np.ndarray, shape) -> int:
 
 
 def _normalizer(name: str, use_mask: bool, stats: IntensityStats | None):
-    from nnunetv2.preprocessing.normalization import default_normalization_schemes as schemes
-
     props = None
     if stats is not None:
         props = {"mean": stats.mean, "std": stats.std, "percentile_00_5": stats.p00_5, "percentile_99_5": stats.p99_5}
@@ -48,9 +49,6 @@ def preprocess_array(data: np.ndarray, affine: np.ndarray, plan: ConfigurationPl
 
     Returns (data, seg or None, properties); the properties restore the original grid.
     """
-    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
-    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
-
     geom = CaseGeometry(np.asarray(affine).tolist(), list(data.shape[1:]), slice_axis_for(plan, affine, data.shape[1:]))
     data = geom.to_layout(data)
     seg_l = geom.to_layout(seg[None]).astype(np.int8) if seg is not None else None
@@ -80,8 +78,6 @@ def restore_to_original(layout: np.ndarray, props: dict, order: int = 1, fill: f
     In-plane resampling back to the cropped shape, padding to the uncropped layout, then the inverse
     reorientation. ``fill`` is written outside the crop for channel 0 (background) and 0 elsewhere.
     """
-    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
-
     geom = CaseGeometry.from_dict(props["geometry"])
     cropped = list(props["cropped_shape"])
     if list(layout.shape[1:]) != cropped:
@@ -145,17 +141,4 @@ def preprocess_dataset(info: DatasetInfo, plan: ConfigurationPlan, intensity: li
     """Preprocess every training case; returns how many were (re)written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = info.training_cases()
-    written = 0
-    if workers > 1 and len(cases) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(cases))) as pool:
-            futures = [pool.submit(preprocess_case, info, c, plan, intensity, out_dir) for c in cases]
-            for c, fut in zip(cases, futures):
-                written += fut.result()
-                if progress:
-                    progress(c)
-    else:
-        for c in cases:
-            written += preprocess_case(info, c, plan, intensity, out_dir)
-            if progress:
-                progress(c)
-    return written
+    return sum(map_cases(preprocess_case, cases, [(info, c, plan, intensity, out_dir) for c in cases], workers, progress))
