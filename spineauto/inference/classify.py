@@ -145,3 +145,77 @@ def write_classification_csv(out_dir: Path, results: Sequence[CaseClassification
         writer.writerow(rows[case])
     text = buf.getvalue()
     return write_atomic(path, lambda p: p.write_text(text))
+
+
+# ----------------------------------------------------------------------------- model folder level
+
+
+def predict_classification(model, source: Path, output: Path, tta: bool = False, progress=None) -> list[CaseClassification]:
+    """``spineauto predict`` for a cls or multitask model: ``<case>.json`` per case and
+    ``classification.csv`` (plus the masks of a multitask model, through the segmentation predictor).
+
+    ``model`` is a :class:`spineauto.inference.model.TrainedModel` (its folds are averaged).
+    """
+    from spineauto.errors import SpineautoError
+    from spineauto.inference.export import check_writable
+    from spineauto.inference.inputs import discover_cases
+    from spineauto.preprocessing.preprocess import preprocess_array
+
+    cases = discover_cases(source, model.num_channels)
+    if not cases:
+        raise SpineautoError(f"{source}: no input cases found")
+    output = Path(output)
+    check_writable(output)
+    results, failed = [], {}
+    for i, case in enumerate(cases):
+        if progress:
+            progress(case.name, i, len(cases))
+        try:
+            data, affine = case.read()
+            if data.shape[0] != model.num_channels:
+                raise SpineautoError(f"{case.source}: {data.shape[0]} channel(s) but the model expects {model.num_channels}")
+            layout, _, _ = preprocess_array(data, affine, model.plan, model.intensity)
+            result = classify_layout(model.networks, layout, model.plan, model.device, case=case.name, tta=tta)
+            extra = {"source": case.source, "folds": list(model.folds), "configuration": model.plan.name}
+            if model.plan.has_segmentation:
+                from spineauto.inference.predict import predict_case
+
+                extra["mask"] = predict_case(model, case, output, tta=tta).name
+            write_case_json(output, result, extra)
+            results.append(result)
+        except SpineautoError as e:
+            failed[case.name] = str(e)
+            log.error("%s: %s", case.name, e)
+    write_classification_csv(output, results)
+    if progress:
+        progress("", len(cases), len(cases))
+    if failed:
+        first = next(iter(failed.items()))
+        raise SpineautoError(f"{len(failed)} of {len(cases)} case(s) failed (first: {first[0]}: {first[1]}); "
+                             f"{len(results)} written to {output}")
+    return results
+
+
+def validate_classification(network: torch.nn.Module, plan: ConfigurationPlan, store, cases: Sequence[str], out_dir: Path,
+                            device: torch.device, tta: bool = False) -> dict:
+    """End-of-training volume-level validation of a fold's held-out preprocessed cases.
+
+    Writes ``<case>.json``, ``classification.csv``, ``summary_classification.json`` and
+    ``confusion_<head>.png`` into ``out_dir``; returns ``{head: metrics dict}``.
+    """
+    from spineauto.evaluation.classification import evaluate_classification, write_report
+    from spineauto.schema import to_dict
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, labels = [], {}
+    for case in cases:
+        r = classify_layout([network], np.asarray(store.data(case)), plan, device, case=case, tta=tta)
+        write_case_json(out_dir, r)
+        results.append(r)
+        labels[case] = dict(store.props[case].get("classes") or {})
+    write_classification_csv(out_dir, results)
+    report = evaluate_classification({r.case: {h: r.predicted(h) for h in r.classes} for r in results}, labels,
+                                     {h.name: list(h.classes) for h in plan.heads})
+    write_report(report, out_dir)
+    return {h: to_dict(m) for h, m in report.heads.items()}
