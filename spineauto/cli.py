@@ -107,6 +107,40 @@ def convert_images(
     console.print(f"[green]wrote[/] {out}")
 
 
+@_command("train")
+def train(
+    dataset: str = DatasetOpt,
+    fold: str = typer.Option(..., "-f", "--fold", help="Cross-validation fold 0..4, or 'all' (train on every case)."),
+    configuration: str = typer.Option("2d", "-c", "--configuration", help="Configuration of plans.json (2d, cls, multitask, ...)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override the plan's epochs (recorded in fold_k/config.json)."),
+    iters_per_epoch: Optional[int] = typer.Option(None, "--iters-per-epoch", help="Override the plan's iterations per epoch."),
+    val_iters: Optional[int] = typer.Option(None, "--val-iters", help="Override the plan's validation iterations per epoch."),
+    continue_training: bool = typer.Option(False, "--continue", help="Resume from fold_k/checkpoint_latest.pt."),
+    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Checkpoint whose matching encoder.* (and other) tensors initialise the network."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (default: on for CUDA fp16, off on CPU; --amp on CPU = bf16)."),
+    amp_dtype: Optional[str] = typer.Option(None, "--amp-dtype", help="float16 (CUDA, with grad scaling) or bfloat16."),
+    wandb: str = typer.Option("auto", "--wandb", help="auto (online with credentials, else offline), online, offline, disabled."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0, or the run's own with --continue)."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Background data workers (default from the CPU count)."),
+    num_gpus: int = typer.Option(1, "--num-gpus", help="DDP processes: relaunches this command through torchrun (gloo on CPU, NCCL on CUDA)."),
+    no_validate: bool = typer.Option(False, "--no-validate", help="Skip the full-volume validation of the held-out cases."),
+):
+    """Train one fold of a configuration from its plan; checkpoints, metrics and validation in the model folder."""
+    if num_gpus > 1:
+        from spineauto.training.distributed import relaunch_with_torchrun
+
+        argv = [a for a in sys.argv[1:]]
+        i = argv.index("--num-gpus")
+        raise typer.Exit(relaunch_with_torchrun(num_gpus, argv[:i] + argv[i + 2:]))
+    from spineauto.training.trainer import train_fold
+
+    folder = train_fold(dataset, configuration, fold, epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
+                        device=device, amp=amp, amp_dtype=amp_dtype, wandb=wandb, seed=seed, continue_training=continue_training,
+                        pretrained=pretrained, num_workers=num_workers, validate=not no_validate)
+    console.print(f"[green]trained[/] {folder}")
+
+
 @_command("predict")
 def predict(
     dataset: str = DatasetOpt,
@@ -173,12 +207,14 @@ def find_best_configuration(
 def demo(
     workdir: Path = typer.Option(Path("spineauto_demo"), "--workdir", help="Folder for the demo's raw, preprocessed and results data."),
     cases: int = typer.Option(16, "--cases", help="Number of synthetic training cases."),
+    epochs: int = typer.Option(8, "--epochs", help="Training epochs of the demo model."),
+    iters_per_epoch: int = typer.Option(40, "--iters-per-epoch", help="Training iterations per epoch."),
     seed: int = typer.Option(0, "--seed"),
 ):
-    """Generate synthetic spine phantoms and run the main job on them."""
+    """Generate synthetic spine phantoms, then plan, train fold 0, predict the held-out phantoms and evaluate."""
     from spineauto.demo import run_demo
 
-    run_demo(workdir, n_train=cases, seed=seed, console=console)
+    run_demo(workdir, n_train=cases, seed=seed, epochs=epochs, iters_per_epoch=iters_per_epoch, console=console)
 
 
 def main() -> None:
