@@ -58,7 +58,7 @@ def strata_of(props: dict[str, dict]) -> dict[str, str]:
     return {case: "|".join(f"{h}={v}" for h, v in sorted((p.get("classes") or {}).items())) for case, p in props.items()}
 
 
-def load_or_create_splits(folder: Path, props: dict[str, dict], n_folds: int = N_FOLDS) -> list[dict[str, list[str]]]:
+def load_or_create_splits(folder: Path, props: dict[str, dict], n_folds: int = N_FOLDS, write: bool = True) -> list[dict[str, list[str]]]:
     """Read ``folder/splits_final.json``, or create and write it from the cases' props."""
     path = Path(folder) / SPLITS_FILE
     if path.is_file():
@@ -70,7 +70,8 @@ def load_or_create_splits(folder: Path, props: dict[str, dict], n_folds: int = N
         return splits
     subjects = {case: str(p.get("subject") or case) for case, p in props.items()}
     splits = make_splits(subjects, strata_of(props), n_folds)
-    write_json(path, splits)
+    if write:  # DDP: every rank computes the same split, rank 0 writes it
+        write_json(path, splits)
     log.info("wrote %d-fold split (grouped by subject) to %s", n_folds, path)
     return splits
 

@@ -45,7 +45,19 @@ def register_task(name: str):
     return deco
 
 
+def _load_builtin() -> None:
+    import importlib
+
+    for module in ("spineauto.training.classification", "spineauto.training.multitask"):
+        try:
+            importlib.import_module(module)  # registers its task
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
 def build_task(plans: Plans, plan: ConfigurationPlan, ddp: bool = False) -> Task:
+    _load_builtin()
     if plan.task not in _TASKS:
         raise SpineautoError(f"configuration {plan.name!r}: task {plan.task!r} cannot be trained yet; trainable tasks: {', '.join(sorted(_TASKS))}")
     return _TASKS[plan.task](plans, plan, ddp)

@@ -48,7 +48,7 @@ def validate_cases(network: torch.nn.Module, plans: Plans, plan: ConfigurationPl
     per_case = []
     for case in cases:
         props = store.props[case]
-        probs = predict_probabilities([network], np.asarray(store.data(case)), plan, device, tta=tta)
+        probs = predict_probabilities([network], np.array(store.data(case)), plan, device, tta=tta)
         labels = restore_labels(probs, props)
         affine = np.asarray(props["geometry"]["affine"], dtype=np.float64)
         save_nifti(out_dir / f"{case}.nii.gz", nib.Nifti1Image(labels.astype(np.uint8), affine))

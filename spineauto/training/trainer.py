@@ -1,0 +1,337 @@
+"""The one training loop, composed of parts: a task (loss, metrics), data (keyed batches in
+background workers), optimisation (SGD/Adam, poly LR, clipping, AMP), DDP, checkpoints and loggers.
+
+:func:`train_fold` is the entry point of ``spineauto train`` and ``spineauto demo``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spineauto.errors import SpineautoError
+from spineauto.networks.build import build_network
+from spineauto.training import checkpoint as ckpt
+from spineauto.training.augment import build_transforms, initial_patch_size
+from spineauto.training.data import EpochKeys, KeyedBatches, default_num_workers, make_loader
+from spineauto.training.distributed import DistInfo, all_reduce_sum, init_distributed, rank_batch_size, shutdown
+from spineauto.training.loggers import LocalLogger, WandbLogger, resolve_wandb_mode
+from spineauto.training.run import RunContext, prepare_run, resolve_device
+from spineauto.training.tasks import Task, build_task
+
+log = logging.getLogger(__name__)
+EMA_DECAY = 0.9  # nnU-Net's smoothing of the pseudo-Dice
+NAN_CHECK_EVERY = 25  # iterations between finite-loss checks (a host sync on CUDA)
+
+
+def train_fold(dataset: str | int, configuration: str = "2d", fold: str | int = 0, *, epochs: int | None = None,
+               iters_per_epoch: int | None = None, val_iters: int | None = None, device: str = "auto", amp: bool | None = None,
+               amp_dtype: str | None = None, wandb: str = "auto", seed: int | None = None, continue_training: bool = False,
+               pretrained: Path | str | None = None, num_workers: int | None = None, preprocessed: Path | None = None,
+               results: Path | None = None, progress: bool = True, validate: bool = True, top_k: int = 5) -> Path:
+    """Train one fold (0..4 or 'all') of ``configuration`` and validate it; returns the fold folder."""
+    dev = resolve_device(device)
+    info = init_distributed(dev.type)
+    try:
+        if info.enabled and dev.type == "cuda":
+            dev = torch.device("cuda", info.local_rank)
+        run = prepare_run(dataset, configuration, fold, seed=seed, epochs=epochs, iters_per_epoch=iters_per_epoch,
+                          val_iters=val_iters, continue_training=continue_training, preprocessed=preprocessed,
+                          results=results, is_main=info.is_main)
+        amp = (dev.type == "cuda") if amp is None else bool(amp)
+        amp_dtype = amp_dtype or ("float16" if dev.type == "cuda" else "bfloat16")
+        if amp_dtype not in ("float16", "bfloat16"):
+            raise SpineautoError(f"--amp-dtype {amp_dtype!r}: use float16 or bfloat16")
+        if amp and dev.type == "cpu" and amp_dtype == "float16":
+            raise SpineautoError("--amp on CPU uses bfloat16; float16 autocast needs CUDA")
+        workers = default_num_workers(dev) if num_workers is None else int(num_workers)
+        run.config.runtime = {"device": str(dev), "amp": amp, "amp_dtype": amp_dtype if amp else None, "world_size": info.world_size,
+                              "num_workers": workers, "wandb": resolve_wandb_mode(wandb) if info.is_main else None,
+                              "pretrained": str(pretrained) if pretrained else None, "torch": torch.__version__}
+        trainer = Trainer(run, dev, info, amp, getattr(torch, amp_dtype), workers, progress and info.is_main, top_k)
+        if pretrained and not continue_training:
+            ckpt.load_pretrained(trainer.network, Path(pretrained))
+        elif pretrained:
+            log.warning("--pretrained is ignored with --continue (the run's own weights are restored)")
+        trainer.fit()
+        if info.is_main and validate:
+            trainer.final_validation()
+        return run.fold_dir
+    finally:
+        shutdown(info)
+
+
+class Trainer:
+    def __init__(self, run: RunContext, device: torch.device, info: DistInfo, amp: bool, amp_dtype: torch.dtype,
+                 num_workers: int, progress: bool, top_k: int):
+        self.run, self.device, self.info = run, device, info
+        self.plan, self.config = run.plan, run.config
+        self.amp, self.amp_dtype, self.num_workers, self.show_progress = amp, amp_dtype, num_workers, progress
+        torch.manual_seed(self.config.seed)  # same initial weights on every rank
+        np.random.seed(self.config.seed)
+        self.in_channels = len(run.plans.channel_names)
+        self.network = build_network(self.plan, self.in_channels, run.plans.num_classes).to(device)
+        self.task: Task = build_task(run.plans, self.plan, ddp=info.enabled)
+        o = self.plan.optim
+        if o.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.network.parameters(), lr=o.initial_lr, weight_decay=o.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(self.network.parameters(), lr=o.initial_lr, momentum=o.momentum,
+                                             weight_decay=o.weight_decay, nesterov=o.momentum > 0)
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+        self.scheduler = (PolyLRScheduler(self.optimizer, o.initial_lr, self.config.epochs) if o.schedule == "poly"
+                          else torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0))  # constant
+        self.scaler = torch.amp.GradScaler("cuda") if (amp and device.type == "cuda" and amp_dtype == torch.float16) else None
+        self.start_epoch, self.ema, self.best = 0, None, {"epoch": None, "ema": -math.inf}
+        self.topk = ckpt.TopK(top_k)
+        self.logger = LocalLogger(run.fold_dir)
+        self.wandb_id: str | None = None
+        torch.manual_seed(self.config.seed * 1000 + info.rank)
+        if run.resume is not None:
+            self._restore(run.resume)
+        self.model = self.network
+        if info.enabled:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.network, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # -- state ---------------------------------------------------------------------------------
+    def _restore(self, state: dict) -> None:
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.start_epoch = int(state["epoch"])
+        self.ema, self.best = state.get("ema"), state.get("best", self.best)
+        self.topk.entries = list(state.get("topk", []))
+        self.logger.history = list(state.get("history", []))
+        self.wandb_id = state.get("wandb_run_id")
+        ckpt.set_rng_state(state["rng"])
+        if self.info.enabled:
+            torch.manual_seed(self.config.seed * 1000 + self.info.rank + 7919 * self.start_epoch)
+        log.info("resuming %s at epoch %d of %d", self.run.fold_dir, self.start_epoch, self.config.epochs)
+
+    def state(self, epochs_done: int) -> dict:
+        return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "grad_scaler": self.scaler.state_dict() if self.scaler else None,
+                "epoch": epochs_done, "configuration": self.plan.name, "plans": self.run.plans.to_dict(),
+                "run_config": self.config.to_dict(), "task": self.plan.task, "in_channels": self.in_channels,
+                "num_classes": self.run.plans.num_classes, "rng": ckpt.rng_state(), "history": self.logger.history,
+                "ema": self.ema, "best": self.best, "topk": self.topk.entries, "wandb_run_id": self.wandb_id,
+                "trainer": "spineautoTrainer"}
+
+    # -- loop ----------------------------------------------------------------------------------
+    def _loader(self):
+        plan, cfg = self.plan, self.config
+        rank_bs = rank_batch_size(cfg.batch_size, self.info)
+        sample_size = initial_patch_size(plan.patch_size, plan.augmentation)
+        transforms = build_transforms(plan.patch_size, plan.augmentation, plan.has_segmentation)
+        batches = KeyedBatches(self.task.make_sampler(self.run.store), transforms, self.run.train_cases, self.run.val_cases,
+                               rank_bs, plan.patch_size, sample_size, cfg.seed, self.info.rank)
+        keys = EpochKeys(self.start_epoch, cfg.epochs, cfg.iters_per_epoch, cfg.val_iters)
+        return make_loader(batches, keys, self.num_workers, pin_memory=self.device.type == "cuda")
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp else nullcontext()
+
+    def _to_device(self, batch: dict) -> dict:
+        nb = self.device.type == "cuda"
+        out = {"data": batch["data"].to(self.device, non_blocking=nb), "keys": batch.get("keys", [])}
+        if "seg" in batch:
+            out["seg"] = batch["seg"].to(self.device, non_blocking=nb)
+        if "cls" in batch:
+            out["cls"] = {k: v.to(self.device, non_blocking=nb) for k, v in batch["cls"].items()}
+        return out
+
+    def _train_step(self, batch: dict) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            output = self.model(batch["data"])
+            loss = self.task.loss(output, batch)
+        clip = self.plan.optim.grad_clip
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
+            self.optimizer.step()
+        return loss.detach()
+
+    def _nan_stop(self, epoch: int, where: str) -> SpineautoError:
+        return SpineautoError(
+            f"{self.run.fold_dir}: the {where} loss became NaN/inf in epoch {epoch}; training stopped and "
+            f"{ckpt.LATEST} (epoch {epoch}) is the last good state; lower optim.initial_lr in plans.json or "
+            "turn AMP off, then start over (a changed plan cannot --continue)")
+
+    def fit(self) -> None:
+        cfg, main = self.config, self.info.is_main
+        fold_dir = self.run.fold_dir
+        if self.start_epoch >= cfg.epochs:
+            log.info("%s: training already complete (%d epochs)", fold_dir, cfg.epochs)
+            return
+        wb = None
+        if main:
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            self.logger.start_log_file()
+            cfg.save(fold_dir)
+            if self.run.resume is not None:
+                self.logger.rewrite()
+                self.topk.reconcile(fold_dir)
+            log.info("training %s fold %s: %d epochs x %d iterations, batch %d, %s, %d worker(s), AMP %s, %d process(es)",
+                     cfg.dataset, cfg.fold, cfg.epochs, cfg.iters_per_epoch, cfg.batch_size, self.device, self.num_workers,
+                     cfg.runtime.get("amp_dtype") or "off", self.info.world_size)
+            mode = cfg.runtime.get("wandb")
+            if mode and mode != "disabled":
+                wb = WandbLogger(fold_dir, mode, f"{cfg.dataset}_{cfg.configuration}_fold{cfg.fold}", cfg.to_dict(), self.wandb_id)
+                self.wandb_id = wb.run_id
+        progress = _Progress(self.show_progress, cfg.epochs, self.start_epoch, cfg.iters_per_epoch)
+        batches = iter(self._loader())
+        try:
+            with progress:
+                for epoch in range(self.start_epoch, cfg.epochs):
+                    record, example = self._epoch(epoch, batches, progress)
+                    if main:
+                        self._end_epoch(epoch, record, example, wb)
+        finally:
+            if wb is not None:
+                wb.finish()
+            if main:
+                self.logger.close()
+
+    def _epoch(self, epoch: int, batches, progress: "_Progress") -> tuple[dict, dict | None]:
+        cfg = self.config
+        if self.plan.optim.schedule == "poly":
+            self.scheduler.step(epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.model.train()
+        t0 = time.perf_counter()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i in range(cfg.iters_per_epoch):
+            loss = self._train_step(self._to_device(next(batches)))
+            total += loss
+            if (i + 1) % NAN_CHECK_EVERY == 0 and not torch.isfinite(total):
+                raise self._nan_stop(epoch, "training")
+            progress.advance(i + 1, float(loss) if self.device.type == "cpu" else None)
+        train_time = time.perf_counter() - t0
+        total = all_reduce_sum(total, self.info) / (cfg.iters_per_epoch * self.info.world_size)
+        train_loss = float(total)
+        if not math.isfinite(train_loss):
+            raise self._nan_stop(epoch, "training")
+        val_loss, metrics, example = self._validate(batches)
+        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **metrics, "lr": lr,
+                  "epoch_time": time.perf_counter() - t0, "train_time": train_time,
+                  "samples_per_s": cfg.iters_per_epoch * cfg.batch_size / max(train_time, 1e-9)}
+        return record, example
+
+    def _validate(self, batches) -> tuple[float, dict, dict | None]:
+        cfg = self.config
+        if cfg.val_iters == 0:
+            return math.nan, {}, None
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        stats: dict[str, torch.Tensor] = {}
+        example = None
+        with torch.no_grad(), self._autocast():
+            for i in range(cfg.val_iters):
+                batch = self._to_device(next(batches))
+                output = self.network(batch["data"])  # unwrapped: no DDP sync needed
+                total += self.task.loss(output, batch).detach()
+                for k, v in self.task.val_stats(output, batch).items():
+                    stats[k] = stats[k] + v if k in stats else v
+                if i == 0 and self.info.is_main:
+                    example = self.task.example(batch, output)
+        total = all_reduce_sum(total, self.info) / (cfg.val_iters * self.info.world_size)
+        stats = {k: all_reduce_sum(v, self.info) for k, v in stats.items()}
+        return float(total), self.task.metrics(stats), example
+
+    def _end_epoch(self, epoch: int, record: dict, example: dict | None, wb) -> None:
+        fold_dir, monitor = self.run.fold_dir, self.task.monitor
+        value = record.get(monitor)
+        if value is not None and math.isfinite(value):
+            self.ema = value if self.ema is None else EMA_DECAY * self.ema + (1 - EMA_DECAY) * value
+        is_best = self.ema is not None and self.ema > self.best["ema"]
+        if is_best:
+            self.best = {"epoch": epoch, "ema": float(self.ema), "monitor": monitor}
+        entered, evicted = self.topk.offer(epoch, self.ema) if self.ema is not None else (False, [])
+        record.update(monitor=monitor, ema=self.ema, best_epoch=self.best["epoch"])
+        self.logger.history.append(record)  # part of the checkpoint; the file line follows
+        latest = ckpt.save_checkpoint(fold_dir / ckpt.LATEST, self.state(epoch + 1))
+        if is_best:
+            ckpt.link_or_copy(latest, fold_dir / ckpt.BEST)
+        if entered:
+            ckpt.link_or_copy(latest, fold_dir / f"checkpoint_top_epoch{epoch:04d}.pt")
+        for e in evicted:
+            (fold_dir / e["file"]).unlink(missing_ok=True)
+        if self.topk.k > 0:
+            self.topk.write(fold_dir, f"ema_{monitor}")
+        if epoch + 1 == self.config.epochs:
+            ckpt.link_or_copy(latest, fold_dir / ckpt.FINAL)
+        self.logger.history.pop()
+        self.logger.log_epoch(record)
+        overlay = self.logger.overlay(epoch, example)
+        self.logger.plot_progress()
+        if wb is not None:
+            wb.log(record, overlay)
+        log.info("epoch %d: train %.4f val %.4f %s %.4f (EMA %.4f%s) lr %.2e %.1fs %.1f samples/s", epoch, record["train_loss"],
+                 record["val_loss"], monitor, record.get(monitor, math.nan), self.ema if self.ema is not None else math.nan,
+                 ", best" if is_best else "", record["lr"], record["epoch_time"], record["samples_per_s"])
+
+    # -- end -----------------------------------------------------------------------------------
+    def final_validation(self) -> dict | None:
+        from spineauto.training.validation import validate_cases
+
+        if not self.plan.has_segmentation:
+            return None
+        raw_labels = None
+        try:
+            from spineauto import paths
+
+            raw_labels = paths.raw_dataset(self.config.dataset) / "labelsTr"
+            raw_labels = raw_labels if raw_labels.is_dir() else None
+        except SpineautoError:
+            pass
+        log.info("validating %d held-out case(s) with the sliding window", len(self.run.val_cases))
+        summary = validate_cases(self.network, self.run.plans, self.plan, self.run.store, self.run.val_cases,
+                                 self.run.fold_dir / "validation", self.device, raw_labels=raw_labels)
+        log.info("validation Dice: %s", ", ".join(f"{k} {v:.4f}" for k, v in summary["mean"].items()))
+        return summary
+
+
+class _Progress:
+    """A rich progress bar with ETA (rank 0), epochs and the current epoch's iterations."""
+
+    def __init__(self, enabled: bool, epochs: int, start: int, iters: int):
+        self.enabled, self.epochs, self.start, self.iters = enabled, epochs, start, iters
+        self.bar = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+
+            from spineauto.cli_views import make_progress
+
+            self.bar = make_progress(Console(stderr=True))
+            self.bar.__enter__()
+            self.total = self.bar.add_task("training", total=(self.epochs - self.start) * self.iters)
+        return self
+
+    def advance(self, i: int, loss: float | None) -> None:
+        if self.bar is not None:
+            desc = f"training (loss {loss:.3f})" if loss is not None else "training"
+            self.bar.update(self.total, advance=1, description=desc)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
