@@ -141,8 +141,12 @@ def train(
     console.print(f"[green]trained[/] {folder}")
 
 
-@_command("predict")
+_EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": False}
+
+
+@_command("predict", context_settings=_EXTRA_ARGS)
 def predict(
+    ctx: typer.Context,
     dataset: str = DatasetOpt,
     input: Path = typer.Option(..., "-i", "--input", help="Folder of NIfTI files (<case>_0000.nii.gz or <case>.nii.gz), one NIfTI file, or a folder of DICOM series."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder for <case>.nii.gz masks."),
@@ -157,7 +161,12 @@ def predict(
     """Segment new scans with a trained model; masks keep each input's exact geometry."""
     from spineauto.inference.cli_impl import run_predict
 
-    run_predict(console, dataset, input, output, configuration, _split_folds(folds), checkpoint, not no_tta,
+    folds = _split_folds(folds)
+    if ctx.args:  # nnU-Net style `-f 0 1 2`: the values after the first arrive as extra arguments
+        if not folds or not all(a.isdigit() or a == "all" for a in ctx.args):
+            raise SpineautoError(f"unexpected argument(s) {' '.join(ctx.args)}; folds go after -f (e.g. -f 0 1 2 or -f all)")
+        folds += ctx.args
+    run_predict(console, dataset, input, output, configuration, folds, checkpoint, not no_tta,
                 save_probabilities, device, model_folder)
 
 
@@ -165,8 +174,9 @@ def _split_folds(folds: Optional[List[str]]) -> Optional[List[str]]:
     return [f for item in folds for f in item.replace(",", " ").split()] if folds else None
 
 
-@_command("ensemble")
+@_command("ensemble", context_settings=_EXTRA_ARGS)
 def ensemble(
+    ctx: typer.Context,
     inputs: List[Path] = typer.Option(..., "-i", "--input", help="Folders of <case>.npz probabilities (repeat -i or list them)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder for <case>.nii.gz masks."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write the averaged <case>.npz."),
@@ -175,7 +185,7 @@ def ensemble(
     """Average saved probabilities of several models (configurations or trainings) and write masks."""
     from spineauto.inference.cli_impl import run_ensemble
 
-    run_ensemble(console, inputs, output, save_probabilities, postprocessing)
+    run_ensemble(console, [*inputs, *map(Path, ctx.args)], output, save_probabilities, postprocessing)
 
 
 @_command("evaluate")

@@ -1,0 +1,333 @@
+"""spineauto predict / ensemble on phantoms and real scans: geometry, TTA, fold ensembling, an oracle
+model that proves the restore path exact, DICOM input, a self-contained model folder, bad input."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import require_real_data, run_cli
+from test_inference_support import OracleNet, dice, make_model_folder
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """A phantom dataset, planned and preprocessed, with a 2-fold model folder of small random networks."""
+    from spineauto.datasets.phantoms import write_phantom_dataset
+    from spineauto.planning.experiment import plan_and_preprocess
+
+    root = tmp_path_factory.mktemp("inference")
+    env = {k: root / k for k in ("raw", "preprocessed", "results")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, p in env.items():
+            p.mkdir()
+            mp.setenv(f"SPINEAUTO_{k.upper()}", str(p))
+        write_phantom_dataset(env["raw"] / "Dataset001_Ph", n_train=4, n_test=2, seed=0)
+        plan_and_preprocess(1, workers=1)
+    model = make_model_folder(env["preprocessed"] / "Dataset001_Ph", env["results"], folds=(0, 1))
+    return env, model
+
+
+@pytest.fixture
+def env(planned, monkeypatch):
+    env, model = planned
+    for k, p in env.items():
+        monkeypatch.setenv(f"SPINEAUTO_{k.upper()}", str(p))
+    return env
+
+
+def _reoriented(src: Path, codes: str, target: Path) -> nib.Nifti1Image:
+    img = nib.load(str(src))
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine), nib.orientations.axcodes2ornt(tuple(codes)))
+    out = img.as_reoriented(ornt)
+    out = nib.Nifti1Image(np.asarray(out.dataobj), out.affine, out.header)
+    out.set_qform(out.affine, 1)
+    nib.save(out, str(target))
+    return nib.load(str(target))
+
+
+def _assert_same_geometry(inp: Path, mask: Path) -> np.ndarray:
+    a, b = nib.load(str(inp)), nib.load(str(mask))
+    assert b.shape == a.shape
+    np.testing.assert_array_equal(b.affine, a.affine)
+    assert nib.aff2axcodes(b.affine) == nib.aff2axcodes(a.affine)
+    for key in ("qform_code", "sform_code"):
+        assert int(b.header[key]) == int(a.header[key])
+    np.testing.assert_array_equal(b.header.get_qform(), a.header.get_qform())
+    assert b.get_data_dtype() == np.uint8
+    return np.asarray(b.dataobj)
+
+
+def test_geometry_round_trip_sagittal_and_axial(env, capsys, tmp_path):
+    src = env["raw"] / "Dataset001_Ph" / "imagesTs"
+    inp = tmp_path / "in"
+    inp.mkdir()
+    cases = sorted(src.glob("*_0000.nii.gz"))
+    _reoriented(cases[0], "PSR", inp / "sag_0000.nii.gz")
+    _reoriented(cases[1], "LAS", inp / "ax_0000.nii.gz")
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", inp, "-o", tmp_path / "out", "--no-tta", "--device", "cpu", "-f", "0")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ax.nii.gz", "sag.nii.gz"]
+    for name in ("sag", "ax"):
+        labels = _assert_same_geometry(inp / f"{name}_0000.nii.gz", tmp_path / "out" / f"{name}.nii.gz")
+        assert set(np.unique(labels)) <= {0, 1, 2}
+
+
+def test_real_scans_keep_their_geometry(env, capsys, tmp_path):
+    data = require_real_data()
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(data / "t2" / "t2.nii.gz", inp / "t2.nii.gz")  # PSR, int16
+    shutil.copy(data / "t2s" / "t2s.nii.gz", inp / "t2s.nii.gz")  # LAS, 7.5 mm slices
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", inp, "-o", tmp_path / "out", "--no-tta", "--device", "cpu", "-f", "0")
+    assert code == 0, err
+    assert nib.aff2axcodes(nib.load(str(inp / "t2.nii.gz")).affine) == ("P", "S", "R")
+    assert nib.aff2axcodes(nib.load(str(inp / "t2s.nii.gz")).affine) == ("L", "A", "S")
+    for name in ("t2", "t2s"):
+        _assert_same_geometry(inp / f"{name}.nii.gz", tmp_path / "out" / f"{name}.nii.gz")
+    import SimpleITK as sitk  # a viewer's geometry (ITK, LPS) matches too
+
+    for name in ("t2", "t2s"):
+        a, b = sitk.ReadImage(str(inp / f"{name}.nii.gz")), sitk.ReadImage(str(tmp_path / "out" / f"{name}.nii.gz"))
+        assert a.GetSize() == b.GetSize()
+        np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-6)
+        np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
+        np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+
+
+def _case_layout(env, case="phantom_000"):
+    folder = env["preprocessed"] / "Dataset001_Ph" / "2d"
+    return np.load(folder / f"{case}.npy")
+
+
+def _networks(planned_model, folds=("fold_0", "fold_1")):
+    from spineauto.inference.model import load_model
+
+    return load_model(planned_model, [f.split("_")[1] for f in folds], "final", torch.device("cpu"))
+
+
+def test_tta_and_fold_ensembling(planned, env):
+    from spineauto.inference.predictor import mirror_combinations, predict_layout
+
+    model = _networks(planned[1])
+    data = _case_layout(env)[:, :4]
+    plan = model.plan
+    assert mirror_combinations(plan.augmentation.mirror_axes) == [(2,), (3,), (2, 3)]
+    both = predict_layout(model.networks, data, plan, torch.device("cpu"), tta=False)
+    one = [predict_layout([n], data, plan, torch.device("cpu"), tta=False) for n in model.networks]
+    assert both.shape == (3, *data.shape[1:]) and both.dtype == np.float32
+    np.testing.assert_allclose(both, (one[0] + one[1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(both.sum(0), 1.0, atol=1e-5)
+    tta = predict_layout(model.networks[:1], data, plan, torch.device("cpu"), tta=True)
+    np.testing.assert_allclose(tta.sum(0), 1.0, atol=1e-5)
+    assert np.abs(tta - one[0]).max() > 1e-3  # a random network is not mirror symmetric: TTA changes it
+    # TTA equals the explicit mean over the four mirrored inputs (one tile per slice: whole-slice flips)
+    net = model.networks[0]
+    single = np.random.default_rng(0).standard_normal((1, 2, *plan.patch_size)).astype(np.float32)
+    tta = predict_layout([net], single, plan, torch.device("cpu"), tta=True)
+    manual = np.zeros_like(tta)
+    for dims in [(), (2,), (3,), (2, 3)]:
+        flipped = np.flip(single, axis=dims).copy() if dims else single
+        p = predict_layout([net], flipped, plan, torch.device("cpu"), tta=False)
+        manual += (np.flip(p, axis=dims) if dims else p) / 4
+    np.testing.assert_allclose(tta, manual, atol=1e-5)
+    # a mirror-equivariant (pointwise) model gives the same with and without TTA; tile batching does not matter
+    oracle = OracleNet(3)
+    a = predict_layout([oracle], data, plan, torch.device("cpu"), tta=True, batch_slices=1)
+    b = predict_layout([oracle], data, plan, torch.device("cpu"), tta=False, batch_slices=7)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    # the network's own state is restored after prediction (the trainer validates mid-training)
+    net.train()
+    net.set_deep_supervision(True)
+    predict_layout([net], data[:, :1], plan, torch.device("cpu"))
+    assert net.training and net.decoder.deep_supervision
+
+
+def test_sliding_window_pads_small_and_tiles_large_slices(planned, env):
+    from spineauto.inference.predictor import predict_layout
+
+    oracle = OracleNet(3)
+    plan = _networks(planned[1], ("fold_0",)).plan
+    rng = np.random.default_rng(0)
+    for shape in [(1, 2, 20, 30), (1, 3, 190, 101)]:  # smaller than the patch; several tiles per slice
+        labels = rng.integers(0, 3, size=shape).astype(np.float32)
+        probs = predict_layout([oracle], labels, plan, torch.device("cpu"), tta=False, batch_slices=5)
+        assert probs.shape == (3, *shape[1:])
+        np.testing.assert_array_equal(probs.argmax(0), labels[0])
+
+
+def test_fold_ensemble_command_is_the_mean_of_the_folds(env, capsys, tmp_path):
+    from spineauto.inference.export import read_probabilities
+
+    inp = env["raw"] / "Dataset001_Ph" / "imagesTs"
+    for folds, out in (("0", "f0"), ("1", "f1"), ("0 1", "f01")):
+        code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", inp, "-o", tmp_path / out, "-f", *folds.split(),
+                               "--no-tta", "--save-probabilities", "--device", "cpu")
+        assert code == 0, err
+    code, _, err = run_cli(capsys, "ensemble", "-i", tmp_path / "f0", tmp_path / "f1", "-o", tmp_path / "ens", "--save-probabilities")
+    assert code == 0, err
+    for case in ("phantom_004", "phantom_005"):
+        p0, _, _ = read_probabilities(tmp_path / "f0" / f"{case}.npz")
+        p1, _, _ = read_probabilities(tmp_path / "f1" / f"{case}.npz")
+        p01, _, _ = read_probabilities(tmp_path / "f01" / f"{case}.npz")
+        pe, _, _ = read_probabilities(tmp_path / "ens" / f"{case}.npz")
+        np.testing.assert_allclose(pe, (p0 + p1) / 2, atol=1e-6)
+        np.testing.assert_allclose(p01, (p0 + p1) / 2, atol=1e-5)
+        mask = _assert_same_geometry(inp / f"{case}_0000.nii.gz", tmp_path / "ens" / f"{case}.nii.gz")
+        np.testing.assert_array_equal(mask, pe.argmax(0))
+
+
+def test_oracle_model_restores_the_exact_label_grid(env, planned, capsys, tmp_path, monkeypatch):
+    """A perfect model (it reads the label off the image) must give back the reference masks."""
+    from spineauto.inference import model as model_mod
+
+    results = tmp_path / "results"
+    make_model_folder(env["preprocessed"] / "Dataset001_Ph", results, folds=(0,), normalization="NoNormalization")
+    monkeypatch.setenv("SPINEAUTO_RESULTS", str(results))
+    monkeypatch.setattr(model_mod, "load_checkpoint_network", lambda path, plan, c, k, device: OracleNet(k))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    labels_dir = env["raw"] / "Dataset001_Ph" / "labelsTr"
+    refs = {}
+    for f in sorted(labels_dir.glob("*.nii.gz"))[:2]:
+        img = nib.load(str(f))
+        refs[f.name] = np.asarray(img.dataobj)
+        nib.save(nib.Nifti1Image(refs[f.name].astype(np.float32), img.affine, img.header), str(inp / f.name))
+    # one more in another orientation (sagittal PSR), to exercise the inverse reorientation
+    sag = _reoriented(sorted(labels_dir.glob("*.nii.gz"))[1], "PSR", inp / "psr.nii.gz")
+    refs["psr.nii.gz"] = np.asarray(sag.dataobj)
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", inp, "-o", tmp_path / "out", "--device", "cpu")
+    assert code == 0, err
+    for name, ref in refs.items():
+        out = _assert_same_geometry(inp / name, tmp_path / "out" / name)
+        for v in (1, 2):
+            if (ref == v).sum() > 50:
+                assert dice(out == v, ref == v) > 0.9, (name, v)
+        # voxels that are far from any label boundary are exactly right
+        from scipy import ndimage
+
+        interior = ndimage.binary_erosion(ref == 1, iterations=2) | ~ndimage.binary_dilation(ref > 0, iterations=2)
+        np.testing.assert_array_equal(out[interior], ref[interior])
+
+
+def test_postprocessing_is_decided_and_applied(env, capsys, tmp_path, monkeypatch):
+    from spineauto.inference import model as model_mod
+    from spineauto.inference.postprocessing import decide_postprocessing, keep_largest_component
+
+    ref = np.zeros((20, 20, 20), np.int16)
+    ref[5:12, 5:12, 5:12] = 1
+    ref[7:9, 7:9, 7:9] = 2
+    ref[14:16, 14:16, 14:16] = 2
+    pred = ref.copy()
+    pred[0:2, 0:2, 0:2] = 1  # a spurious cord island
+    assert (keep_largest_component(pred, 1) == ref).all()
+    pp = decide_postprocessing([(lambda: pred, lambda: ref)], {"background": 0, "cord": 1, "lesion": 2})
+    assert pp["largest_component_labels"] == [1]  # cord yes; lesions are several components: no
+
+    results = tmp_path / "results"
+    folder = make_model_folder(env["preprocessed"] / "Dataset001_Ph", results, folds=(0,), normalization="NoNormalization")
+    monkeypatch.setenv("SPINEAUTO_RESULTS", str(results))
+    monkeypatch.setattr(model_mod, "load_checkpoint_network", lambda path, plan, c, k, device: OracleNet(k))
+    src = sorted((env["raw"] / "Dataset001_Ph" / "labelsTr").glob("*.nii.gz"))[0]
+    img = nib.load(str(src))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[:3, :3, :] = 1  # an island of "cord" far from the real one
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), str(tmp_path / "in" / "c.nii.gz"))
+    for with_pp in (False, True):
+        if with_pp:
+            (folder / "postprocessing.json").write_text('{"largest_component_labels": [1]}')
+        out = tmp_path / f"out{int(with_pp)}"
+        code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", tmp_path / "in", "-o", out, "--no-tta", "--device", "cpu")
+        assert code == 0, err
+        mask = np.asarray(nib.load(str(out / "c.nii.gz")).dataobj)
+        assert bool((mask[:3, :3, :] == 1).any()) is (not with_pp)
+
+
+def test_dicom_series_input_writes_nifti_in_series_geometry(env, capsys, tmp_path):
+    import pydicom
+    import SimpleITK as sitk
+
+    series = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    if not series.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"pydicom test files missing at {series}")
+        pytest.skip("pydicom test files missing")
+    inp = tmp_path / "dicom"
+    shutil.copytree(series, inp)
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", inp, "-o", tmp_path / "out", "--no-tta", "--device", "cpu", "-f", "0")
+    assert code == 0, err
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(inp)))
+    ref = reader.Execute()
+    out = sitk.ReadImage(str(tmp_path / "out" / "series_000.nii.gz"))
+    assert out.GetSize() == ref.GetSize() == (16, 16, 5)
+    np.testing.assert_allclose(out.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(out.GetSpacing(), ref.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(out.GetDirection(), ref.GetDirection(), atol=1e-6)
+    assert out.GetPixelID() == sitk.sitkUInt8
+
+
+def test_self_contained_model_folder(env, planned, capsys, tmp_path, monkeypatch):
+    """Copy only the model folder elsewhere: predict needs no raw or preprocessed data."""
+    moved = tmp_path / "elsewhere" / "Dataset001_Ph"
+    shutil.copytree(planned[1], moved / planned[1].name)
+    inp = tmp_path / "in"
+    shutil.copytree(env["raw"] / "Dataset001_Ph" / "imagesTs", inp)
+    monkeypatch.setenv("SPINEAUTO_RESULTS", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("SPINEAUTO_RAW", str(tmp_path / "none1"))
+    monkeypatch.setenv("SPINEAUTO_PREPROCESSED", str(tmp_path / "none2"))
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", inp, "-o", tmp_path / "out", "--no-tta", "--device", "cpu")
+    assert code == 0, err
+    assert len(list((tmp_path / "out").glob("*.nii.gz"))) == 2
+
+
+def _one_line_error(code, err, *needles):
+    assert code == 1
+    assert "Traceback" not in err
+    text = " ".join(err.split())
+    for n in needles:
+        assert n in text, text
+
+
+def test_bad_inputs(env, capsys, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    good = sorted((env["raw"] / "Dataset001_Ph" / "imagesTs").glob("*.nii.gz"))[0]
+    shutil.copy(good, inp / "good_0000.nii.gz")
+    (inp / "broken_0000.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", inp, "-o", out, "--no-tta", "--device", "cpu", "-f", "0")
+    _one_line_error(code, err, "1 of 2 case(s) failed", "broken_0000.nii.gz")
+    assert sorted(p.name for p in out.iterdir()) == ["good.nii.gz"]  # nothing partial for the failed case
+
+    (inp / "broken_0000.nii.gz").unlink()
+    shutil.copy(good, inp / "good_0001.nii.gz")
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", inp, "-o", out, "--device", "cpu")
+    _one_line_error(code, err, "good", "_0000, _0001", "expects 1 channel")
+
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", inp, "-o", out, "-f", "3", "--device", "cpu")
+    _one_line_error(code, err, "no trained fold_3/checkpoint_final.pt", "fold_0 (final)", "fold_1 (final)")
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", inp, "-o", out, "--checkpoint", "best", "--device", "cpu")
+    _one_line_error(code, err, "checkpoint_best.pt", "present: fold_0 (final)")
+
+    (inp / "good_0001.nii.gz").unlink()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", inp, "-o", blocker / "out", "--device", "cpu")
+    _one_line_error(code, err, "output folder is not writable")
+
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", tmp_path / "nowhere", "-o", out, "--device", "cpu")
+    _one_line_error(code, err, "input not found")
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", inp, "-o", out, "-c", "3d", "--device", "cpu")
+    _one_line_error(code, err, "no trained model folder")
+
+    code, _, err = run_cli(capsys, "ensemble", "-i", out, "-o", tmp_path / "ens")
+    _one_line_error(code, err, "no <case>.npz probabilities")
