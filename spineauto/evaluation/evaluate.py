@@ -99,9 +99,9 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
             progress(case, i, len(cases))
         ref, aff_r = read_volume(gt_dir / f"{case}{NIFTI}")
         pred, aff_p = read_volume(pred_dir / f"{case}{NIFTI}")
-        problem = grid_mismatch(ref.shape, aff_r, pred.shape, aff_p)
+        problem = grid_mismatch(pred.shape, aff_p, ref.shape, aff_r)
         if problem:
-            raise SpineautoError(f"{pred_dir / (case + NIFTI)}: grid differs from the ground truth ({problem}); "
+            raise SpineautoError(f"{pred_dir / (case + NIFTI)}: grid differs from the ground truth (prediction vs ground truth: {problem}); "
                                  "predict with `spineauto predict` so masks keep the input geometry")
         per_case[case] = evaluate_case(pred.round().astype(np.int16), ref.round().astype(np.int16), voxel_sizes(aff_r), labels)
     if progress:
