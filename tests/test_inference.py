@@ -331,3 +331,23 @@ def test_bad_inputs(env, capsys, tmp_path):
 
     code, _, err = run_cli(capsys, "ensemble", "-i", out, "-o", tmp_path / "ens")
     _one_line_error(code, err, "no <case>.npz probabilities")
+
+
+def test_find_best_configuration_without_raw_labels_uses_the_preprocessed_ones(env, planned, capsys, tmp_path, monkeypatch):
+    """Cross-validation references come from the preprocessed segmentations when the raw data is gone."""
+    results = tmp_path / "results"
+    model = make_model_folder(env["preprocessed"] / "Dataset001_Ph", results, folds=(0,))
+    val = model / "fold_0" / "validation"
+    val.mkdir()
+    for f in sorted((env["raw"] / "Dataset001_Ph" / "labelsTr").glob("*.nii.gz"))[:2]:
+        shutil.copy(f, val / f.name)  # a perfect cross-validation prediction
+    monkeypatch.setenv("SPINEAUTO_RESULTS", str(results))
+    monkeypatch.setenv("SPINEAUTO_RAW", str(tmp_path / "no_raw"))
+    code, stdout, err = run_cli(capsys, "find_best_configuration", "-d", "Dataset001_Ph")
+    assert code == 0, err
+    import json
+
+    best = json.loads((results / "Dataset001_Ph" / "best_configuration.json").read_text())
+    assert best["best"]["name"] == "2d" and best["best"]["cases"] == 2
+    assert best["best"]["dice"] > 0.9  # restored from the target spacing: close to, not exactly, the raw masks
+    assert (model / "postprocessing.json").is_file()

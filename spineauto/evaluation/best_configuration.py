@@ -100,19 +100,14 @@ def find_best_configuration(dataset: str | int, configurations: Sequence[str] | 
     if not trained:
         raise SpineautoError(f"{results}: no trained configuration with fold_*/validation predictions; train the folds first")
     ref_dir = Path(reference_dir) if reference_dir else paths.raw_dataset(name) / "labelsTr"
-    if not ref_dir.is_dir():
-        raise SpineautoError(f"{ref_dir}: ground truth for the cross-validation not found; set SPINEAUTO_RAW to the raw datasets")
     first = next(iter(trained.values()))
     labels = {k: int(v) for k, v in read_json(first / "dataset.json")["labels"].items() if int(v) != 0}
     preds = {cfg: {c: read_volume(p)[0].round().astype(np.int16) for c, p in _validation_files(folder, ".nii.gz").items()}
              for cfg, folder in trained.items()}
     cases = sorted(set.intersection(*(set(p) for p in preds.values())))
-    missing_ref = [c for c in cases if not (ref_dir / f"{c}.nii.gz").is_file()]
-    if missing_ref:
-        raise SpineautoError(f"{ref_dir}: no ground truth for validation case {missing_ref[0]}.nii.gz; is this the right raw dataset?")
     if not cases:
         raise SpineautoError(f"{results}: the configurations share no validation case; compare them one at a time with -c")
-    refs = {c: read_volume(ref_dir / f"{c}.nii.gz")[0].round().astype(np.int16) for c in cases}
+    refs = {c: load_reference(c, ref_dir, name, first) for c in cases}
     candidates, notes = [], []
     for cfg, folder in trained.items():
         candidates.append(_score(cfg, [cfg], {c: preds[cfg][c] for c in cases}, refs, labels, folder / POSTPROCESSING_FILE))
@@ -133,6 +128,27 @@ def find_best_configuration(dataset: str | int, configurations: Sequence[str] | 
                       "cross-validation cases)", "", *result.commands, ""])
     write_atomic(results / "inference_instructions.txt", lambda p: p.write_text(text))
     return result
+
+
+def load_reference(case: str, ref_dir: Path, dataset: str, model_folder: Path) -> np.ndarray:
+    """Ground truth of a training case in its image's grid: the raw label file, else the preprocessed
+    segmentation restored to the original grid (the model folder's plans say where it is)."""
+    raw = ref_dir / f"{case}.nii.gz"
+    if raw.is_file():
+        return read_volume(raw)[0].round().astype(np.int16)
+    from spineauto.planning.plans import Plans
+    from spineauto.preprocessing.preprocess import restore_to_original
+
+    plan = Plans.load(model_folder / "plans.json").configuration(model_folder.name.split("__")[-1])
+    folder = paths.root("preprocessed") / dataset / plan.data_identifier
+    seg_file, props_file = folder / f"{case}_seg.npy", folder / f"{case}.json"
+    if not (seg_file.is_file() and props_file.is_file()):
+        raise SpineautoError(f"{raw}: no ground truth for validation case {case} (nor {seg_file}); "
+                             "set SPINEAUTO_RAW or SPINEAUTO_PREPROCESSED to the dataset's folders")
+    seg = np.load(seg_file)[0]
+    k = max(int(seg.max()) + 1, 2)
+    onehot = np.stack([(seg == v).astype(np.float32) for v in range(k)])
+    return restore_to_original(onehot, read_json(props_file), order=1, fill=1.0).argmax(0).astype(np.int16)
 
 
 def _score_ensemble(combo, probs, cases, refs, labels, results: Path) -> Candidate:

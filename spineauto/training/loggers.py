@@ -69,7 +69,7 @@ class LocalLogger:
         ax.set_ylabel("loss")
         ax.legend(loc="upper right")
         ax = axes[1]
-        for key in sorted({k for r in h for k in r if k.startswith("pseudo_dice")}):
+        for key in sorted({k for r in h for k in r if k.startswith("pseudo_dice") or k in ("balanced_accuracy", "macro_f1")}):
             ax.plot(ep, [r.get(key, math.nan) for r in h], "-" if key == "pseudo_dice" else ":", label=key)
         if "ema" in h[-1]:
             ax.plot(ep, [r.get("ema", math.nan) for r in h], "g-", linewidth=2, label=f"EMA {h[-1].get('monitor', '')}")
@@ -158,10 +158,12 @@ class WandbLogger:
         wandb.define_metric("*", step_metric="epoch")
         self.run_id = self.run.id
 
-    def log(self, record: dict, overlay: Path | None) -> None:
+    def log(self, record: dict, overlay: Path | None, images: dict[str, Path] | None = None) -> None:
         data = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if overlay is not None:
             data["overlay"] = self.wandb.Image(str(overlay), caption=f"epoch {record['epoch']}: image | truth | prediction")
+        for name, path in (images or {}).items():
+            data[name] = self.wandb.Image(str(path), caption=f"epoch {record['epoch']}: {name}")
         self.run.log(data)
 
     def summary(self, values: dict) -> None:

@@ -282,8 +282,9 @@ class Trainer:
         self.logger.log_epoch(record)
         overlay = self.logger.overlay(epoch, example)
         self.logger.plot_progress()
+        images = self.task.epoch_images(fold_dir) if hasattr(self.task, "epoch_images") else {}  # e.g. confusion matrices
         if wb is not None:
-            wb.log(record, overlay)
+            wb.log(record, overlay, images)
         log.info("epoch %d: train %.4f val %.4f %s %.4f (EMA %.4f%s) lr %.2e %.1fs %.1f samples/s", epoch, record["train_loss"],
                  record["val_loss"], monitor, record.get(monitor, math.nan), self.ema if self.ema is not None else math.nan,
                  ", best" if is_best else "", record["lr"], record["epoch_time"], record["samples_per_s"])
@@ -292,6 +293,13 @@ class Trainer:
     def final_validation(self) -> dict | None:
         from spineauto.training.validation import validate_cases
 
+        if self.plan.has_classification:
+            from spineauto.inference.classify import validate_classification
+
+            log.info("classifying %d held-out volume(s)", len(self.run.val_cases))
+            heads = validate_classification(self.network, self.plan, self.run.store, self.run.val_cases,
+                                            self.run.fold_dir / "validation", self.device)
+            log.info("validation balanced accuracy: %s", ", ".join(f"{h} {m['balanced_accuracy']:.4f}" for h, m in heads.items()))
         if not self.plan.has_segmentation:
             return None
         raw_labels = None
