@@ -93,6 +93,7 @@ def load_checkpoint_network(path: Path, plan: ConfigurationPlan, in_channels: in
     state = ckpt.get("network") if isinstance(ckpt, dict) else None
     if state is None:
         raise SpineautoError(f"{path}: not a spineauto checkpoint (no 'network' entry)")
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     net = build_network(plan, in_channels, num_classes)
     try:
         net.load_state_dict(state)
