@@ -79,7 +79,7 @@ def slice_probabilities(networks: Sequence[torch.nn.Module], data: np.ndarray, p
     device = torch.device(device)
     mirrors = [()] + (mirror_combinations(plan.augmentation.mirror_axes) if tta else [])
     autocast = torch.autocast("cuda", dtype=torch.float16) if (amp and device.type == "cuda") else nullcontext()
-    x_all = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data, 1, 0), dtype=np.float32))  # (S, C, H, W)
+    x_all = torch.from_numpy(np.array(np.moveaxis(data, 1, 0), dtype=np.float32, order="C"))  # (S, C, H, W), a writable copy
     x_all = pad_slices(x_all, plan)
     per_batch = batch_slices or max(1, PIXELS_PER_BATCH["cuda" if device.type == "cuda" else "cpu"] // int(np.prod(x_all.shape[-2:])))
     out: dict[str, list[torch.Tensor]] = {}

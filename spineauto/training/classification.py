@@ -7,8 +7,8 @@ statistics are each head's confusion matrix, a summable tensor, so DDP ranks and
 exactly; every metric (accuracy, balanced accuracy, macro-F1, per-class recall) derives from it.
 ``monitor`` is ``balanced_accuracy``: the mean over heads, robust to class imbalance.
 
-The last epoch's confusion matrices are kept on the task (``last_confusion``) so the loop, a
-logger or :func:`write_confusion_pngs` can draw them.
+The last validation's confusion matrices are kept on the task (``last_confusion``);
+``epoch_images`` draws them for the loop (``fold_k/confusion_<head>.png`` and W&B).
 """
 from __future__ import annotations
 
@@ -78,10 +78,13 @@ class ClassificationTask:
     def example(self, batch: dict, output: dict) -> dict | None:
         return None
 
-    def write_confusion(self, folder: Path, suffix: str = "") -> list[Path]:
-        """Draw the last epoch's confusion matrices as ``confusion_<head><suffix>.png``."""
-        return write_confusion_pngs(self.last_confusion, folder, suffix)
+    def epoch_images(self, folder: Path) -> dict[str, Path]:
+        """The last validation's slice-level confusion matrices, ``folder/confusion_<head>.png``
+        (redrawn every epoch; the loop sends them to W&B), as ``{"confusion/<head>": path}``."""
+        return write_confusion_pngs(self.last_confusion, folder)
 
 
-def write_confusion_pngs(per_head: dict[str, HeadMetrics], folder: Path, suffix: str = "") -> list[Path]:
-    return [plot_confusion(m, Path(folder) / f"confusion_{h}{suffix}.png") for h, m in per_head.items()]
+def write_confusion_pngs(per_head: dict[str, HeadMetrics], folder: Path) -> dict[str, Path]:
+    return {f"confusion/{h}": plot_confusion(m, Path(folder) / f"confusion_{h}.png",
+                                             title=f"{h} (validation slices): bal. acc {m.balanced_accuracy:.3f}, n={m.n}")
+            for h, m in per_head.items()}

@@ -55,5 +55,5 @@ class MultitaskTask:
     def example(self, batch: dict, output: dict) -> dict | None:
         return self.seg.example(batch, output)
 
-    def write_confusion(self, folder: Path, suffix: str = "") -> list[Path]:
-        return self.cls.write_confusion(folder, suffix)
+    def epoch_images(self, folder: Path) -> dict[str, Path]:
+        return self.cls.epoch_images(folder)
