@@ -191,7 +191,7 @@ def ensemble(
 @_command("evaluate")
 def evaluate(
     pred_dir: Path = typer.Argument(..., help="Folder of predicted <case>.nii.gz."),
-    gt_dir: Path = typer.Argument(..., help="Folder of ground-truth <case>.nii.gz (e.g. labelsTs)."),
+    gt_dir: Path = typer.Argument(..., help="Folder of ground-truth <case>.nii.gz (e.g. labelsTs), or for classification a labels file: dataset.json (its cases' classes) or a CSV case,head,class."),
     dataset: Optional[str] = typer.Option(None, "-d", "--dataset", help="Dataset id or name: labels and lesion labels from its dataset.json."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="summary.json to write (a .csv is written beside it); default PRED_DIR/summary.json."),
 ):

@@ -34,6 +34,12 @@ def run_evaluate(console: Console, pred_dir: Path, gt_dir: Path, dataset: str | 
     from spineauto.evaluation.evaluate import LESION_METRICS, VOXEL_METRICS, evaluate_folders, write_summary
     from spineauto.inference.cli_impl import _progress_callback
 
+    if Path(gt_dir).is_file():  # a labels file (dataset.json cases, or CSV case,head,class): classification
+        from spineauto.evaluation.classification import evaluate_prediction_folder, print_report
+
+        out_dir = Path(output).parent if output else Path(pred_dir)
+        print_report(console, evaluate_prediction_folder(pred_dir, gt_dir, out_dir=out_dir), out_dir / "summary_classification.json")
+        return
     labels = dataset_labels(dataset) if dataset else None
     with make_progress(console) as progress:
         summary = evaluate_folders(pred_dir, gt_dir, labels, progress=_progress_callback(progress, "evaluate"))

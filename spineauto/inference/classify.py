@@ -150,7 +150,8 @@ def write_classification_csv(out_dir: Path, results: Sequence[CaseClassification
 # ----------------------------------------------------------------------------- model folder level
 
 
-def predict_classification(model, source: Path, output: Path, tta: bool = False, progress=None) -> list[CaseClassification]:
+def predict_classification(model, source: Path, output: Path, tta: bool = False, save_probabilities: bool = False,
+                           progress=None) -> list[CaseClassification]:
     """``spineauto predict`` for a cls or multitask model: ``<case>.json`` per case and
     ``classification.csv`` (plus the masks of a multitask model, through the segmentation predictor).
 
@@ -180,7 +181,7 @@ def predict_classification(model, source: Path, output: Path, tta: bool = False,
             if model.plan.has_segmentation:
                 from spineauto.inference.predict import predict_case
 
-                extra["mask"] = predict_case(model, case, output, tta=tta).name
+                extra["mask"] = predict_case(model, case, output, tta=tta, save_probabilities=save_probabilities).name
             write_case_json(output, result, extra)
             results.append(result)
         except SpineautoError as e:

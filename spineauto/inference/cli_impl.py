@@ -28,6 +28,15 @@ def run_predict(console: Console, dataset: str, source: Path, output: Path, conf
 
     folder = Path(model_folder) if model_folder else paths.model_folder(dataset, configuration)
     model = load_model(folder, folds, checkpoint, resolve_device(device), configuration=configuration)
+    if model.plan.has_classification:  # cls and multitask: <case>.json + classification.csv (+ masks)
+        from spineauto.inference.classify import predict_classification
+
+        with make_progress(console) as progress:
+            results = predict_classification(model, source, output, tta=tta, save_probabilities=save_probabilities,
+                                             progress=_progress_callback(progress, "predict"))
+        console.print(f"[green]wrote[/] {len(results)} case(s) to {Path(output) / 'classification.csv'} and <case>.json"
+                      f"{' with masks' if model.plan.has_segmentation else ''} ({', '.join(model.folds)}, {model.device})")
+        return
     with make_progress(console) as progress:
         result = predict_folder(model, source, output, tta=tta, save_probabilities=save_probabilities,
                                 progress=_progress_callback(progress, "predict"))

@@ -120,8 +120,8 @@ def load_model(folder: Path, folds: Sequence[str] | None = None, checkpoint: str
     if configuration is None:
         configuration = folder.name.split("__")[-1]
     plan = plans.configuration(configuration)
-    if not plan.has_segmentation:
-        raise SpineautoError(f"{folder}: configuration {plan.name!r} has no segmentation output; predict writes masks")
+    if not (plan.has_segmentation or plan.has_classification):
+        raise SpineautoError(f"{folder}: configuration {plan.name!r} has neither segmentation nor classification output")
     intensity = Fingerprint.load(folder / "fingerprint.json").intensity
     device = torch.device(device) if not isinstance(device, torch.device) else device
     files = select_folds(folder, folds, checkpoint)
