@@ -21,8 +21,14 @@ def real_planned(spineauto_env):
 
 
 def test_real_data_is_sliced_in_each_acquisition_plane(real_planned):
-    planes = {c.case: c.plane for c in real_planned.fingerprint.cases}
-    assert planes == {case: view for case, (_, _, view, _) in REAL_PAIRS.items()}
+    fp = real_planned.fingerprint
+    planes = {c.case: c.plane for c in fp.cases}
+    # t2 is a near-isotropic block (1 mm, 52-60 voxels a side): it takes the dataset's isotropic plane,
+    # the majority of the cases with a clear through-plane axis (3 axial MT/T2* vs 2 sagittal slabs)
+    assert fp.isotropic_plane == "axial" and real_planned.plans.configurations["2d"].isotropic_plane == "axial"
+    expected = {case: view for case, (_, _, view, _) in REAL_PAIRS.items()}
+    expected["t2"] = "axial"
+    assert planes == expected
     t2s = next(c for c in real_planned.fingerprint.cases if c.case == "t2s")
     assert t2s.orientation == "LAS" and t2s.layout_spacing[0] == pytest.approx(7.5, rel=1e-3)
     # every stored slice is an in-plane acquisition slice: slices of axial scans keep their count
@@ -30,6 +36,19 @@ def test_real_data_is_sliced_in_each_acquisition_plane(real_planned):
     assert data.shape[1] == 9
     mt = np.load(real_planned.folder / "2d" / "mt1.npy", mmap_mode="r")
     assert mt.shape[1] == 5
+
+
+def test_slicing_does_not_depend_on_the_storage_order(real_data):
+    from spineauto.io.geometry import choose_slice_axis
+
+    for f in ("t2/t2.nii.gz", "t2s/t2s.nii.gz", "t1/t1w.nii.gz"):
+        img = nib.load(str(real_data / f))
+        axes = [choose_slice_axis(img.affine, img.shape, "sagittal")[0]]
+        for perm in ((1, 2, 0), (2, 0, 1)):
+            affine = img.affine.copy()
+            affine[:, :3] = img.affine[:, list(perm)]
+            axes.append(choose_slice_axis(affine, tuple(img.shape[p] for p in perm), "sagittal")[0])
+        assert len(set(axes)) == 1, (f, axes)
 
 
 def test_real_plan_values_come_from_the_fingerprint(real_planned):

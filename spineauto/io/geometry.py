@@ -33,13 +33,15 @@ def orientation_code(affine: np.ndarray) -> str:
     return "".join(nib.aff2axcodes(np.asarray(affine)))
 
 
-def choose_slice_axis(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[int, str]:
+def choose_slice_axis(affine: np.ndarray, shape: tuple[int, ...], isotropic_plane: str | None = "sagittal") -> tuple[int | None, str]:
     """Pick the RAS axis to cut 2D slices across, for one case, with the reason.
 
     1. Anisotropic voxels: the axis with the largest spacing (the acquisition's through-plane axis),
        when it is at least ``ANISOTROPY_RATIO`` times the next largest.
     2. Near-isotropic voxels: a thin slab's short axis (fewest voxels, when clearly fewer).
-    3. Otherwise the array's last axis, the slice direction as the scanner stored it.
+    3. Otherwise ``isotropic_plane`` (planned per dataset: the majority plane of the cases decided by
+       rules 1-2), so the choice never depends on the order the scanner stored the axes in; ``None``
+       returns ``None`` for the caller to decide.
     """
     ornt = to_ras_ornt(affine)
     sp = np.empty(3)
@@ -51,12 +53,13 @@ def choose_slice_axis(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[int, 
     if sp[order[0]] >= ANISOTROPY_RATIO * sp[order[1]]:
         axis = int(order[0])
         return axis, f"largest spacing {sp[axis]:.3g} mm vs {sp[order[1]]:.3g} mm in-plane"
-    by_count = np.argsort(n)
+    by_count = np.argsort(n, kind="stable")
     if n[by_count[0]] <= THIN_SLAB_RATIO * n[by_count[1]]:
         axis = int(by_count[0])
         return axis, f"near-isotropic; thin slab of {int(n[axis])} voxels along it"
-    axis = int(ornt[2, 0])
-    return axis, "near-isotropic; the scanner's slice axis (last array axis)"
+    if isotropic_plane is None:
+        return None, "near-isotropic block; the dataset's isotropic plane"
+    return AXIS_OF_PLANE[isotropic_plane], f"near-isotropic block; the dataset's isotropic plane ({isotropic_plane})"
 
 
 @dataclass

@@ -19,7 +19,7 @@ from spineauto.datasets.dataset_json import DatasetInfo
 from spineauto.datasets.integrity import check_case, check_layout, load_training_case
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import read_json, write_json
-from spineauto.io.geometry import CaseGeometry, choose_slice_axis, orientation_code
+from spineauto.io.geometry import AXIS_OF_PLANE, PLANE_OF_AXIS, CaseGeometry, choose_slice_axis, orientation_code
 from spineauto.parallel import map_cases
 from spineauto.schema import from_dict, to_dict
 
@@ -66,6 +66,7 @@ class Fingerprint:
     cases: list[CaseFingerprint]
     intensity: list[IntensityStats]  # per channel, pooled over cases
     class_counts: dict[str, dict[str, int]]
+    isotropic_plane: str = "sagittal"  # slicing plane for near-isotropic blocks (see choose_slice_axis)
     schema_version: int = SCHEMA_VERSION
 
     def save(self, path: Path) -> Path:
@@ -97,8 +98,8 @@ def scan_case(info: DatasetInfo, case: str, verify: bool = True, seed: int = 0):
         problems += check_case(info, case, data, affine, seg, seg_affine)
         if problems:
             return problems, None, None
-    axis, reason = choose_slice_axis(affine, data.shape[1:])
-    geom = CaseGeometry(affine.tolist(), list(data.shape[1:]), axis)
+    axis, reason = choose_slice_axis(affine, data.shape[1:], isotropic_plane=None)
+    geom = CaseGeometry(affine.tolist(), list(data.shape[1:]), 0)  # plain RAS; the slicing is applied after the pass
     layout = geom.to_layout(data)
     nonzero = create_nonzero_mask(layout)
     bbox = get_bbox_from_mask(nonzero)
@@ -119,8 +120,8 @@ def scan_case(info: DatasetInfo, case: str, verify: bool = True, seed: int = 0):
         samples.append(rng.choice(vals, min(SAMPLES_PER_CASE, vals.size), replace=False) if vals.size else vals)
     cinfo = info.cases.get(case)
     fp = CaseFingerprint(
-        case=case, subject=info.subject_of(case), orientation=orientation_code(affine), plane=geom.plane,
-        slice_axis=axis, slice_axis_reason=reason, spacing=[float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
+        case=case, subject=info.subject_of(case), orientation=orientation_code(affine), plane="",
+        slice_axis=-1 if axis is None else axis, slice_axis_reason=reason, spacing=[float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
         shape=list(data.shape[1:]), layout_spacing=geom.spacing, cropped_shape=cropped_shape,
         crop_fraction=float(np.prod(cropped_shape) / np.prod(data.shape[1:])), intensity=stats,
         label_voxels=label_voxels, classes={h: cinfo.classes[h] for h in info.heads if cinfo and h in cinfo.classes},
@@ -142,9 +143,26 @@ def fingerprint_dataset(info: DatasetInfo, verify: bool = True, workers: int = 2
         raise SpineautoError(f"{len(problems)} problem(s) in {info.folder}:\n" + "\n".join(f"  - {p}" for p in problems)
                              + "\nFix them, or pass --no-verify to skip these checks.")
     fps = [fp for _, fp, _ in results]
+    isotropic_plane = _isotropic_plane(fps)
+    for fp in fps:
+        if fp.slice_axis < 0:
+            fp.slice_axis = AXIS_OF_PLANE[isotropic_plane]
+            fp.slice_axis_reason += f" ({isotropic_plane})"
+        fp.plane = PLANE_OF_AXIS[fp.slice_axis]
+        order = [fp.slice_axis] + [a for a in range(3) if a != fp.slice_axis]
+        fp.layout_spacing = [fp.layout_spacing[a] for a in order]  # RAS -> slice-first
+        fp.cropped_shape = [fp.cropped_shape[a] for a in order]
     pooled = [_stats(np.concatenate([s[c] for _, _, s in results])) for c in range(info.num_channels)]
     counts = {h: dict(Counter(fp.classes[h] for fp in fps if h in fp.classes)) for h in info.heads}
     for h, classes in info.heads.items():
         counts[h] = {k: counts[h].get(k, 0) for k in classes}
     return Fingerprint(dataset_name=info.folder.name, channel_names=info.channel_names, labels=info.labels,
-                       heads=info.heads, cases=fps, intensity=pooled, class_counts=counts)
+                       heads=info.heads, cases=fps, intensity=pooled, class_counts=counts, isotropic_plane=isotropic_plane)
+
+
+def _isotropic_plane(fps: list[CaseFingerprint]) -> str:
+    """Plane for near-isotropic blocks: the most common plane of the cases that have a clear one;
+    sagittal (the plane that shows the cord's length) when none do or on a tie."""
+    planes = Counter(PLANE_OF_AXIS[fp.slice_axis] for fp in fps if fp.slice_axis >= 0)
+    ranked = sorted(planes.items(), key=lambda kv: (-kv[1], kv[0] != "sagittal"))
+    return ranked[0][0] if ranked else "sagittal"

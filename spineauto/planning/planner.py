@@ -100,10 +100,11 @@ def plan_dataset(fp: Fingerprint, preset: Path | None = None) -> Plans:
     median_crop = float(np.median([c.crop_fraction for c in fp.cases]))
     use_mask = [n == "ZScoreNormalization" and median_crop < CROP_FRACTION_FOR_MASK for n in norm]
     common = dict(
-        data_identifier="2d", slicing="per_case", target_spacing=[target, target], normalization=norm, use_mask_for_norm=use_mask,
+        data_identifier="2d", slicing="per_case", isotropic_plane=fp.isotropic_plane, target_spacing=[target, target], normalization=norm, use_mask_for_norm=use_mask,
     )
     reasons = {
         "slicing": f"acquisition planes {dict(planes)}: each case is cut across its own through-plane axis",
+        "isotropic_plane": "most common plane of the cases with a clear through-plane axis (sagittal on a tie or none)",
         "target_spacing": target_reason,
         "patch_size": f"median cropped in-plane shape {np.round(median_shape, 1).tolist()} px at target spacing, made divisible by the pooling",
         "network": net_reason,

@@ -89,6 +89,7 @@ class ConfigurationPlan:
     task: Task
     data_identifier: str  # preprocessed folder shared by configurations with the same preprocessing
     slicing: Slicing
+    isotropic_plane: Literal["sagittal", "coronal", "axial"]  # per_case slicing of near-isotropic blocks
     target_spacing: list[float]  # in-plane (row, column) spacing in mm; slices keep their own spacing
     patch_size: list[int]
     batch_size: int

@@ -32,7 +32,7 @@ PREPROCESS_VERSION = 1
 
 def slice_axis_for(plan: ConfigurationPlan, affine: np.ndarray, shape) -> int:
     if plan.slicing == "per_case":
-        return choose_slice_axis(affine, shape)[0]
+        return choose_slice_axis(affine, shape, plan.isotropic_plane)[0]
     return AXIS_OF_PLANE[plan.slicing]
 
 
@@ -106,7 +106,7 @@ def _source_hash(files: list[Path], plan: ConfigurationPlan, intensity) -> str:
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    key = [PREPROCESS_VERSION, plan.slicing, plan.target_spacing, plan.normalization, plan.use_mask_for_norm,
+    key = [PREPROCESS_VERSION, plan.slicing, plan.isotropic_plane, plan.target_spacing, plan.normalization, plan.use_mask_for_norm,
            [s.__dict__ for s in intensity] if intensity else None]
     h.update(json.dumps(key, default=str).encode())
     return h.hexdigest()
