@@ -1,0 +1,321 @@
+"""`spineauto train` on synthetic phantoms: it learns, resumes exactly, survives SIGKILL, runs DDP,
+AMP and W&B offline, and refuses bad input with one clear line.
+
+One phantom dataset is planned once per module; its plan is edited (as a user may edit plans.json)
+to a tiny 4-stage U-Net trained with Adam so that a couple of hundred iterations learn the cord on
+2 CPU cores. Every run writes to its own results folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from spineauto.errors import SpineautoError
+
+DATASET = "Dataset001_Phantoms"
+FAST = dict(val_iters=1, wandb="disabled", progress=False, num_workers=0, validate=False)
+
+
+def tiny_plan(plans_path: Path) -> None:
+    """A small network and Adam: the same code paths, a fraction of the compute."""
+    data = json.loads(plans_path.read_text())
+    cfg = data["configurations"]["2d"]
+    n = 4
+    cfg["network"].update(features_per_stage=[8, 16, 32, 64], kernel_sizes=[[3, 3]] * n, strides=[[1, 1]] + [[2, 2]] * (n - 1),
+                          n_conv_per_stage=[2] * n, n_conv_per_stage_decoder=[2] * (n - 1))
+    cfg["batch_size"] = 8
+    cfg["optim"].update(optimizer="adam", initial_lr=0.003)
+    plans_path.write_text(json.dumps(data, indent=1))
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from spineauto.datasets.phantoms import write_phantom_dataset
+    from spineauto.planning.experiment import plan_and_preprocess
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("training")
+    mp = pytest.MonkeyPatch()
+    for kind in ("raw", "preprocessed", "results"):
+        mp.setenv(f"SPINEAUTO_{kind.upper()}", str(root / kind))
+    mp.setenv("WANDB_MODE", "disabled")
+    write_phantom_dataset(root / "raw" / DATASET, n_train=14, n_test=0, seed=0)
+    plan_and_preprocess(1, workers=2)
+    tiny_plan(root / "preprocessed" / DATASET / "plans.json")
+    yield root
+    mp.undo()
+
+
+def _train(phantoms: Path, results: str, **kw) -> Path:
+    from spineauto.training.trainer import train_fold
+
+    args = {**FAST, **kw}
+    return train_fold(1, args.pop("configuration", "2d"), args.pop("fold", 0), results=phantoms / results, **args)
+
+
+def _history(fold_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (fold_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms) -> Path:
+    """A short real run (background worker, full-volume validation): 4 epochs x 25 iterations."""
+    return _train(phantoms, "learn", epochs=4, iters_per_epoch=25, val_iters=2, num_workers=1, validate=True)
+
+
+# -- folds ------------------------------------------------------------------------------------------
+def test_splits_grouped_by_subject_stratified_and_deterministic():
+    from spineauto.training.splits import make_splits
+
+    subjects = {f"c{i:02d}": f"s{i // 3}" for i in range(30)}  # 10 subjects, 3 cases each
+    strata = {c: ("lesion" if int(s[1:]) % 2 else "none") for c, s in subjects.items()}
+    splits = make_splits(subjects, strata)
+    assert splits == make_splits(dict(reversed(list(subjects.items()))), strata)
+    assert sorted(c for s in splits for c in s["val"]) == sorted(subjects)
+    for s in splits:
+        assert not {subjects[c] for c in s["val"]} & {subjects[c] for c in s["train"]}
+        assert len(s["val"]) == 6 and sum(strata[c] == "lesion" for c in s["val"]) == 3
+    with pytest.raises(SpineautoError, match="-f all"):
+        make_splits({"a": "s1", "b": "s2"}, None)
+
+
+def test_ranks_and_keys_draw_different_batches_reproducibly(phantoms):
+    from spineauto.planning.plans import Plans
+    from spineauto.training.data import CaseStore, KeyedBatches, SegmentationPatchSampler
+
+    plan = Plans.load(phantoms / "preprocessed" / DATASET / "plans.json").configuration("2d")
+    store = CaseStore.load(phantoms / "preprocessed" / DATASET / "2d")
+    cases = sorted(store.props)
+
+    def batches(rank):
+        return KeyedBatches(SegmentationPatchSampler(store, 0.5), None, cases, cases, 4, plan.patch_size, [200, 200], 0, rank)
+
+    a, b = batches(0)[(0, 3, 1)], batches(1)[(0, 3, 1)]
+    assert a["data"].shape == (4, 1, *plan.patch_size)
+    assert not torch.equal(a["data"], b["data"])
+    assert torch.equal(a["data"], batches(0)[(0, 3, 1)]["data"])
+    assert (a["seg"][2:] > 0).flatten(1).any(1).all()  # the oversampled half holds foreground
+
+
+# -- the run --------------------------------------------------------------------------------------------
+def test_short_run_learns_and_writes_everything(trained):
+    summary = json.loads((trained / "validation" / "summary.json").read_text())
+    assert summary["mean"]["cord"] > 0.6, summary["mean"]
+    assert summary["cases"] and all((trained / "validation" / f"{c['case']}.nii.gz").is_file() for c in summary["cases"])
+    hist = _history(trained)
+    assert [r["epoch"] for r in hist] == [0, 1, 2, 3]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    for key in ("val_loss", "pseudo_dice", "pseudo_dice_cord", "lr", "epoch_time", "samples_per_s", "ema"):
+        assert key in hist[-1]
+    assert hist[1]["lr"] < hist[0]["lr"]  # poly schedule
+    for name in ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt", "progress.png", "log.txt", "config.json",
+                 "checkpoints_top.json", "overlays/epoch_003.png"):
+        assert (trained / name).is_file(), name
+    top = json.loads((trained / "checkpoints_top.json").read_text())
+    assert len(top["checkpoints"]) == 4 and all((trained / e["file"]).is_file() for e in top["checkpoints"])
+    config = json.loads((trained / "config.json").read_text())
+    assert config["epochs"] == 4 and config["iters_per_epoch"] == 25 and config["runtime"]["num_workers"] == 1
+    ckpt = torch.load(trained / "checkpoint_final.pt", weights_only=False)
+    assert ckpt["epoch"] == 4 and ckpt["configuration"] == "2d" and "plans" in ckpt
+    assert (trained.parent / "plans.json").is_file() and (trained.parent / "splits_final.json").is_file()
+
+
+def test_resume_equals_uninterrupted(phantoms, monkeypatch):
+    """Batches are a function of (seed, rank, epoch, iteration) and the RNG/optimiser states are restored,
+    so a resumed run replays the uninterrupted one; only float reduction order could differ (atol 1e-6)."""
+    from spineauto.training.trainer import Trainer
+
+    straight = _train(phantoms, "straight", epochs=2, iters_per_epoch=3)
+    original = Trainer._end_epoch
+
+    def stop_after_first(self, epoch, *a, **k):
+        original(self, epoch, *a, **k)
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_end_epoch", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        _train(phantoms, "resumed", epochs=2, iters_per_epoch=3)
+    monkeypatch.setattr(Trainer, "_end_epoch", original)
+    resumed = _train(phantoms, "resumed", continue_training=True)  # epochs etc. come from the run's config
+    a = torch.load(straight / "checkpoint_final.pt", weights_only=False)
+    b = torch.load(resumed / "checkpoint_final.pt", weights_only=False)
+    for k, v in a["network"].items():
+        torch.testing.assert_close(b["network"][k], v, atol=1e-6, rtol=1e-5, msg=k)
+    assert [r["train_loss"] for r in _history(resumed)] == pytest.approx([r["train_loss"] for r in _history(straight)], abs=1e-6)
+
+
+def test_sigkill_mid_epoch_then_continue_completes(phantoms):
+    env = dict(os.environ, SPINEAUTO_RESULTS=str(phantoms / "killed"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "spineauto", "train", "-d", "1", "-f", "0", "--epochs", "3", "--iters-per-epoch", "6",
+           "--val-iters", "1", "--wandb", "disabled", "--num-workers", "1", "--no-validate"]
+    fold = phantoms / "killed" / DATASET / "spineautoTrainer__spineautoPlans__2d" / "fold_0"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not ((fold / "metrics.jsonl").is_file() and (fold / "metrics.jsonl").read_text().count("\n") >= 1):
+            assert proc.poll() is None and time.time() < deadline, "training ended or stalled before its first epoch"
+            time.sleep(0.05)
+        time.sleep(0.3)  # into epoch 1
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert torch.load(fold / "checkpoint_latest.pt", weights_only=False)["epoch"] in (1, 2)
+    done = subprocess.run(cmd + ["--continue"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["epoch"] for r in _history(fold)] == [0, 1, 2]
+    assert (fold / "checkpoint_final.pt").is_file()
+    assert not list(fold.glob(".*tmp*"))
+
+
+def test_ddp_two_cpu_processes_keep_weights_identical(phantoms, tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(f"""
+import torch
+from spineauto.training import trainer as T
+fit = T.Trainer.fit
+def fit_and_dump(self):
+    fit(self)
+    torch.save(self.network.state_dict(), r"{tmp_path}/rank%d.pt" % self.info.rank)
+    torch.save(self.logger.history, r"{tmp_path}/history%d.pt" % self.info.rank)
+T.Trainer.fit = fit_and_dump
+torch.set_num_threads(1)
+T.train_fold(1, "2d", 0, epochs=2, iters_per_epoch=3, val_iters=1, device="cpu", wandb="disabled", num_workers=0,
+             results=r"{phantoms / 'ddp'}", progress=False, validate=False)
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    fold = phantoms / "ddp" / DATASET / "spineautoTrainer__spineautoPlans__2d" / "fold_0"
+    cfg = json.loads((fold / "config.json").read_text())
+    assert cfg["runtime"]["world_size"] == 2 and len(_history(fold)) == 2
+    start = torch.load(fold / "checkpoint_latest.pt", weights_only=False)
+    assert all(torch.equal(start["network"][k], r0[k]) for k in r0)
+
+
+def test_amp_bf16_on_cpu_and_fold_all(phantoms):
+    fold = _train(phantoms, "amp", fold="all", epochs=1, iters_per_epoch=2, amp=True)
+    assert fold.name == "fold_all"
+    cfg = json.loads((fold / "config.json").read_text())
+    assert cfg["runtime"]["amp"] is True and cfg["runtime"]["amp_dtype"] == "bfloat16"
+    assert np.isfinite(_history(fold)[0]["train_loss"])
+
+
+def test_wandb_offline_writes_run_files(phantoms, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    fold = _train(phantoms, "wandb", epochs=1, iters_per_epoch=1, wandb="offline")
+    runs = list((fold / "wandb").glob("offline-run-*"))
+    assert runs and any(f.suffix == ".wandb" for f in runs[0].rglob("*")), list((fold / "wandb").rglob("*"))
+
+
+# -- bad input --------------------------------------------------------------------------------------
+def _one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 1, err
+    assert "Traceback" not in err
+    text = " ".join(err.split())
+    for n in needles:
+        assert n in text, text
+
+
+def test_bad_inputs_one_line_each(phantoms, trained, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPINEAUTO_RESULTS", str(phantoms / "bad"))
+    code, _, err = run_cli(capsys, "train", "-d", "1", "-f", "5", "--wandb", "disabled")
+    _one_line_error(code, err, "fold 5 is out of range")
+    code, _, err = run_cli(capsys, "train", "-d", "1", "-f", "0", "--continue", "--wandb", "disabled")
+    _one_line_error(code, err, "no checkpoint to continue from")
+    # no plans yet
+    (phantoms / "raw" / "Dataset002_Empty").mkdir()
+    code, _, err = run_cli(capsys, "train", "-d", "Dataset002_Empty", "-f", "0")
+    _one_line_error(code, err, "no plans yet", "plan_and_preprocess")
+    # --continue after the plan changed
+    monkeypatch.setenv("SPINEAUTO_RESULTS", str(phantoms / "learn"))
+    plans = phantoms / "preprocessed" / DATASET / "plans.json"
+    original = plans.read_text()
+    try:
+        data = json.loads(original)
+        data["configurations"]["2d"]["optim"]["initial_lr"] = 0.01
+        plans.write_text(json.dumps(data))
+        code, _, err = run_cli(capsys, "train", "-d", "1", "-f", "0", "--continue", "--wandb", "disabled")
+        _one_line_error(code, err, "another plan")
+    finally:
+        plans.write_text(original)
+    # --continue with different overrides
+    code, _, err = run_cli(capsys, "train", "-d", "1", "-f", "0", "--continue", "--epochs", "9", "--wandb", "disabled")
+    _one_line_error(code, err, "cannot --continue", "epochs: 4 -> 9")
+    # --pretrained from another topology
+    from spineauto.networks.build import build_network
+    from spineauto.planning.plans import Plans
+
+    plan = Plans.load(plans).configuration("2d")
+    plan.network.features_per_stage = [4, 8, 16, 32]
+    torch.save({"network": build_network(plan, 1, 3).state_dict()}, tmp_path / "other.pt")
+    monkeypatch.setenv("SPINEAUTO_RESULTS", str(phantoms / "bad"))
+    code, _, err = run_cli(capsys, "train", "-d", "1", "-f", "0", "--pretrained", str(tmp_path / "other.pt"), "--wandb", "disabled")
+    _one_line_error(code, err, "--pretrained", "encoder tensor(s) do not match", "encoder.stages.0")
+
+
+def test_pretrained_loads_matching_tensors(phantoms, trained):
+    from spineauto.networks.build import build_network
+    from spineauto.planning.plans import Plans
+    from spineauto.training.checkpoint import load_pretrained
+
+    plans = Plans.load(phantoms / "preprocessed" / DATASET / "plans.json")
+    net = build_network(plans.configuration("2d"), 1, 2)  # a 2-label network: the output layers differ
+    loaded, skipped = load_pretrained(net, trained / "checkpoint_final.pt")
+    ref = torch.load(trained / "checkpoint_final.pt", weights_only=False)["network"]
+    assert all(torch.equal(net.state_dict()[k], ref[k]) for k in loaded)
+    assert any(k.startswith("encoder.") for k in loaded) and skipped and all(k.startswith("decoder.") for k in skipped)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(phantoms, monkeypatch):
+    from spineauto.training.tasks import SegmentationTask
+
+    loss = SegmentationTask.loss
+    calls = {"n": 0}
+
+    def poisoned(self, output, batch):
+        calls["n"] += 1
+        value = loss(self, output, batch)
+        return value * float("nan") if calls["n"] > 4 else value  # epoch 0: 3 train + 1 val iterations
+
+    monkeypatch.setattr(SegmentationTask, "loss", poisoned)
+    with pytest.raises(SpineautoError, match="NaN") as err:
+        _train(phantoms, "nan", epochs=3, iters_per_epoch=3)
+    assert "\n" not in str(err.value)
+    fold = phantoms / "nan" / DATASET / "spineautoTrainer__spineautoPlans__2d" / "fold_0"
+    good = torch.load(fold / "checkpoint_latest.pt", weights_only=False)
+    assert good["epoch"] == 1 and all(torch.isfinite(v).all() for v in good["network"].values() if v.is_floating_point())
+
+
+def test_checkpoint_write_failure_leaves_no_corrupt_file(phantoms, monkeypatch):
+    from spineauto.training import checkpoint
+
+    fold = _train(phantoms, "diskfull", epochs=1, iters_per_epoch=1)
+    before = (fold / "checkpoint_latest.pt").read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    with pytest.raises(SpineautoError, match="could not write the checkpoint") as err:
+        checkpoint.save_checkpoint(fold / "checkpoint_latest.pt", {"x": 1})
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert (fold / "checkpoint_latest.pt").read_bytes() == before
+    assert not [p for p in fold.iterdir() if ".tmp" in p.name]
