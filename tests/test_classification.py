@@ -20,13 +20,12 @@ from spineauto.planning.plans import Plans
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
-SMALL = {"features_per_stage": [8, 16, 32, 64, 64]}
 
 
 def shrink_plans(path: Path, batch_size: int = 8, lr: float = 2e-3) -> None:
     d = json.loads(path.read_text())
     for cfg in d["configurations"].values():
-        cfg["network"].update(SMALL)
+        cfg["network"]["features_per_stage"] = [min(8 * 2 ** i, 64) for i in range(len(cfg["network"]["features_per_stage"]))]
         cfg["batch_size"] = batch_size
         cfg["optim"].update(optimizer="adam", initial_lr=lr, weight_decay=0.0)
     path.write_text(json.dumps(d, indent=1))
