@@ -132,7 +132,8 @@ def test_cls_encoder_transfers_into_a_segmentation_unet(phantoms, cls_model, cap
     loaded, skipped = load_pretrained(net, cls_model / "fold_all" / "checkpoint_final.pt")
     encoder = {k for k in net.state_dict() if k.startswith("encoder.")}
     assert set(loaded) == encoder  # exactly the encoder: nothing of the heads, nothing missing
-    assert set(skipped) == {k for k in net.state_dict() if k.startswith("decoder.")}
+    decoder_own = {k for k in net.state_dict() if k.startswith("decoder.") and not k.startswith("decoder.encoder.")}
+    assert set(skipped) == decoder_own  # decoder.encoder.* are the same tensors as encoder.*: loaded, not skipped
     for k in sorted(encoder)[:5]:
         assert torch.equal(net.state_dict()[k], source[k])
 
@@ -148,7 +149,7 @@ def test_pretrained_encoder_that_does_not_fit_fails_in_one_line(phantoms, tmp_pa
 
     plans = Plans.load(phantoms["pre"] / "plans.json")
     other = plans.configuration("cls")
-    other.network.features_per_stage = [4, 8, 16, 32, 32]
+    other.network.features_per_stage = [max(1, f // 2) for f in other.network.features_per_stage]
     bad = tmp_path / "other.pt"
     torch.save({"network": build_network(other, 1, 0).state_dict()}, bad)
     code, out, err = run_cli(capsys, "train", "-d", 21, "-f", "all", "-c", "2d", "--device", "cpu", "--wandb", "disabled",
@@ -156,6 +157,17 @@ def test_pretrained_encoder_that_does_not_fit_fails_in_one_line(phantoms, tmp_pa
     assert code == 1 and "Traceback" not in out + err
     line = " ".join(err.split())
     assert "encoder tensor(s) do not match" in line and "encoder.stages.0.0.convs.0.conv.weight" in line
+
+    shallow = plans.configuration("cls")  # one stage fewer: the first stages fit, the last is absent
+    net = shallow.network
+    for name in ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage"):
+        setattr(net, name, getattr(net, name)[:-1])
+    net.n_conv_per_stage_decoder = net.n_conv_per_stage_decoder[:-1]
+    torch.save({"network": build_network(shallow, 1, 0).state_dict()}, bad)
+    code, out, err = run_cli(capsys, "train", "-d", 21, "-f", "all", "-c", "2d", "--device", "cpu", "--wandb", "disabled",
+                             "--epochs", 1, "--iters-per-epoch", 1, "--pretrained", bad)
+    line = " ".join(err.split())
+    assert code == 1 and "Traceback" not in out + err and "(absent)" in line and "encoder.stages.4" in line
 
 
 def test_multitask_trains_and_predicts_masks_and_classes(phantoms, tmp_path, capsys):

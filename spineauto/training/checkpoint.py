@@ -118,6 +118,9 @@ def load_pretrained(network: torch.nn.Module, path: Path) -> tuple[list[str], li
     target = network.state_dict()
     bad = [f"{k} {tuple(source[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
            if k.startswith("encoder.") and k in source and source[k].shape != v.shape]
+    absent = [f"{k} (absent)" for k in target if k.startswith("encoder.") and k not in source]
+    if absent and len(absent) < sum(k.startswith("encoder.") for k in target):  # a partial encoder (other stage count) does not fit
+        bad += absent
     if bad:
         raise SpineautoError(f"--pretrained {path}: {len(bad)} encoder tensor(s) do not match this plan's network: "
                              f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}; use a checkpoint trained with the same network topology")
@@ -126,7 +129,8 @@ def load_pretrained(network: torch.nn.Module, path: Path) -> tuple[list[str], li
         raise SpineautoError(f"--pretrained {path}: none of its tensors match this network's encoder; "
                              "use a spineauto checkpoint with the same architecture")
     network.load_state_dict({**target, **{k: source[k] for k in loaded}})
-    skipped = sorted(set(target) - set(loaded))
+    shared = {target[k].data_ptr() for k in loaded}  # the decoder holds the encoder too (decoder.encoder.*): not skipped
+    skipped = sorted(k for k in set(target) - set(loaded) if target[k].data_ptr() not in shared)
     log.info("pretrained %s: loaded %d tensors, skipped %d%s", path.name, len(loaded), len(skipped),
              f" ({', '.join(skipped[:8])}{' ...' if len(skipped) > 8 else ''})" if skipped else "")
     return loaded, skipped
