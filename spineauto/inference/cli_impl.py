@@ -26,6 +26,9 @@ def run_predict(console: Console, dataset: str, source: Path, output: Path, conf
     from spineauto.inference.model import load_model, resolve_device
     from spineauto.inference.predict import predict_folder
 
+    import torch
+
+    torch.backends.cudnn.benchmark = True  # every forward pass has the same tile shape
     folder = Path(model_folder) if model_folder else paths.model_folder(dataset, configuration)
     model = load_model(folder, folds, checkpoint, resolve_device(device), configuration=configuration)
     if model.plan.has_classification:  # cls and multitask: <case>.json + classification.csv (+ masks)
