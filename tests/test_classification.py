@@ -158,7 +158,7 @@ def test_pretrained_encoder_that_does_not_fit_fails_in_one_line(phantoms, tmp_pa
     line = " ".join(err.split())
     assert "encoder tensor(s) do not match" in line and "encoder.stages.0.0.convs.0.conv.weight" in line
 
-    shallow = plans.configuration("cls")  # one stage fewer: the first stages fit, the last is absent
+    shallow = Plans.load(phantoms["pre"] / "plans.json").configuration("cls")  # one stage fewer: the first stages fit, the last is absent
     net = shallow.network
     for name in ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage"):
         setattr(net, name, getattr(net, name)[:-1])
