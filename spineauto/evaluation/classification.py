@@ -232,5 +232,6 @@ def print_report(console, report: ClassificationReport, written: Path) -> None:
                       *["-" if r is None else f"{r:.3f}" for r in m.per_class_recall.values()])
         console.print(table)
     if report.missing:
-        console.print(f"[yellow]{len(report.missing)} labelled case(s) without a prediction[/]: {', '.join(report.missing[:10])}")
+        console.print(f"{len(report.missing)} other labelled case(s) in the labels file have no prediction here (not evaluated; "
+                      "listed in missing_predictions)")
     console.print(f"[green]wrote[/] {written}")
