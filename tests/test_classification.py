@@ -211,3 +211,35 @@ def test_presets_apply_to_the_planned_configurations(phantoms, preset, configura
     net = build_network(cfg, 1, plans.num_classes)  # the preset yields a buildable network
     out = net(torch.zeros(1, 1, *cfg.patch_size))
     assert ("cls" in out) == cfg.has_classification and ("seg" in out) == cfg.has_segmentation
+
+
+def test_foundation_pretraining_on_pictures_transfers_into_the_cord_preset(phantoms, tmp_path, capsys):
+    """The original framework's foundation stage: a classifier on 2D pictures (image folder, anatomy
+    preset), whose encoder initialises the spinal-cord preset's residual-encoder U-Net of another dataset."""
+    from PIL import Image
+
+    from spineauto.networks.build import build_network
+    from spineauto.planning.presets import apply_preset
+    from spineauto.training.checkpoint import load_pretrained
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    for cls in ("brain", "spine"):
+        (tmp_path / "pictures" / cls).mkdir(parents=True)
+        for i in range(3):
+            a = (rng.random((64, 64)) * 60).astype(np.uint8)
+            a[((yy - 32) ** 2 + (xx - 32) ** 2 < 400) if cls == "brain" else (np.abs(xx - 32) < 5)] = 220
+            Image.fromarray(a).save(tmp_path / "pictures" / cls / f"{i}.png")
+    assert run_cli(capsys, "convert", "images", tmp_path / "pictures", "-d", 22, "--name", "Foundation", "--head", "anatomy")[0] == 0
+    code, _, err = run_cli(capsys, "plan_and_preprocess", "-d", 22, "-np", 1, "--preset", REPO / "plans" / "anatomy_classification.yaml")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "-d", 22, "-f", "all", "-c", "cls", "--device", "cpu", "--wandb", "disabled",
+                           "--num-workers", 0, "--epochs", 1, "--iters-per-epoch", 1, "--val-iters", 1, "--no-validate")
+    assert code == 0, err[-2000:]
+    ckpt = phantoms["root"] / "results" / "Dataset022_Foundation" / "spineautoTrainer__spineautoPlans__cls" / "fold_all" / "checkpoint_final.pt"
+
+    cord = apply_preset(Plans.load(phantoms["pre"] / "plans.json"), REPO / "plans" / "spinal_cord_segmentation.yaml")
+    net = build_network(cord.configuration("2d_resenc"), 1, cord.num_classes)
+    loaded, skipped = load_pretrained(net, ckpt)
+    assert set(loaded) == {k for k in net.state_dict() if k.startswith("encoder.")}
+    assert skipped and all(k.startswith("decoder.") for k in skipped)
