@@ -86,8 +86,10 @@ def read_picture(path: Path, rgb: bool = False) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB" if rgb else "L")
-            arr = np.asarray(img, dtype=np.float32)
+            if not rgb and img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float grey: keep the full range
+                arr = np.asarray(img, dtype=np.float32)
+            else:
+                arr = np.asarray(img.convert("RGB" if rgb else "L"), dtype=np.float32)
     except (UnidentifiedImageError, OSError) as e:
         raise SpineautoError(f"{path}: unreadable image ({e}); remove or re-export it") from None
     return np.moveaxis(arr, -1, 0) if rgb else arr[None]
