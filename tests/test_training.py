@@ -43,7 +43,7 @@ def phantoms(tmp_path_factory):
     from spineauto.datasets.phantoms import write_phantom_dataset
     from spineauto.planning.experiment import plan_and_preprocess
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # 2 threads on a shared 2-core machine can be 10x slower (OpenMP oversubscription)
     root = tmp_path_factory.mktemp("training")
     mp = pytest.MonkeyPatch()
     for kind in ("raw", "preprocessed", "results"):

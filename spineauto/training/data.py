@@ -7,8 +7,8 @@ smaller than the patch); a classification slice sampler returns ``{"data", "cls"
 the same way.
 
 Every batch is a pure function of its key ``(split, epoch, iteration)`` and the run's seed and
-rank: the worker seeds both its sampling generator and numpy's global generator (used by the
-batchgenerators transforms) from the key. Resuming at an epoch boundary therefore replays the
+rank: the worker seeds its sampling generator and the global numpy and python generators (used by
+the batchgenerators transforms) from the key. Resuming at an epoch boundary therefore replays the
 exact batches an uninterrupted run would have seen, whatever the number of workers, and DDP ranks
 draw different batches.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -141,7 +142,9 @@ class KeyedBatches(torch.utils.data.Dataset):
         rng = np.random.default_rng(ss)
         if split == TRAIN and self.transforms is not None:
             batch = self.sampler.sample(self.cases[TRAIN], self.batch_size, rng, self.sample_size)
-            np.random.seed(int(ss.generate_state(1)[0]))
+            state = ss.generate_state(2)
+            np.random.seed(int(state[0]))  # batchgenerators draws from numpy's and python's global generators
+            random.seed(int(state[1]))
             keys = batch.pop("keys")
             batch = self.transforms(**batch)
             batch["keys"] = keys
