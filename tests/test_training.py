@@ -69,8 +69,8 @@ def _history(fold_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained(phantoms) -> Path:
-    """A short real run (background worker, full-volume validation): 4 epochs x 25 iterations."""
-    return _train(phantoms, "learn", epochs=4, iters_per_epoch=25, val_iters=2, num_workers=1, validate=True)
+    """A short real run (background worker, full-volume validation): 6 epochs x 25 iterations."""
+    return _train(phantoms, "learn", epochs=6, iters_per_epoch=25, val_iters=2, num_workers=1, validate=True)
 
 
 # -- folds ------------------------------------------------------------------------------------------
@@ -113,20 +113,20 @@ def test_short_run_learns_and_writes_everything(trained):
     assert summary["mean"]["cord"] > 0.6, summary["mean"]
     assert summary["cases"] and all((trained / "validation" / f"{c['case']}.nii.gz").is_file() for c in summary["cases"])
     hist = _history(trained)
-    assert [r["epoch"] for r in hist] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in hist] == [0, 1, 2, 3, 4, 5]
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
     for key in ("val_loss", "pseudo_dice", "pseudo_dice_cord", "lr", "epoch_time", "samples_per_s", "ema"):
         assert key in hist[-1]
     assert hist[1]["lr"] < hist[0]["lr"]  # poly schedule
     for name in ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt", "progress.png", "log.txt", "config.json",
-                 "checkpoints_top.json", "overlays/epoch_003.png"):
+                 "checkpoints_top.json", "overlays/epoch_005.png"):
         assert (trained / name).is_file(), name
     top = json.loads((trained / "checkpoints_top.json").read_text())
-    assert len(top["checkpoints"]) == 4 and all((trained / e["file"]).is_file() for e in top["checkpoints"])
+    assert len(top["checkpoints"]) == 5 and all((trained / e["file"]).is_file() for e in top["checkpoints"])
     config = json.loads((trained / "config.json").read_text())
-    assert config["epochs"] == 4 and config["iters_per_epoch"] == 25 and config["runtime"]["num_workers"] == 1
+    assert config["epochs"] == 6 and config["iters_per_epoch"] == 25 and config["runtime"]["num_workers"] == 1
     ckpt = torch.load(trained / "checkpoint_final.pt", weights_only=False)
-    assert ckpt["epoch"] == 4 and ckpt["configuration"] == "2d" and "plans" in ckpt
+    assert ckpt["epoch"] == 6 and ckpt["configuration"] == "2d" and "plans" in ckpt
     assert (trained.parent / "plans.json").is_file() and (trained.parent / "splits_final.json").is_file()
 
 
@@ -255,7 +255,7 @@ def test_bad_inputs_one_line_each(phantoms, trained, capsys, monkeypatch, tmp_pa
         plans.write_text(original)
     # --continue with different overrides
     code, _, err = run_cli(capsys, "train", "-d", "1", "-f", "0", "--continue", "--epochs", "9", "--wandb", "disabled")
-    _one_line_error(code, err, "cannot --continue", "epochs: 4 -> 9")
+    _one_line_error(code, err, "cannot --continue", "epochs: 6 -> 9")
     # --pretrained from another topology
     from spineauto.networks.build import build_network
     from spineauto.planning.plans import Plans

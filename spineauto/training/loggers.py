@@ -44,13 +44,13 @@ class LocalLogger:
 
     def rewrite(self) -> None:
         """metrics.jsonl = the history (after a resume)."""
-        text = "".join(json.dumps(r) + "\n" for r in self.history)
+        text = "".join(_json_line(r) for r in self.history)
         write_atomic(self.folder / "metrics.jsonl", lambda p: p.write_text(text))
 
     def log_epoch(self, record: dict) -> None:
         self.history.append(record)
         with open(self.folder / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_json_line(record))
 
     def plot_progress(self) -> None:
         if not self.history:
@@ -105,6 +105,11 @@ class LocalLogger:
         path.parent.mkdir(exist_ok=True)
         write_atomic(path, lambda p: img.save(p, format="PNG"))
         return path
+
+
+def _json_line(record: dict) -> str:
+    """Strict JSON: NaN (a label absent from the validation batches) is written as null."""
+    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}) + "\n"
 
 
 def _gray(image: np.ndarray) -> np.ndarray:

@@ -1,0 +1,174 @@
+"""Benchmark: `spineauto train` against nnU-Net v2's trainer at the same plan, on the real data.
+
+Same real volumes (shared/data: the 6 image/cord pairs), laid out once as an nnU-Net v2 raw dataset
+that both tools plan and preprocess their own way; ``--test`` cases are held out (imagesTs). Both
+networks are the same: nnU-Net's 2d plan is edited to spineauto's patch size, batch size and U-Net
+topology (dynamic-network-architectures PlainConvUNet, instance norm, leaky ReLU, deep supervision).
+nnU-Net trains through ``bench/nnunet_trainers/nnUNetTrainerTrainBench`` (found via
+``nnUNet_extTrainer``: epochs/iterations from the environment, end-of-training validation skipped),
+spineauto through ``spineauto train --no-validate``; both fold ``all``, same device, W&B off.
+
+1. Throughput: both train ``--tp-epochs`` x ``--iters`` (validation ``iters // 10`` per epoch).
+   samples/s = iterations x batch / median epoch time (epochs after the first; an epoch's time
+   includes its validation iterations, the same for both; spineauto's metrics.jsonl, nnU-Net's
+   checkpoint logging timestamps). Peak RSS / RssAnon of the whole process tree (bench/common.py)
+   and peak GPU memory (nvidia-smi) of that run.
+2. Equal wall-clock budget: each tool gets ``--budget`` seconds of training at its own measured
+   throughput (epochs = budget x samples/s / samples per epoch, so each schedule runs to its end),
+   then predicts the held-out cases with its own CLI; cord Dice of each.
+
+    .venv/bin/python bench/bench_train.py --quick                # script check, a few minutes on a CPU
+    .venv/bin/python bench/bench_train.py --iters 100 --budget 900   # numbers (quiet machine or GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_predict import GpuPeak, _check, _env, _has_cuda, dice_of  # noqa: E402
+from common import REAL_CASES, VENV_BIN, command_line, format_table, run_measured, write_real_dataset  # noqa: E402
+
+DATASET_ID = 903
+NAME = "SCTTrain"
+DATASET = f"Dataset{DATASET_ID:03d}_{NAME}"
+TEST_CASES = ("t1w",)
+SA_MODEL = f"spineautoTrainer__spineautoPlans__2d/fold_all"
+NN_MODEL = f"nnUNetTrainerTrainBench__nnUNetPlans__2d/fold_all"
+
+
+def match_plans(sa_plans: Path, nn_plans: Path) -> dict:
+    """nnU-Net's 2d configuration gets spineauto's patch size, batch size and U-Net topology."""
+    ours = json.loads(sa_plans.read_text())["configurations"]["2d"]
+    net = ours["network"]
+    if net["architecture"] != "unet":
+        raise SystemExit(f"spineauto planned {net['architecture']}; this benchmark matches the plain U-Net only")
+    plans = json.loads(nn_plans.read_text())
+    cfg = plans["configurations"]["2d"]
+    if not cfg["architecture"]["network_class_name"].endswith("PlainConvUNet"):
+        raise SystemExit(f"nnU-Net planned {cfg['architecture']['network_class_name']}; expected PlainConvUNet")
+    cfg["architecture"]["arch_kwargs"].update(
+        n_stages=len(net["features_per_stage"]), features_per_stage=net["features_per_stage"], kernel_sizes=net["kernel_sizes"],
+        strides=net["strides"], n_conv_per_stage=net["n_conv_per_stage"], n_conv_per_stage_decoder=net["n_conv_per_stage_decoder"])
+    cfg["patch_size"] = list(ours["patch_size"])
+    cfg["batch_size"] = int(ours["batch_size"])
+    nn_plans.write_text(json.dumps(plans, indent=2))
+    return {"patch_size": cfg["patch_size"], "batch_size": cfg["batch_size"], "features_per_stage": net["features_per_stage"]}
+
+
+def _train_cmds(dev: str, epochs: int, iters: int) -> dict[str, list[str]]:
+    val = str(max(1, iters // 10))
+    return {
+        "spineauto": [str(VENV_BIN / "python"), "-m", "spineauto", "train", "-d", str(DATASET_ID), "-c", "2d", "-f", "all",
+                      "--epochs", str(epochs), "--iters-per-epoch", str(iters), "--val-iters", val, "--wandb", "disabled",
+                      "--device", dev, "--no-validate"],
+        "nnunet": [str(VENV_BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "all", "-tr", "nnUNetTrainerTrainBench", "-device", dev],
+    }
+
+
+def epoch_times(tool: str, results: Path) -> list[float]:
+    if tool == "spineauto":
+        lines = (results / DATASET / SA_MODEL / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["epoch_time"] for x in lines]
+    import torch
+
+    log = torch.load(results / DATASET / NN_MODEL / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+    return [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
+
+
+def train(tool: str, work: Path, env: dict, dev: str, epochs: int, iters: int, tag: str) -> dict:
+    env = dict(env, BENCH_EPOCHS=str(epochs), BENCH_ITERS=str(iters), BENCH_VAL_ITERS=str(max(1, iters // 10)))
+    results = work / f"{tag}_{tool}"
+    env["SPINEAUTO_RESULTS" if tool == "spineauto" else "nnUNet_results"] = str(results)
+    cmd = _train_cmds(dev, epochs, iters)[tool]
+    with GpuPeak() as gpu:
+        run = run_measured(cmd, env=env)
+    _check(run, f"{tool} training")
+    times = epoch_times(tool, results)
+    steady = times[1:] or times
+    return {"results": results, "env": env, "wall_s": run.wall_s, "epochs": epochs, "epoch_times": times,
+            "median_epoch_s": statistics.median(steady), "peak_rss_mb": run.peak_rss_mb, "peak_anon_mb": run.peak_anon_mb,
+            "peak_gpu_mb": gpu.peak if gpu.available else None, "processes": run.max_processes}
+
+
+def predict_dice(tool: str, work: Path, run: dict, dev: str, test: list[str]) -> float:
+    out = work / f"pred_{tool}"
+    shutil.rmtree(out, ignore_errors=True)
+    images = work / "raw" / DATASET / "imagesTs"
+    cmd = ([str(VENV_BIN / "python"), "-m", "spineauto", "predict", "-d", str(DATASET_ID), "-c", "2d", "-f", "all",
+            "-i", str(images), "-o", str(out), "--device", dev] if tool == "spineauto" else
+           [str(VENV_BIN / "nnUNetv2_predict"), "-d", str(DATASET_ID), "-c", "2d", "-f", "all", "-tr", "nnUNetTrainerTrainBench",
+            "-i", str(images), "-o", str(out), "-device", dev])
+    _check(run_measured(cmd, env=run["env"]), f"{tool} predict")
+    return dice_of(out, work / "raw" / DATASET / "labelsTs", test)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="check the script end to end: 2 epochs x 4 iterations, 30 s budget")
+    ap.add_argument("--tp-epochs", type=int, default=4, help="epochs of the throughput runs (the first is warm-up)")
+    ap.add_argument("--iters", type=int, default=50, help="iterations per epoch (both tools)")
+    ap.add_argument("--budget", type=float, default=600.0, help="training seconds each tool gets for the Dice comparison (0: skip)")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--test", nargs="*", default=list(TEST_CASES), help="held-out cases (not trained on)")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes for planning/preprocessing")
+    ap.add_argument("--workdir", type=Path, default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.tp_epochs, args.iters, args.budget = 2, 4, 30.0
+    dev = "cuda" if args.device in ("cuda", "auto") and _has_cuda() else "cpu"
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_train_"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = _env(work, dev, 1, args.iters)
+    env["nnUNet_extTrainer"] = str(Path(__file__).resolve().parent / "nnunet_trainers")
+    train_cases = [c for c in REAL_CASES if c not in args.test]
+    raw = write_real_dataset(work / "raw", DATASET_ID, NAME, cases=train_cases)
+    held = write_real_dataset(work / "held", 1, "Held", cases=args.test)
+    shutil.copytree(held / "imagesTr", raw / "imagesTs", dirs_exist_ok=True)
+    shutil.copytree(held / "labelsTr", raw / "labelsTs", dirs_exist_ok=True)
+    sa = [str(VENV_BIN / "python"), "-m", "spineauto"]
+    for what, cmd in (("spineauto plan_and_preprocess", [*sa, "plan_and_preprocess", "-d", str(DATASET_ID), "-np", str(args.workers)]),
+                      ("nnUNetv2_plan_and_preprocess", [str(VENV_BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d",
+                                                        "-np", str(args.workers), "-npfp", str(args.workers)])):
+        _check(run_measured(cmd, env=env), what)
+    matched = match_plans(work / "sa_preprocessed" / DATASET / "plans.json", work / "nn_preprocessed" / DATASET / "nnUNetPlans.json")
+    per_epoch = args.iters * matched["batch_size"]
+    info: dict = {"command": command_line(), "device": dev, "matched_plan": matched, "train_cases": train_cases,
+                  "test_cases": args.test, "iters": args.iters, "tools": {}}
+    for tool in ("spineauto", "nnunet"):
+        r = train(tool, work, env, dev, args.tp_epochs, args.iters, "tp")
+        r["samples_per_s"] = per_epoch / r["median_epoch_s"]
+        info["tools"][tool] = r
+    t = info["tools"]
+    ratio = t["spineauto"]["samples_per_s"] / t["nnunet"]["samples_per_s"]
+    if args.budget > 0:
+        for tool in ("spineauto", "nnunet"):
+            epochs = max(1, round(args.budget * t[tool]["samples_per_s"] / per_epoch))
+            r = train(tool, work, env, dev, epochs, args.iters, "budget")
+            t[tool]["budget_epochs"], t[tool]["budget_train_s"] = epochs, sum(r["epoch_times"])
+            t[tool]["dice_held_out"] = predict_dice(tool, work, r, dev, args.test)
+    rows = [[tool, f"{r['samples_per_s']:.1f}", f"{r['median_epoch_s']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['peak_anon_mb']:.0f}",
+             "-" if r["peak_gpu_mb"] is None else f"{r['peak_gpu_mb']:.0f}", str(r["processes"]),
+             str(r.get("budget_epochs", "-")), f"{r['dice_held_out']:.4f}" if "dice_held_out" in r else "-"]
+            for tool, r in t.items()]
+    print(format_table(["tool", "samples/s", "s/epoch", "peak RSS MB", "peak anon MB", "peak GPU MB", "processes",
+                        f"epochs in {args.budget:.0f} s", "Dice held-out"], rows))
+    print(f"\nspineauto / nnU-Net training throughput: {ratio:.2f}x (device {dev}, patch {matched['patch_size']}, "
+          f"batch {matched['batch_size']}, features {matched['features_per_stage']}, {args.iters} iterations/epoch)")
+    print(f"command: {info['command']}")
+    info["throughput_ratio"] = ratio
+    if args.json:
+        args.json.write_text(json.dumps(info, indent=2, default=str))
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
