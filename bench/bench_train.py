@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="worker processes for planning/preprocessing")
     ap.add_argument("--workdir", type=Path, default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--classification", action="store_true",
+                    help="also the classification configurations (cls, multitask) on CPU: samples/s, peak memory (bench/classification.py)")
     args = ap.parse_args(argv)
     if args.quick:
         args.tp_epochs, args.iters, args.budget = 2, 4, 30.0
@@ -163,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {matched['batch_size']}, features {matched['features_per_stage']}, {args.iters} iterations/epoch)")
     print(f"command: {info['command']}")
     info["throughput_ratio"] = ratio
+    if args.classification:
+        from classification import bench_classification, table
+
+        info["classification"] = bench_classification(work / "cls", ("cls", "multitask"), args.tp_epochs, args.iters)
+        print("\nclassification configurations (CPU, real data with sequence/view heads):\n" + table(info["classification"]))
     if args.json:
         args.json.write_text(json.dumps(info, indent=2, default=str))
     if args.workdir is None:
