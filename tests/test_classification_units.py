@@ -131,3 +131,34 @@ def test_single_class_folder_is_refused(tmp_path, spineauto_env, capsys):
     _write_pictures(tmp_path / "one", classes=("disc",))
     code, _, err = run_cli(capsys, "convert", "images", tmp_path / "one", "-d", 8, "--name", "One")
     assert code == 1 and "only one class folder" in err and "Traceback" not in err
+
+
+def test_slice_probabilities_average_folds_and_pad_whole_slices():
+    import torch
+
+    from spineauto.inference.classify import classify_layout, pad_slices
+    from spineauto.planning.plans import ConfigurationPlan, HeadPlan, NetworkPlan
+
+    plan = ConfigurationPlan(name="cls", task="classification", data_identifier="2d", slicing="per_case", isotropic_plane="axial",
+                             target_spacing=[1.0, 1.0], patch_size=[32, 32], batch_size=2, normalization=["ZScoreNormalization"],
+                             use_mask_for_norm=[False], network=NetworkPlan(), heads=[HeadPlan("view", ["axial", "sagittal"], [1.0, 1.0])])
+    assert tuple(pad_slices(torch.zeros(3, 1, 20, 37), plan).shape) == (3, 1, 32, 48)  # >= patch, multiple of 16
+
+    class Fixed(torch.nn.Module):  # logits from the slice mean: (m, 0)
+        def __init__(self, scale):
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, x):
+            assert x.shape[-2] % 16 == 0 and x.shape[-1] % 16 == 0
+            m = x.mean(dim=(1, 2, 3)) * self.scale
+            return {"cls": {"view": torch.stack([m, torch.zeros_like(m)], 1)}}
+
+    data = np.zeros((1, 2, 20, 20), np.float32)
+    data[0, 1] = 1.0  # slice 0: logits (0, 0); slice 1: (scale * 400/1024, 0) after padding
+    r = classify_layout([Fixed(1.0), Fixed(3.0)], data, plan, "cpu", case="x")
+    m = 400 / 1024
+    p1 = [1 / (1 + np.exp(-m * s)) for s in (1.0, 3.0)]  # P(axial) of slice 1 per network
+    expected = (0.5 + np.mean(p1)) / 2
+    assert r.probabilities["view"][0] == pytest.approx(expected, abs=1e-5) and r.predicted("view") == "axial"
+    assert r.probabilities["view"].sum() == pytest.approx(1.0) and r.n_slices == 2
