@@ -169,7 +169,11 @@ def predict_both(work: Path, env: dict, device: str, tta: bool, images: Path) ->
 
 
 def dice_of(pred: Path, labels: Path, cases: list[str]) -> float:
+    import logging
+
     from spineauto.evaluation.evaluate import LabelSet, evaluate_folders
+
+    logging.getLogger("spineauto.evaluation.evaluate").setLevel(logging.ERROR)  # predictions of other cases: expected
 
     with tempfile.TemporaryDirectory() as tmp:
         for c in cases:

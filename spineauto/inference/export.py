@@ -21,6 +21,8 @@ from spineauto.io.atomic import save_nifti, write_atomic
 def mask_image(labels: np.ndarray, header: nib.Nifti1Header, shape: tuple[int, ...]) -> nib.Nifti1Image:
     hdr = header.copy()
     hdr.set_data_dtype(np.uint8)
+    hdr["cal_min"], hdr["cal_max"] = 0, 0  # the image's display window would hide a 0..K mask
+    hdr["intent_code"] = 0
     img = nib.Nifti1Image(labels.astype(np.uint8).reshape(shape), None, hdr)
     img.set_sform(header.get_sform(), int(header["sform_code"]))
     img.set_qform(header.get_qform(), int(header["qform_code"]))
