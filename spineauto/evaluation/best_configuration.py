@@ -1,6 +1,6 @@
 """`spineauto find_best_configuration`: pick the configuration (or ensemble) to predict with.
 
-For every trained configuration (a model folder with ``fold_*/validation/*.nii.gz``) the
+For every trained configuration (a model folder with ``fold_<k>/validation/*.nii.gz``; ``fold_all`` is not a cross-validation) the
 cross-validation predictions are scored against the raw ``labelsTr`` (mean foreground Dice), with and
 without the postprocessing decided on them (written to the model folder's ``postprocessing.json``).
 Ensembles of two or more configurations are scored from the averaged ``validation/<case>.npz``
@@ -56,14 +56,14 @@ def trained_configurations(results: Path) -> dict[str, Path]:
     out = {}
     if results.is_dir():
         for folder in sorted(results.iterdir()):
-            if folder.is_dir() and "__" in folder.name and any(folder.glob("fold_*/validation/*.nii.gz")):
+            if folder.is_dir() and "__" in folder.name and any(folder.glob("fold_[0-9]*/validation/*.nii.gz")):
                 out[folder.name.split("__")[-1]] = folder
     return out
 
 
 def _validation_files(folder: Path, ending: str) -> dict[str, Path]:
     files = {}
-    for p in sorted(folder.glob(f"fold_*/validation/*{ending}")):
+    for p in sorted(folder.glob(f"fold_[0-9]*/validation/*{ending}")):
         files[p.name[: -len(ending)]] = p
     return files
 
@@ -98,7 +98,7 @@ def find_best_configuration(dataset: str | int, configurations: Sequence[str] | 
             raise SpineautoError(f"{results}: no cross-validation predictions for {', '.join(unknown)}; trained: {', '.join(trained) or 'none'}")
         trained = {c: trained[c] for c in configurations}
     if not trained:
-        raise SpineautoError(f"{results}: no trained configuration with fold_*/validation predictions; train the folds first")
+        raise SpineautoError(f"{results}: no configuration with cross-validation predictions (fold_<k>/validation; fold_all validates on its own training cases and does not count); train folds 0..4 first")
     ref_dir = Path(reference_dir) if reference_dir else paths.raw_dataset(name) / "labelsTr"
     first = next(iter(trained.values()))
     labels = {k: int(v) for k, v in read_json(first / "dataset.json")["labels"].items() if int(v) != 0}

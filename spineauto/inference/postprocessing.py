@@ -74,9 +74,9 @@ def validation_pairs(model_folder: Path, reference_dirs: Sequence[Path]) -> list
     """(prediction, reference) loaders for every fold_*/validation/<case>.nii.gz with a reference file."""
     from spineauto.io.images import read_volume
 
-    preds = sorted(model_folder.glob("fold_*/validation/*.nii.gz"))
+    preds = sorted(model_folder.glob("fold_[0-9]*/validation/*.nii.gz"))
     if not preds:
-        raise SpineautoError(f"{model_folder}: no cross-validation predictions (fold_*/validation/*.nii.gz); train the folds first")
+        raise SpineautoError(f"{model_folder}: no cross-validation predictions (fold_<k>/validation/*.nii.gz; fold_all does not count); train the folds first")
     pairs = []
     for p in preds:
         ref = next((d / p.name for d in reference_dirs if (d / p.name).is_file()), None)
