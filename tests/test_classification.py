@@ -171,8 +171,10 @@ def test_pretrained_encoder_that_does_not_fit_fails_in_one_line(phantoms, tmp_pa
 
 
 def test_multitask_trains_and_predicts_masks_and_classes(phantoms, tmp_path, capsys):
-    _train(capsys, "-f", "all", "-c", "multitask", "--epochs", 2, "--iters-per-epoch", 4, "--val-iters", 2, "--no-validate")
+    _train(capsys, "-f", "all", "-c", "multitask", "--epochs", 2, "--iters-per-epoch", 4, "--val-iters", 2, "--no-validate",
+           "--amp")  # the AMP path (bf16 autocast on CPU) with both losses
     model = phantoms["results"] / "spineautoTrainer__spineautoPlans__multitask"
+    assert json.loads((model / "fold_all" / "config.json").read_text())["runtime"]["amp_dtype"] == "bfloat16"
     records = [json.loads(line) for line in (model / "fold_all" / "metrics.jsonl").read_text().splitlines()]
     for key in ("pseudo_dice", "pseudo_dice_cord", "view/balanced_accuracy", "multitask_score"):
         assert key in records[-1], key
