@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from conftest import require_real_data, run_cli
 from spineauto.evaluation import metrics as M
-from spineauto.evaluation.evaluate import LabelSet, evaluate_folders
+from spineauto.evaluation.evaluate import evaluate_folders
 
 
 def _save(path: Path, data: np.ndarray, zooms=(1.0, 1.0, 1.0), affine=None) -> Path:

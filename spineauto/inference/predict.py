@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from spineauto.errors import SpineautoError
 from spineauto.inference.export import check_writable, write_mask, write_probabilities
