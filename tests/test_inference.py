@@ -273,6 +273,10 @@ def test_dicom_series_input_writes_nifti_in_series_geometry(env, capsys, tmp_pat
     np.testing.assert_allclose(out.GetSpacing(), ref.GetSpacing(), atol=1e-5)
     np.testing.assert_allclose(out.GetDirection(), ref.GetDirection(), atol=1e-6)
     assert out.GetPixelID() == sitk.sitkUInt8
+    import json
+
+    series_map = json.loads((tmp_path / "out" / "dicom_series.json").read_text())
+    assert series_map["series_000"]["SeriesInstanceUID"] == sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(inp))[0]
 
 
 def test_self_contained_model_folder(env, planned, capsys, tmp_path, monkeypatch):

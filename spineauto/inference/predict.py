@@ -66,6 +66,10 @@ def predict_folder(model: TrainedModel, source: Path, output: Path, tta: bool = 
         raise SpineautoError(f"{source}: DICOM series give one channel but the model expects {model.num_channels}")
     output = Path(output)
     check_writable(output)
+    if any(c.dicom is not None for c in cases):  # which series each series_XXX mask belongs to
+        from spineauto.io.atomic import write_json
+
+        write_json(output / "dicom_series.json", {c.name: c.metadata for c in cases if c.dicom is not None})
     result = PredictResult()
     for i, case in enumerate(cases):
         if progress:
