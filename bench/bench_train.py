@@ -15,7 +15,7 @@ spineauto through ``spineauto train --no-validate``; both fold ``all``, same dev
    and peak GPU memory (nvidia-smi) of that run.
 2. Equal wall-clock budget: each tool gets ``--budget`` seconds of training at its own measured
    throughput (epochs = budget x samples/s / samples per epoch, so each schedule runs to its end),
-   then predicts the held-out cases with its own CLI; cord Dice of each.
+   then predicts the held-out cases with its own CLI (no mirroring for either); cord Dice of each.
 
     .venv/bin/python bench/bench_train.py --quick                # script check, a few minutes on a CPU
     .venv/bin/python bench/bench_train.py --iters 100 --budget 900   # numbers (quiet machine or GPU)
@@ -101,10 +101,11 @@ def predict_dice(tool: str, work: Path, run: dict, dev: str, test: list[str]) ->
     shutil.rmtree(out, ignore_errors=True)
     images = work / "raw" / DATASET / "imagesTs"
     cmd = ([str(VENV_BIN / "python"), "-m", "spineauto", "predict", "-d", str(DATASET_ID), "-c", "2d", "-f", "all",
-            "-i", str(images), "-o", str(out), "--device", dev] if tool == "spineauto" else
+            "-i", str(images), "-o", str(out), "--device", dev, "--no-tta"] if tool == "spineauto" else
            [str(VENV_BIN / "nnUNetv2_predict"), "-d", str(DATASET_ID), "-c", "2d", "-f", "all", "-tr", "nnUNetTrainerTrainBench",
-            "-i", str(images), "-o", str(out), "-device", dev])
-    _check(run_measured(cmd, env=run["env"]), f"{tool} predict")
+            "-i", str(images), "-o", str(out), "-device", dev, "--disable_tta", "-npp", "1", "-nps", "1"])
+    # not timed: both predict with sleeping OpenMP threads (nnU-Net's spinning ones took >10 min per volume on a busy CPU)
+    _check(run_measured(cmd, env=dict(run["env"], OMP_WAIT_POLICY="PASSIVE")), f"{tool} predict")
     return dice_of(out, work / "raw" / DATASET / "labelsTs", test)
 
 
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="worker processes for planning/preprocessing")
     ap.add_argument("--workdir", type=Path, default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--reuse", action="store_true", help="with --workdir: keep its planned/preprocessed data from an earlier run")
     ap.add_argument("--classification", action="store_true",
                     help="also the classification configurations (cls, multitask) on CPU: samples/s, peak memory (bench/classification.py)")
     args = ap.parse_args(argv)
@@ -129,20 +131,29 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = _env(work, dev, 1, args.iters)
     env["nnUNet_extTrainer"] = str(Path(__file__).resolve().parent / "nnunet_trainers")
+    if args.same_omp:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     train_cases = [c for c in REAL_CASES if c not in args.test]
     raw = write_real_dataset(work / "raw", DATASET_ID, NAME, cases=train_cases)
     held = write_real_dataset(work / "held", 1, "Held", cases=args.test)
     shutil.copytree(held / "imagesTr", raw / "imagesTs", dirs_exist_ok=True)
     shutil.copytree(held / "labelsTr", raw / "labelsTs", dirs_exist_ok=True)
     sa = [str(VENV_BIN / "python"), "-m", "spineauto"]
+    planned = (work / "sa_preprocessed" / DATASET / "plans.json").is_file() and (work / "nn_preprocessed" / DATASET / "nnUNetPlans.json").is_file()
     for what, cmd in (("spineauto plan_and_preprocess", [*sa, "plan_and_preprocess", "-d", str(DATASET_ID), "-np", str(args.workers)]),
                       ("nnUNetv2_plan_and_preprocess", [str(VENV_BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d",
                                                         "-np", str(args.workers), "-npfp", str(args.workers)])):
-        _check(run_measured(cmd, env=env), what)
+        if not (planned and args.reuse):
+            _check(run_measured(cmd, env=env), what)
     matched = match_plans(work / "sa_preprocessed" / DATASET / "plans.json", work / "nn_preprocessed" / DATASET / "nnUNetPlans.json")
     per_epoch = args.iters * matched["batch_size"]
     info: dict = {"command": command_line(), "device": dev, "matched_plan": matched, "train_cases": train_cases,
+                  "nnunet_omp_wait_policy": env.get("OMP_WAIT_POLICY", "default"),
                   "test_cases": args.test, "iters": args.iters, "tools": {}}
+    for old in work.glob("*_spineauto"):
+        shutil.rmtree(old)
+    for old in work.glob("*_nnunet"):
+        shutil.rmtree(old)
     for tool in ("spineauto", "nnunet"):
         r = train(tool, work, env, dev, args.tp_epochs, args.iters, "tp")
         r["samples_per_s"] = per_epoch / r["median_epoch_s"]
@@ -162,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(["tool", "samples/s", "s/epoch", "peak RSS MB", "peak anon MB", "peak GPU MB", "processes",
                         f"epochs in {args.budget:.0f} s", "Dice held-out"], rows))
     print(f"\nspineauto / nnU-Net training throughput: {ratio:.2f}x (device {dev}, patch {matched['patch_size']}, "
-          f"batch {matched['batch_size']}, features {matched['features_per_stage']}, {args.iters} iterations/epoch)")
+          f"batch {matched['batch_size']}, features {matched['features_per_stage']}, {args.iters} iterations/epoch, "
+          f"nnU-Net OMP_WAIT_POLICY {info['nnunet_omp_wait_policy']})")
     print(f"command: {info['command']}")
     info["throughput_ratio"] = ratio
     if args.classification:

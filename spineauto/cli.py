@@ -130,9 +130,15 @@ def train(
     if num_gpus > 1:
         from spineauto.training.distributed import relaunch_with_torchrun
 
-        argv = [a for a in sys.argv[1:]]
-        i = argv.index("--num-gpus")
-        raise typer.Exit(relaunch_with_torchrun(num_gpus, argv[:i] + argv[i + 2:]))
+        argv, skip = [], False
+        for a in sys.argv[1:]:  # the same command, minus --num-gpus N / --num-gpus=N
+            if skip or a.startswith("--num-gpus="):
+                skip = False
+                continue
+            skip = a == "--num-gpus"
+            if not skip:
+                argv.append(a)
+        raise typer.Exit(relaunch_with_torchrun(num_gpus, argv))
     # OpenMP threads that sleep instead of spinning: on a busy CPU (data workers, other jobs) spinning
     # threads made a training step up to 10x slower; idle cost is a few microseconds per operator.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -36,8 +36,8 @@ def make_splits(case_subjects: dict[str, str], case_strata: dict[str, str] | Non
         subjects[case_subjects[case]].append(case)
     if len(subjects) < n_folds:
         raise SpineautoError(
-            f"only {len(subjects)} subject(s) for {n_folds}-fold cross-validation; "
-            f"train on all cases with `-f all` or use at most {len(subjects)} folds")
+            f"only {len(subjects)} subject(s) for {n_folds}-fold cross-validation (all cases of a subject share a fold); "
+            f"train on all cases with `-f all`, or write {SPLITS_FILE} beside plans.json with at most {len(subjects)} folds")
     strata = case_strata or {}
     subj_stratum = {s: Counter(strata.get(c, "") for c in cases).most_common(1)[0][0] for s, cases in subjects.items()}
     order = sorted(subjects, key=lambda s: (subj_stratum[s], _stable(f"{seed}:{s}")))
