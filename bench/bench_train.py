@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--reuse", action="store_true", help="with --workdir: keep its planned/preprocessed data from an earlier run")
+    ap.add_argument("--same-omp", action="store_true",
+                    help="give nnU-Net spineauto's OpenMP setting too (OMP_WAIT_POLICY=PASSIVE), to separate that effect")
     ap.add_argument("--classification", action="store_true",
                     help="also the classification configurations (cls, multitask) on CPU: samples/s, peak memory (bench/classification.py)")
     args = ap.parse_args(argv)
