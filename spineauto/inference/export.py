@@ -8,7 +8,6 @@ Probabilities go to ``<case>.npz`` in the input's grid, with the reference heade
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -30,14 +29,6 @@ def mask_image(labels: np.ndarray, header: nib.Nifti1Header, shape: tuple[int, .
     return img
 
 
-def _readable(path: Path) -> Path:
-    """Atomic writes go through a private temporary file: give the result the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-    return Path(path)
-
-
 def write_mask(target: Path, labels: np.ndarray, header: nib.Nifti1Header | None = None, shape=None, sitk_reference=None) -> Path:
     """Write uint8 ``labels`` (X, Y, Z) atomically with the reference header (NIfTI) or image (DICOM)."""
     if sitk_reference is not None:
@@ -45,8 +36,8 @@ def write_mask(target: Path, labels: np.ndarray, header: nib.Nifti1Header | None
 
         img = sitk.GetImageFromArray(np.ascontiguousarray(labels.astype(np.uint8).transpose(2, 1, 0)))
         img.CopyInformation(sitk_reference)
-        return _readable(write_atomic(target, lambda p: sitk.WriteImage(img, str(p), True), suffix=".nii.gz"))
-    return _readable(save_nifti(target, mask_image(labels, header, tuple(shape) if shape is not None else labels.shape)))
+        return write_atomic(target, lambda p: sitk.WriteImage(img, str(p), True), suffix=".nii.gz")
+    return save_nifti(target, mask_image(labels, header, tuple(shape) if shape is not None else labels.shape))
 
 
 def write_probabilities(target: Path, probs: np.ndarray, reference: Path, labels: list[int]) -> Path:
@@ -58,7 +49,7 @@ def write_probabilities(target: Path, probs: np.ndarray, reference: Path, labels
             np.savez_compressed(f, probabilities=probs.astype(np.float32, copy=False),
                                 header=np.frombuffer(header.binaryblock, dtype=np.uint8),
                                 shape=np.asarray(header.get_data_shape()), labels=np.asarray(labels))
-    return _readable(write_atomic(target, _write, suffix=".npz"))
+    return write_atomic(target, _write, suffix=".npz")
 
 
 def read_probabilities(path: Path) -> tuple[np.ndarray, nib.Nifti1Header, tuple[int, ...]]:
