@@ -122,8 +122,11 @@ def plan_dataset(fp: Fingerprint, preset: Path | None = None) -> Plans:
         cls_bs, cls_reason = _batch_size(patch, net, total_pixels * 4, encoder_only=True)
         configs["cls"] = ConfigurationPlan(
             name="cls", task="classification", patch_size=patch, batch_size=cls_bs,
-            network=NetworkPlan(**{**net.__dict__, "deep_supervision": False}), heads=heads,
-            foreground_oversampling=0.0, reasons={**reasons, "batch_size": cls_reason + " (encoder only)", "heads": head_reason}, **common)
+            network=NetworkPlan(**{**net.__dict__, "deep_supervision": False, "norm": "batch"}), heads=heads,
+            foreground_oversampling=0.0, reasons={**reasons, "batch_size": cls_reason + " (encoder only)", "heads": head_reason,
+                                                  "network": net_reason + "; batch norm: the heads pool the deepest features globally, "
+                                                  "and instance norm would remove each image's channel means (measured: much slower learning)"},
+            **common)
     if heads and len(fp.labels) > 1:
         configs["multitask"] = ConfigurationPlan(name="multitask", task="multitask", patch_size=patch, batch_size=bs, network=net,
                                                  heads=heads, reasons={**reasons, "heads": head_reason}, **common)
