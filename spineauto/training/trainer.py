@@ -218,10 +218,11 @@ class Trainer:
         self.model.train()
         t0 = time.perf_counter()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
+        on_cpu = self.device.type == "cpu"
         for i in range(cfg.iters_per_epoch):
             loss = self._train_step(self._to_device(next(batches)))
             total += loss
-            if (i + 1) % NAN_CHECK_EVERY == 0 and not torch.isfinite(total):
+            if (on_cpu or (i + 1) % NAN_CHECK_EVERY == 0) and not torch.isfinite(total):  # free on CPU: no device sync
                 raise self._nan_stop(epoch, "training")
             progress.advance(i + 1, float(loss) if self.device.type == "cpu" else None)
         train_time = time.perf_counter() - t0
