@@ -27,7 +27,7 @@ def shrink_plans(path: Path, batch_size: int = 8, lr: float = 2e-3) -> None:
     for cfg in d["configurations"].values():
         cfg["network"]["features_per_stage"] = [min(8 * 2 ** i, 64) for i in range(len(cfg["network"]["features_per_stage"]))]
         cfg["batch_size"] = batch_size
-        cfg["optim"].update(optimizer="adam", initial_lr=lr, weight_decay=0.0)
+        cfg["optim"].update(optimizer="adam", initial_lr=lr, weight_decay=0.0, schedule="constant")
     path.write_text(json.dumps(d, indent=1))
 
 
@@ -60,7 +60,7 @@ def _train(capsys, *args):
 @pytest.fixture(scope="module")
 def cls_model(phantoms):
     capsys = _NoCapture()
-    _train(capsys, "-f", "all", "-c", "cls", "--epochs", 4, "--iters-per-epoch", 12, "--val-iters", 3)
+    _train(capsys, "-f", "all", "-c", "cls", "--epochs", 4, "--iters-per-epoch", 25, "--val-iters", 3)
     return phantoms["results"] / "spineautoTrainer__spineautoPlans__cls"
 
 

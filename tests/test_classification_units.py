@@ -133,16 +133,17 @@ def test_single_class_folder_is_refused(tmp_path, spineauto_env, capsys):
     assert code == 1 and "only one class folder" in err and "Traceback" not in err
 
 
-def test_slice_probabilities_average_folds_and_pad_whole_slices():
+def test_slice_probabilities_average_windows_and_folds():
     import torch
 
-    from spineauto.inference.classify import classify_layout, pad_slices
+    from spineauto.inference.classify import classify_layout, slice_probabilities, slice_tiles
     from spineauto.planning.plans import ConfigurationPlan, HeadPlan, NetworkPlan
 
     plan = ConfigurationPlan(name="cls", task="classification", data_identifier="2d", slicing="per_case", isotropic_plane="axial",
                              target_spacing=[1.0, 1.0], patch_size=[32, 32], batch_size=2, normalization=["ZScoreNormalization"],
                              use_mask_for_norm=[False], network=NetworkPlan(), heads=[HeadPlan("view", ["axial", "sagittal"], [1.0, 1.0])])
-    assert tuple(pad_slices(torch.zeros(3, 1, 20, 37), plan).shape) == (3, 1, 32, 48)  # >= patch, multiple of 16
+    tiles, per_slice = slice_tiles(torch.zeros(3, 1, 20, 37), plan.patch_size)  # padded to 32 x 37: two windows
+    assert tuple(tiles.shape) == (6, 1, 32, 32) and per_slice == 2
 
     class Fixed(torch.nn.Module):  # logits from the slice mean: (m, 0)
         def __init__(self, scale):
@@ -150,7 +151,7 @@ def test_slice_probabilities_average_folds_and_pad_whole_slices():
             self.scale = scale
 
         def forward(self, x):
-            assert x.shape[-2] % 16 == 0 and x.shape[-1] % 16 == 0
+            assert tuple(x.shape[-2:]) == (32, 32)  # the training patch
             m = x.mean(dim=(1, 2, 3)) * self.scale
             return {"cls": {"view": torch.stack([m, torch.zeros_like(m)], 1)}}
 
@@ -162,3 +163,8 @@ def test_slice_probabilities_average_folds_and_pad_whole_slices():
     expected = (0.5 + np.mean(p1)) / 2
     assert r.probabilities["view"][0] == pytest.approx(expected, abs=1e-5) and r.predicted("view") == "axial"
     assert r.probabilities["view"].sum() == pytest.approx(1.0) and r.n_slices == 2
+    big = np.zeros((1, 3, 40, 64), np.float32)
+    big[0, :, :, :32] = 1.0  # windows at x 0, 32 (and 16): their mean over the slice's windows
+    p = slice_probabilities([Fixed(1.0)], big, plan, "cpu", batch_slices=2)["view"]
+    steps_mean = np.mean([1 / (1 + np.exp(-v)) for v in (1.0, 0.5, 0.0)])  # windows fully, half, not inside the bright part
+    assert p.shape == (3, 2) and p[:, 0] == pytest.approx([steps_mean] * 3, abs=1e-5)

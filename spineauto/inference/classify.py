@@ -1,9 +1,9 @@
 """Volume-level classification: every slice of a preprocessed case through the network(s), slice
 probabilities averaged into one probability vector per head, folds (and mirrored copies) averaged.
 
-The classifier's heads sit on globally pooled encoder features, so a whole slice goes through at
-once (padded to at least the training patch and to a multiple of the network's total stride, with
-zeros as the training crops are); no tiling is needed. Written per case: ``<case>.json``
+Each slice is seen as in training: patch-sized windows (zero-padded, centred, where the slice is
+smaller, as the training sampler pads), overlapping by half a patch and averaged, so the globally
+pooled features have the statistics the heads were trained on. Written per case: ``<case>.json``
 (``kind: spineauto.classification``, each head's class and probabilities, slice count) and one
 ``classification.csv`` row per case with ``<head>`` and ``<head>_p_<class>`` columns.
 """
@@ -44,20 +44,22 @@ class CaseClassification:
             for h in self.classes}}
 
 
-def total_stride(plan: ConfigurationPlan) -> list[int]:
-    return [int(np.prod([s[i] for s in plan.network.strides])) for i in range(2)]
+TILE_STEP = 0.5  # window overlap, as the segmentation sliding window
 
 
-def pad_slices(x: torch.Tensor, plan: ConfigurationPlan) -> torch.Tensor:
-    """(B, C, H, W) zero-padded (centred) to at least the patch size and a multiple of the total stride."""
+def slice_tiles(x: torch.Tensor, patch: Sequence[int]) -> tuple[torch.Tensor, int]:
+    """(S, C, H, W) -> ((S * T, C, *patch), T): every slice, zero-padded (centred) to at least the patch,
+    cut into the same T overlapping patch-sized windows (nnunetv2's sliding-window steps)."""
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    ph, pw = (int(p) for p in patch)
     h, w = x.shape[-2:]
-    stride = total_stride(plan)
-    target = [max(s, p) for s, p in zip((h, w), plan.patch_size)]
-    target = [int(np.ceil(t / k) * k) for t, k in zip(target, stride)]
-    ph, pw = target[0] - h, target[1] - w
-    if ph == 0 and pw == 0:
-        return x
-    return torch.nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    dh, dw = max(0, ph - h), max(0, pw - w)
+    if dh or dw:
+        x = torch.nn.functional.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
+    steps = compute_steps_for_sliding_window(tuple(x.shape[-2:]), (ph, pw), TILE_STEP)
+    tiles = torch.stack([x[:, :, y:y + ph, z:z + pw] for y in steps[0] for z in steps[1]], 1)
+    return tiles.reshape(-1, *tiles.shape[2:]), tiles.shape[1]
 
 
 def aggregate_slices(slice_probs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -73,31 +75,40 @@ def aggregate_slices(slice_probs: np.ndarray, weights: np.ndarray | None = None)
 def slice_probabilities(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: ConfigurationPlan, device: torch.device,
                         tta: bool = False, amp: bool = True, batch_slices: int | None = None) -> dict[str, np.ndarray]:
     """head -> (S, K) softmax probabilities of every slice of one preprocessed case (C, S, H, W),
-    averaged over ``networks`` and, with ``tta``, mirrored copies."""
+    averaged over the slice's windows, ``networks`` and, with ``tta``, mirrored copies.
+    ``batch_slices``: windows per forward pass (default from the patch size and device)."""
     from spineauto.inference.predictor import eval_mode, mirror_combinations
 
     device = torch.device(device)
     mirrors = [()] + (mirror_combinations(plan.augmentation.mirror_axes) if tta else [])
     autocast = torch.autocast("cuda", dtype=torch.float16) if (amp and device.type == "cuda") else nullcontext()
     x_all = torch.from_numpy(np.array(np.moveaxis(data, 1, 0), dtype=np.float32, order="C"))  # (S, C, H, W), a writable copy
-    x_all = pad_slices(x_all, plan)
-    per_batch = batch_slices or max(1, PIXELS_PER_BATCH["cuda" if device.type == "cuda" else "cpu"] // int(np.prod(x_all.shape[-2:])))
+    per_batch = batch_slices or max(1, PIXELS_PER_BATCH["cuda" if device.type == "cuda" else "cpu"] // int(np.prod(plan.patch_size)))
     out: dict[str, list[torch.Tensor]] = {}
     scale = 1.0 / (len(networks) * len(mirrors))
+    n_slices = x_all.shape[0]
+    group = n_slices  # slices cut into windows at once: bounded so that the windows stay about one batch
     with torch.inference_mode(), eval_mode(list(networks)):
-        for start in range(0, x_all.shape[0], per_batch):
-            xb = x_all[start:start + per_batch].to(device)
-            acc: dict[str, torch.Tensor] = {}
-            for net in networks:
-                for dims in mirrors:
-                    with autocast:
-                        res = net(torch.flip(xb, dims) if dims else xb)
-                    for head, logits in res["cls"].items():
-                        p = torch.softmax(logits.float(), dim=1) * scale
-                        acc[head] = p if head not in acc else acc[head] + p
-            for head, p in acc.items():
-                out.setdefault(head, []).append(p.cpu())
-    return {h: torch.cat(v).numpy() for h, v in out.items()}
+        s0 = 0
+        while s0 < n_slices:
+            tiles, per_slice = slice_tiles(x_all[s0:s0 + group], plan.patch_size)
+            if tiles.shape[0] > 4 * per_batch and group > 1:
+                group = max(1, per_batch // per_slice)
+                continue
+            s0 += group
+            for start in range(0, tiles.shape[0], per_batch):
+                xb = tiles[start:start + per_batch].to(device)
+                acc: dict[str, torch.Tensor] = {}
+                for net in networks:
+                    for dims in mirrors:
+                        with autocast:
+                            res = net(torch.flip(xb, dims) if dims else xb)
+                        for head, logits in res["cls"].items():
+                            p = torch.softmax(logits.float(), dim=1) * scale
+                            acc[head] = p if head not in acc else acc[head] + p
+                for head, p in acc.items():
+                    out.setdefault(head, []).append(p.cpu())
+    return {h: torch.cat(v).reshape(n_slices, per_slice, -1).mean(1).numpy() for h, v in out.items()}
 
 
 def classify_layout(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: ConfigurationPlan, device: torch.device,
