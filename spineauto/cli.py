@@ -226,8 +226,8 @@ def find_best_configuration(
 def demo(
     workdir: Path = typer.Option(Path("spineauto_demo"), "--workdir", help="Folder for the demo's raw, preprocessed and results data."),
     cases: int = typer.Option(16, "--cases", help="Number of synthetic training cases."),
-    epochs: int = typer.Option(8, "--epochs", help="Training epochs of the demo model."),
-    iters_per_epoch: int = typer.Option(40, "--iters-per-epoch", help="Training iterations per epoch."),
+    epochs: int = typer.Option(10, "--epochs", help="Training epochs of the demo model."),
+    iters_per_epoch: int = typer.Option(25, "--iters-per-epoch", help="Training iterations per epoch."),
     seed: int = typer.Option(0, "--seed"),
 ):
     """Generate synthetic spine phantoms, then plan, train fold 0, predict the held-out phantoms and evaluate."""

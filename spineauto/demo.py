@@ -14,6 +14,7 @@ from rich.console import Console
 log = logging.getLogger(__name__)
 DATASET_ID = 900
 DATASET = f"Dataset{DATASET_ID:03d}_DemoPhantoms"
+DEMO_PRESET = Path(__file__).resolve().parents[1] / "plans" / "demo_cpu.yaml"
 
 
 def _run(console: Console, *args: str) -> None:
@@ -25,8 +26,8 @@ def _run(console: Console, *args: str) -> None:
     typer.main.get_command(app).main(list(args), prog_name="spineauto", standalone_mode=False)
 
 
-def run_demo(workdir: Path, n_train: int = 16, n_test: int = 6, seed: int = 0, epochs: int = 8,
-             iters_per_epoch: int = 40, console: Console | None = None) -> Path:
+def run_demo(workdir: Path, n_train: int = 16, n_test: int = 6, seed: int = 0, epochs: int = 10,
+             iters_per_epoch: int = 25, console: Console | None = None) -> Path:
     from spineauto.datasets.phantoms import write_phantom_dataset
 
     console = console or Console(stderr=True)
@@ -38,7 +39,7 @@ def run_demo(workdir: Path, n_train: int = 16, n_test: int = 6, seed: int = 0, e
     if not (raw / "dataset.json").is_file():
         console.print(f"writing {n_train} + {n_test} synthetic spine phantoms to {raw}")
         write_phantom_dataset(raw, n_train=n_train, n_test=n_test, seed=seed)
-    _run(console, "plan_and_preprocess", "-d", str(DATASET_ID))
+    _run(console, "plan_and_preprocess", "-d", str(DATASET_ID), "--preset", str(DEMO_PRESET))
     _run(console, "train", "-d", str(DATASET_ID), "-f", "0", "-c", "2d", "--epochs", str(epochs),
          "--iters-per-epoch", str(iters_per_epoch), "--wandb", "disabled", "--seed", str(seed))
     predictions = workdir / "predictions"
