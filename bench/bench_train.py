@@ -37,7 +37,7 @@ from common import REAL_CASES, VENV_BIN, command_line, format_table, run_measure
 DATASET_ID = 903
 NAME = "SCTTrain"
 DATASET = f"Dataset{DATASET_ID:03d}_{NAME}"
-TEST_CASES = ("t1w",)
+TEST_CASES = ("mt0",)  # t1w is the only T1 contrast: a held-out T1 tests contrast transfer, not training
 SA_MODEL = f"spineautoTrainer__spineautoPlans__2d/fold_all"
 NN_MODEL = f"nnUNetTrainerTrainBench__nnUNetPlans__2d/fold_all"
 
