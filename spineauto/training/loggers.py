@@ -157,8 +157,15 @@ class WandbLogger:
 
         os.environ.setdefault("WANDB_SILENT", "true")
         self.wandb = wandb
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "spineauto"), dir=str(folder), mode=mode, name=name,
-                              id=run_id, resume="allow", config=config, reinit="finish_previous")
+        kw = dict(project=os.environ.get("WANDB_PROJECT", "spineauto"), dir=str(folder), name=name, id=run_id,
+                  resume="allow", config=config, reinit="finish_previous")
+        try:
+            self.run = wandb.init(mode=mode, **kw)
+        except Exception as e:  # noqa: BLE001 - tracking must not stop training (no network, bad key ...)
+            if mode != "online":
+                raise
+            log.warning("W&B online failed (%s); logging offline to %s/wandb instead (`wandb sync` it later)", e, folder)
+            self.run = wandb.init(mode="offline", **kw)
         wandb.define_metric("epoch")
         wandb.define_metric("*", step_metric="epoch")
         self.run_id = self.run.id
