@@ -130,23 +130,17 @@ def test_short_run_learns_and_writes_everything(trained):
     assert (trained.parent / "plans.json").is_file() and (trained.parent / "splits_final.json").is_file()
 
 
-def test_resume_equals_uninterrupted(phantoms, monkeypatch):
+def test_resume_equals_uninterrupted(phantoms):
     """Batches are a function of (seed, rank, epoch, iteration) and the RNG/optimiser states are restored,
     so a resumed run replays the uninterrupted one; only float reduction order could differ (atol 1e-6)."""
-    from spineauto.training.trainer import Trainer
-
     straight = _train(phantoms, "straight", epochs=2, iters_per_epoch=3)
-    original = Trainer._end_epoch
 
-    def stop_after_first(self, epoch, *a, **k):
-        original(self, epoch, *a, **k)
-        if epoch == 0:
+    def interrupt_after_first_epoch(trainer, record):
+        if record["epoch"] == 0:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "_end_epoch", stop_after_first)
     with pytest.raises(KeyboardInterrupt):
-        _train(phantoms, "resumed", epochs=2, iters_per_epoch=3)
-    monkeypatch.setattr(Trainer, "_end_epoch", original)
+        _train(phantoms, "resumed", epochs=2, iters_per_epoch=3, callbacks=[interrupt_after_first_epoch])
     resumed = _train(phantoms, "resumed", continue_training=True)  # epochs etc. come from the run's config
     a = torch.load(straight / "checkpoint_final.pt", weights_only=False)
     b = torch.load(resumed / "checkpoint_final.pt", weights_only=False)

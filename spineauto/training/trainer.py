@@ -10,6 +10,7 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,8 +34,13 @@ def train_fold(dataset: str | int, configuration: str = "2d", fold: str | int = 
                iters_per_epoch: int | None = None, val_iters: int | None = None, device: str = "auto", amp: bool | None = None,
                amp_dtype: str | None = None, wandb: str = "auto", seed: int | None = None, continue_training: bool = False,
                pretrained: Path | str | None = None, num_workers: int | None = None, preprocessed: Path | None = None,
-               results: Path | None = None, progress: bool = True, validate: bool = True, top_k: int = 5) -> Path:
-    """Train one fold (0..4 or 'all') of ``configuration`` and validate it; returns the fold folder."""
+               results: Path | None = None, progress: bool = True, validate: bool = True, top_k: int = 5,
+               callbacks: list[Callable[["Trainer", dict], None]] | None = None) -> Path:
+    """Train one fold (0..4 or 'all') of ``configuration`` and validate it; returns the fold folder.
+
+    ``callbacks`` are called on rank 0 as ``cb(trainer, record)`` after each epoch's record is
+    logged and its checkpoints written; one that raises stops the run, resumable with ``--continue``.
+    """
     dev = resolve_device(device)
     info = init_distributed(dev.type)
     try:
@@ -54,6 +60,7 @@ def train_fold(dataset: str | int, configuration: str = "2d", fold: str | int = 
                               "num_workers": workers, "wandb": resolve_wandb_mode(wandb) if info.is_main else None,
                               "pretrained": str(pretrained) if pretrained else None, "torch": torch.__version__}
         trainer = Trainer(run, dev, info, amp, getattr(torch, amp_dtype), workers, progress and info.is_main, top_k)
+        trainer.callbacks = list(callbacks or [])
         if pretrained and not continue_training:
             ckpt.load_pretrained(trainer.network, Path(pretrained))
         elif pretrained:
@@ -91,6 +98,7 @@ class Trainer:
         self.start_epoch, self.ema, self.best = 0, None, {"epoch": None, "ema": -math.inf}
         self.topk = ckpt.TopK(top_k)
         self.logger = LocalLogger(run.fold_dir)
+        self.callbacks: list[Callable[["Trainer", dict], None]] = []
         self.wandb_id: str | None = None
         torch.manual_seed(self.config.seed * 1000 + info.rank)
         if run.resume is not None:
@@ -216,6 +224,7 @@ class Trainer:
             self.scheduler.step(epoch)
         lr = self.optimizer.param_groups[0]["lr"]
         self.model.train()
+        started = time.time()
         t0 = time.perf_counter()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         on_cpu = self.device.type == "cpu"
@@ -231,7 +240,7 @@ class Trainer:
         if not math.isfinite(train_loss):
             raise self._nan_stop(epoch, "training")
         val_loss, metrics, example = self._validate(batches)
-        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **metrics, "lr": lr,
+        record = {"epoch": epoch, "started": started, "train_loss": train_loss, "val_loss": val_loss, **metrics, "lr": lr,
                   "epoch_time": time.perf_counter() - t0, "train_time": train_time,
                   "samples_per_s": cfg.iters_per_epoch * cfg.batch_size / max(train_time, 1e-9)}
         return record, example
@@ -286,6 +295,8 @@ class Trainer:
         images = self.task.epoch_images(fold_dir) if hasattr(self.task, "epoch_images") else {}  # e.g. confusion matrices
         if wb is not None:
             wb.log(record, overlay, images)
+        for callback in self.callbacks:
+            callback(self, record)
         log.info("epoch %d: train %.4f val %.4f %s %.4f (EMA %.4f%s) lr %.2e %.1fs %.1f samples/s", epoch, record["train_loss"],
                  record["val_loss"], monitor, record.get(monitor, math.nan), self.ema if self.ema is not None else math.nan,
                  ", best" if is_best else "", record["lr"], record["epoch_time"], record["samples_per_s"])
