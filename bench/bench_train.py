@@ -9,9 +9,9 @@ nnU-Net trains through ``bench/nnunet_trainers/nnUNetTrainerTrainBench`` (found 
 spineauto through ``spineauto train --no-validate``; both fold ``all``, same device, W&B off.
 
 1. Throughput: both train ``--tp-epochs`` x ``--iters`` (validation ``iters // 10`` per epoch).
-   samples/s = iterations x batch / median epoch time (epochs after the first; an epoch's time
-   includes its validation iterations, the same for both; spineauto's metrics.jsonl, nnU-Net's
-   checkpoint logging timestamps). Peak RSS / RssAnon of the whole process tree (bench/common.py)
+   samples/s = iterations x batch / median epoch time, an epoch's time being start to next start
+   (training and validation iterations, checkpoints, plots: the same for both; spineauto's
+   metrics.jsonl, nnU-Net's checkpoint logging timestamps), the warm-up epoch 0 left out. Peak RSS / RssAnon of the whole process tree (bench/common.py)
    and peak GPU memory (nvidia-smi) of that run.
 2. Equal wall-clock budget: each tool gets ``--budget`` seconds of training at its own measured
    throughput (epochs = budget x samples/s / samples per epoch, so each schedule runs to its end),
@@ -63,45 +63,50 @@ def match_plans(sa_plans: Path, nn_plans: Path) -> dict:
 
 def _train_cmds(dev: str, epochs: int, iters: int) -> dict[str, list[str]]:
     val = str(max(1, iters // 10))
+    sa = [str(VENV_BIN / "python"), "-m", "spineauto", "train", "-d", str(DATASET_ID), "-c", "2d", "-f", "all",
+          "--epochs", str(epochs), "--iters-per-epoch", str(iters), "--val-iters", val, "--wandb", "disabled",
+          "--device", dev, "--no-validate"]
     return {
-        "spineauto": [str(VENV_BIN / "python"), "-m", "spineauto", "train", "-d", str(DATASET_ID), "-c", "2d", "-f", "all",
-                      "--epochs", str(epochs), "--iters-per-epoch", str(iters), "--val-iters", val, "--wandb", "disabled",
-                      "--device", dev, "--no-validate"],
+        "spineauto": sa,
+        "spineauto --amp": sa + ["--amp"],  # bf16 autocast on CPU, fp16 on CUDA (spineauto's CUDA default)
         "nnunet": [str(VENV_BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "all", "-tr", "nnUNetTrainerTrainBench", "-device", dev],
     }
 
 
 def epoch_times(tool: str, results: Path) -> list[float]:
-    if tool == "spineauto":
+    """Start-to-start seconds of each epoch but the last: training, validation, checkpoints and plots, for both tools."""
+    if tool.startswith("spineauto"):
         lines = (results / DATASET / SA_MODEL / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(x)["epoch_time"] for x in lines]
-    import torch
+        starts = [json.loads(x)["started"] for x in lines]
+    else:
+        import torch
 
-    log = torch.load(results / DATASET / NN_MODEL / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
-    return [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
+        log = torch.load(results / DATASET / NN_MODEL / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+        starts = list(log["epoch_start_timestamps"])
+    return [b - a for a, b in zip(starts, starts[1:])]
 
 
 def train(tool: str, work: Path, env: dict, dev: str, epochs: int, iters: int, tag: str) -> dict:
     env = dict(env, BENCH_EPOCHS=str(epochs), BENCH_ITERS=str(iters), BENCH_VAL_ITERS=str(max(1, iters // 10)))
-    results = work / f"{tag}_{tool}"
-    env["SPINEAUTO_RESULTS" if tool == "spineauto" else "nnUNet_results"] = str(results)
+    results = work / f"{tag}_{tool.replace(' --', '_')}"
+    env["SPINEAUTO_RESULTS" if tool.startswith("spineauto") else "nnUNet_results"] = str(results)
     cmd = _train_cmds(dev, epochs, iters)[tool]
     with GpuPeak() as gpu:
         run = run_measured(cmd, env=env)
     _check(run, f"{tool} training")
     times = epoch_times(tool, results)
-    steady = times[1:] or times
+    steady = times[1:] or times or [run.wall_s / epochs]
     return {"results": results, "env": env, "wall_s": run.wall_s, "epochs": epochs, "epoch_times": times,
             "median_epoch_s": statistics.median(steady), "peak_rss_mb": run.peak_rss_mb, "peak_anon_mb": run.peak_anon_mb,
             "peak_gpu_mb": gpu.peak if gpu.available else None, "processes": run.max_processes}
 
 
 def predict_dice(tool: str, work: Path, run: dict, dev: str, test: list[str]) -> float:
-    out = work / f"pred_{tool}"
+    out = work / f"pred_{tool.replace(' --', '_')}"
     shutil.rmtree(out, ignore_errors=True)
     images = work / "raw" / DATASET / "imagesTs"
     cmd = ([str(VENV_BIN / "python"), "-m", "spineauto", "predict", "-d", str(DATASET_ID), "-c", "2d", "-f", "all",
-            "-i", str(images), "-o", str(out), "--device", dev, "--no-tta"] if tool == "spineauto" else
+            "-i", str(images), "-o", str(out), "--device", dev, "--no-tta"] if tool.startswith("spineauto") else
            [str(VENV_BIN / "nnUNetv2_predict"), "-d", str(DATASET_ID), "-c", "2d", "-f", "all", "-tr", "nnUNetTrainerTrainBench",
             "-i", str(images), "-o", str(out), "-device", dev, "--disable_tta", "-npp", "1", "-nps", "1"])
     # not timed: both predict with sleeping OpenMP threads (nnU-Net's spinning ones took >10 min per volume on a busy CPU)
@@ -111,8 +116,8 @@ def predict_dice(tool: str, work: Path, run: dict, dev: str, test: list[str]) ->
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="check the script end to end: 2 epochs x 4 iterations, 30 s budget")
-    ap.add_argument("--tp-epochs", type=int, default=4, help="epochs of the throughput runs (the first is warm-up)")
+    ap.add_argument("--quick", action="store_true", help="check the script end to end: 3 epochs x 4 iterations, 30 s budget")
+    ap.add_argument("--tp-epochs", type=int, default=5, help="epochs of the throughput runs (the first is warm-up, the last has no end mark)")
     ap.add_argument("--iters", type=int, default=50, help="iterations per epoch (both tools)")
     ap.add_argument("--budget", type=float, default=600.0, help="training seconds each tool gets for the Dice comparison (0: skip)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -120,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="worker processes for planning/preprocessing")
     ap.add_argument("--workdir", type=Path, default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--amp", action="store_true", help="add a row: spineauto with --amp (bf16 on CPU: not the equal-precision comparison)")
     ap.add_argument("--reuse", action="store_true", help="with --workdir: keep its planned/preprocessed data from an earlier run")
     ap.add_argument("--same-omp", action="store_true",
                     help="give nnU-Net spineauto's OpenMP setting too (OMP_WAIT_POLICY=PASSIVE), to separate that effect")
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also the classification configurations (cls, multitask) on CPU: samples/s, peak memory (bench/classification.py)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.tp_epochs, args.iters, args.budget = 2, 4, 30.0
+        args.tp_epochs, args.iters, args.budget = 3, 4, 30.0
     dev = "cuda" if args.device in ("cuda", "auto") and _has_cuda() else "cpu"
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -152,18 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     info: dict = {"command": command_line(), "device": dev, "matched_plan": matched, "train_cases": train_cases,
                   "nnunet_omp_wait_policy": env.get("OMP_WAIT_POLICY", "default"),
                   "test_cases": args.test, "iters": args.iters, "tools": {}}
-    for old in work.glob("*_spineauto"):
+    tools = ("spineauto", "nnunet") + (("spineauto --amp",) if args.amp else ())
+    for old in [p for p in work.iterdir() if p.name.split("_")[0] in ("tp", "budget", "pred")]:
         shutil.rmtree(old)
-    for old in work.glob("*_nnunet"):
-        shutil.rmtree(old)
-    for tool in ("spineauto", "nnunet"):
+    for tool in tools:
         r = train(tool, work, env, dev, args.tp_epochs, args.iters, "tp")
         r["samples_per_s"] = per_epoch / r["median_epoch_s"]
         info["tools"][tool] = r
     t = info["tools"]
     ratio = t["spineauto"]["samples_per_s"] / t["nnunet"]["samples_per_s"]
     if args.budget > 0:
-        for tool in ("spineauto", "nnunet"):
+        for tool in tools:
             epochs = max(1, round(args.budget * t[tool]["samples_per_s"] / per_epoch))
             r = train(tool, work, env, dev, epochs, args.iters, "budget")
             t[tool]["budget_epochs"], t[tool]["budget_train_s"] = epochs, sum(r["epoch_times"])

@@ -10,6 +10,7 @@ import logging
 import math
 import netrc
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from spineauto.io.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+PLOT_EVERY_S = 30.0
 
 
 class LocalLogger:
@@ -26,6 +28,7 @@ class LocalLogger:
         self.folder = Path(folder)
         self.history: list[dict] = list(history or [])
         self._file_handler: logging.Handler | None = None
+        self._last_plot, self._plotted = -math.inf, 0
 
     def start_log_file(self) -> None:
         handler = logging.FileHandler(self.folder / "log.txt")
@@ -52,17 +55,20 @@ class LocalLogger:
         with open(self.folder / "metrics.jsonl", "a") as f:
             f.write(_json_line(record))
 
-    def plot_progress(self) -> None:
-        if not self.history:
+    def plot_progress(self, force: bool = True) -> None:
+        """progress.png; with ``force=False`` at most every ``PLOT_EVERY_S`` seconds (a plot costs
+        ~0.4 s of CPU: every epoch of a short-epoch run would be a large part of its time)."""
+        if len(self.history) == self._plotted or (not force and time.monotonic() - self._last_plot < PLOT_EVERY_S):
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        self._last_plot, self._plotted = time.monotonic(), len(self.history)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         h = self.history
         ep = [r["epoch"] for r in h]
-        fig, axes = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
+        fig = Figure(figsize=(9, 10))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(3, 1, sharex=True)
         ax = axes[0]
         ax.plot(ep, [r["train_loss"] for r in h], "b-", label="train loss")
         ax.plot(ep, [r.get("val_loss", math.nan) for r in h], "r-", label="val loss")
@@ -85,7 +91,6 @@ class LocalLogger:
         ax2.set_ylabel("epoch time (s)")
         fig.tight_layout()
         write_atomic(self.folder / "progress.png", lambda p: fig.savefig(p, format="png", dpi=80))
-        plt.close(fig)
 
     def overlay(self, epoch: int, example: dict | None) -> Path | None:
         """Image | truth | prediction PNG of one validation sample (fold_k/overlays/epoch_XXX.png)."""

@@ -216,6 +216,7 @@ class Trainer:
             if wb is not None:
                 wb.finish()
             if main:
+                self.logger.plot_progress(force=True)  # also when stopped early: the plot shows every logged epoch
                 self.logger.close()
 
     def _epoch(self, epoch: int, batches, progress: "_Progress") -> tuple[dict, dict | None]:
@@ -291,7 +292,7 @@ class Trainer:
         self.logger.history.pop()
         self.logger.log_epoch(record)
         overlay = self.logger.overlay(epoch, example)
-        self.logger.plot_progress()
+        self.logger.plot_progress(force=epoch + 1 == self.config.epochs)
         images = self.task.epoch_images(fold_dir) if hasattr(self.task, "epoch_images") else {}  # e.g. confusion matrices
         if wb is not None:
             wb.log(record, overlay, images)
