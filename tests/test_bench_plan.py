@@ -54,8 +54,9 @@ def test_slicing_report_reads_planes_and_in_plane_spacing(raw, tmp_path):
     # slices hold the 17 mm axis, the "17 mm x 0.84 mm" slices of an axial scan sliced the wrong way
     assert rows["mt1"][1:4] == ["axial", "0.844 x 0.844", "1.0"]
     assert rows["mt1"][5:8] == ["sagittal", "17 x 0.844", "20.1"] and rows["mt1"][9] == "yes"
-    # sagittal T2 (1 mm iso): ours sagittal; nnU-Net's axis 0 after [2, 0, 1] is SimpleITK's x, here anterior-posterior
-    assert rows["t2"][1] == "sagittal" and rows["t2"][5] == "coronal" and rows["t2"][9] == "no"
+    # T2 (1 mm iso block): ours takes the dataset's isotropic plane (axial: 3 axial scans vs 2 sagittal
+    # slabs here); nnU-Net's axis 0 after [2, 0, 1] is SimpleITK's x, here anterior-posterior
+    assert rows["t2"][1] == "axial" and rows["t2"][5] == "coronal" and rows["t2"][9] == "no"
     assert (rep.nnunet_through, rep.ours_through) == (1, 0)
     assert len(rep.problems) == 1 and "no preprocessed arrays" in rep.problems[0]
 
