@@ -139,9 +139,6 @@ def train(
             if not skip:
                 argv.append(a)
         raise typer.Exit(relaunch_with_torchrun(num_gpus, argv))
-    # OpenMP threads that sleep instead of spinning: on a busy CPU (data workers, other jobs) spinning
-    # threads made a training step up to 10x slower; idle cost is a few microseconds per operator.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from spineauto.training.trainer import train_fold
 
     folder = train_fold(dataset, configuration, fold, epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
@@ -237,6 +234,10 @@ def demo(
 
 
 def main() -> None:
+    # OpenMP threads that sleep instead of spinning. It must be set before torch starts OpenMP (any
+    # command may import it first): on a busy CPU (data workers, forked preprocessing workers, other
+    # jobs) spinning threads made a training step up to 10x slower; idle cost is microseconds per op.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app()
     except SpineautoError as e:

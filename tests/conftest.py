@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does, before torch starts OpenMP
+
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sct_testing_data"
 
 
