@@ -4,7 +4,7 @@ Same real volumes (shared/data: the 6 image/cord pairs), laid out once as an nnU
 that both tools plan and preprocess their own way; ``--test`` cases are held out (imagesTs). Both
 networks are the same: nnU-Net's 2d plan is edited to spineauto's patch size, batch size and U-Net
 topology (dynamic-network-architectures PlainConvUNet, instance norm, leaky ReLU, deep supervision).
-nnU-Net trains through ``bench/nnunet_trainers/nnUNetTrainerTrainBench`` (found via
+nnU-Net trains through ``bench/nnunet_trainers/nnUNetTrainerBench`` (found via
 ``nnUNet_extTrainer``: epochs/iterations from the environment, end-of-training validation skipped),
 spineauto through ``spineauto train --no-validate``; both fold ``all``, same device, W&B off.
 
@@ -39,7 +39,7 @@ NAME = "SCTTrain"
 DATASET = f"Dataset{DATASET_ID:03d}_{NAME}"
 TEST_CASES = ("mt0",)  # t1w is the only T1 contrast: a held-out T1 tests contrast transfer, not training
 SA_MODEL = f"spineautoTrainer__spineautoPlans__2d/fold_all"
-NN_MODEL = f"nnUNetTrainerTrainBench__nnUNetPlans__2d/fold_all"
+NN_MODEL = f"nnUNetTrainerBench__nnUNetPlans__2d/fold_all"
 
 
 def match_plans(sa_plans: Path, nn_plans: Path) -> dict:
@@ -69,7 +69,7 @@ def _train_cmds(dev: str, epochs: int, iters: int) -> dict[str, list[str]]:
     return {
         "spineauto": sa,
         "spineauto --amp": sa + ["--amp"],  # bf16 autocast on CPU, fp16 on CUDA (spineauto's CUDA default)
-        "nnunet": [str(VENV_BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "all", "-tr", "nnUNetTrainerTrainBench", "-device", dev],
+        "nnunet": [str(VENV_BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "all", "-tr", "nnUNetTrainerBench", "-device", dev],
     }
 
 
@@ -107,7 +107,7 @@ def predict_dice(tool: str, work: Path, run: dict, dev: str, test: list[str]) ->
     images = work / "raw" / DATASET / "imagesTs"
     cmd = ([str(VENV_BIN / "python"), "-m", "spineauto", "predict", "-d", str(DATASET_ID), "-c", "2d", "-f", "all",
             "-i", str(images), "-o", str(out), "--device", dev, "--no-tta"] if tool.startswith("spineauto") else
-           [str(VENV_BIN / "nnUNetv2_predict"), "-d", str(DATASET_ID), "-c", "2d", "-f", "all", "-tr", "nnUNetTrainerTrainBench",
+           [str(VENV_BIN / "nnUNetv2_predict"), "-d", str(DATASET_ID), "-c", "2d", "-f", "all", "-tr", "nnUNetTrainerBench",
             "-i", str(images), "-o", str(out), "-device", dev, "--disable_tta", "-npp", "1", "-nps", "1"])
     # not timed: both predict with sleeping OpenMP threads (nnU-Net's spinning ones took >10 min per volume on a busy CPU)
     _check(run_measured(cmd, env=dict(run["env"], OMP_WAIT_POLICY="PASSIVE")), f"{tool} predict")
