@@ -94,8 +94,9 @@ def _env(work: Path, device: str, epochs: int, iters: int) -> dict[str, str]:
     return env
 
 
-def match_nnunet_plan(sa_plans: Path, nn_plans: Path) -> dict:
-    """Give nnU-Net's 2d configuration spineauto's patch size and U-Net topology; returns what was set."""
+def match_nnunet_plan(sa_plans: Path, nn_plans: Path, batch_size: bool = False) -> dict:
+    """Give nnU-Net's 2d configuration spineauto's patch size and U-Net topology (and batch size when
+    asked); returns what was set."""
     ours = json.loads(sa_plans.read_text())["configurations"]["2d"]
     net = ours["network"]
     if net["architecture"] != "unet":
@@ -109,8 +110,11 @@ def match_nnunet_plan(sa_plans: Path, nn_plans: Path) -> dict:
               kernel_sizes=net["kernel_sizes"], strides=net["strides"], n_conv_per_stage=net["n_conv_per_stage"],
               n_conv_per_stage_decoder=net["n_conv_per_stage_decoder"])
     cfg["patch_size"] = list(ours["patch_size"])
+    matched = {"patch_size": cfg["patch_size"], "features_per_stage": kw["features_per_stage"], "strides": kw["strides"]}
+    if batch_size:
+        cfg["batch_size"] = matched["batch_size"] = int(ours["batch_size"])
     nn_plans.write_text(json.dumps(plans, indent=2))
-    return {"patch_size": cfg["patch_size"], "features_per_stage": kw["features_per_stage"], "strides": kw["strides"]}
+    return matched
 
 
 def train_both(work: Path, env: dict, device: str, epochs: int, iters: int, workers: int) -> dict:

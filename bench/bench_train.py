@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_predict import GpuPeak, _check, _env, _has_cuda, dice_of  # noqa: E402
+from bench_predict import GpuPeak, _check, _env, _has_cuda, dice_of, match_nnunet_plan  # noqa: E402
 from common import REAL_CASES, VENV_BIN, command_line, format_table, run_measured, write_real_dataset  # noqa: E402
 
 DATASET_ID = 903
@@ -40,25 +40,6 @@ DATASET = f"Dataset{DATASET_ID:03d}_{NAME}"
 TEST_CASES = ("mt0",)  # t1w is the only T1 contrast: a held-out T1 tests contrast transfer, not training
 SA_MODEL = f"spineautoTrainer__spineautoPlans__2d/fold_all"
 NN_MODEL = f"nnUNetTrainerBench__nnUNetPlans__2d/fold_all"
-
-
-def match_plans(sa_plans: Path, nn_plans: Path) -> dict:
-    """nnU-Net's 2d configuration gets spineauto's patch size, batch size and U-Net topology."""
-    ours = json.loads(sa_plans.read_text())["configurations"]["2d"]
-    net = ours["network"]
-    if net["architecture"] != "unet":
-        raise SystemExit(f"spineauto planned {net['architecture']}; this benchmark matches the plain U-Net only")
-    plans = json.loads(nn_plans.read_text())
-    cfg = plans["configurations"]["2d"]
-    if not cfg["architecture"]["network_class_name"].endswith("PlainConvUNet"):
-        raise SystemExit(f"nnU-Net planned {cfg['architecture']['network_class_name']}; expected PlainConvUNet")
-    cfg["architecture"]["arch_kwargs"].update(
-        n_stages=len(net["features_per_stage"]), features_per_stage=net["features_per_stage"], kernel_sizes=net["kernel_sizes"],
-        strides=net["strides"], n_conv_per_stage=net["n_conv_per_stage"], n_conv_per_stage_decoder=net["n_conv_per_stage_decoder"])
-    cfg["patch_size"] = list(ours["patch_size"])
-    cfg["batch_size"] = int(ours["batch_size"])
-    nn_plans.write_text(json.dumps(plans, indent=2))
-    return {"patch_size": cfg["patch_size"], "batch_size": cfg["batch_size"], "features_per_stage": net["features_per_stage"]}
 
 
 def _train_cmds(dev: str, epochs: int, iters: int) -> dict[str, list[str]]:
@@ -153,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                                                         "-np", str(args.workers), "-npfp", str(args.workers)])):
         if not (planned and args.reuse):
             _check(run_measured(cmd, env=env), what)
-    matched = match_plans(work / "sa_preprocessed" / DATASET / "plans.json", work / "nn_preprocessed" / DATASET / "nnUNetPlans.json")
+    matched = match_nnunet_plan(work / "sa_preprocessed" / DATASET / "plans.json", work / "nn_preprocessed" / DATASET / "nnUNetPlans.json",
+                                batch_size=True)
     per_epoch = args.iters * matched["batch_size"]
     info: dict = {"command": command_line(), "device": dev, "matched_plan": matched, "train_cases": train_cases,
                   "nnunet_omp_wait_policy": env.get("OMP_WAIT_POLICY", "default"),
