@@ -137,7 +137,7 @@ def load_reference(case: str, ref_dir: Path, dataset: str, model_folder: Path) -
     if raw.is_file():
         return read_volume(raw)[0].round().astype(np.int16)
     from spineauto.planning.plans import Plans
-    from spineauto.preprocessing.preprocess import restore_to_original
+    from spineauto.preprocessing.preprocess import restore_segmentation
 
     plan = Plans.load(model_folder / "plans.json").configuration(model_folder.name.split("__")[-1])
     folder = paths.root("preprocessed") / dataset / plan.data_identifier
@@ -145,10 +145,7 @@ def load_reference(case: str, ref_dir: Path, dataset: str, model_folder: Path) -
     if not (seg_file.is_file() and props_file.is_file()):
         raise SpineautoError(f"{raw}: no ground truth for validation case {case} (nor {seg_file}); "
                              "set SPINEAUTO_RAW or SPINEAUTO_PREPROCESSED to the dataset's folders")
-    seg = np.load(seg_file)[0]
-    k = max(int(seg.max()) + 1, 2)
-    onehot = np.stack([(seg == v).astype(np.float32) for v in range(k)])
-    return restore_to_original(onehot, read_json(props_file), order=1, fill=1.0).argmax(0).astype(np.int16)
+    return restore_segmentation(np.load(seg_file), read_json(props_file))
 
 
 def _score_ensemble(combo, probs, cases, refs, labels, results: Path) -> Candidate:

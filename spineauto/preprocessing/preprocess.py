@@ -89,6 +89,13 @@ def restore_to_original(layout: np.ndarray, props: dict, order: int = 1, fill: f
     return geom.from_layout(full)
 
 
+def restore_segmentation(seg: np.ndarray, props: dict) -> np.ndarray:
+    """A stored (1, S, H, W) label map back in the input's grid (one-hot, restored, argmax)."""
+    k = max(int(seg.max()) + 1, 2)
+    onehot = np.stack([(seg[0] == v).astype(np.float32) for v in range(k)])
+    return restore_to_original(onehot, props, order=1, fill=1.0).argmax(0).astype(np.int16)
+
+
 def class_locations(seg: np.ndarray, labels: list[int], rng: np.random.Generator) -> dict[str, list[list[int]]]:
     out = {}
     for v in labels:

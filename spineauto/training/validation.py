@@ -25,12 +25,9 @@ def _reference(case: str, store: CaseStore, raw_labels: Path | None, props: dict
         from spineauto.io.images import read_volume
 
         return np.rint(read_volume(raw_labels / f"{case}.nii.gz")[0]).astype(np.int16)
-    from spineauto.preprocessing.preprocess import restore_to_original
+    from spineauto.preprocessing.preprocess import restore_segmentation
 
-    seg = np.asarray(store.seg(case))
-    labels = int(seg.max()) + 1
-    onehot = np.stack([(seg[0] == k).astype(np.float32) for k in range(max(labels, 2))])
-    return restore_to_original(onehot, props, order=1, fill=1.0).argmax(0).astype(np.int16)
+    return restore_segmentation(np.asarray(store.seg(case)), props)
 
 
 def validate_cases(network: torch.nn.Module, plans: Plans, plan: ConfigurationPlan, store: CaseStore, cases: list[str],
