@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REAL_CASES, REPO, VENV_BIN, command_line, format_table, run_measured, write_real_dataset  # noqa: E402
+from common import (REAL_CASES, GpuPeak, bench_env, check_run, command_line, dice_of, format_table, match_nnunet_plan,  # noqa: E402
+                    pick_device, plan_commands, predict_command, run_measured, train_commands, write_real_dataset)
 
 DATASET_ID = 902
 NAME = "SCTPredict"
@@ -41,150 +38,33 @@ DATASET = f"Dataset{DATASET_ID:03d}_{NAME}"
 TEST_CASES = ("t1w", "mt0")
 
 
-class GpuPeak:
-    """Peak used GPU memory (MiB) above the level seen at start, polled with nvidia-smi."""
-
-    def __init__(self):
-        self.available = shutil.which("nvidia-smi") is not None
-        self.base = self._used() if self.available else 0
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _used(self) -> int:
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=10).stdout
-            return sum(int(x) for x in out.split())
-        except (OSError, ValueError, subprocess.TimeoutExpired):
-            return 0
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._used() - self.base)
-            time.sleep(0.2)
-
-    def __enter__(self):
-        if self.available:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self.available:
-            self._thread.join()
-
-
-def _check(run, what: str) -> None:
-    if run.returncode != 0:
-        sys.stderr.write(run.output[-4000:])
-        raise SystemExit(f"{what} failed (exit {run.returncode}): {' '.join(map(str, run.cmd))}")
-
-
-def _env(work: Path, device: str, epochs: int, iters: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(SPINEAUTO_RAW=str(work / "raw"), SPINEAUTO_PREPROCESSED=str(work / "sa_preprocessed"),
-               SPINEAUTO_RESULTS=str(work / "sa_results"), WANDB_MODE="disabled",
-               nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "nn_preprocessed"),
-               nnUNet_results=str(work / "nn_results"), nnUNet_extTrainer=str(REPO / "bench" / "nnunet_trainers"),
-               BENCH_EPOCHS=str(epochs), BENCH_ITERS=str(iters), BENCH_VAL_ITERS=str(max(1, iters // 10)),
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
-
-
-def match_nnunet_plan(sa_plans: Path, nn_plans: Path, batch_size: bool = False) -> dict:
-    """Give nnU-Net's 2d configuration spineauto's patch size and U-Net topology (and batch size when
-    asked); returns what was set."""
-    ours = json.loads(sa_plans.read_text())["configurations"]["2d"]
-    net = ours["network"]
-    if net["architecture"] != "unet":
-        raise SystemExit(f"spineauto planned {net['architecture']}; this benchmark matches the plain U-Net only")
-    plans = json.loads(nn_plans.read_text())
-    cfg = plans["configurations"]["2d"]
-    kw = cfg["architecture"]["arch_kwargs"]
-    if not cfg["architecture"]["network_class_name"].endswith("PlainConvUNet"):
-        raise SystemExit(f"nnU-Net planned {cfg['architecture']['network_class_name']}; expected PlainConvUNet")
-    kw.update(n_stages=len(net["features_per_stage"]), features_per_stage=net["features_per_stage"],
-              kernel_sizes=net["kernel_sizes"], strides=net["strides"], n_conv_per_stage=net["n_conv_per_stage"],
-              n_conv_per_stage_decoder=net["n_conv_per_stage_decoder"])
-    cfg["patch_size"] = list(ours["patch_size"])
-    matched = {"patch_size": cfg["patch_size"], "features_per_stage": kw["features_per_stage"], "strides": kw["strides"]}
-    if batch_size:
-        cfg["batch_size"] = matched["batch_size"] = int(ours["batch_size"])
-    nn_plans.write_text(json.dumps(plans, indent=2))
-    return matched
-
-
 def train_both(work: Path, env: dict, device: str, epochs: int, iters: int, workers: int) -> dict:
-    sa = [str(VENV_BIN / "python"), "-m", "spineauto"]
-    nn = lambda tool: str(VENV_BIN / tool)  # noqa: E731
-    steps = [("spineauto plan_and_preprocess", [*sa, "plan_and_preprocess", "-d", str(DATASET_ID), "-np", str(workers)]),
-             ("nnUNetv2_plan_and_preprocess", [nn("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d",
-                                               "-np", str(workers), "-npfp", str(workers)])]
-    for what, cmd in steps:
-        _check(run_measured(cmd, env=env), what)
+    for what, cmd in plan_commands(DATASET_ID, workers):
+        check_run(run_measured(cmd, env=env), what)
     matched = match_nnunet_plan(work / "sa_preprocessed" / DATASET / "plans.json",
                                 work / "nn_preprocessed" / DATASET / "nnUNetPlans.json")
-    dev = "cuda" if device in ("cuda", "auto") and _has_cuda() else "cpu"
-    train = {
-        "spineauto": [*sa, "train", "-d", str(DATASET_ID), "-c", "2d", "-f", "all", "--epochs", str(epochs),
-                      "--iters-per-epoch", str(iters), "--val-iters", str(max(1, iters // 10)), "--wandb", "disabled",
-                      "--device", dev],
-        "nnunet": [nn("nnUNetv2_train"), str(DATASET_ID), "2d", "all", "-tr", "nnUNetTrainerBench", "-device", dev],
-    }
     seconds = {}
-    for tool, cmd in train.items():
+    for tool, cmd in train_commands(DATASET_ID, pick_device(device), epochs, iters).items():
         run = run_measured(cmd, env=env)
-        _check(run, f"{tool} training")
+        check_run(run, f"{tool} training")
         seconds[tool] = run.wall_s
     return {"matched_plan": matched, "train_seconds": seconds}
 
 
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
 def predict_both(work: Path, env: dict, device: str, tta: bool, images: Path, nnunet_processes: int | None = None) -> dict:
-    dev = "cuda" if device in ("cuda", "auto") and _has_cuda() else "cpu"
+    dev = pick_device(device)
     out = {"spineauto": work / "pred_spineauto", "nnunet": work / "pred_nnunet"}
-    cmds = {
-        "spineauto": [str(VENV_BIN / "python"), "-m", "spineauto", "predict", "-d", str(DATASET_ID), "-c", "2d", "-f", "all",
-                      "-i", str(images), "-o", str(out["spineauto"]), "--device", dev] + ([] if tta else ["--no-tta"]),
-        "nnunet": [str(VENV_BIN / "nnUNetv2_predict"), "-d", str(DATASET_ID), "-c", "2d", "-f", "all", "-tr", "nnUNetTrainerBench",
-                   "-i", str(images), "-o", str(out["nnunet"]), "-device", dev] + ([] if tta else ["--disable_tta"])
-                  + ([] if nnunet_processes is None else ["-npp", str(nnunet_processes), "-nps", str(nnunet_processes)]),
-    }
+    cmds = {tool: predict_command(tool, DATASET_ID, images, out[tool], dev, tta, nnunet_processes) for tool in out}
     results = {}
     for tool, cmd in cmds.items():
         shutil.rmtree(out[tool], ignore_errors=True)
         with GpuPeak() as gpu:
             run = run_measured(cmd, env=env)
-        _check(run, f"{tool} predict")
+        check_run(run, f"{tool} predict")
         results[tool] = {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb, "peak_anon_mb": run.peak_anon_mb,
                          "peak_gpu_mb": gpu.peak if gpu.available else None, "processes": run.max_processes,
                          "folder": str(out[tool]), "command": " ".join(cmd), "device": dev}
     return results
-
-
-def dice_of(pred: Path, labels: Path, cases: list[str]) -> float:
-    import logging
-
-    from spineauto.evaluation.evaluate import LabelSet, evaluate_folders
-
-    logging.getLogger("spineauto.evaluation.evaluate").setLevel(logging.ERROR)  # predictions of other cases: expected
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for c in cases:
-            shutil.copy(labels / f"{c}.nii.gz", Path(tmp) / f"{c}.nii.gz")
-        s = evaluate_folders(pred, Path(tmp), LabelSet({"cord": 1}, []))
-    return float(s["mean"]["cord"]["dice"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs, args.iters, args.no_tta = 1, 5, True
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_predict_"))
     work.mkdir(parents=True, exist_ok=True)
-    env = _env(work, args.device, args.epochs, args.iters)
+    env = bench_env(work, args.device, args.epochs, args.iters)
     train_cases = [c for c in REAL_CASES if c not in args.test]
     raw = write_real_dataset(work / "raw", DATASET_ID, NAME, cases=train_cases)
     # every volume is predicted (timing); the held-out ones are the fair Dice

@@ -31,8 +31,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_predict import GpuPeak, _check, _env, _has_cuda, dice_of, match_nnunet_plan  # noqa: E402
-from common import REAL_CASES, VENV_BIN, command_line, format_table, run_measured, write_real_dataset  # noqa: E402
+from common import (REAL_CASES, GpuPeak, bench_classification, bench_env, check_run, classification_table,  # noqa: E402
+                    command_line, dice_of, format_table, match_nnunet_plan, pick_device, plan_commands, predict_command,
+                    run_measured, train_commands, write_real_dataset)
 
 DATASET_ID = 903
 NAME = "SCTTrain"
@@ -43,14 +44,12 @@ NN_MODEL = f"nnUNetTrainerBench__nnUNetPlans__2d/fold_all"
 
 
 def _train_cmds(dev: str, epochs: int, iters: int) -> dict[str, list[str]]:
-    val = str(max(1, iters // 10))
-    sa = [str(VENV_BIN / "python"), "-m", "spineauto", "train", "-d", str(DATASET_ID), "-c", "2d", "-f", "all",
-          "--epochs", str(epochs), "--iters-per-epoch", str(iters), "--val-iters", val, "--wandb", "disabled",
-          "--device", dev, "--no-validate"]
+    cmds = train_commands(DATASET_ID, dev, epochs, iters)
+    sa = cmds["spineauto"] + ["--no-validate"]
     return {
         "spineauto": sa,
         "spineauto --amp": sa + ["--amp"],  # bf16 autocast on CPU, fp16 on CUDA (spineauto's CUDA default)
-        "nnunet": [str(VENV_BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "all", "-tr", "nnUNetTrainerBench", "-device", dev],
+        "nnunet": cmds["nnunet"],
     }
 
 
@@ -74,7 +73,7 @@ def train(tool: str, work: Path, env: dict, dev: str, epochs: int, iters: int, t
     cmd = _train_cmds(dev, epochs, iters)[tool]
     with GpuPeak() as gpu:
         run = run_measured(cmd, env=env)
-    _check(run, f"{tool} training")
+    check_run(run, f"{tool} training")
     times = epoch_times(tool, results)
     steady = times[1:] or times or [run.wall_s / epochs]
     return {"results": results, "env": env, "wall_s": run.wall_s, "epochs": epochs, "epoch_times": times,
@@ -86,12 +85,9 @@ def predict_dice(tool: str, work: Path, run: dict, dev: str, test: list[str]) ->
     out = work / f"pred_{tool.replace(' --', '_')}"
     shutil.rmtree(out, ignore_errors=True)
     images = work / "raw" / DATASET / "imagesTs"
-    cmd = ([str(VENV_BIN / "python"), "-m", "spineauto", "predict", "-d", str(DATASET_ID), "-c", "2d", "-f", "all",
-            "-i", str(images), "-o", str(out), "--device", dev, "--no-tta"] if tool.startswith("spineauto") else
-           [str(VENV_BIN / "nnUNetv2_predict"), "-d", str(DATASET_ID), "-c", "2d", "-f", "all", "-tr", "nnUNetTrainerBench",
-            "-i", str(images), "-o", str(out), "-device", dev, "--disable_tta", "-npp", "1", "-nps", "1"])
+    cmd = predict_command(tool.split()[0], DATASET_ID, images, out, dev, tta=False, nnunet_processes=1)
     # not timed: both predict with sleeping OpenMP threads (nnU-Net's spinning ones took >10 min per volume on a busy CPU)
-    _check(run_measured(cmd, env=dict(run["env"], OMP_WAIT_POLICY="PASSIVE")), f"{tool} predict")
+    check_run(run_measured(cmd, env=dict(run["env"], OMP_WAIT_POLICY="PASSIVE")), f"{tool} predict")
     return dice_of(out, work / "raw" / DATASET / "labelsTs", test)
 
 
@@ -115,11 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.tp_epochs, args.iters, args.budget = 3, 4, 30.0
-    dev = "cuda" if args.device in ("cuda", "auto") and _has_cuda() else "cpu"
+    dev = pick_device(args.device)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
-    env = _env(work, dev, 1, args.iters)
-    env["nnUNet_extTrainer"] = str(Path(__file__).resolve().parent / "nnunet_trainers")
+    env = bench_env(work, dev, 1, args.iters)
     if args.same_omp:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     train_cases = [c for c in REAL_CASES if c not in args.test]
@@ -127,13 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     held = write_real_dataset(work / "held", 1, "Held", cases=args.test)
     shutil.copytree(held / "imagesTr", raw / "imagesTs", dirs_exist_ok=True)
     shutil.copytree(held / "labelsTr", raw / "labelsTs", dirs_exist_ok=True)
-    sa = [str(VENV_BIN / "python"), "-m", "spineauto"]
     planned = (work / "sa_preprocessed" / DATASET / "plans.json").is_file() and (work / "nn_preprocessed" / DATASET / "nnUNetPlans.json").is_file()
-    for what, cmd in (("spineauto plan_and_preprocess", [*sa, "plan_and_preprocess", "-d", str(DATASET_ID), "-np", str(args.workers)]),
-                      ("nnUNetv2_plan_and_preprocess", [str(VENV_BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d",
-                                                        "-np", str(args.workers), "-npfp", str(args.workers)])):
+    for what, cmd in plan_commands(DATASET_ID, args.workers):
         if not (planned and args.reuse):
-            _check(run_measured(cmd, env=env), what)
+            check_run(run_measured(cmd, env=env), what)
     matched = match_nnunet_plan(work / "sa_preprocessed" / DATASET / "plans.json", work / "nn_preprocessed" / DATASET / "nnUNetPlans.json",
                                 batch_size=True)
     per_epoch = args.iters * matched["batch_size"]
@@ -167,10 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {info['command']}")
     info["throughput_ratio"] = ratio
     if args.classification:
-        from classification import bench_classification, table
-
         info["classification"] = bench_classification(work / "cls", ("cls", "multitask"), args.tp_epochs, args.iters)
-        print("\nclassification configurations (CPU, real data with sequence/view heads):\n" + table(info["classification"]))
+        print("\nclassification configurations (CPU, real data with sequence/view heads):\n" + classification_table(info["classification"]))
     if args.json:
         args.json.write_text(json.dumps(info, indent=2, default=str))
     if args.workdir is None:

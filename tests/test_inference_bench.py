@@ -1,4 +1,4 @@
-"""bench/bench_predict.py: nnU-Net's 2d plan is given spineauto's network and patch size exactly."""
+"""bench/common.py (bench_predict.py, bench_train.py): nnU-Net's 2d plan is given spineauto's network and patch size exactly."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import bench_predict  # noqa: E402
+import common  # noqa: E402
 
 
 def test_match_nnunet_plan(tmp_path):
@@ -28,7 +28,7 @@ def test_match_nnunet_plan(tmp_path):
         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}}}
     (tmp_path / "sa.json").write_text(json.dumps(ours))
     (tmp_path / "nn.json").write_text(json.dumps(theirs))
-    bench_predict.match_nnunet_plan(tmp_path / "sa.json", tmp_path / "nn.json")
+    common.match_nnunet_plan(tmp_path / "sa.json", tmp_path / "nn.json")
     cfg = json.loads((tmp_path / "nn.json").read_text())["configurations"]["2d"]
     assert cfg["patch_size"] == [64, 96]
     arch = cfg["architecture"]
