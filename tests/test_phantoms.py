@@ -235,4 +235,4 @@ def test_dataset_writer_is_deterministic_and_cleans_up(tmp_path):
     assert meta["labels"] == {"background": 0, "cord": 1}
     assert "view" not in meta["heads"] and all("view" not in i["classes"] for i in meta["cases"].values())
     assert all(_label(nib.load(p)).max() == 1 for p in (a / "labelsTr").glob("*.nii.gz"))
-    assert not list(a.glob("**/.*tmp*"))
+    assert not list(a.glob("**/.*tmp*")) and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]

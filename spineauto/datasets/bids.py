@@ -4,28 +4,25 @@ Images are ``sub-X/[ses-Y/]anat/sub-X[_ses-Y][_entity-value...]_<contrast>.nii[.
 ``derivatives/labels/sub-X/[ses-Y/]anat/<image stem>_<label suffix>.nii[.gz]``. Images with a mask go
 to ``imagesTr``/``labelsTr``, the others to ``imagesTs``. The contrast (the last BIDS suffix) becomes
 the case's ``sequence`` class. The dataset is built in a temporary folder beside ``dataset_dir`` and
-renamed into place at the end, so a failure never leaves a half-written dataset behind.
-
-The staging helpers (:func:`staged_dataset_dir`, :func:`dataset_json`) are shared with the DICOM
-converter.
+renamed into place at the end (:mod:`spineauto.datasets.raw_dataset`), so a failure never leaves a
+half-written dataset behind.
 """
 from __future__ import annotations
 
 import gzip
 import json
 import logging
-import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 
+from spineauto.datasets.raw_dataset import check_output_free, staged_dataset_dir, write_dataset_json
 from spineauto.errors import SpineautoError
-from spineauto.io.atomic import write_json
+from spineauto.io.images import load_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -83,21 +80,18 @@ def convert_bids(
                 copy_nifti(case.image, stage / "imagesTr" / f"{case.case_id}_0000.nii.gz")
                 mask_values |= write_mask(case.mask, case.image, stage / "labelsTr" / f"{case.case_id}.nii.gz")
         labels = declare_labels(mask_values, label_name)
-        classes = {c.case_id: {"sequence": c.contrast} for c in cases}
         entries = {
-            c.case_id: {"subject": c.subject, "classes": classes[c.case_id], "metadata": c.metadata} for c in cases
+            c.case_id: {"subject": c.subject, "classes": {"sequence": c.contrast}, "metadata": c.metadata} for c in cases
         }
-        write_json(
-            stage / "dataset.json",
-            dataset_json(
-                name=dataset_dir.name,
-                description=f"Converted from BIDS dataset {root} by spineauto",
-                labels=labels,
-                num_training=sum(c.mask is not None for c in cases),
-                cases=entries,
-            ),
+        n_train = sum(c.mask is not None for c in cases)
+        write_dataset_json(
+            stage,
+            name=dataset_dir.name,
+            description=f"Converted from BIDS dataset {root} by spineauto",
+            labels=labels,
+            num_training=n_train,
+            cases=entries,
         )
-    n_train = sum(c.mask is not None for c in cases)
     logger.info(
         "converted %d images from %s into %s (%d with masks, %d without)",
         len(cases), root, dataset_dir, n_train, len(cases) - n_train,
@@ -199,16 +193,6 @@ def read_sidecar(image: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- images, masks
 
 
-def load_nifti(path: Path) -> nib.Nifti1Image:
-    try:
-        image = nib.load(str(path))
-    except Exception as err:  # nibabel raises several types for a broken file
-        raise SpineautoError(f"cannot read {path} as NIfTI: {err}") from err
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise SpineautoError(f"{path} is not a NIfTI image ({type(image).__name__})")
-    return image
-
-
 def check_3d(path: Path) -> None:
     shape = load_nifti(path).shape
     if len(shape) != 3:
@@ -265,79 +249,3 @@ def declare_labels(values: set[int], label_name: str) -> dict[str, int]:
     if top == 1:
         return {"background": 0, label_name: 1}
     return {"background": 0, **{f"label_{v}": v for v in range(1, top + 1)}}
-
-
-# ------------------------------------------------------------------------- dataset folder and json
-
-
-def check_output_free(dataset_dir: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing, non-empty dataset folder unless ``overwrite``."""
-    if dataset_dir.exists() and not overwrite:
-        if not dataset_dir.is_dir() or any(dataset_dir.iterdir()):
-            raise SpineautoError(
-                f"{dataset_dir} already exists; choose another dataset id/name or pass --overwrite to replace it"
-            )
-
-
-@contextmanager
-def staged_dataset_dir(dataset_dir: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield ``<dataset_dir>.tmp-<pid>`` to build the dataset in; move it onto ``dataset_dir`` on success.
-
-    On failure the temporary folder is removed and ``dataset_dir`` is left as it was.
-    """
-    check_output_free(dataset_dir, overwrite)
-    dataset_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = dataset_dir.with_name(f"{dataset_dir.name}.tmp-{os.getpid()}")
-    if stage.exists():
-        shutil.rmtree(stage)
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        (stage / sub).mkdir(parents=True)
-    try:
-        yield stage
-        if dataset_dir.exists():
-            old = dataset_dir.with_name(f"{dataset_dir.name}.old-{os.getpid()}")
-            os.replace(dataset_dir, old)
-            os.replace(stage, dataset_dir)
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.replace(stage, dataset_dir)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage)
-
-
-def dataset_json(
-    name: str,
-    description: str,
-    labels: dict[str, int],
-    num_training: int,
-    cases: dict[str, dict[str, Any]],
-) -> dict[str, Any]:
-    """nnU-Net v2 ``dataset.json`` plus ``heads`` and ``cases``.
-
-    A head is declared only when at least two classes of it occur; the per-case classes of a head
-    that is dropped are removed too (``cases[id]['classes']`` is edited in place).
-    """
-    seen: dict[str, set[str]] = {}
-    for entry in cases.values():
-        for head, value in entry.get("classes", {}).items():
-            seen.setdefault(head, set()).add(value)
-    heads = {head: sorted(values) for head, values in sorted(seen.items()) if len(values) >= 2}
-    for head, values in seen.items():
-        if head not in heads:
-            logger.info("not declaring head %r: only one class (%s)", head, ", ".join(sorted(values)))
-    for entry in cases.values():
-        entry["classes"] = {h: v for h, v in entry.get("classes", {}).items() if h in heads}
-    return {
-        "name": name,
-        "description": description,
-        "channel_names": {"0": "MRI"},
-        "labels": labels,
-        "numTraining": num_training,
-        "file_ending": ".nii.gz",
-        "heads": heads,
-        "cases": cases,
-    }

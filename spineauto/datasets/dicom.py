@@ -21,9 +21,8 @@ from typing import Any, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from spineauto.datasets.bids import check_output_free, dataset_json, staged_dataset_dir
+from spineauto.datasets.raw_dataset import check_output_free, staged_dataset_dir, write_dataset_json
 from spineauto.errors import SpineautoError
-from spineauto.io.atomic import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +64,13 @@ def convert_dicom(root: Path, dataset_dir: Path, label_name: str = "cord", overw
             cases[case_id] = {"subject": subject, "classes": {}, "metadata": metadata}
         if not cases:
             raise SpineautoError(f"no DICOM series under {root} could be read as a scalar 3D image")
-        write_json(
-            stage / "dataset.json",
-            dataset_json(
-                name=dataset_dir.name,
-                description=f"Converted from DICOM directory {root} by spineauto",
-                labels={"background": 0, label_name: 1},
-                num_training=0,
-                cases=cases,
-            ),
+        write_dataset_json(
+            stage,
+            name=dataset_dir.name,
+            description=f"Converted from DICOM directory {root} by spineauto",
+            labels={"background": 0, label_name: 1},
+            num_training=0,
+            cases=cases,
         )
     logger.info("converted %d DICOM series from %s into %s", len(cases), root, dataset_dir)
     return dataset_dir

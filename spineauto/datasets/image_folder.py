@@ -21,9 +21,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from spineauto.datasets.bids import staged_dataset_dir
+from spineauto.datasets.raw_dataset import staged_dataset_dir, write_dataset_json
 from spineauto.errors import SpineautoError
-from spineauto.io.atomic import write_json
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -117,12 +116,11 @@ def convert_image_folder(root: Path, dataset_dir: Path, head: str = "class", rgb
                 nib.save(picture_to_nifti(pixels[c], spacing), str(stage / f"images{im.split}" / f"{im.case}_{c:04d}.nii.gz"))
         (stage / "labelsTr").rmdir()
         n_train = sum(im.split == "Tr" for im in images)
-        write_json(stage / "dataset.json", {
-            "name": Path(dataset_dir).name, "description": f"2D images from {Path(root).resolve()} (one folder per class)",
-            "channel_names": channels, "labels": {}, "numTraining": n_train, "file_ending": ".nii.gz",
-            "heads": {head: classes},
-            "cases": {im.case: {"subject": im.case, "classes": {head: im.cls}, "metadata": {"source": str(im.path), "split": im.split}}
-                      for im in images},
-        })
+        write_dataset_json(
+            stage, name=Path(dataset_dir).name, description=f"2D images from {Path(root).resolve()} (one folder per class)",
+            labels={}, num_training=n_train, channel_names=channels,
+            cases={im.case: {"subject": im.case, "classes": {head: im.cls}, "metadata": {"source": str(im.path), "split": im.split}}
+                   for im in images},
+        )
     log.info("%d images (%d training) in %d classes -> %s", len(images), n_train, len(classes), dataset_dir)
     return Path(dataset_dir)
