@@ -126,11 +126,19 @@ def test_lesion_labels_from_the_dataset_and_files_written(folders, capsys, tmp_p
     assert "lesion_f1" not in summary["metric_per_case"]["case_0"]["cord"]
     assert summary["mean"]["cord"]["dice"] == pytest.approx(np.mean([summary["metric_per_case"][c]["cord"]["dice"] for c in ("case_0", "case_1", "case_2")]))
     # the case without lesions in either file: Dice undefined (null), excluded from the mean
-    assert summary["metric_per_case"]["case_2"]["lesion"]["dice"] is None
+    assert summary["metric_per_case"]["case_2"]["lesion"]["dice"] is None and "NaN" not in out.read_text()
     csv_lines = out.with_suffix(".csv").read_text().splitlines()
     assert csv_lines[0].startswith("case,label,dice,iou,hd95,asd,rvd")
     assert len(csv_lines) == 1 + 3 * 2 + 2
     assert "cord" in stdout and "lesion F1" in stdout
+
+
+def test_declared_lesion_labels_take_precedence():
+    from spineauto.evaluation.evaluate import labels_from_dataset_json
+
+    labels = {"background": 0, "cord": 1, "lesion": 2, "edema": 3}
+    assert labels_from_dataset_json({"labels": labels}).lesion == ["lesion"]
+    assert labels_from_dataset_json({"labels": labels, "lesion_labels": ["edema", "absent"]}).lesion == ["edema"]
 
 
 def test_evaluate_errors(folders, capsys, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from spineauto.errors import SpineautoError
 
@@ -65,6 +66,13 @@ class DatasetInfo:
         return case
 
 
+def lesion_labels(labels: Iterable[str], declared: Iterable[str] | None = None) -> list[str]:
+    """The lesion labels among ``labels`` (names): those dataset.json declares as ``lesion_labels``
+    if it declares any, else every label whose name contains "lesion"."""
+    names = list(labels)
+    return [k for k in declared if k in names] if declared else [k for k in names if "lesion" in k.lower()]
+
+
 def _cases_in(folder: Path, ending: str) -> list[str]:
     if not folder.is_dir():
         return []
@@ -119,9 +127,8 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
         num_training = -1
     if problems:
         raise SpineautoError(f"{path}: " + "; ".join(problems))
-    lesion = raw.get("lesion_labels") or [k for k in labels if "lesion" in k.lower()]
     return DatasetInfo(
         folder=folder, name=raw.get("name", folder.name), channel_names={str(k): v for k, v in channels.items()},
         labels={"background": 0, **labels} if labels else {}, num_training=num_training, file_ending=raw["file_ending"],
-        heads={k: list(v) for k, v in heads.items()}, cases=cases, lesion_labels=list(lesion),
+        heads={k: list(v) for k, v in heads.items()}, cases=cases, lesion_labels=lesion_labels(labels, raw.get("lesion_labels")),
     )

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from spineauto.datasets.dataset_json import lesion_labels
 from spineauto.errors import SpineautoError
 from spineauto.evaluation import metrics as M
 from spineauto.io.atomic import write_atomic, write_json
@@ -47,8 +48,7 @@ def infer_labels(gt_dir: Path, cases: Sequence[str]) -> LabelSet:
 
 def labels_from_dataset_json(data: dict) -> LabelSet:
     labels = {k: int(v) for k, v in data.get("labels", {}).items() if int(v) != 0}
-    lesion = data.get("lesion_labels") or [k for k in labels if "lesion" in k.lower()]
-    return LabelSet(labels, [k for k in lesion if k in labels])
+    return LabelSet(labels, lesion_labels(labels, data.get("lesion_labels")))
 
 
 def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], labels: LabelSet) -> dict[str, dict[str, float]]:
@@ -118,7 +118,7 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
 def write_summary(summary: dict, json_path: Path) -> tuple[Path, Path]:
     """``summary.json`` and a per-case CSV beside it (``summary.csv``)."""
     json_path = Path(json_path)
-    write_json(json_path, _clean(summary))
+    write_json(json_path, summary)
     buf = io.StringIO()
     writer = None
     for case, by_label in summary["metric_per_case"].items():
@@ -135,14 +135,3 @@ def write_summary(summary: dict, json_path: Path) -> tuple[Path, Path]:
     csv_path = json_path.with_suffix(".csv")
     write_atomic(csv_path, lambda p: p.write_text(buf.getvalue()))
     return json_path, csv_path
-
-
-def _clean(obj):
-    """nan -> None so the JSON is standard."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj

@@ -5,6 +5,7 @@ A killed run therefore never leaves a half-written plan, checkpoint or predictio
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -45,8 +46,20 @@ def write_atomic(target: Path | str, writer: Callable[[Path], Any], suffix: str 
 
 
 def write_json(target: Path | str, data: Any) -> Path:
-    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default)
+    """Write ``data`` as standard JSON (NaN and infinities become null, see :func:`json_safe`)."""
+    text = json.dumps(json_safe(data), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
     return write_atomic(target, lambda p: p.write_text(text + "\n"))
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None, through dicts, lists and tuples."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def read_json(path: Path | str) -> Any:
@@ -70,10 +83,8 @@ def save_nifti(target: Path | str, image: Any) -> Path:
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return json_safe(obj.tolist())
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")

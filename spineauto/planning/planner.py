@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spineauto.datasets.dataset_json import lesion_labels
 from spineauto.planning.fingerprint import Fingerprint
 from spineauto.planning.plans import ConfigurationPlan, HeadPlan, NetworkPlan, Plans
 from spineauto.planning.presets import apply_preset
@@ -130,7 +131,7 @@ def plan_dataset(fp: Fingerprint, preset: Path | None = None) -> Plans:
     if heads and len(fp.labels) > 1:
         configs["multitask"] = ConfigurationPlan(name="multitask", task="multitask", patch_size=patch, batch_size=bs, network=net,
                                                  heads=heads, reasons={**reasons, "heads": head_reason}, **common)
-    lesion = [k for k in fp.labels if "lesion" in k.lower()]
+    lesion = lesion_labels(fp.labels)
     plans = Plans(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=fp.labels, heads=fp.heads,
                   lesion_labels=lesion, configurations=configs)
     if preset is not None:
