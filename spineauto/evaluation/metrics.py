@@ -34,11 +34,6 @@ def iou(pred: np.ndarray, ref: np.ndarray) -> float:
     return float("nan") if denom == 0 else tp / denom
 
 
-def dice_per_label(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
-    """Dice per label value of two integer label maps."""
-    return {int(v): dice(pred == v, ref == v) for v in labels}
-
-
 def relative_volume_difference(pred: np.ndarray, ref: np.ndarray) -> float:
     """(V_pred - V_ref) / V_ref; nan when the reference is empty."""
     vr = int(np.count_nonzero(ref))

@@ -1,22 +1,17 @@
 """Postprocessing: keep only the largest connected component of a label, when that helps.
 
 The decision follows nnU-Net's rule: on the cross-validation predictions, a label gets
-largest-component filtering if it raises that label's mean Dice over the cases. The decision is
-stored as ``postprocessing.json`` in the model folder and applied by predict.
+largest-component filtering if it raises that label's mean Dice over the cases. find_best_configuration
+stores the decision as ``postprocessing.json``; predict applies it.
 """
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from spineauto.errors import SpineautoError
 from spineauto.evaluation.metrics import dice
-from spineauto.io.atomic import write_json
 
-log = logging.getLogger(__name__)
 POSTPROCESSING_FILE = "postprocessing.json"
 
 
@@ -69,28 +64,3 @@ def _mean(values: list[float]) -> float:
     vals = [v for v in values if np.isfinite(v)]
     return float(np.mean(vals)) if vals else float("nan")
 
-
-def validation_pairs(model_folder: Path, reference_dirs: Sequence[Path]) -> list[tuple[Callable, Callable]]:
-    """(prediction, reference) loaders for every fold_*/validation/<case>.nii.gz with a reference file."""
-    from spineauto.io.images import read_volume
-
-    preds = sorted(model_folder.glob("fold_[0-9]*/validation/*.nii.gz"))
-    if not preds:
-        raise SpineautoError(f"{model_folder}: no cross-validation predictions (fold_<k>/validation/*.nii.gz; fold_all does not count); train the folds first")
-    pairs = []
-    for p in preds:
-        ref = next((d / p.name for d in reference_dirs if (d / p.name).is_file()), None)
-        if ref is None:
-            raise SpineautoError(f"{p}: no ground truth {p.name} in {', '.join(map(str, reference_dirs))}; "
-                                 "set SPINEAUTO_RAW to the raw dataset")
-        pairs.append((lambda p=p: read_volume(p)[0].round().astype(np.int16),
-                      lambda r=ref: read_volume(r)[0].round().astype(np.int16)))
-    return pairs
-
-
-def determine_postprocessing(model_folder: Path, reference_dirs: Sequence[Path], labels: dict[str, int]) -> dict:
-    """Decide from the folds' validation predictions and write ``postprocessing.json``."""
-    decision = decide_postprocessing(validation_pairs(model_folder, reference_dirs), labels)
-    write_json(model_folder / POSTPROCESSING_FILE, decision)
-    log.info("postprocessing for %s: largest component for labels %s", model_folder.name, decision["largest_component_labels"])
-    return decision

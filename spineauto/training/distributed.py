@@ -55,15 +55,6 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, info: DistInfo):
-    """Rank 0's value on every rank (e.g. an error message, so all ranks stop together)."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def rank_batch_size(global_batch: int, info: DistInfo) -> int:
     """nnU-Net's split of the global batch over ranks (the first ranks take the remainder)."""
     if global_batch < info.world_size:
