@@ -50,7 +50,7 @@ def plan_and_preprocess(
 ):
     """Check the raw dataset, fingerprint it, write plans.json and preprocess every training case."""
     from spineauto.cli_views import plan_summary, stage_progress
-    from spineauto.planning.experiment import plan_and_preprocess as run
+    from spineauto.plan_and_preprocess import plan_and_preprocess as run
 
     with stage_progress(console) as progress:
         result = run(dataset, verify=not no_verify, preset=preset, workers=num_processes, progress=progress)
@@ -125,6 +125,8 @@ def train(
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Background data workers (default from the CPU count)."),
     num_gpus: int = typer.Option(1, "--num-gpus", help="DDP processes: relaunches this command through torchrun (gloo on CPU, NCCL on CUDA)."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the full-volume validation of the held-out cases."),
+    npz: bool = typer.Option(False, "--npz", help="Also save the validation's probabilities (validation/<case>.npz) so that "
+                             "find_best_configuration can score ensembles of configurations."),
 ):
     """Train one fold of a configuration from its plan; checkpoints, metrics and validation in the model folder."""
     if num_gpus > 1:
@@ -139,11 +141,13 @@ def train(
             if not skip:
                 argv.append(a)
         raise typer.Exit(relaunch_with_torchrun(num_gpus, argv))
-    from spineauto.training.trainer import train_fold
+    from spineauto.cli_views import TrainingBar
+    from spineauto.training.trainer import TrainOptions, train_fold
 
-    folder = train_fold(dataset, configuration, fold, epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
-                        device=device, amp=amp, amp_dtype=amp_dtype, wandb=wandb, seed=seed, continue_training=continue_training,
-                        pretrained=pretrained, num_workers=num_workers, validate=not no_validate)
+    options = TrainOptions(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters, device=device, amp=amp,
+                           amp_dtype=amp_dtype, wandb=wandb, seed=seed, continue_training=continue_training, pretrained=pretrained,
+                           num_workers=num_workers, validate=not no_validate, save_probabilities=npz, progress=TrainingBar(console))
+    folder = train_fold(dataset, configuration, fold, options)
     console.print(f"[green]trained[/] {folder}")
 
 
@@ -165,15 +169,26 @@ def predict(
     model_folder: Optional[Path] = typer.Option(None, "-m", "--model", help="Use this model folder instead of the one of -d/-c."),
 ):
     """Segment new scans with a trained model; masks keep each input's exact geometry."""
-    from spineauto.inference.cli_impl import run_predict
+    import torch
+
+    from spineauto import paths
+    from spineauto.cli_views import case_progress, make_progress, predict_summary
+    from spineauto.devices import resolve_device
+    from spineauto.inference.model import load_model
+    from spineauto.inference.predict import predict_folder
 
     folds = _split_folds(folds)
     if ctx.args:  # nnU-Net style `-f 0 1 2`: the values after the first arrive as extra arguments
         if not folds or not all(a.isdigit() or a == "all" for a in ctx.args):
             raise SpineautoError(f"unexpected argument(s) {' '.join(ctx.args)}; folds go after -f (e.g. -f 0 1 2 or -f all)")
         folds += ctx.args
-    run_predict(console, dataset, input, output, configuration, folds, checkpoint, not no_tta,
-                save_probabilities, device, model_folder)
+    torch.backends.cudnn.benchmark = True  # every forward pass has the same tile shape
+    folder = Path(model_folder) if model_folder else paths.model_folder(dataset, configuration)
+    model = load_model(folder, folds, checkpoint, resolve_device(device), configuration=configuration)
+    with make_progress(console) as progress:
+        result = predict_folder(model, input, output, tta=not no_tta, save_probabilities=save_probabilities,
+                                progress=case_progress(progress, "predict"))
+    predict_summary(console, model, result, output, not no_tta)
 
 
 def _split_folds(folds: Optional[List[str]]) -> Optional[List[str]]:
@@ -189,9 +204,15 @@ def ensemble(
     postprocessing: Optional[Path] = typer.Option(None, "--postprocessing", help="postprocessing.json to apply to the ensembled masks."),
 ):
     """Average saved probabilities of several models (configurations or trainings) and write masks."""
-    from spineauto.inference.cli_impl import run_ensemble
+    from spineauto.cli_views import case_progress, make_progress
+    from spineauto.inference.ensemble import ensemble_folders
+    from spineauto.inference.postprocessing import load_postprocessing
 
-    run_ensemble(console, [*inputs, *map(Path, ctx.args)], output, save_probabilities, postprocessing)
+    pp = load_postprocessing(postprocessing) if postprocessing is not None else None
+    with make_progress(console) as progress:
+        written = ensemble_folders([*inputs, *map(Path, ctx.args)], output, save_probabilities, pp,
+                                   progress=case_progress(progress, "ensemble"))
+    console.print(f"[green]wrote[/] {len(written)} ensembled mask(s) to {output}")
 
 
 @_command("evaluate")
@@ -202,9 +223,23 @@ def evaluate(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="summary.json to write (a .csv is written beside it); default PRED_DIR/summary.json."),
 ):
     """Dice, IoU, HD95, ASD, volume difference per label; lesion-wise detection for lesion labels."""
-    from spineauto.evaluation.cli_impl import run_evaluate
+    from rich.console import Console
 
-    run_evaluate(console, pred_dir, gt_dir, dataset, output)
+    from spineauto.cli_views import case_progress, evaluation_table, make_progress
+    from spineauto.evaluation.evaluate import dataset_labels, evaluate_folders, write_summary
+
+    if Path(gt_dir).is_file():  # a labels file (dataset.json cases, or CSV case,head,class): classification
+        from spineauto.evaluation.classification import evaluate_prediction_folder, print_report
+
+        out_dir = Path(output).parent if output else Path(pred_dir)
+        print_report(console, evaluate_prediction_folder(pred_dir, gt_dir, out_dir=out_dir), out_dir / "summary_classification.json")
+        return
+    labels = dataset_labels(dataset) if dataset else None
+    with make_progress(console) as progress:
+        summary = evaluate_folders(pred_dir, gt_dir, labels, progress=case_progress(progress, "evaluate"))
+    json_path, csv_path = write_summary(summary, output or Path(pred_dir) / "summary.json")
+    Console(width=max(120, Console().width)).print(evaluation_table(summary))
+    console.print(f"[green]wrote[/] {json_path} and {csv_path}")
 
 
 @_command("find_best_configuration")
@@ -214,9 +249,19 @@ def find_best_configuration(
     no_ensembles: bool = typer.Option(False, "--no-ensembles", help="Do not try ensembles of configurations."),
 ):
     """Compare trained configurations and their ensembles on the cross-validation; print the predict command."""
-    from spineauto.evaluation.cli_impl import run_find_best
+    from rich.console import Console
 
-    run_find_best(console, dataset, _split_folds(configurations), not no_ensembles)
+    from spineauto.cli_views import best_configuration_table
+    from spineauto.evaluation.best_configuration import find_best_configuration
+
+    result = find_best_configuration(dataset, _split_folds(configurations), not no_ensembles)
+    out = Console()
+    out.print(best_configuration_table(result))
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    out.print("predict with:")
+    for cmd in result.commands:
+        out.print(f"  {cmd}", highlight=False, soft_wrap=True)
 
 
 @app.command("demo")
@@ -230,7 +275,11 @@ def demo(
     """Generate synthetic spine phantoms, then plan, train fold 0, predict the held-out phantoms and evaluate."""
     from spineauto.demo import run_demo
 
-    run_demo(workdir, n_train=cases, seed=seed, epochs=epochs, iters_per_epoch=iters_per_epoch, console=console)
+    def run(*args: str) -> None:
+        console.rule("spineauto " + " ".join(args))
+        typer.main.get_command(app).main(list(args), prog_name="spineauto", standalone_mode=False)
+
+    run_demo(run, workdir, n_train=cases, seed=seed, epochs=epochs, iters_per_epoch=iters_per_epoch, console=console)
 
 
 def main() -> None:

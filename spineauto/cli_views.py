@@ -1,4 +1,4 @@
-"""Rich views for the CLI: progress bars and readable tables."""
+"""Rich views for the CLI: progress bars, readable tables and result summaries (no logic of their own)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -23,6 +23,76 @@ def stage_progress(console: Console):
                 bars[stage] = progress.add_task(stage, total=None)
             progress.advance(bars[stage])
         yield step
+
+
+def case_progress(progress: Progress, label: str):
+    """A ``progress(case, done, total)`` callback drawing one bar on ``progress``."""
+    task = {}
+
+    def step(case: str, done: int, total: int) -> None:
+        if "id" not in task:
+            task["id"] = progress.add_task(label, total=total)
+        progress.update(task["id"], completed=done, description=f"{label} {case}".rstrip())
+    return step
+
+
+class TrainingBar:
+    """The trainer's progress reporter: one bar over every remaining iteration, with ETA."""
+
+    def __init__(self, console: Console):
+        self.console, self.bar, self.task = console, None, None
+
+    def start(self, total: int) -> None:
+        self.bar = make_progress(self.console)
+        self.bar.__enter__()
+        self.task = self.bar.add_task("training", total=total)
+
+    def advance(self, description: str) -> None:
+        self.bar.update(self.task, advance=1, description=description)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or v != v else f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+
+
+def predict_summary(console: Console, model, result, output, tta: bool) -> None:
+    secs = list(result.seconds.values())
+    what = []
+    if model.plan.has_segmentation:
+        what.append(f"{len(result.written)} mask(s)")
+    if model.plan.has_classification:
+        what.append(f"{len(result.classifications)} classification(s) (<case>.json, classification.csv)")
+    console.print(f"[green]wrote[/] {' and '.join(what)} to {output} with {', '.join(model.folds)} "
+                  f"({'TTA' if tta else 'no TTA'}, {model.device}, {sum(secs) / max(1, len(secs)):.2f} s/case)")
+
+
+def evaluation_table(summary: dict) -> Table:
+    from spineauto.evaluation.evaluate import LESION_METRICS, VOXEL_METRICS
+
+    table = Table(title=f"{len(summary['metric_per_case'])} case(s): mean per label", title_justify="left")
+    cols = [*VOXEL_METRICS, *LESION_METRICS] if summary["lesion_labels"] else list(VOXEL_METRICS)
+    short = {"lesion_precision": "lesion P", "lesion_recall": "lesion R", "lesion_f1": "lesion F1", "hd95": "HD95 mm", "asd": "ASD mm"}
+    for c in ("label", *cols):
+        table.add_column(short.get(c, c), justify="right" if c != "label" else "left", no_wrap=True)
+    for name, row in summary["mean"].items():
+        table.add_row(name, *(_fmt(row.get(c)) for c in cols))
+    return table
+
+
+def best_configuration_table(result) -> Table:
+    table = Table(title=f"{result.dataset}: cross-validation", title_justify="left")
+    for c in ("candidate", "cases", "score", "score + postprocessing", "largest component for labels"):
+        table.add_column(c)
+    for c in result.candidates:
+        mark = " *" if c is result.best else ""
+        table.add_row(c.name + mark, str(c.cases), f"{_fmt(c.dice)} {c.metric}", _fmt(c.dice_postprocessed),
+                      ", ".join(map(str, c.postprocessing.get("largest_component_labels", []))) or "none")
+    return table
 
 
 def plan_summary(console: Console, result) -> None:

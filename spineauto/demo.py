@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 
@@ -17,17 +18,10 @@ DATASET = f"Dataset{DATASET_ID:03d}_DemoPhantoms"
 DEMO_PRESET = Path(__file__).resolve().parents[1] / "plans" / "demo_cpu.yaml"
 
 
-def _run(console: Console, *args: str) -> None:
-    import typer
-
-    from spineauto.cli import app
-
-    console.rule("spineauto " + " ".join(args))
-    typer.main.get_command(app).main(list(args), prog_name="spineauto", standalone_mode=False)
-
-
-def run_demo(workdir: Path, n_train: int = 16, n_test: int = 6, seed: int = 0, epochs: int = 10,
+def run_demo(run: Callable[..., None], workdir: Path, n_train: int = 16, n_test: int = 6, seed: int = 0, epochs: int = 10,
              iters_per_epoch: int = 25, console: Console | None = None) -> Path:
+    """``run(*args)`` runs one ``spineauto`` command (the CLI passes its own app: the demo runs
+    exactly what a user would type)."""
     from spineauto.datasets.phantoms import write_phantom_dataset
 
     console = console or Console(stderr=True)
@@ -39,12 +33,12 @@ def run_demo(workdir: Path, n_train: int = 16, n_test: int = 6, seed: int = 0, e
     if not (raw / "dataset.json").is_file():
         console.print(f"writing {n_train} + {n_test} synthetic spine phantoms to {raw}")
         write_phantom_dataset(raw, n_train=n_train, n_test=n_test, seed=seed)
-    _run(console, "plan_and_preprocess", "-d", str(DATASET_ID), "--preset", str(DEMO_PRESET))
-    _run(console, "train", "-d", str(DATASET_ID), "-f", "0", "-c", "2d", "--epochs", str(epochs),
-         "--iters-per-epoch", str(iters_per_epoch), "--wandb", "disabled", "--seed", str(seed))
+    run("plan_and_preprocess", "-d", str(DATASET_ID), "--preset", str(DEMO_PRESET))
+    run("train", "-d", str(DATASET_ID), "-f", "0", "-c", "2d", "--epochs", str(epochs),
+        "--iters-per-epoch", str(iters_per_epoch), "--wandb", "disabled", "--seed", str(seed))
     predictions = workdir / "predictions"
-    _run(console, "predict", "-d", str(DATASET_ID), "-i", str(raw / "imagesTs"), "-o", str(predictions), "-f", "0")
-    _run(console, "evaluate", str(predictions), str(raw / "labelsTs"), "-d", str(DATASET_ID),
-         "-o", str(workdir / "evaluation" / "summary.json"))
+    run("predict", "-d", str(DATASET_ID), "-i", str(raw / "imagesTs"), "-o", str(predictions), "-f", "0")
+    run("evaluate", str(predictions), str(raw / "labelsTs"), "-d", str(DATASET_ID),
+        "-o", str(workdir / "evaluation" / "summary.json"))
     console.print(f"[green]demo finished[/]: predictions in {predictions}, metrics in {workdir / 'evaluation'}")
     return workdir

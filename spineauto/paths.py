@@ -80,3 +80,8 @@ def model_folder(dataset: str | int, configuration: str, plans_name: str = "spin
                  trainer: str = TRAINER_NAME, results: Path | str | None = None) -> Path:
     """``<results>/<Dataset>/<trainer>__<plans>__<configuration>``: a self-contained trained model."""
     return results_dataset(dataset, results) / f"{trainer}__{plans_name}__{configuration}"
+
+
+def configuration_of(model_folder: Path | str) -> str:
+    """The configuration a model folder ``<trainer>__<plans>__<configuration>`` was trained for."""
+    return Path(model_folder).name.split("__")[-1]

@@ -43,7 +43,7 @@ def test_real_dataset_layout_reads_as_a_raw_dataset(raw, tmp_path):
 
 
 def test_slicing_report_reads_planes_and_in_plane_spacing(raw, tmp_path):
-    from spineauto.planning.experiment import plan_and_preprocess
+    from spineauto.plan_and_preprocess import plan_and_preprocess
 
     sa = plan_and_preprocess(raw.name, workers=1, raw=raw.parent, preprocessed=tmp_path / "sa").folder
     nn_pre = tmp_path / "nn"  # no nnU-Net arrays: the reading cannot be verified, and says so

@@ -42,7 +42,7 @@ def phantoms(tmp_path_factory):
         mp.setenv(f"SPINEAUTO_{kind.upper()}", str(root / kind))
     mp.setenv("WANDB_MODE", "disabled")
     raw = write_phantom_dataset(root / "raw" / "Dataset021_ClsPhantoms", n_train=12, n_test=6, seed=3)
-    from spineauto.planning.experiment import plan_and_preprocess
+    from spineauto.plan_and_preprocess import plan_and_preprocess
 
     plan_and_preprocess(21, workers=2)
     pre = root / "preprocessed" / "Dataset021_ClsPhantoms"

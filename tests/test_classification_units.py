@@ -133,38 +133,71 @@ def test_single_class_folder_is_refused(tmp_path, spineauto_env, capsys):
     assert code == 1 and "only one class folder" in err and "Traceback" not in err
 
 
-def test_slice_probabilities_average_windows_and_folds():
-    import torch
-
-    from spineauto.inference.classify import classify_layout, slice_probabilities, slice_tiles
+def _cls_plan(task="classification"):
     from spineauto.planning.plans import ConfigurationPlan, HeadPlan, NetworkPlan
 
-    plan = ConfigurationPlan(name="cls", task="classification", data_identifier="2d", slicing="per_case", isotropic_plane="axial",
+    return ConfigurationPlan(name="cls", task=task, data_identifier="2d", slicing="per_case", isotropic_plane="axial",
                              target_spacing=[1.0, 1.0], patch_size=[32, 32], batch_size=2, normalization=["ZScoreNormalization"],
                              use_mask_for_norm=[False], network=NetworkPlan(), heads=[HeadPlan("view", ["axial", "sagittal"], [1.0, 1.0])])
-    tiles, per_slice = slice_tiles(torch.zeros(3, 1, 20, 37), plan.patch_size)  # padded to 32 x 37: two windows
-    assert tuple(tiles.shape) == (6, 1, 32, 32) and per_slice == 2
 
-    class Fixed(torch.nn.Module):  # logits from the slice mean: (m, 0)
-        def __init__(self, scale):
-            super().__init__()
-            self.scale = scale
 
-        def forward(self, x):
-            assert tuple(x.shape[-2:]) == (32, 32)  # the training patch
-            m = x.mean(dim=(1, 2, 3)) * self.scale
-            return {"cls": {"view": torch.stack([m, torch.zeros_like(m)], 1)}}
+class _Fixed:
+    """A stand-in network: classification logits (slice-window mean * scale, 0); with ``seg``, the
+    window itself as foreground logits; counts the windows it sees."""
 
+    def __new__(cls, scale, seg=False):
+        import torch
+
+        class Fixed(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.windows = 0
+
+            def forward(self, x):
+                assert tuple(x.shape[-2:]) == (32, 32)  # the training patch
+                self.windows += x.shape[0]
+                m = x.mean(dim=(1, 2, 3)) * scale
+                out = {"cls": {"view": torch.stack([m, torch.zeros_like(m)], 1)}}
+                if seg:
+                    out["seg"] = torch.cat([torch.zeros_like(x[:, :1]), 4 * x[:, :1] - 2], 1)
+                return out
+        return Fixed()
+
+
+def test_slice_probabilities_average_windows_and_folds():
+    from spineauto.inference.classify import aggregate_slices
+    from spineauto.inference.predictor import run_networks
+
+    plan = _cls_plan()
+    nets = [_Fixed(1.0), _Fixed(3.0)]
     data = np.zeros((1, 2, 20, 20), np.float32)
-    data[0, 1] = 1.0  # slice 0: logits (0, 0); slice 1: (scale * 400/1024, 0) after padding
-    r = classify_layout([Fixed(1.0), Fixed(3.0)], data, plan, "cpu", case="x")
+    data[0, 1] = 1.0  # slice 0: logits (0, 0); slice 1: (scale * 400/1024, 0) after centred padding to the patch
+    out = run_networks(nets, data, plan, "cpu", tta=False)
+    assert out.seg is None and all(n.windows == 2 for n in nets)  # one window per slice, each network once
+    p = aggregate_slices(out.cls["view"])
     m = 400 / 1024
     p1 = [1 / (1 + np.exp(-m * s)) for s in (1.0, 3.0)]  # P(axial) of slice 1 per network
-    expected = (0.5 + np.mean(p1)) / 2
-    assert r.probabilities["view"][0] == pytest.approx(expected, abs=1e-5) and r.predicted("view") == "axial"
-    assert r.probabilities["view"].sum() == pytest.approx(1.0) and r.n_slices == 2
+    assert p[0] == pytest.approx((0.5 + np.mean(p1)) / 2, abs=1e-5) and p.sum() == pytest.approx(1.0)
     big = np.zeros((1, 3, 40, 64), np.float32)
-    big[0, :, :, :32] = 1.0  # windows at x 0, 32 (and 16): their mean over the slice's windows
-    p = slice_probabilities([Fixed(1.0)], big, plan, "cpu", batch_slices=2)["view"]
+    big[0, :, :, :32] = 1.0  # windows at x 0, 16, 32 (and y 0, 8): their mean over the slice's windows
+    one = _Fixed(1.0)
+    cls = run_networks([one], big, plan, "cpu", tta=False, batch_slices=2).cls["view"]
     steps_mean = np.mean([1 / (1 + np.exp(-v)) for v in (1.0, 0.5, 0.0)])  # windows fully, half, not inside the bright part
-    assert p.shape == (3, 2) and p[:, 0] == pytest.approx([steps_mean] * 3, abs=1e-5)
+    assert cls.shape == (3, 2) and cls[:, 0] == pytest.approx([steps_mean] * 3, abs=1e-5)
+    assert one.windows == 3 * 2 * 3  # 3 slices x 2 x 3 windows
+
+
+def test_multitask_runs_each_window_through_the_networks_once():
+    """Masks and classes of a multitask model come from one pass: every window is seen once per
+    network and mirror, not once for the masks and again for the classes."""
+    from spineauto.inference.predictor import mirror_combinations, run_networks
+
+    plan = _cls_plan("multitask")
+    net = _Fixed(1.0, seg=True)
+    data = np.zeros((1, 4, 20, 20), np.float32)
+    data[0, :, 5:15, 5:15] = 1.0
+    out = run_networks([net], data, plan, "cpu", tta=True)
+    assert net.windows == 4 * (1 + len(mirror_combinations(plan.augmentation.mirror_axes)))  # 4 slices, 1 window each
+    assert out.seg.shape == (2, 4, 20, 20) and out.cls["view"].shape == (4, 2)
+    fg = out.seg[1].numpy() > 0.5
+    assert fg[:, 5:15, 5:15].all() and not fg[:, :5].any()  # the bright square is the foreground, in place

@@ -202,3 +202,41 @@ def test_find_best_configuration(spineauto_env, capsys):
     best = json.loads((results / "best_configuration.json").read_text())
     assert [c["name"] for c in best["candidates"]] == ["2d", "multitask", "2d+multitask"]
     assert (results / "ensemble__2d+multitask__postprocessing.json").is_file()
+
+
+def test_find_best_configuration_ranks_classification_by_balanced_accuracy(spineauto_env, capsys):
+    """cls configurations are ranked from their cross-validation <case>.json against dataset.json."""
+    from spineauto.inference.classify import CaseClassification, write_case_json, write_classification_csv
+
+    results = spineauto_env["results"] / "Dataset003_View"
+    truth = {"a": "axial", "b": "axial", "c": "sagittal", "d": "sagittal"}
+    guesses = {"cls": {"a": "axial", "b": "axial", "c": "sagittal", "d": "axial"},  # balanced accuracy (1 + 0.5) / 2
+               "multitask": {"a": "axial", "b": "sagittal", "c": "axial", "d": "axial"}}  # (0.5 + 0) / 2
+    plan = {"name": "x", "task": "classification", "data_identifier": "2d", "slicing": "per_case", "isotropic_plane": "axial",
+            "target_spacing": [1.0, 1.0], "patch_size": [32, 32], "batch_size": 2, "normalization": ["ZScoreNormalization"],
+            "use_mask_for_norm": [False], "network": {}, "heads": [{"name": "view", "classes": ["axial", "sagittal"], "class_weights": [1, 1]}]}
+    for cfg, guess in guesses.items():
+        folder = results / f"spineautoTrainer__spineautoPlans__{cfg}"
+        plans = {"dataset_name": "Dataset003_View", "channel_names": {"0": "T2w"}, "labels": {}, "heads": {"view": ["axial", "sagittal"]},
+                 "lesion_labels": [], "configurations": {cfg: {**plan, "name": cfg}},
+                 "foreground_intensity_properties_per_channel": {"0": dict(mean=0, std=1, median=0, p00_5=0, p99_5=1, min=0, max=1)},
+                 "schema_version": 2}
+        folder.mkdir(parents=True)
+        (folder / "plans.json").write_text(json.dumps(plans))
+        (folder / "dataset.json").write_text(json.dumps({"cases": {c: {"classes": {"view": v}} for c, v in truth.items()}}))
+        for fold, cases in enumerate((["a", "c"], ["b", "d"])):
+            out = folder / f"fold_{fold}" / "validation"
+            out.mkdir(parents=True)
+            rs = [CaseClassification(c, {"view": np.array([0.9, 0.1] if guess[c] == "axial" else [0.1, 0.9])},
+                                     {"view": ["axial", "sagittal"]}, 3) for c in cases]
+            for r in rs:
+                write_case_json(out, r)
+            write_classification_csv(out, rs)
+    code, stdout, err = run_cli(capsys, "find_best_configuration", "-d", "3")
+    assert code == 0, err
+    best = json.loads((results / "best_configuration.json").read_text())
+    rows = {c["name"]: c for c in best["candidates"]}
+    assert rows["cls"]["dice"] == pytest.approx(0.75) and rows["multitask"]["dice"] == pytest.approx(0.25)
+    assert rows["cls"]["metric"] == "balanced accuracy" and rows["cls"]["cases"] == 4
+    assert best["best"]["name"] == "cls"
+    assert "spineauto predict -d Dataset003_View -c cls" in stdout

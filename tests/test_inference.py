@@ -21,7 +21,7 @@ torch.set_num_threads(2)
 def planned(tmp_path_factory):
     """A phantom dataset, planned and preprocessed, with a 2-fold model folder of small random networks."""
     from spineauto.datasets.phantoms import write_phantom_dataset
-    from spineauto.planning.experiment import plan_and_preprocess
+    from spineauto.plan_and_preprocess import plan_and_preprocess
 
     root = tmp_path_factory.mktemp("inference")
     env = {k: root / k for k in ("raw", "preprocessed", "results")}
@@ -219,7 +219,8 @@ def test_oracle_model_restores_the_exact_label_grid(env, planned, capsys, tmp_pa
 
 def test_postprocessing_is_decided_and_applied(env, capsys, tmp_path, monkeypatch):
     from spineauto.inference import model as model_mod
-    from spineauto.inference.postprocessing import decide_postprocessing, keep_largest_component
+    from spineauto.evaluation.best_configuration import decide_postprocessing
+    from spineauto.inference.postprocessing import keep_largest_component
 
     ref = np.zeros((20, 20, 20), np.int16)
     ref[5:12, 5:12, 5:12] = 1
@@ -228,7 +229,7 @@ def test_postprocessing_is_decided_and_applied(env, capsys, tmp_path, monkeypatc
     pred = ref.copy()
     pred[0:2, 0:2, 0:2] = 1  # a spurious cord island
     assert (keep_largest_component(pred, 1) == ref).all()
-    pp = decide_postprocessing([(lambda: pred, lambda: ref)], {"background": 0, "cord": 1, "lesion": 2})
+    pp = decide_postprocessing({"a": pred}, {"a": ref}, {"background": 0, "cord": 1, "lesion": 2})
     assert pp["largest_component_labels"] == [1]  # cord yes; lesions are several components: no
 
     results = tmp_path / "results"
@@ -291,6 +292,36 @@ def test_self_contained_model_folder(env, planned, capsys, tmp_path, monkeypatch
     code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", inp, "-o", tmp_path / "out", "--no-tta", "--device", "cpu")
     assert code == 0, err
     assert len(list((tmp_path / "out").glob("*.nii.gz"))) == 2
+    assert sorted(p.name for p in (moved / planned[1].name).iterdir()) == ["dataset.json", "fold_0", "fold_1", "plans.json"]
+
+
+def test_model_folder_of_plans_schema_1_still_predicts(env, planned, capsys, tmp_path, monkeypatch):
+    """Before the intensity statistics moved into plans.json, a model folder carried them in
+    fingerprint.json: such a folder loads (migrated on the fly) and predicts the same masks."""
+    import json
+
+    from spineauto.inference.model import load_model
+
+    old = tmp_path / "old" / "Dataset001_Ph" / planned[1].name
+    shutil.copytree(planned[1], old)
+    plans = json.loads((old / "plans.json").read_text())
+    stats = [plans.pop("foreground_intensity_properties_per_channel")[str(c)] for c in range(len(plans["channel_names"]))]
+    plans["schema_version"] = 1
+    (old / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(Exception, match="fingerprint.json"):
+        load_model(old)
+    stats[0]["mean"] += 1.0  # the statistics really come from the fingerprint: a CT-style channel would change
+    (old / "fingerprint.json").write_text(json.dumps({"intensity": stats}))
+    model = load_model(old)
+    assert model.plans.schema_version == 2 and model.intensity[0].mean == pytest.approx(stats[0]["mean"])
+    inp = env["raw"] / "Dataset001_Ph" / "imagesTs"
+    outs = {}
+    for name, folder in (("new", planned[1]), ("old", old)):
+        code, _, err = run_cli(capsys, "predict", "-m", folder, "-d", "1", "-i", inp, "-o", tmp_path / name, "--no-tta", "--device", "cpu")
+        assert code == 0, err
+        outs[name] = {p.name: np.asanyarray(nib.load(str(p)).dataobj) for p in (tmp_path / name).glob("*.nii.gz")}
+    assert outs["new"].keys() == outs["old"].keys() and len(outs["new"]) == 2
+    assert all(np.array_equal(outs["new"][k], outs["old"][k]) for k in outs["new"])  # z-score normalisation: per-image
 
 
 def _one_line_error(code, err, *needles):

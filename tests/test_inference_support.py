@@ -15,7 +15,7 @@ SMALL_FEATURES = [4, 8, 16, 32, 64]
 
 def make_model_folder(preprocessed: Path, results: Path, configuration: str = "2d", folds=(0,), seed: int = 0,
                       normalization: str | None = None, features=SMALL_FEATURES) -> Path:
-    """A model folder (plans, dataset.json, fingerprint.json, fold_k/checkpoint_final.pt) with random small networks."""
+    """A model folder (plans, dataset.json, fold_k/checkpoint_final.pt) with random small networks."""
     from spineauto.networks.build import build_network
 
     plans = Plans.load(preprocessed / "plans.json")
@@ -27,8 +27,7 @@ def make_model_folder(preprocessed: Path, results: Path, configuration: str = "2
     folder = results / preprocessed.name / f"spineautoTrainer__spineautoPlans__{configuration}"
     folder.mkdir(parents=True, exist_ok=True)
     plans.save(folder / "plans.json")
-    for name in ("dataset.json", "fingerprint.json"):
-        shutil.copy(preprocessed / name, folder / name)
+    shutil.copy(preprocessed / "dataset.json", folder / "dataset.json")
     for k in folds:
         torch.manual_seed(seed + (k if isinstance(k, int) else 99))
         net = build_network(cfg, len(plans.channel_names), plans.num_classes)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import REAL_PAIRS, layout_real_dataset, run_cli
-from spineauto.planning.experiment import plan_and_preprocess
+from spineauto.plan_and_preprocess import plan_and_preprocess
 from spineauto.planning.plans import Plans
-from spineauto.preprocessing.preprocess import restore_to_original
+from spineauto.inference.restore import restore_label_map
 
 
 @pytest.fixture
@@ -77,8 +77,7 @@ def test_preprocessed_cases_are_normalised_and_restore_to_the_input_grid(real_pl
         assert abs(float(data.mean())) < 0.2 and 0.8 < float(data.std()) < 1.2
         assert set(np.unique(seg).tolist()) == {0, 1}
         # one-hot of the stored mask, restored, must overlay the original mask
-        onehot = np.stack([seg[0] == 0, seg[0] == 1]).astype(np.float32)
-        restored = restore_to_original(onehot, props, fill=1.0).argmax(0)
+        restored = restore_label_map(seg, props)
         original = nib.load(str(layout_dir(real_planned) / "labelsTr" / f"{case}.nii.gz"))
         truth = np.asanyarray(original.dataobj) > 0
         assert restored.shape == truth.shape

@@ -23,7 +23,7 @@ from conftest import run_cli
 from spineauto.errors import SpineautoError
 
 DATASET = "Dataset001_Phantoms"
-FAST = dict(val_iters=1, wandb="disabled", progress=False, num_workers=0, validate=False)
+FAST = dict(val_iters=1, wandb="disabled", num_workers=0, validate=False)
 
 
 def tiny_plan(plans_path: Path) -> None:
@@ -41,7 +41,7 @@ def tiny_plan(plans_path: Path) -> None:
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
     from spineauto.datasets.phantoms import write_phantom_dataset
-    from spineauto.planning.experiment import plan_and_preprocess
+    from spineauto.plan_and_preprocess import plan_and_preprocess
 
     torch.set_num_threads(1)  # 2 threads on a shared 2-core machine can be 10x slower (OpenMP oversubscription)
     root = tmp_path_factory.mktemp("training")
@@ -57,10 +57,11 @@ def phantoms(tmp_path_factory):
 
 
 def _train(phantoms: Path, results: str, **kw) -> Path:
-    from spineauto.training.trainer import train_fold
+    from spineauto.training.trainer import TrainOptions, train_fold
 
     args = {**FAST, **kw}
-    return train_fold(1, args.pop("configuration", "2d"), args.pop("fold", 0), results=phantoms / results, **args)
+    configuration, fold = args.pop("configuration", "2d"), args.pop("fold", 0)
+    return train_fold(1, configuration, fold, TrainOptions(results=phantoms / results, **args))
 
 
 def _history(fold_dir: Path) -> list[dict]:
@@ -184,8 +185,8 @@ def fit_and_dump(self):
     torch.save(self.logger.history, r"{tmp_path}/history%d.pt" % self.info.rank)
 T.Trainer.fit = fit_and_dump
 torch.set_num_threads(1)
-T.train_fold(1, "2d", 0, epochs=2, iters_per_epoch=3, val_iters=1, device="cpu", wandb="disabled", num_workers=0,
-             results=r"{phantoms / 'ddp'}", progress=False, validate=False)
+T.train_fold(1, "2d", 0, T.TrainOptions(epochs=2, iters_per_epoch=3, val_iters=1, device="cpu", wandb="disabled", num_workers=0,
+             results=r"{phantoms / 'ddp'}", validate=False))
 """)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
@@ -313,3 +314,33 @@ def test_checkpoint_write_failure_leaves_no_corrupt_file(phantoms, monkeypatch):
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     assert (fold / "checkpoint_latest.pt").read_bytes() == before
     assert not [p for p in fold.iterdir() if ".tmp" in p.name]
+
+
+# -- find_best_configuration on what training wrote ------------------------------------------------
+def test_find_best_configuration_ensembles_what_training_wrote(phantoms, monkeypatch):
+    """Two configurations trained with --npz: the ensemble row is the Dice of the mean of the
+    validation probabilities the trainer saved, and the best candidate is the highest row."""
+    from spineauto.evaluation.best_configuration import find_best_configuration
+    from spineauto.evaluation.metrics import dice
+    from spineauto.inference.ensemble import average_probabilities
+    from spineauto.io.images import read_volume
+
+    plans_path = phantoms / "preprocessed" / DATASET / "plans.json"
+    data = json.loads(plans_path.read_text())
+    data["configurations"]["2d_wide"] = {**data["configurations"]["2d"], "name": "2d_wide"}
+    data["configurations"]["2d_wide"]["network"] = {**data["configurations"]["2d"]["network"], "features_per_stage": [12, 24, 48, 96]}
+    plans_path.write_text(json.dumps(data, indent=1))
+    monkeypatch.setenv("SPINEAUTO_RESULTS", str(phantoms / "ensemble"))
+    folds = {c: _train(phantoms, "ensemble", configuration=c, epochs=2, iters_per_epoch=10, validate=True, save_probabilities=True)
+             for c in ("2d", "2d_wide")}
+    result = find_best_configuration(1)
+    rows = {c.name: c for c in result.candidates}
+    assert list(rows) == ["2d", "2d_wide", "2d+2d_wide"]
+    refs = {p.name[:-7]: read_volume(p)[0].round() for p in (phantoms / "raw" / DATASET / "labelsTr").glob("*.nii.gz")}
+    cases = sorted(p.name[:-4] for p in (folds["2d"] / "validation").glob("*.npz"))
+    assert cases and cases == sorted(p.name[:-4] for p in (folds["2d_wide"] / "validation").glob("*.npz"))
+    ens = [dice(average_probabilities([folds[c] / "validation" / f"{case}.npz" for c in folds])[0].argmax(0) == 1, refs[case] == 1)
+           for case in cases]
+    assert rows["2d+2d_wide"].dice == pytest.approx(float(np.mean(ens)), abs=1e-6) and rows["2d+2d_wide"].cases == len(cases)
+    assert result.best is max(result.candidates, key=lambda c: c.best_dice)
+    assert (phantoms / "ensemble" / DATASET / "best_configuration.json").is_file()

@@ -135,3 +135,17 @@ def write_summary(summary: dict, json_path: Path) -> tuple[Path, Path]:
     csv_path = json_path.with_suffix(".csv")
     write_atomic(csv_path, lambda p: p.write_text(buf.getvalue()))
     return json_path, csv_path
+
+
+def dataset_labels(dataset: str) -> LabelSet:
+    """Labels of a dataset from the first dataset.json found in raw, preprocessed or a model folder."""
+    from spineauto import paths
+    from spineauto.io.atomic import read_json
+
+    name = paths.resolve_dataset(dataset)
+    candidates = [paths.root("raw") / name / "dataset.json", paths.root("preprocessed") / name / "dataset.json",
+                  *sorted((paths.root("results") / name).glob("*/dataset.json"))]
+    for c in candidates:
+        if c.is_file():
+            return labels_from_dataset_json(read_json(c))
+    raise SpineautoError(f"dataset {name}: no dataset.json in {', '.join(str(c.parent) for c in candidates[:2])} or its model folders")

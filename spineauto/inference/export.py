@@ -15,6 +15,7 @@ import numpy as np
 
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import save_nifti, write_atomic
+from spineauto.io.images import load_nifti
 
 
 def mask_image(labels: np.ndarray, header: nib.Nifti1Header, shape: tuple[int, ...]) -> nib.Nifti1Image:
@@ -42,7 +43,7 @@ def write_mask(target: Path, labels: np.ndarray, header: nib.Nifti1Header | None
 
 def write_probabilities(target: Path, probs: np.ndarray, reference: Path, labels: list[int]) -> Path:
     """``probabilities`` (K, X, Y, Z) float32 + the written mask's header, as a compressed npz."""
-    header = nib.load(str(reference)).header
+    header = load_nifti(Path(reference)).header
 
     def _write(p: Path) -> None:
         with open(p, "wb") as f:

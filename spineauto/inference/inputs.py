@@ -1,4 +1,4 @@
-"""Input cases for predict: NIfTI files (nnU-Net ``<case>_0000.nii.gz`` naming or plain
+"""Input cases for predict (case sources of :mod:`spineauto.inference.driver`): NIfTI files (nnU-Net ``<case>_0000.nii.gz`` naming or plain
 ``<case>.nii.gz``, single file or folder) or DICOM series (one case per stack).
 
 Every case is read into ``(C, X, Y, Z)`` float32 with its RAS affine, plus a reference to write the
@@ -47,15 +47,24 @@ class InputCase:
             return read_channels(self.files)
         return sitk_to_array(self.dicom)[None], sitk_affine(self.dicom)
 
-    def reference_header(self) -> nib.Nifti1Header | None:
-        if not self.files:
-            return None
-        return load_nifti(self.files[0]).header
+    def preprocessed(self, model) -> tuple[np.ndarray, dict]:
+        """Read, reorient and preprocess with the model's plan: ((C, S, H, W), restore properties)."""
+        from spineauto.preprocessing.preprocess import preprocess_array
 
-    def reference_shape(self) -> tuple[int, ...]:
+        data, affine = self.read()
+        if data.shape[0] != model.num_channels:
+            raise SpineautoError(f"{self.source}: {data.shape[0]} channel(s) but the model expects {model.num_channels}")
+        layout, _, props = preprocess_array(data, affine, model.plan, model.intensity)
+        return layout, props
+
+    def write_mask(self, target: Path, labels: np.ndarray) -> Path:
+        """The mask with the first channel's NIfTI header, or the DICOM series' geometry."""
+        from spineauto.inference.export import write_mask
+
         if self.files:
-            return tuple(load_nifti(self.files[0]).shape)
-        return tuple(self.dicom.GetSize())
+            reference = load_nifti(self.files[0])
+            return write_mask(target, labels, header=reference.header, shape=tuple(reference.shape))
+        return write_mask(target, labels, sitk_reference=self.dicom)
 
 
 def sitk_to_array(image) -> np.ndarray:

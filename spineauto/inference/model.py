@@ -1,5 +1,6 @@
-"""A trained model loaded from its self-contained model folder (plans, label map, intensity
-statistics, postprocessing and fold checkpoints); nothing from the raw or preprocessed data."""
+"""A trained model loaded from its self-contained model folder (``plans.json`` with the intensity
+statistics, ``dataset.json``, postprocessing and fold checkpoints); nothing from the raw or
+preprocessed data. The trainer wraps its live network in the same :class:`TrainedModel` to validate."""
 from __future__ import annotations
 
 import logging
@@ -9,10 +10,11 @@ from typing import Sequence
 
 import torch
 
+from spineauto import paths
 from spineauto.errors import SpineautoError
-from spineauto.io.atomic import read_json
-from spineauto.planning.fingerprint import Fingerprint, IntensityStats
-from spineauto.planning.plans import ConfigurationPlan, Plans
+from spineauto.inference.postprocessing import POSTPROCESSING_FILE, load_postprocessing
+from spineauto.io.checkpoints import load_checkpoint, network_state
+from spineauto.planning.plans import ConfigurationPlan, IntensityStats, Plans
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = ("final", "best", "latest")
@@ -23,11 +25,14 @@ class TrainedModel:
     folder: Path
     plans: Plans
     plan: ConfigurationPlan
-    intensity: list[IntensityStats]
     networks: list[torch.nn.Module]
     folds: list[str]
     device: torch.device
     postprocessing: dict = field(default_factory=dict)
+
+    @property
+    def intensity(self) -> list[IntensityStats]:
+        return self.plans.intensity
 
     @property
     def num_channels(self) -> int:
@@ -36,16 +41,6 @@ class TrainedModel:
     @property
     def label_values(self) -> list[int]:
         return sorted(set(self.plans.labels.values()))
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SpineautoError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise SpineautoError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
 
 
 def fold_folders(folder: Path) -> list[str]:
@@ -86,14 +81,7 @@ def load_checkpoint_network(path: Path, plan: ConfigurationPlan, in_channels: in
                             device: torch.device) -> torch.nn.Module:
     from spineauto.networks.build import build_network
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many kinds for a damaged file
-        raise SpineautoError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); retrain or copy it again") from None
-    state = ckpt.get("network") if isinstance(ckpt, dict) else None
-    if state is None:
-        raise SpineautoError(f"{path}: not a spineauto checkpoint (no 'network' entry)")
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    state = network_state(load_checkpoint(path), path)
     net = build_network(plan, in_channels, num_classes)
     try:
         net.load_state_dict(state)
@@ -118,16 +106,15 @@ def load_model(folder: Path, folds: Sequence[str] | None = None, checkpoint: str
                              "Train first or set SPINEAUTO_RESULTS")
     plans = Plans.load(folder / "plans.json")
     if configuration is None:
-        configuration = folder.name.split("__")[-1]
+        configuration = paths.configuration_of(folder)
     plan = plans.configuration(configuration)
     if not (plan.has_segmentation or plan.has_classification):
         raise SpineautoError(f"{folder}: configuration {plan.name!r} has neither segmentation nor classification output")
-    intensity = Fingerprint.load(folder / "fingerprint.json").intensity
     device = torch.device(device) if not isinstance(device, torch.device) else device
     files = select_folds(folder, folds, checkpoint)
     nets = [load_checkpoint_network(f, plan, len(plans.channel_names), plans.num_classes, device) for f in files]
-    pp_file = folder / "postprocessing.json"
-    postprocessing = read_json(pp_file) if pp_file.is_file() else {}
+    pp_file = folder / POSTPROCESSING_FILE
+    postprocessing = load_postprocessing(pp_file) if pp_file.is_file() else {}
     log.info("loaded %s: %s (%s checkpoints) on %s", folder.name, ", ".join(f.parent.name for f in files), checkpoint, device)
-    return TrainedModel(folder=folder, plans=plans, plan=plan, intensity=intensity, networks=nets,
+    return TrainedModel(folder=folder, plans=plans, plan=plan, networks=nets,
                         folds=[f.parent.name for f in files], device=device, postprocessing=postprocessing)

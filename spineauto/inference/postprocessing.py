@@ -1,16 +1,17 @@
 """Postprocessing: keep only the largest connected component of a label, when that helps.
 
-The decision follows nnU-Net's rule: on the cross-validation predictions, a label gets
-largest-component filtering if it raises that label's mean Dice over the cases. find_best_configuration
-stores the decision as ``postprocessing.json``; predict applies it.
+find_best_configuration decides it on the cross-validation (nnU-Net's rule, in
+:mod:`spineauto.evaluation.best_configuration`) and stores it as ``postprocessing.json``; predict and
+ensemble apply it.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from spineauto.evaluation.metrics import dice
+from spineauto.errors import SpineautoError
+from spineauto.io.atomic import read_json
 
 POSTPROCESSING_FILE = "postprocessing.json"
 
@@ -38,29 +39,17 @@ def apply_postprocessing(seg: np.ndarray, postprocessing: dict) -> np.ndarray:
     return seg
 
 
-def decide_postprocessing(pairs: Sequence[tuple[Callable[[], np.ndarray], Callable[[], np.ndarray]]],
-                          labels: dict[str, int]) -> dict:
-    """Decide per label from (load prediction, load reference) pairs; returns the postprocessing dict."""
-    fg = {n: v for n, v in labels.items() if v != 0}
-    before: dict[str, list[float]] = {n: [] for n in fg}
-    after: dict[str, list[float]] = {n: [] for n in fg}
-    for load_pred, load_ref in pairs:
-        pred, ref = load_pred(), load_ref()
-        for name, v in fg.items():
-            before[name].append(dice(pred == v, ref == v))
-            after[name].append(dice(keep_largest_component(pred, v) == v, ref == v))
-    chosen, report = [], {}
-    for name, v in fg.items():
-        b, a = _mean(before[name]), _mean(after[name])
-        use = bool(np.isfinite(a) and np.isfinite(b) and a > b)
-        report[name] = {"dice_before": b, "dice_after": a, "largest_component": use}
-        if use:
-            chosen.append(v)
-    return {"largest_component_labels": chosen, "cases": len(pairs), "per_label": report,
-            "rule": "keep the largest 26-connected component of a label if it raises the label's mean cross-validation Dice"}
-
-
-def _mean(values: list[float]) -> float:
-    vals = [v for v in values if np.isfinite(v)]
-    return float(np.mean(vals)) if vals else float("nan")
-
+def load_postprocessing(path: Path) -> dict:
+    """A ``postprocessing.json``, checked: ``{"largest_component_labels": [label values], ...}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpineautoError(f"{path}: postprocessing file not found")
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as e:
+        raise SpineautoError(f"{path}: unreadable postprocessing file ({e}); rerun `spineauto find_best_configuration`") from None
+    labels = data.get("largest_component_labels", []) if isinstance(data, dict) else None
+    if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in labels):
+        raise SpineautoError(f"{path}: not a postprocessing file (expected {{\"largest_component_labels\": [positive label "
+                             "values]}}); rerun `spineauto find_best_configuration` or delete it")
+    return data

@@ -1,19 +1,25 @@
-"""2D sliding-window prediction of a whole case in the slice-first layout.
+"""2D sliding-window prediction of a whole case in the slice-first layout: one pass of the networks
+gives every output the configuration has.
 
-:func:`predict_layout` turns a preprocessed case ``(C, S, H, W)`` into softmax probabilities
-``(K, S, H, W)``: every slice is tiled with the plan's patch size (nnunetv2's step computation,
-half-patch overlap), tiles of many slices go through the network together, each tile's softmax is
-weighted by nnunetv2's Gaussian importance map, mirrored copies (test-time augmentation over
-``plan.augmentation.mirror_axes``) and networks (folds) are averaged.
+:func:`run_networks` tiles every slice of a preprocessed case ``(C, S, H, W)`` with the plan's patch
+size (zero-padded, centred, where a slice is smaller; nnunetv2's step computation, half-patch
+overlap). Tiles of many slices go through each network (fold) and each mirrored copy (test-time
+augmentation over ``plan.augmentation.mirror_axes``) together, once; from that one forward pass:
 
-Because every slice of a case has the same in-plane size, the Gaussian weight sum is one 2D map
-shared by all slices: the accumulator is only ``(K, S, H, W)``.
+- segmentation: each tile's softmax weighted by nnunetv2's Gaussian importance map, giving
+  probabilities ``(K, S, H, W)``. Every slice has the same in-plane size, so the Gaussian weight
+  sum is one 2D map shared by all slices;
+- classification heads: each tile's softmax, averaged over the slice's tiles, giving ``(S, K)``
+  slice probabilities per head (each slice seen as in training: patch-sized windows).
+
+Networks (folds) and mirrors are averaged for both.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -22,7 +28,7 @@ import torch
 from spineauto.planning.plans import ConfigurationPlan
 
 log = logging.getLogger(__name__)
-STEP_SIZE = 0.5  # tile overlap, as nnU-Net
+STEP_SIZE = 0.5  # tile overlap, as nnU-Net (segmentation and classification windows alike)
 TILE_PIXELS_PER_BATCH = {"cuda": 2 ** 22, "cpu": 2 ** 19}  # batch size = this / patch pixels
 
 
@@ -63,26 +69,29 @@ def _seg_logits(out) -> torch.Tensor:
     return seg
 
 
-def predict_layout(networks: list[torch.nn.Module], data: np.ndarray, plan: ConfigurationPlan, device: torch.device,
-                   tta: bool = True, batch_slices: int | None = None, amp: bool = True) -> np.ndarray:
-    """Softmax probabilities (K, S, H, W) float32 of one preprocessed case (C, S, H, W).
+@dataclass
+class NetworkOutput:
+    """Everything one pass of the networks gives for a case."""
 
-    Averaged over ``networks`` (folds) and, with ``tta``, over all mirror combinations. Networks
-    must live on ``device``. ``batch_slices`` is the number of tiles per forward pass (default from
-    the patch size and device). ``amp`` uses float16 autocast on CUDA.
+    seg: torch.Tensor | None  # (K, S, H, W) float32 softmax probabilities, on the device
+    cls: dict[str, np.ndarray] | None  # head -> (S, K) slice probabilities
+
+
+def run_networks(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: ConfigurationPlan, device: torch.device,
+                 tta: bool = True, batch_slices: int | None = None, amp: bool = True) -> NetworkOutput:
+    """One sliding-window pass over a preprocessed case (C, S, H, W): segmentation probabilities
+    and/or slice probabilities per classification head, as the plan's task has them.
+
+    Averaged over ``networks`` (folds, on ``device``) and, with ``tta``, over all mirror
+    combinations. ``batch_slices``: tiles per forward pass (default from the patch size and device).
+    ``amp``: float16 autocast on CUDA.
     """
-    probs = predict_probabilities(networks, data, plan, device, tta, batch_slices, amp)
-    return probs.cpu().numpy().astype(np.float32, copy=False)
-
-
-def predict_probabilities(networks: list[torch.nn.Module], data: np.ndarray, plan: ConfigurationPlan, device: torch.device,
-                          tta: bool = True, batch_slices: int | None = None, amp: bool = True) -> torch.Tensor:
-    """As :func:`predict_layout`, but the (K, S, H, W) float32 tensor stays on ``device``."""
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
     if not networks:
-        raise ValueError("predict_layout needs at least one network")
+        raise ValueError("run_networks needs at least one network")
+    want_seg, want_cls = plan.has_segmentation, plan.has_classification
     patch = tuple(int(p) for p in plan.patch_size)
     device = torch.device(device)
     batch = batch_slices or default_batch(patch, device)
@@ -91,38 +100,60 @@ def predict_probabilities(networks: list[torch.nn.Module], data: np.ndarray, pla
 
     with torch.inference_mode(), eval_mode(networks):
         x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(device)
-        x, slicer = pad_nd_image(x, patch, "constant", {"value": 0}, True)
+        x, slicer = pad_nd_image(x, patch, "constant", {"value": 0}, True)  # centred, as the training sampler pads
         _, n_slices, height, width = x.shape
         steps = compute_steps_for_sliding_window((height, width), patch, STEP_SIZE)
         offsets = list(itertools.product(steps[0], steps[1]))
-        gauss = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=device, dtype=torch.float32)
-        weight = torch.zeros((height, width), device=device)
-        for y, z in offsets:
-            weight[y:y + patch[0], z:z + patch[1]] += gauss
         tiles = [(s, y, z) for s in range(n_slices) for y, z in offsets]
-        acc = None
         scale = 1.0 / (len(networks) * len(mirrors))
+        acc = weight = gauss = None
+        if want_seg:
+            gauss = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=device, dtype=torch.float32)
+            weight = torch.zeros((height, width), device=device)
+            for y, z in offsets:
+                weight[y:y + patch[0], z:z + patch[1]] += gauss
+        cls_sum: dict[str, torch.Tensor] = {}
         for start in range(0, len(tiles), batch):
             chunk = tiles[start:start + batch]
             xb = torch.stack([x[:, s, y:y + patch[0], z:z + patch[1]] for s, y, z in chunk])
-            probs = None
+            probs, heads = None, {}
             for net in networks:
                 for dims in mirrors:
-                    inp = torch.flip(xb, dims) if dims else xb
                     with autocast:
-                        logits = _seg_logits(net(inp))
-                    p = torch.softmax(logits.float(), dim=1)
-                    if dims:
-                        p = torch.flip(p, dims)
-                    probs = p if probs is None else probs.add_(p)
-            probs.mul_(scale).mul_(gauss)
-            if acc is None:
-                acc = torch.zeros((probs.shape[1], n_slices, height, width), device=device)
-            if len(offsets) == 1:  # one tile per slice: a single strided add
-                first = chunk[0][0]
-                acc[:, first:first + len(chunk)] += probs.transpose(0, 1)
-            else:
-                for i, (s, y, z) in enumerate(chunk):
-                    acc[:, s, y:y + patch[0], z:z + patch[1]] += probs[i]
-        acc /= weight
-        return acc[(slice(None), *slicer[1:])]
+                        out = net(torch.flip(xb, dims) if dims else xb)
+                    if want_seg:
+                        p = torch.softmax(_seg_logits(out).float(), dim=1)
+                        if dims:
+                            p = torch.flip(p, dims)
+                        probs = p if probs is None else probs.add_(p)
+                    if want_cls:
+                        for head, logits in out["cls"].items():
+                            p = torch.softmax(logits.float(), dim=1)
+                            heads[head] = p if head not in heads else heads[head].add_(p)
+            if want_seg:
+                probs.mul_(scale).mul_(gauss)
+                if acc is None:
+                    acc = torch.zeros((probs.shape[1], n_slices, height, width), device=device)
+                if len(offsets) == 1:  # one tile per slice: a single strided add
+                    first = chunk[0][0]
+                    acc[:, first:first + len(chunk)] += probs.transpose(0, 1)
+                else:
+                    for i, (s, y, z) in enumerate(chunk):
+                        acc[:, s, y:y + patch[0], z:z + patch[1]] += probs[i]
+            for head, p in heads.items():
+                if head not in cls_sum:
+                    cls_sum[head] = torch.zeros((n_slices, p.shape[1]), dtype=torch.float64, device=device)
+                index = torch.tensor([s for s, _, _ in chunk], device=device)
+                cls_sum[head].index_add_(0, index, p.double() * scale)
+        seg = None
+        if want_seg:
+            acc /= weight
+            seg = acc[(slice(None), *slicer[1:])]
+        cls = {h: (v / len(offsets)).float().cpu().numpy() for h, v in cls_sum.items()} if want_cls else None
+    return NetworkOutput(seg=seg, cls=cls)
+
+
+def predict_layout(networks: list[torch.nn.Module], data: np.ndarray, plan: ConfigurationPlan, device: torch.device,
+                   tta: bool = True, batch_slices: int | None = None, amp: bool = True) -> np.ndarray:
+    """Softmax segmentation probabilities (K, S, H, W) float32 of one preprocessed case, as numpy."""
+    return run_networks(networks, data, plan, device, tta, batch_slices, amp).seg.cpu().numpy().astype(np.float32, copy=False)

@@ -5,6 +5,8 @@ blow-up nnU-Net users report (its issue #2912: every channel of the whole volume
 float64): slices are resampled in-plane in small chunks with bilinear interpolation on the device the
 probabilities already live on, argmax is taken per chunk, and only uint8 labels are kept. Full
 probabilities in the input grid are built only when asked (``--save-probabilities``).
+A stored label map (a preprocessed training case's reference) goes back the same way, as one-hot
+probabilities (:func:`restore_label_map`).
 """
 from __future__ import annotations
 
@@ -53,3 +55,10 @@ def restore_probabilities(probs: torch.Tensor, props: dict, dtype=np.float32) ->
             arr = part.transpose(0, 1).cpu().numpy()
             full[:, s0_ + s0:s0_ + s0 + arr.shape[1], h0:h1, w0:w1] = arr
     return geom.from_layout(full)
+
+
+def restore_label_map(seg: np.ndarray, props: dict) -> np.ndarray:
+    """A stored (1, S, H, W) label map -> int16 labels (X, Y, Z) in the input's grid (one-hot, restored, argmax)."""
+    k = max(int(seg.max()) + 1, 2)
+    onehot = torch.from_numpy(np.stack([(seg[0] == v) for v in range(k)]).astype(np.float32))
+    return restore_labels(onehot, props).astype(np.int16)

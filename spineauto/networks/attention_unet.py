@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spineauto.networks.build import _common_kwargs, register
+from spineauto.networks.registry import common_kwargs, register
 from spineauto.planning.plans import NetworkPlan
 
 
@@ -48,7 +48,7 @@ def _attention_unet(p: NetworkPlan, in_channels: int, num_classes: int, deep_sup
 
     net = PlainConvUNet(in_channels, p.n_stages, p.features_per_stage, kernel_sizes=p.kernel_sizes, strides=p.strides,
                         n_conv_per_stage=p.n_conv_per_stage, num_classes=num_classes,
-                        n_conv_per_stage_decoder=p.n_conv_per_stage_decoder, deep_supervision=deep_supervision, **_common_kwargs(p))
+                        n_conv_per_stage_decoder=p.n_conv_per_stage_decoder, deep_supervision=deep_supervision, **common_kwargs(p))
     dec = net.decoder
     feats = p.features_per_stage
     dec.gates = nn.ModuleList(AttentionGate(feats[-(s + 2)], feats[-(s + 2)]) for s in range(len(dec.stages)))

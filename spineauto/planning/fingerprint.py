@@ -21,22 +21,12 @@ from spineauto.errors import SpineautoError
 from spineauto.io.atomic import read_json, write_json
 from spineauto.io.geometry import AXIS_OF_PLANE, PLANE_OF_AXIS, CaseGeometry, choose_slice_axis, orientation_code
 from spineauto.parallel import map_cases
+from spineauto.planning.plans import IntensityStats
 from spineauto.schema import from_dict, to_dict
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 SAMPLES_PER_CASE = 10_000
-
-
-@dataclass
-class IntensityStats:
-    mean: float
-    std: float
-    median: float
-    p00_5: float
-    p99_5: float
-    min: float
-    max: float
 
 
 @dataclass
@@ -67,6 +57,7 @@ class Fingerprint:
     intensity: list[IntensityStats]  # per channel, pooled over cases
     class_counts: dict[str, dict[str, int]]
     isotropic_plane: str = "sagittal"  # slicing plane for near-isotropic blocks (see choose_slice_axis)
+    lesion_labels: list[str] = field(default_factory=list)  # declared in dataset.json (else found by name)
     schema_version: int = SCHEMA_VERSION
 
     def save(self, path: Path) -> Path:
@@ -157,7 +148,8 @@ def fingerprint_dataset(info: DatasetInfo, verify: bool = True, workers: int = 2
     for h, classes in info.heads.items():
         counts[h] = {k: counts[h].get(k, 0) for k in classes}
     return Fingerprint(dataset_name=info.folder.name, channel_names=info.channel_names, labels=info.labels,
-                       heads=info.heads, cases=fps, intensity=pooled, class_counts=counts, isotropic_plane=isotropic_plane)
+                       heads=info.heads, cases=fps, intensity=pooled, class_counts=counts, isotropic_plane=isotropic_plane,
+                       lesion_labels=list(info.lesion_labels))
 
 
 def _isotropic_plane(fps: list[CaseFingerprint]) -> str:

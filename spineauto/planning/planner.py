@@ -131,9 +131,10 @@ def plan_dataset(fp: Fingerprint, preset: Path | None = None) -> Plans:
     if heads and len(fp.labels) > 1:
         configs["multitask"] = ConfigurationPlan(name="multitask", task="multitask", patch_size=patch, batch_size=bs, network=net,
                                                  heads=heads, reasons={**reasons, "heads": head_reason}, **common)
-    lesion = lesion_labels(fp.labels)
+    lesion = lesion_labels(fp.labels, fp.lesion_labels)
     plans = Plans(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=fp.labels, heads=fp.heads,
-                  lesion_labels=lesion, configurations=configs)
+                  lesion_labels=lesion, configurations=configs,
+                  foreground_intensity_properties_per_channel={str(c): s for c, s in enumerate(fp.intensity)})
     if preset is not None:
         plans = apply_preset(plans, preset)
     return plans

@@ -15,10 +15,23 @@ from spineauto.errors import SpineautoError
 from spineauto.io.atomic import read_json, write_json
 from spineauto.schema import from_dict, to_dict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the per-channel intensity statistics moved from fingerprint.json into the plans
 
 Task = Literal["segmentation", "classification", "multitask"]
 Slicing = Literal["per_case", "axial", "sagittal", "coronal"]
+
+
+@dataclass
+class IntensityStats:
+    """Foreground intensity statistics of one channel (nnU-Net's ``foreground_intensity_properties_per_channel``)."""
+
+    mean: float
+    std: float
+    median: float
+    p00_5: float
+    p99_5: float
+    min: float
+    max: float
 
 
 @dataclass
@@ -120,6 +133,7 @@ class Plans:
     heads: dict[str, list[str]]
     lesion_labels: list[str]
     configurations: dict[str, ConfigurationPlan]
+    foreground_intensity_properties_per_channel: dict[str, IntensityStats] = field(default_factory=dict)  # channel index -> stats
     schema_version: int = SCHEMA_VERSION
     plans_name: str = "spineautoPlans"
     preset: str | None = None
@@ -128,6 +142,12 @@ class Plans:
         if name not in self.configurations:
             raise SpineautoError(f"configuration {name!r} is not in the plans of {self.dataset_name}; available: {', '.join(self.configurations)}")
         return self.configurations[name]
+
+    @property
+    def intensity(self) -> list[IntensityStats]:
+        """Per-channel statistics in channel order (what CT-style normalisation reads)."""
+        props = self.foreground_intensity_properties_per_channel
+        return [props[str(c)] for c in range(len(props))]
 
     @property
     def num_classes(self) -> int:
@@ -143,6 +163,10 @@ class Plans:
         if version != SCHEMA_VERSION:
             raise SpineautoError(f"{where}: schema_version {version!r} is not {SCHEMA_VERSION}; rerun `spineauto plan_and_preprocess`")
         plans = from_dict(cls, data, where)
+        channels = sorted(plans.foreground_intensity_properties_per_channel)
+        if channels != sorted(str(c) for c in range(len(plans.channel_names))):
+            raise SpineautoError(f"{where}: foreground_intensity_properties_per_channel has channels {channels}, "
+                                 f"expected one entry per channel 0..{len(plans.channel_names) - 1}")
         for name, cfg in plans.configurations.items():
             if cfg.name != name:
                 raise SpineautoError(f"{where}: configuration key {name!r} holds a plan named {cfg.name!r}")
@@ -167,4 +191,19 @@ class Plans:
             data = read_json(path)
         except ValueError as e:
             raise SpineautoError(f"{path}: invalid JSON ({e})") from None
+        if isinstance(data, dict) and data.get("schema_version") == 1:
+            data = migrate_v1(data, Path(path))
         return cls.from_dict(data, where=str(path))
+
+
+def migrate_v1(data: dict, path: Path) -> dict:
+    """Plans of schema 1 kept the intensity statistics in ``fingerprint.json`` beside them (model
+    folders trained before the move still hold that file): read them from there."""
+    fp_path = path.parent / "fingerprint.json"
+    try:
+        intensity = read_json(fp_path)["intensity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SpineautoError(f"{path}: plans of schema 1 need the fingerprint.json beside them for their intensity "
+                             f"statistics ({fp_path} is missing or has none); rerun `spineauto plan_and_preprocess`") from None
+    return {**data, "foreground_intensity_properties_per_channel": {str(c): s for c, s in enumerate(intensity)},
+            "schema_version": SCHEMA_VERSION}

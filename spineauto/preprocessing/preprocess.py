@@ -2,7 +2,7 @@
 per case as memory-mappable ``.npy`` in the slice-first layout for fast random 2D slice access.
 
 The same forward transform is used at inference (:func:`preprocess_array`) and undone by
-:func:`restore_to_original` so predictions land in the input's exact voxel grid.
+:mod:`spineauto.inference.restore` so predictions land in the input's exact voxel grid.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from spineauto.datasets.dataset_json import DatasetInfo
 from spineauto.io.atomic import read_json, save_npy, write_json
 from spineauto.io.geometry import AXIS_OF_PLANE, CaseGeometry, choose_slice_axis
 from spineauto.io.images import read_channels, read_volume
-from spineauto.planning.fingerprint import IntensityStats
+from spineauto.planning.plans import IntensityStats
 from spineauto.parallel import map_cases
 from spineauto.planning.plans import ConfigurationPlan
 
@@ -70,30 +70,6 @@ def preprocess_array(data: np.ndarray, affine: np.ndarray, plan: ConfigurationPl
     if seg is not None:
         out_seg = np.where(seg_c < 0, 0, seg_c).astype(np.int8)
     return data.astype(np.float32), out_seg, props
-
-
-def restore_to_original(layout: np.ndarray, props: dict, order: int = 1, fill: float = 0.0) -> np.ndarray:
-    """(K, S, H, W) at target spacing (probabilities or one-hot) -> (K, X, Y, Z) in the input's grid.
-
-    In-plane resampling back to the cropped shape, padding to the uncropped layout, then the inverse
-    reorientation. ``fill`` is written outside the crop for channel 0 (background) and 0 elsewhere.
-    """
-    geom = CaseGeometry.from_dict(props["geometry"])
-    cropped = list(props["cropped_shape"])
-    if list(layout.shape[1:]) != cropped:
-        layout = resample_data_or_seg(layout, cropped, is_seg=False, axis=0, order=order, do_separate_z=True, order_z=0)
-    full = np.zeros((layout.shape[0], *geom.layout_shape), dtype=layout.dtype)
-    full[0] = fill
-    sl = tuple(slice(a, b) for a, b in geom.bbox)
-    full[(slice(None), *sl)] = layout
-    return geom.from_layout(full)
-
-
-def restore_segmentation(seg: np.ndarray, props: dict) -> np.ndarray:
-    """A stored (1, S, H, W) label map back in the input's grid (one-hot, restored, argmax)."""
-    k = max(int(seg.max()) + 1, 2)
-    onehot = np.stack([(seg[0] == v).astype(np.float32) for v in range(k)])
-    return restore_to_original(onehot, props, order=1, fill=1.0).argmax(0).astype(np.int16)
 
 
 def class_locations(seg: np.ndarray, labels: list[int], rng: np.random.Generator) -> dict[str, list[list[int]]]:

@@ -19,29 +19,12 @@ import numpy as np
 import torch
 
 from spineauto.errors import SpineautoError
-from spineauto.io.atomic import atomic_path, read_json, write_json
+from spineauto.io.atomic import atomic_path, write_json
+from spineauto.io.checkpoints import load_checkpoint, network_state, save_checkpoint  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 LATEST, BEST, FINAL = "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"
 TOP_INDEX = "checkpoints_top.json"
-
-
-def save_checkpoint(path: Path, state: dict) -> Path:
-    """``torch.save`` to a temporary name, then rename; a failure leaves the previous file intact."""
-    try:
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-    except (OSError, RuntimeError) as e:
-        raise SpineautoError(f"{path}: could not write the checkpoint ({e}); the previous checkpoint is intact; "
-                             "free disk space or fix permissions, then rerun with --continue") from None
-    return Path(path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise SpineautoError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); delete it or pick another") from None
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -110,11 +93,7 @@ def load_pretrained(network: torch.nn.Module, path: Path) -> tuple[list[str], li
     path = Path(path)
     if not path.is_file():
         raise SpineautoError(f"--pretrained {path}: no such file")
-    ckpt = load_checkpoint(path)
-    source = ckpt.get("network", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(source, dict):
-        raise SpineautoError(f"--pretrained {path}: no network weights in it (expected a spineauto checkpoint or a state_dict)")
-    source = {k.removeprefix("module."): v for k, v in source.items() if isinstance(v, torch.Tensor)}
+    source = network_state(load_checkpoint(path), path)
     target = network.state_dict()
     bad = [f"{k} {tuple(source[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
            if k.startswith("encoder.") and k in source and source[k].shape != v.shape]
@@ -134,8 +113,3 @@ def load_pretrained(network: torch.nn.Module, path: Path) -> tuple[list[str], li
     log.info("pretrained %s: loaded %d tensors, skipped %d%s", path.name, len(loaded), len(skipped),
              f" ({', '.join(skipped[:8])}{' ...' if len(skipped) > 8 else ''})" if skipped else "")
     return loaded, skipped
-
-
-def read_top_index(folder: Path) -> dict | None:
-    path = Path(folder) / TOP_INDEX
-    return read_json(path) if path.is_file() else None

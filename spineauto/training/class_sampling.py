@@ -8,7 +8,7 @@ then drawn uniformly within the case, so a volume with many slices is not over-r
 Because the sampling balances the classes, the loss is left unweighted.
 
 The window is placed as the segmentation sampler places it (random position, zero padding where
-the slice is smaller than the window, centred), and :func:`spineauto.inference.classify.slice_tiles`
+the slice is smaller than the window, centred), and :func:`spineauto.inference.predictor.run_networks`
 cuts slices into the same patch-sized, centred-padded windows at prediction time. Both samplers follow the trainer's
 ``BatchSampler`` protocol: ``sample(cases, batch_size, rng, size) -> {"data", "cls", "keys"[, "seg"]}``.
 """

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from spineauto.errors import SpineautoError
-from spineauto.io.atomic import write_atomic
+from spineauto.io.atomic import write_atomic, json_safe
 
 log = logging.getLogger(__name__)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -114,7 +114,7 @@ class LocalLogger:
 
 def _json_line(record: dict) -> str:
     """Strict JSON: NaN (a label absent from the validation batches) is written as null."""
-    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}) + "\n"
+    return json.dumps(json_safe(record)) + "\n"
 
 
 def _gray(image: np.ndarray) -> np.ndarray:

@@ -10,8 +10,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from spineauto import paths
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import read_json, write_json
@@ -37,18 +35,6 @@ class RunContext:
     fold_dir: Path
     config: RunConfig
     resume: dict | None  # the checkpoint to continue from
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SpineautoError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise SpineautoError(f"--device {name!r}: use auto, cpu or cuda")
 
 
 def prepare_run(dataset: str | int, configuration: str, fold: str | int, *, seed: int | None, epochs: int | None,
@@ -110,7 +96,7 @@ def _clear_previous_run(fold_dir: Path) -> None:
 
 
 def _write_model_folder(pre_dir: Path, model_dir: Path, plans: Plans, plan: ConfigurationPlan) -> None:
-    """plans.json, dataset.json, fingerprint.json and splits beside the folds: the folder predicts on its own."""
+    """plans.json (with the intensity statistics), dataset.json and splits beside the folds: the folder predicts on its own."""
     model_dir.mkdir(parents=True, exist_ok=True)
     old = model_dir / "plans.json"
     if old.is_file():
@@ -121,6 +107,6 @@ def _write_model_folder(pre_dir: Path, model_dir: Path, plans: Plans, plan: Conf
         if other is not None and plan_sha(other) != plan_sha(plan):
             log.warning("%s: the plan changed; folds trained before with the old plan should be retrained", old)
     plans.save(old)
-    for name in ("dataset.json", "fingerprint.json", SPLITS_FILE):
+    for name in ("dataset.json", SPLITS_FILE):
         if (pre_dir / name).is_file():
             write_json(model_dir / name, read_json(pre_dir / name))

@@ -8,23 +8,25 @@ A task owns everything task-specific, so the loop never branches on the task:
   iterations and, in DDP, over ranks);
 - ``metrics(stats)``: plain floats from the summed stats; ``monitor`` names the one that decides
   ``checkpoint_best`` and top-k (higher is better; the loop smooths it with an EMA, as nnU-Net);
-- ``example(batch, output)``: one 2D sample for the epoch's overlay image (or None).
+- ``example(batch, output)``: one 2D sample for the epoch's overlay image (or None);
+- ``epoch_images(folder)``: extra images the task draws after an epoch (name -> PNG path; may be empty).
 
 Register a new task with ``@register_task("name")``; classification and multitask plug in here
-(multitask = a weighted sum of the segmentation and classification tasks' losses, merged metrics).
+(multitask = a weighted sum of the segmentation and classification tasks' losses, merged metrics),
+and the trainer imports them (:func:`spineauto.training.trainer.build_task`).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from spineauto.errors import SpineautoError
 from spineauto.planning.plans import ConfigurationPlan, Plans
 
-_TASKS: dict[str, Callable[..., "Task"]] = {}
+TASKS: dict[str, Callable[..., "Task"]] = {}
 
 
 class Task(Protocol):
@@ -36,31 +38,14 @@ class Task(Protocol):
     def val_stats(self, output: dict, batch: dict) -> dict[str, torch.Tensor]: ...
     def metrics(self, stats: dict[str, torch.Tensor]) -> dict[str, float]: ...
     def example(self, batch: dict, output: dict) -> dict | None: ...
+    def epoch_images(self, folder: Path) -> dict[str, Path]: ...
 
 
 def register_task(name: str):
     def deco(factory):
-        _TASKS[name] = factory
+        TASKS[name] = factory
         return factory
     return deco
-
-
-def _load_builtin() -> None:
-    import importlib
-
-    for module in ("spineauto.training.classification", "spineauto.training.multitask"):
-        try:
-            importlib.import_module(module)  # registers its task
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-
-
-def build_task(plans: Plans, plan: ConfigurationPlan, ddp: bool = False) -> Task:
-    _load_builtin()
-    if plan.task not in _TASKS:
-        raise SpineautoError(f"configuration {plan.name!r}: task {plan.task!r} cannot be trained yet; trainable tasks: {', '.join(sorted(_TASKS))}")
-    return _TASKS[plan.task](plans, plan, ddp)
 
 
 def deep_supervision_weights(n: int, ddp: bool) -> list[float]:
@@ -148,3 +133,6 @@ class SegmentationTask:
         pred = self._top(output)[i].argmax(0)
         return {"image": batch["data"][i, 0].float().cpu().numpy(), "truth": seg[i].cpu().numpy(),
                 "prediction": pred.cpu().numpy(), "key": batch["keys"][i] if batch.get("keys") else ""}
+
+    def epoch_images(self, folder: Path) -> dict[str, Path]:
+        return {}

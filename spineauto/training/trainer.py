@@ -1,7 +1,10 @@
 """The one training loop, composed of parts: a task (loss, metrics), data (keyed batches in
 background workers), optimisation (SGD/Adam, poly LR, clipping, AMP), DDP, checkpoints and loggers.
 
-:func:`train_fold` is the entry point of ``spineauto train`` and ``spineauto demo``.
+:func:`train_fold` (with :class:`TrainOptions`) is the entry point of ``spineauto train`` and ``spineauto demo``.
+The end of an epoch is bookkeeping (EMA, best, top-k, checkpoints: :meth:`Trainer._bookkeep`), then
+reporting (logs, plots, W&B, callbacks: :meth:`Trainer._report`). The final validation goes through
+the same case driver as ``spineauto predict``.
 """
 from __future__ import annotations
 
@@ -9,76 +12,117 @@ import logging
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
+from spineauto.devices import resolve_device
 from spineauto.errors import SpineautoError
 from spineauto.networks.build import build_network
+from spineauto.planning.plans import ConfigurationPlan, Plans
 from spineauto.training import checkpoint as ckpt
+from spineauto.training import classification, multitask  # noqa: F401 (the built-in tasks register themselves)
 from spineauto.training.augment import build_transforms, initial_patch_size
 from spineauto.training.data import EpochKeys, KeyedBatches, default_num_workers, make_loader
 from spineauto.training.distributed import DistInfo, all_reduce_sum, init_distributed, rank_batch_size, shutdown
 from spineauto.training.loggers import LocalLogger, WandbLogger, resolve_wandb_mode
-from spineauto.training.run import RunContext, prepare_run, resolve_device
-from spineauto.training.tasks import Task, build_task
+from spineauto.training.run import RunContext, prepare_run
+from spineauto.training.tasks import TASKS, Task
 
 log = logging.getLogger(__name__)
 EMA_DECAY = 0.9  # nnU-Net's smoothing of the pseudo-Dice
 NAN_CHECK_EVERY = 25  # iterations between finite-loss checks (a host sync on CUDA)
 
 
-def train_fold(dataset: str | int, configuration: str = "2d", fold: str | int = 0, *, epochs: int | None = None,
-               iters_per_epoch: int | None = None, val_iters: int | None = None, device: str = "auto", amp: bool | None = None,
-               amp_dtype: str | None = None, wandb: str = "auto", seed: int | None = None, continue_training: bool = False,
-               pretrained: Path | str | None = None, num_workers: int | None = None, preprocessed: Path | None = None,
-               results: Path | None = None, progress: bool = True, validate: bool = True, top_k: int = 5,
-               callbacks: list[Callable[["Trainer", dict], None]] | None = None) -> Path:
-    """Train one fold (0..4 or 'all') of ``configuration`` and validate it; returns the fold folder.
+@dataclass
+class TrainOptions:
+    """Everything ``spineauto train`` may set beside the dataset, configuration and fold.
 
-    ``callbacks`` are called on rank 0 as ``cb(trainer, record)`` after each epoch's record is
-    logged and its checkpoints written; one that raises stops the run, resumable with ``--continue``.
+    ``None`` means "the plan's value" (``epochs``, ``iters_per_epoch``, ``val_iters``) or "the
+    default for this machine" (``amp``, ``amp_dtype``, ``num_workers``); overrides are recorded in
+    ``fold_k/config.json``. ``callbacks`` are called on rank 0 as ``cb(trainer, record)`` after each
+    epoch's record is logged and its checkpoints written; one that raises stops the run, resumable
+    with ``--continue``. ``progress`` shows the iterations (the CLI passes a rich bar).
     """
-    dev = resolve_device(device)
+
+    epochs: int | None = None
+    iters_per_epoch: int | None = None
+    val_iters: int | None = None
+    device: str = "auto"
+    amp: bool | None = None
+    amp_dtype: str | None = None
+    wandb: str = "auto"
+    seed: int | None = None
+    continue_training: bool = False
+    pretrained: Path | str | None = None
+    num_workers: int | None = None
+    preprocessed: Path | None = None
+    results: Path | None = None
+    validate: bool = True
+    save_probabilities: bool = False  # validation/<case>.npz, for find_best_configuration's ensembles
+    top_k: int = 5
+    callbacks: list[Callable[["Trainer", dict], None]] = field(default_factory=list)
+    progress: TrainingProgress | None = None
+
+
+def train_fold(dataset: str | int, configuration: str = "2d", fold: str | int = 0, options: TrainOptions | None = None) -> Path:
+    """Train one fold (0..4 or 'all') of ``configuration`` and validate it; returns the fold folder."""
+    o = options or TrainOptions()
+    dev = resolve_device(o.device)
     info = init_distributed(dev.type)
     try:
         if info.enabled and dev.type == "cuda":
             dev = torch.device("cuda", info.local_rank)
-        run = prepare_run(dataset, configuration, fold, seed=seed, epochs=epochs, iters_per_epoch=iters_per_epoch,
-                          val_iters=val_iters, continue_training=continue_training, preprocessed=preprocessed,
-                          results=results, is_main=info.is_main)
-        amp = (dev.type == "cuda") if amp is None else bool(amp)
-        amp_dtype = amp_dtype or ("float16" if dev.type == "cuda" else "bfloat16")
+        run = prepare_run(dataset, configuration, fold, seed=o.seed, epochs=o.epochs, iters_per_epoch=o.iters_per_epoch,
+                          val_iters=o.val_iters, continue_training=o.continue_training, preprocessed=o.preprocessed,
+                          results=o.results, is_main=info.is_main)
+        amp = (dev.type == "cuda") if o.amp is None else bool(o.amp)
+        amp_dtype = o.amp_dtype or ("float16" if dev.type == "cuda" else "bfloat16")
         if amp_dtype not in ("float16", "bfloat16"):
             raise SpineautoError(f"--amp-dtype {amp_dtype!r}: use float16 or bfloat16")
         if amp and dev.type == "cpu" and amp_dtype == "float16":
             raise SpineautoError("--amp on CPU uses bfloat16; float16 autocast needs CUDA")
-        workers = default_num_workers(dev) if num_workers is None else int(num_workers)
+        workers = default_num_workers(dev) if o.num_workers is None else int(o.num_workers)
         run.config.runtime = {"device": str(dev), "amp": amp, "amp_dtype": amp_dtype if amp else None, "world_size": info.world_size,
-                              "num_workers": workers, "wandb": resolve_wandb_mode(wandb) if info.is_main else None,
-                              "pretrained": str(pretrained) if pretrained else None, "torch": torch.__version__}
-        trainer = Trainer(run, dev, info, amp, getattr(torch, amp_dtype), workers, progress and info.is_main, top_k)
-        trainer.callbacks = list(callbacks or [])
-        if pretrained and not continue_training:
-            ckpt.load_pretrained(trainer.network, Path(pretrained))
-        elif pretrained:
+                              "num_workers": workers, "wandb": resolve_wandb_mode(o.wandb) if info.is_main else None,
+                              "pretrained": str(o.pretrained) if o.pretrained else None, "torch": torch.__version__}
+        trainer = Trainer(run, dev, info, amp, getattr(torch, amp_dtype), workers, o.progress if info.is_main else None, o.top_k)
+        trainer.callbacks = list(o.callbacks)
+        if o.pretrained and not o.continue_training:
+            ckpt.load_pretrained(trainer.network, Path(o.pretrained))
+        elif o.pretrained:
             log.warning("--pretrained is ignored with --continue (the run's own weights are restored)")
         trainer.fit()
-        if info.is_main and validate:
-            trainer.final_validation()
+        if info.is_main and o.validate:
+            trainer.final_validation(save_probabilities=o.save_probabilities)
         return run.fold_dir
     finally:
         shutdown(info)
 
 
+def build_task(plans: Plans, plan: ConfigurationPlan, ddp: bool = False) -> Task:
+    if plan.task not in TASKS:
+        raise SpineautoError(f"configuration {plan.name!r}: task {plan.task!r} cannot be trained yet; trainable tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[plan.task](plans, plan, ddp)
+
+
+class TrainingProgress(Protocol):
+    """What the trainer reports its iterations to (rank 0 only)."""
+
+    def start(self, total: int) -> None: ...
+    def advance(self, description: str) -> None: ...
+    def stop(self) -> None: ...
+
+
 class Trainer:
     def __init__(self, run: RunContext, device: torch.device, info: DistInfo, amp: bool, amp_dtype: torch.dtype,
-                 num_workers: int, progress: bool, top_k: int):
+                 num_workers: int, progress: TrainingProgress | None, top_k: int):
         self.run, self.device, self.info = run, device, info
         self.plan, self.config = run.plan, run.config
-        self.amp, self.amp_dtype, self.num_workers, self.show_progress = amp, amp_dtype, num_workers, progress
+        self.amp, self.amp_dtype, self.num_workers, self.progress = amp, amp_dtype, num_workers, progress
         torch.manual_seed(self.config.seed)  # same initial weights on every rank
         np.random.seed(self.config.seed)
         self.in_channels = len(run.plans.channel_names)
@@ -204,22 +248,25 @@ class Trainer:
             if mode and mode != "disabled":
                 wb = WandbLogger(fold_dir, mode, f"{cfg.dataset}_{cfg.configuration}_fold{cfg.fold}", cfg.to_dict(), self.wandb_id)
                 self.wandb_id = wb.run_id
-        progress = _Progress(self.show_progress, cfg.epochs, self.start_epoch, cfg.iters_per_epoch)
         batches = iter(self._loader())
+        if self.progress is not None:
+            self.progress.start((cfg.epochs - self.start_epoch) * cfg.iters_per_epoch)
         try:
-            with progress:
-                for epoch in range(self.start_epoch, cfg.epochs):
-                    record, example = self._epoch(epoch, batches, progress)
-                    if main:
-                        self._end_epoch(epoch, record, example, wb)
+            for epoch in range(self.start_epoch, cfg.epochs):
+                record, example = self._epoch(epoch, batches)
+                if main:
+                    is_best = self._bookkeep(epoch, record)
+                    self._report(epoch, record, example, wb, is_best)
         finally:
+            if self.progress is not None:
+                self.progress.stop()
             if wb is not None:
                 wb.finish()
             if main:
                 self.logger.plot_progress(force=True)  # also when stopped early: the plot shows every logged epoch
                 self.logger.close()
 
-    def _epoch(self, epoch: int, batches, progress: "_Progress") -> tuple[dict, dict | None]:
+    def _epoch(self, epoch: int, batches) -> tuple[dict, dict | None]:
         cfg = self.config
         if self.plan.optim.schedule == "poly":
             self.scheduler.step(epoch)
@@ -234,7 +281,8 @@ class Trainer:
             total += loss
             if (on_cpu or (i + 1) % NAN_CHECK_EVERY == 0) and not torch.isfinite(total):  # free on CPU: no device sync
                 raise self._nan_stop(epoch, "training")
-            progress.advance(i + 1, float(loss) if self.device.type == "cpu" else None)
+            if self.progress is not None:
+                self.progress.advance(f"training (loss {float(loss):.3f})" if on_cpu else "training")
         train_time = time.perf_counter() - t0
         total = all_reduce_sum(total, self.info) / (cfg.iters_per_epoch * self.info.world_size)
         train_loss = float(total)
@@ -267,7 +315,8 @@ class Trainer:
         stats = {k: all_reduce_sum(v, self.info) for k, v in stats.items()}
         return float(total), self.task.metrics(stats), example
 
-    def _end_epoch(self, epoch: int, record: dict, example: dict | None, wb) -> None:
+    def _bookkeep(self, epoch: int, record: dict) -> bool:
+        """EMA of the monitored metric, best, top-k and checkpoints; whether this epoch is the best."""
         fold_dir, monitor = self.run.fold_dir, self.task.monitor
         value = record.get(monitor)
         if value is not None and math.isfinite(value):
@@ -277,8 +326,9 @@ class Trainer:
             self.best = {"epoch": epoch, "ema": float(self.ema), "monitor": monitor}
         entered, evicted = self.topk.offer(epoch, self.ema) if self.ema is not None else (False, [])
         record.update(monitor=monitor, ema=self.ema, best_epoch=self.best["epoch"])
-        self.logger.history.append(record)  # part of the checkpoint; the file line follows
+        self.logger.history.append(record)  # part of the checkpoint; the file line follows in _report
         latest = ckpt.save_checkpoint(fold_dir / ckpt.LATEST, self.state(epoch + 1))
+        self.logger.history.pop()
         if is_best:
             ckpt.link_or_copy(latest, fold_dir / ckpt.BEST)
         if entered:
@@ -289,11 +339,15 @@ class Trainer:
             self.topk.write(fold_dir, f"ema_{monitor}")
         if epoch + 1 == self.config.epochs:
             ckpt.link_or_copy(latest, fold_dir / ckpt.FINAL)
-        self.logger.history.pop()
+        return is_best
+
+    def _report(self, epoch: int, record: dict, example: dict | None, wb, is_best: bool) -> None:
+        """metrics.jsonl, log, overlay and progress plot, task images, W&B, then the callbacks."""
+        fold_dir, monitor = self.run.fold_dir, record["monitor"]
         self.logger.log_epoch(record)
         overlay = self.logger.overlay(epoch, example)
         self.logger.plot_progress(force=epoch + 1 == self.config.epochs)
-        images = self.task.epoch_images(fold_dir) if hasattr(self.task, "epoch_images") else {}  # e.g. confusion matrices
+        images = self.task.epoch_images(fold_dir)  # e.g. confusion matrices
         if wb is not None:
             wb.log(record, overlay, images)
         for callback in self.callbacks:
@@ -303,56 +357,28 @@ class Trainer:
                  ", best" if is_best else "", record["lr"], record["epoch_time"], record["samples_per_s"])
 
     # -- end -----------------------------------------------------------------------------------
-    def final_validation(self) -> dict | None:
-        from spineauto.training.validation import validate_cases
+    def final_validation(self, save_probabilities: bool = False) -> dict:
+        """The held-out cases, whole volumes, through the predictor's case driver (fold_k/validation/)."""
+        from spineauto.inference.model import TrainedModel
+        from spineauto.training.validation import validate_fold
 
-        if self.plan.has_classification:
-            from spineauto.inference.classify import validate_classification
-
-            log.info("classifying %d held-out volume(s)", len(self.run.val_cases))
-            heads = validate_classification(self.network, self.plan, self.run.store, self.run.val_cases,
-                                            self.run.fold_dir / "validation", self.device)
-            log.info("validation balanced accuracy: %s", ", ".join(f"{h} {m['balanced_accuracy']:.4f}" for h, m in heads.items()))
-        if not self.plan.has_segmentation:
-            return None
         raw_labels = None
-        try:
-            from spineauto import paths
+        if self.plan.has_segmentation:
+            try:
+                from spineauto import paths
 
-            raw_labels = paths.raw_dataset(self.config.dataset) / "labelsTr"
-            raw_labels = raw_labels if raw_labels.is_dir() else None
-        except SpineautoError:
-            pass
+                raw_labels = paths.raw_dataset(self.config.dataset) / "labelsTr"
+                raw_labels = raw_labels if raw_labels.is_dir() else None
+            except SpineautoError:
+                pass
+        model = TrainedModel(folder=self.run.model_dir, plans=self.run.plans, plan=self.plan, networks=[self.network],
+                             folds=[self.run.fold_dir.name], device=self.device)
         log.info("validating %d held-out case(s) with the sliding window", len(self.run.val_cases))
-        summary = validate_cases(self.network, self.run.plans, self.plan, self.run.store, self.run.val_cases,
-                                 self.run.fold_dir / "validation", self.device, raw_labels=raw_labels)
-        log.info("validation Dice: %s", ", ".join(f"{k} {v:.4f}" for k, v in summary["mean"].items()))
+        summary = validate_fold(model, self.run.store, self.run.val_cases, self.run.fold_dir / "validation", raw_labels,
+                                save_probabilities=save_probabilities)
+        if "segmentation" in summary:
+            log.info("validation Dice: %s", ", ".join(f"{k} {v:.4f}" for k, v in summary["segmentation"]["mean"].items()))
+        if "classification" in summary:
+            log.info("validation balanced accuracy: %s",
+                     ", ".join(f"{h} {m['balanced_accuracy']:.4f}" for h, m in summary["classification"].items()))
         return summary
-
-
-class _Progress:
-    """A rich progress bar with ETA (rank 0), epochs and the current epoch's iterations."""
-
-    def __init__(self, enabled: bool, epochs: int, start: int, iters: int):
-        self.enabled, self.epochs, self.start, self.iters = enabled, epochs, start, iters
-        self.bar = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-
-            from spineauto.cli_views import make_progress
-
-            self.bar = make_progress(Console(stderr=True))
-            self.bar.__enter__()
-            self.total = self.bar.add_task("training", total=(self.epochs - self.start) * self.iters)
-        return self
-
-    def advance(self, i: int, loss: float | None) -> None:
-        if self.bar is not None:
-            desc = f"training (loss {loss:.3f})" if loss is not None else "training"
-            self.bar.update(self.total, advance=1, description=desc)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)

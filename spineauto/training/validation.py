@@ -1,78 +1,102 @@
-"""End-of-training validation: the fold's held-out cases, whole volumes, sliding window per the plan.
+"""End-of-training validation: the fold's held-out cases, whole volumes, through the same case driver
+as ``spineauto predict`` (:func:`spineauto.inference.driver.predict_cases`), as nnU-Net's trainer
+validates through its own predictor.
 
-Predictions are restored to each input's exact voxel grid and written as NIfTI with the raw image's
-affine (``validation/<case>.nii.gz``); ``validation/summary.json`` holds per-case and mean Dice per
-label, against the raw label file when the raw dataset is at hand, else against the preprocessed
-labels restored to the input grid.
+Written to ``fold_k/validation/``: ``<case>.nii.gz`` masks in each case's own voxel grid (with the
+raw image's affine), ``<case>.npz`` probabilities when asked (``train --npz``: what
+``find_best_configuration`` ensembles from), ``summary.json`` with per-case and mean Dice per label
+(against the raw label file when the raw dataset is at hand, else against the preprocessed labels
+restored to the input grid); for classification heads ``<case>.json``, ``classification.csv``,
+``summary_classification.json`` and confusion matrices.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
-import torch
 
+from spineauto.inference.driver import CasePrediction, predict_cases
+from spineauto.inference.model import TrainedModel
+from spineauto.inference.restore import restore_label_map
 from spineauto.io.atomic import save_nifti, write_json
-from spineauto.planning.plans import ConfigurationPlan, Plans
 from spineauto.training.data import CaseStore
 
 log = logging.getLogger(__name__)
 
 
-def _reference(case: str, store: CaseStore, raw_labels: Path | None, props: dict) -> np.ndarray:
-    if raw_labels is not None and (raw_labels / f"{case}.nii.gz").is_file():
-        from spineauto.io.images import read_volume
+class StoredCase:
+    """A preprocessed training case as a case source of the driver."""
 
-        return np.rint(read_volume(raw_labels / f"{case}.nii.gz")[0]).astype(np.int16)
-    from spineauto.preprocessing.preprocess import restore_segmentation
+    def __init__(self, store: CaseStore, name: str):
+        self.store, self.name = store, name
 
-    return restore_segmentation(np.asarray(store.seg(case)), props)
+    @property
+    def source(self) -> str:
+        return str(self.store.folder / f"{self.name}.npy")
+
+    @property
+    def props(self) -> dict:
+        return self.store.props[self.name]
+
+    def preprocessed(self, model: TrainedModel) -> tuple[np.ndarray, dict]:
+        return np.array(self.store.data(self.name)), self.props
+
+    def write_mask(self, target: Path, labels: np.ndarray) -> Path:
+        affine = np.asarray(self.props["geometry"]["affine"], dtype=np.float64)
+        return save_nifti(target, nib.Nifti1Image(labels.astype(np.uint8), affine))
+
+    def reference(self, raw_labels: Path | None) -> np.ndarray:
+        if raw_labels is not None and (raw_labels / f"{self.name}.nii.gz").is_file():
+            from spineauto.io.images import read_volume
+
+            return np.rint(read_volume(raw_labels / f"{self.name}.nii.gz")[0]).astype(np.int16)
+        return restore_label_map(np.asarray(self.store.seg(self.name)), self.props)
 
 
-def validate_cases(network: torch.nn.Module, plans: Plans, plan: ConfigurationPlan, store: CaseStore, cases: list[str],
-                   out_dir: Path, device: torch.device, raw_labels: Path | None = None, tta: bool = True,
-                   progress=None) -> dict:
-    """Predict ``cases``, write NIfTI predictions and ``summary.json``; returns the summary."""
-    import nibabel as nib
-
+def validate_fold(model: TrainedModel, store: CaseStore, cases: list[str], out_dir: Path, raw_labels: Path | None = None,
+                  tta: bool = True, save_probabilities: bool = False, progress=None) -> dict:
+    """Predict ``cases`` and score them; returns ``{"segmentation": summary, "classification": {head: metrics}}``
+    with the parts the configuration has."""
     from spineauto.evaluation.metrics import dice
-    from spineauto.inference.predictor import predict_probabilities
-    from spineauto.inference.restore import restore_labels
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = {v: k for k, v in plans.labels.items() if v > 0}
+    names = {v: k for k, v in model.plans.labels.items() if v > 0}
     per_case = []
-    for case in cases:
-        props = store.props[case]
-        probs = predict_probabilities([network], np.array(store.data(case)), plan, device, tta=tta)
-        labels = restore_labels(probs, props)
-        affine = np.asarray(props["geometry"]["affine"], dtype=np.float64)
-        save_nifti(out_dir / f"{case}.nii.gz", nib.Nifti1Image(labels.astype(np.uint8), affine))
-        ref = _reference(case, store, raw_labels, props)
-        if ref.shape != labels.shape:
-            log.warning("%s: reference shape %s differs from the prediction %s; Dice skipped", case, ref.shape, labels.shape)
-            continue
-        per_case.append({"case": case, "dice": {names[v]: dice(labels == v, ref == v) for v in sorted(names)}})
+
+    def score(case: StoredCase, pred: CasePrediction) -> None:
+        if pred.labels is not None:
+            ref = case.reference(raw_labels)
+            if ref.shape != pred.labels.shape:
+                log.warning("%s: reference shape %s differs from the prediction %s; Dice skipped", case.name, ref.shape, pred.labels.shape)
+            else:
+                per_case.append({"case": case.name, "dice": {names[v]: dice(pred.labels == v, ref == v) for v in sorted(names)}})
         if progress:
-            progress(case)
-    mean = {}
-    for name in names.values():
-        vals = [c["dice"][name] for c in per_case if not np.isnan(c["dice"][name])]
-        mean[name] = float(np.mean(vals)) if vals else float("nan")
-    valid = [v for v in mean.values() if not np.isnan(v)]
-    summary = {"mean": mean, "foreground_mean": float(np.mean(valid)) if valid else float("nan"),
-               "cases": per_case, "reference": "raw labels" if raw_labels is not None else "preprocessed labels",
-               "tta": tta}
-    write_json(out_dir / "summary.json", _nan_to_none(summary))
-    return summary
+            progress(case.name)
+
+    sources = [StoredCase(store, c) for c in cases]
+    result = predict_cases(model, sources, out_dir, tta=tta, save_probabilities=save_probabilities, on_case=score)
+    out: dict = {}
+    if model.plan.has_segmentation:
+        mean = {}
+        for name in names.values():
+            vals = [c["dice"][name] for c in per_case if not np.isnan(c["dice"][name])]
+            mean[name] = float(np.mean(vals)) if vals else float("nan")
+        valid = [v for v in mean.values() if not np.isnan(v)]
+        out["segmentation"] = {"mean": mean, "foreground_mean": float(np.mean(valid)) if valid else float("nan"), "cases": per_case,
+                               "reference": "raw labels" if raw_labels is not None else "preprocessed labels", "tta": tta}
+        write_json(out_dir / "summary.json", out["segmentation"])
+    if model.plan.has_classification:
+        out["classification"] = _score_classification(model, store, result.classifications, out_dir)
+    return out
 
 
-def _nan_to_none(obj):
-    if isinstance(obj, float) and np.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_nan_to_none(v) for v in obj]
-    return obj
+def _score_classification(model: TrainedModel, store: CaseStore, results, out_dir: Path) -> dict:
+    from spineauto.evaluation.classification import evaluate_classification, write_report
+    from spineauto.schema import to_dict
+
+    labels = {r.case: dict(store.props[r.case].get("classes") or {}) for r in results}
+    report = evaluate_classification({r.case: {h: r.predicted(h) for h in r.classes} for r in results}, labels,
+                                     {h.name: list(h.classes) for h in model.plan.heads})
+    write_report(report, out_dir)
+    return {h: to_dict(m) for h, m in report.heads.items()}

@@ -1,4 +1,8 @@
-"""`plan_and_preprocess`: integrity check + fingerprint, plans, preprocessing, in that order."""
+"""`plan_and_preprocess`: integrity check + fingerprint, plans, preprocessing, in that order.
+
+The orchestrator above planning and preprocessing (neither imports the other): the plans are written
+first and carry everything preprocessing reads (including the per-channel intensity statistics).
+"""
 from __future__ import annotations
 
 import logging
@@ -42,7 +46,7 @@ def plan_and_preprocess(dataset: str | int, verify: bool = True, preset: Path | 
         if cfg.data_identifier in done:
             continue
         done.add(cfg.data_identifier)
-        written += preprocess_dataset(info, cfg, fp.intensity, out / cfg.data_identifier, workers=workers,
+        written += preprocess_dataset(info, cfg, plans.intensity, out / cfg.data_identifier, workers=workers,
                                       progress=(lambda c: progress("preprocess", c)) if progress else None)
     log.info("plans written to %s", out / "plans.json")
     return PlanResult(plans=plans, fingerprint=fp, folder=out, written=written)

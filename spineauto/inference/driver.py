@@ -1,0 +1,126 @@
+"""The one case driver: ``spineauto predict`` and the end-of-training validation run every case
+through :func:`predict_cases`.
+
+A *case source* (:class:`CaseSource`) hands over one preprocessed case and knows how to write a mask
+in its own geometry: a new scan (:class:`spineauto.inference.inputs.InputCase`: read, reoriented and
+preprocessed per the plan) or a preprocessed training case (the trainer's validation). For each
+case the networks run once (:func:`~spineauto.inference.predictor.run_networks`), and from that one
+output the driver writes, as the configuration has them:
+
+- ``<case>.nii.gz``: labels restored to the input's exact grid, postprocessed;
+- ``<case>.npz``: probabilities in the input's grid (``save_probabilities``), for ensembles;
+- ``<case>.json`` and ``classification.csv``: each head's class and probabilities.
+
+Every write is atomic; a failing case leaves none of its files behind, the other cases still run,
+and the failures are reported together at the end.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from spineauto.errors import SpineautoError
+from spineauto.inference.classify import CaseClassification, aggregate_slices, write_case_json, write_classification_csv
+from spineauto.inference.export import check_writable, write_probabilities
+from spineauto.inference.model import TrainedModel
+from spineauto.inference.postprocessing import apply_postprocessing
+from spineauto.inference.predictor import run_networks
+from spineauto.inference.restore import restore_labels, restore_probabilities
+
+log = logging.getLogger(__name__)
+
+
+class CaseSource(Protocol):
+    name: str
+
+    @property
+    def source(self) -> str: ...  # what to name in a message (a file, a series)
+    def preprocessed(self, model: TrainedModel) -> tuple[np.ndarray, dict]: ...  # (C, S, H, W) + restore properties
+    def write_mask(self, target: Path, labels: np.ndarray) -> Path: ...  # uint8 (X, Y, Z) in the case's own geometry
+
+
+@dataclass
+class CasePrediction:
+    case: str
+    labels: np.ndarray | None  # (X, Y, Z) uint8 in the input's grid, postprocessed; None without segmentation
+    classification: CaseClassification | None
+    files: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class PredictResult:
+    written: list[Path] = field(default_factory=list)  # masks
+    classifications: list[CaseClassification] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def predict_case(model: TrainedModel, case: CaseSource, output: Path, tta: bool = True, save_probabilities: bool = False,
+                 batch_slices: int | None = None) -> CasePrediction:
+    """Preprocess once, run the networks once, write every output of one case into ``output``."""
+    layout, props = case.preprocessed(model)
+    out = run_networks(model.networks, layout, model.plan, model.device, tta=tta, batch_slices=batch_slices)
+    del layout
+    pred = CasePrediction(case.name, None, None)
+    if out.seg is not None:
+        pred.labels = apply_postprocessing(restore_labels(out.seg, props), model.postprocessing)
+        mask = case.write_mask(output / f"{case.name}.nii.gz", pred.labels)
+        pred.files.append(mask)
+        if save_probabilities:
+            full = restore_probabilities(out.seg, props)
+            pred.files.append(write_probabilities(output / f"{case.name}.npz", full, mask, model.label_values))
+    if out.cls is not None:
+        classes = {h.name: list(h.classes) for h in model.plan.heads}
+        pred.classification = CaseClassification(case=case.name, probabilities={h: aggregate_slices(out.cls[h]) for h in classes},
+                                                 classes=classes, n_slices=int(next(iter(out.cls.values())).shape[0]))
+        extra = {"source": case.source, "folds": list(model.folds), "configuration": model.plan.name}
+        if pred.files:
+            extra["mask"] = pred.files[0].name
+        pred.files.append(write_case_json(output, pred.classification, extra))
+    return pred
+
+
+def predict_cases(model: TrainedModel, cases: Sequence[CaseSource], output: Path, tta: bool = True, save_probabilities: bool = False,
+                  batch_slices: int | None = None, progress: Callable[[str, int, int], None] | None = None,
+                  on_case: Callable[[CaseSource, CasePrediction], None] | None = None) -> PredictResult:
+    """Predict every case into ``output``; ``on_case`` sees each prediction (e.g. to score it).
+
+    Raises one :class:`SpineautoError` naming the failed cases after the others are written.
+    """
+    output = Path(output)
+    check_writable(output)
+    result = PredictResult()
+    for i, case in enumerate(cases):
+        if progress:
+            progress(case.name, i, len(cases))
+        t0 = time.perf_counter()
+        try:
+            pred = predict_case(model, case, output, tta, save_probabilities, batch_slices)
+        except SpineautoError as e:
+            result.failed[case.name] = str(e)
+            log.error("%s: %s", case.name, e)
+            for ending in (".nii.gz", ".npz", ".json"):
+                (output / f"{case.name}{ending}").unlink(missing_ok=True)
+            continue
+        finally:
+            result.seconds[case.name] = time.perf_counter() - t0
+        if pred.labels is not None:
+            result.written.append(pred.files[0])
+        if pred.classification is not None:
+            result.classifications.append(pred.classification)
+        if on_case:
+            on_case(case, pred)
+    write_classification_csv(output, result.classifications)
+    if progress:
+        progress("", len(cases), len(cases))
+    if result.failed:
+        first = next(iter(result.failed.items()))
+        done = len(cases) - len(result.failed)
+        raise SpineautoError(f"{len(result.failed)} of {len(cases)} case(s) failed (first: {first[0]}: {first[1]}); "
+                             f"{done} written to {output}")
+    return result
