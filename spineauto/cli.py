@@ -62,16 +62,24 @@ def convert_bids(
     root: Path = typer.Argument(..., help="BIDS root (sub-*/anat/*.nii.gz, masks under derivatives/labels)."),
     dataset: int = typer.Option(..., "-d", "--dataset", help="New dataset id (1-999)."),
     name: str = typer.Option(..., "--name", help="Dataset name, e.g. SpineGeneric."),
-    label_suffix: str = typer.Option("seg-manual", "--label-suffix", help="Mask suffix: <image>_<suffix>.nii.gz."),
+    label: Optional[List[str]] = typer.Option(None, "--label", help="NAME=SUFFIX, repeatable, e.g. --label cord=seg-manual --label "
+                                              "lesion=lesion-manual: masks <image>_<SUFFIX>.nii.gz become one label map, values 1, 2, ... in "
+                                              "the order given. The first is the base every training image needs; each later 0/1 mask is "
+                                              "painted over it, so a lesion voxel outside the cord mask is kept as lesion. A training image "
+                                              "without a later mask has none of that label (logged per case)."),
+    label_suffix: Optional[str] = typer.Option(None, "--label-suffix", help="One mask suffix (default seg-manual), the shorthand for --label cord=SUFFIX; "
+                                               "not with --label."),
+    label_names: Optional[str] = typer.Option(None, "--label-names", help="Names of the values 1, 2, ... of one multi-valued mask, "
+                                              "e.g. cord,lesion (without it values above 1 are named label_<k>, with a warning)."),
     contrast: Optional[List[str]] = typer.Option(None, "--contrast", help="Only these contrasts (repeatable): T2w, T1w, ..."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset of that name."),
 ):
-    """Convert a BIDS dataset (spine-generic convention) into Dataset<ID>_<NAME>."""
+    """Convert a BIDS dataset (spine-generic convention) into Dataset<ID>_<NAME>; label names with "lesion" become lesion_labels."""
     from spineauto import paths
     from spineauto.datasets.bids import convert_bids as run
 
-    out = run(root, paths.root("raw") / paths.dataset_name(dataset, name), label_suffix=label_suffix,
-              contrasts=contrast or None, overwrite=overwrite)
+    out = run(root, paths.root("raw") / paths.dataset_name(dataset, name), label_suffix=label_suffix, labels=label,
+              label_names=label_names, contrasts=contrast or None, overwrite=overwrite)
     console.print(f"[green]wrote[/] {out}")
 
 

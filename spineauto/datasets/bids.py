@@ -1,11 +1,26 @@
 """Convert a BIDS tree (spine-generic convention) into an nnU-Net v2 raw dataset.
 
 Images are ``sub-X/[ses-Y/]anat/sub-X[_ses-Y][_entity-value...]_<contrast>.nii[.gz]``; masks are
-``derivatives/labels/sub-X/[ses-Y/]anat/<image stem>_<label suffix>.nii[.gz]``. Images with a mask go
-to ``imagesTr``/``labelsTr``, the others to ``imagesTs``. The contrast (the last BIDS suffix) becomes
-the case's ``sequence`` class. The dataset is built in a temporary folder beside ``dataset_dir`` and
-renamed into place at the end (:mod:`spineauto.datasets.raw_dataset`), so a failure never leaves a
-half-written dataset behind.
+``derivatives/labels/sub-X/[ses-Y/]anat/<image stem>_<label suffix>.nii[.gz]``. Images with a mask of
+the base label go to ``imagesTr``/``labelsTr``, the others to ``imagesTs``. The contrast (the last
+BIDS suffix) becomes the case's ``sequence`` class. The dataset is built in a temporary folder beside
+``dataset_dir`` and renamed into place at the end (:mod:`spineauto.datasets.raw_dataset`), so a
+failure never leaves a half-written dataset behind.
+
+Labels (:func:`parse_labels`):
+
+- one suffix (``--label-suffix S``, default ``seg-manual``, or one ``--label NAME=S``): the mask is
+  copied as it is. A binary mask is the label NAME (``cord`` for the shorthand). A multi-valued mask
+  is named by ``--label-names a,b,...`` (value k gets the k-th name); without it the values keep
+  generic names ``label_<k>`` (value 1 keeps NAME when ``--label`` gave one) and a warning says so.
+- several ``--label NAME=SUFFIX``: one 0/1 mask per label, merged into one label map. The first is the
+  base (value 1) that makes an image a training case; each later one is painted over the map in the
+  order given, with values 2, 3, ... A later-label voxel outside the base mask keeps the later label
+  (a lesion outside the cord mask stays lesion). A training case without a later label's mask has
+  none of that label ("absent lesion mask = no lesion", the usual BIDS convention); this is logged
+  per case and recorded in the case's metadata as ``assumed_empty``.
+
+Label names containing "lesion" are listed under ``lesion_labels`` in dataset.json.
 """
 from __future__ import annotations
 
@@ -15,11 +30,12 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
 
+from spineauto.datasets.dataset_json import lesion_labels
 from spineauto.datasets.raw_dataset import check_output_free, staged_dataset_dir, write_dataset_json
 from spineauto.errors import SpineautoError
 from spineauto.io.images import load_nifti
@@ -29,36 +45,75 @@ logger = logging.getLogger(__name__)
 IMAGE_ENDINGS = (".nii.gz", ".nii")
 SIDECAR_KEYS = ("SeriesDescription", "Manufacturer")
 MAX_LABEL = 255  # masks are stored as uint8
+DEFAULT_SUFFIX = "seg-manual"
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """A label read from the masks ``<image stem>_<suffix>.nii[.gz]``.
+
+    ``named`` is False for the ``--label-suffix`` shorthand: a multi-valued mask then keeps today's
+    generic names ``label_1 .. label_N``.
+    """
+
+    name: str
+    suffix: str
+    named: bool = True
+
+
+@dataclass(frozen=True)
+class LabelPlan:
+    """What ``--label``, ``--label-suffix`` and ``--label-names`` ask for, checked."""
+
+    specs: tuple[LabelSpec, ...]
+    value_names: tuple[str, ...] = ()  # --label-names: the names of the values 1.. of one multi-valued mask
+
+    @property
+    def base(self) -> LabelSpec:
+        return self.specs[0]
+
+    @property
+    def later(self) -> tuple[LabelSpec, ...]:
+        return self.specs[1:]
 
 
 @dataclass
 class BidsCase:
-    """One image of the BIDS tree, with its mask if it has one."""
+    """One image of the BIDS tree, with its base mask and later-label masks if it has them."""
 
     case_id: str
     subject: str
     contrast: str
     image: Path
     mask: Path | None = None
+    later_masks: dict[str, Path] = field(default_factory=dict)  # later label name -> mask
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def convert_bids(
     root: Path,
     dataset_dir: Path,
-    label_suffix: str = "seg-manual",
+    label_suffix: str | None = None,
     contrasts: list[str] | None = None,
     label_name: str = "cord",
     overwrite: bool = False,
+    labels: Sequence[str] | None = None,
+    label_names: str | Sequence[str] | None = None,
 ) -> Path:
-    """Write the BIDS tree at ``root`` as a raw dataset in ``dataset_dir``; return ``dataset_dir``."""
+    """Write the BIDS tree at ``root`` as a raw dataset in ``dataset_dir``; return ``dataset_dir``.
+
+    ``labels`` are ``NAME=SUFFIX`` strings (``--label``), ``label_suffix`` the one-label shorthand
+    (named ``label_name``), ``label_names`` the names of a multi-valued mask's values; see
+    :func:`parse_labels`.
+    """
+    plan = parse_labels(labels, label_suffix, label_names, label_name)
     root = Path(root).expanduser().resolve()
     dataset_dir = Path(dataset_dir).expanduser().resolve()
     if not root.is_dir():
         raise SpineautoError(f"BIDS root {root} does not exist or is not a folder")
     check_output_free(dataset_dir, overwrite)
 
-    cases = find_bids_cases(root, label_suffix)
+    cases = find_bids_cases(root, plan)
     if contrasts is not None:
         wanted = set(contrasts)
         found = sorted({c.contrast for c in cases})
@@ -70,16 +125,19 @@ def convert_bids(
             )
     for case in cases:
         check_3d(case.image)
+        report_masks(case, plan)
 
     with staged_dataset_dir(dataset_dir, overwrite) as stage:
-        mask_values: set[int] = set()
+        mask_values: dict[int, Path] = {}  # value -> first mask holding it
         for case in cases:
             if case.mask is None:
                 copy_nifti(case.image, stage / "imagesTs" / f"{case.case_id}_0000.nii.gz")
-            else:
-                copy_nifti(case.image, stage / "imagesTr" / f"{case.case_id}_0000.nii.gz")
-                mask_values |= write_mask(case.mask, case.image, stage / "labelsTr" / f"{case.case_id}.nii.gz")
-        labels = declare_labels(mask_values, label_name)
+                continue
+            copy_nifti(case.image, stage / "imagesTr" / f"{case.case_id}_0000.nii.gz")
+            values = write_label_map(case, plan, stage / "labelsTr" / f"{case.case_id}.nii.gz")
+            for v in values:
+                mask_values.setdefault(v, case.mask)
+        declared = declare_labels(mask_values, plan)
         entries = {
             c.case_id: {"subject": c.subject, "classes": {"sequence": c.contrast}, "metadata": c.metadata} for c in cases
         }
@@ -88,9 +146,10 @@ def convert_bids(
             stage,
             name=dataset_dir.name,
             description=f"Converted from BIDS dataset {root} by spineauto",
-            labels=labels,
+            labels=declared,
             num_training=n_train,
             cases=entries,
+            lesion_labels=lesion_labels(name for name in declared if name != "background"),
         )
     logger.info(
         "converted %d images from %s into %s (%d with masks, %d without)",
@@ -99,11 +158,105 @@ def convert_bids(
     return dataset_dir
 
 
+# ------------------------------------------------------------------------------------------ labels
+
+
+def parse_labels(
+    labels: Sequence[str] | None = None,
+    label_suffix: str | None = None,
+    label_names: str | Sequence[str] | None = None,
+    label_name: str = "cord",
+) -> LabelPlan:
+    """Check ``--label NAME=SUFFIX`` (repeatable), ``--label-suffix`` and ``--label-names``."""
+    if labels and label_suffix is not None:
+        raise SpineautoError("give either --label NAME=SUFFIX (repeatable) or --label-suffix SUFFIX, not both")
+    if labels:
+        specs = []
+        for text in labels:
+            name, sep, suffix = text.partition("=")
+            name, suffix = name.strip(), suffix.strip()
+            if not sep or not name or not suffix:
+                raise SpineautoError(f"bad --label {text!r}: expected NAME=SUFFIX, e.g. --label cord=seg-manual")
+            specs.append(LabelSpec(check_label_name(name, f"--label {text}"), check_suffix(suffix)))
+    else:
+        specs = [LabelSpec(check_label_name(label_name, "label name"), check_suffix(label_suffix or DEFAULT_SUFFIX), named=False)]
+    for i, spec in enumerate(specs):
+        for other in specs[:i]:
+            if spec.name == other.name:
+                raise SpineautoError(f"label name {spec.name!r} is given twice in --label; give each label once")
+            if spec.suffix == other.suffix:
+                raise SpineautoError(
+                    f"mask suffix {spec.suffix!r} is given twice in --label (for {other.name} and {spec.name}); "
+                    "one mask file makes one label"
+                )
+    names: tuple[str, ...] = ()
+    if label_names is not None:
+        parts = label_names.split(",") if isinstance(label_names, str) else list(label_names)
+        names = tuple(check_label_name(n.strip(), "--label-names") for n in parts)
+        if len(set(names)) != len(names):
+            raise SpineautoError(f"--label-names {','.join(names)} gives a name twice; give each label once")
+        if len(specs) > 1:
+            raise SpineautoError(
+                "--label-names names the values of one multi-valued mask; with several --label every mask "
+                "is 0/1 and --label gives the names"
+            )
+        if specs[0].named and specs[0].name != names[0]:
+            raise SpineautoError(
+                f"--label {specs[0].name}={specs[0].suffix} and --label-names {','.join(names)} name value 1 "
+                f"differently ({specs[0].name} vs {names[0]}); make them agree or use --label-suffix"
+            )
+    return LabelPlan(tuple(specs), names)
+
+
+def check_label_name(name: str, where: str) -> str:
+    if not name.isidentifier():
+        raise SpineautoError(
+            f"label name {name!r} ({where}) is not an identifier: use letters, digits and _, "
+            "not starting with a digit (e.g. cord, ms_lesion)"
+        )
+    if name == "background":
+        raise SpineautoError(f"label name 'background' ({where}) is reserved for value 0; choose another name")
+    return name
+
+
+def check_suffix(suffix: str) -> str:
+    if "/" in suffix or "\\" in suffix or any(suffix.endswith(e) for e in IMAGE_ENDINGS) or suffix.startswith("_"):
+        raise SpineautoError(
+            f"bad mask suffix {suffix!r}: give the part after '<image>_' without .nii.gz, e.g. seg-manual"
+        )
+    return suffix
+
+
+def declare_labels(values: dict[int, Path], plan: LabelPlan) -> dict[str, int]:
+    """``labels`` of dataset.json: ``background`` plus one name per value (values are consecutive)."""
+    if len(plan.specs) > 1:
+        return {"background": 0, **{spec.name: i for i, spec in enumerate(plan.specs, start=1)}}
+    if plan.value_names:
+        return {"background": 0, **{name: i for i, name in enumerate(plan.value_names, start=1)}}
+    spec = plan.base
+    top = max(set(values) | {1})
+    if top == 1:
+        return {"background": 0, spec.name: 1}
+    names = {v: f"label_{v}" for v in range(1, top + 1)}
+    if spec.named:
+        names[1] = spec.name
+    unnamed = [v for v in range(1, top + 1) if names[v].startswith("label_")]
+    found = sorted(v for v in values if v in unnamed)
+    example = values[found[0]] if found else next(iter(values.values()))
+    logger.warning(
+        "mask values %s (e.g. in %s) have no name and are declared as %s; lesion labels are recognised by "
+        "name, so name every value with --label-names (value k gets the k-th name), e.g. --label-names %s",
+        ", ".join(map(str, found)), example, ", ".join(names[v] for v in unnamed),
+        ",".join([spec.name if spec.named else "cord", "lesion", *[f"name{v}" for v in range(3, top + 1)]]),
+    )
+    return {"background": 0, **{names[v]: v for v in range(1, top + 1)}}
+
+
 # --------------------------------------------------------------------------------------- discovery
 
 
-def find_bids_cases(root: Path, label_suffix: str) -> list[BidsCase]:
-    """Every ``sub-*`` anatomical image under ``root``, paired with its mask, sorted by case id."""
+def find_bids_cases(root: Path, plan: LabelPlan) -> list[BidsCase]:
+    """Every ``sub-*`` anatomical image under ``root``, paired with its masks, sorted by case id."""
     images: dict[str, Path] = {}
     for pattern in ("sub-*/anat/sub-*.nii*", "sub-*/ses-*/anat/sub-*.nii*"):
         for path in root.glob(pattern):
@@ -118,7 +271,8 @@ def find_bids_cases(root: Path, label_suffix: str) -> list[BidsCase]:
     if not images:
         raise SpineautoError(f"empty BIDS tree: no sub-*/anat/*.nii.gz under {root}")
 
-    masks = find_masks(root, label_suffix, images)
+    masks = find_masks(root, [spec.suffix for spec in plan.specs], images)
+    base = masks[plan.base.suffix]
     cases = []
     for stem in sorted(images):
         path = images[stem]
@@ -127,8 +281,16 @@ def find_bids_cases(root: Path, label_suffix: str) -> list[BidsCase]:
         metadata: dict[str, Any] = {"source": rel.as_posix()}
         if rel.parts[1].startswith("ses-"):
             metadata["session"] = rel.parts[1]
-        if stem in masks:
-            metadata["mask"] = masks[stem].relative_to(root).as_posix()
+        later = {spec.name: masks[spec.suffix][stem] for spec in plan.later if stem in masks[spec.suffix]}
+        if stem in base:
+            metadata["mask"] = base[stem].relative_to(root).as_posix()
+            if plan.later:
+                metadata["masks"] = {
+                    plan.base.name: metadata["mask"], **{n: p.relative_to(root).as_posix() for n, p in later.items()}
+                }
+                absent = [spec.name for spec in plan.later if spec.name not in later]
+                if absent:
+                    metadata["assumed_empty"] = absent
         metadata.update(read_sidecar(path))
         cases.append(
             BidsCase(
@@ -136,34 +298,55 @@ def find_bids_cases(root: Path, label_suffix: str) -> list[BidsCase]:
                 subject=subject,
                 contrast=stem.rsplit("_", 1)[-1],
                 image=path,
-                mask=masks.get(stem),
+                mask=base.get(stem),
+                later_masks=later,
                 metadata=metadata,
             )
         )
     return cases
 
 
-def find_masks(root: Path, label_suffix: str, images: dict[str, Path]) -> dict[str, Path]:
-    """Masks ``derivatives/labels/.../<image stem>_<label_suffix>.nii[.gz]`` keyed by image stem."""
+def find_masks(root: Path, suffixes: Sequence[str], images: dict[str, Path]) -> dict[str, dict[str, Path]]:
+    """Masks ``derivatives/labels/.../<image stem>_<suffix>.nii[.gz]``: suffix -> image stem -> mask.
+
+    A file that ends with several of the suffixes belongs to the longest one whose image exists.
+    """
     labels_root = root / "derivatives" / "labels"
-    tail = f"_{label_suffix}"
-    masks: dict[str, Path] = {}
+    masks: dict[str, dict[str, Path]] = {s: {} for s in suffixes}
     for pattern in ("sub-*/anat/*.nii*", "sub-*/ses-*/anat/*.nii*"):
-        for path in labels_root.glob(pattern):
+        for path in sorted(labels_root.glob(pattern)):
             stem = nifti_stem(path)
-            if stem is None or not stem.endswith(tail):
+            if stem is None:
                 continue
-            image_stem = stem[: -len(tail)]
+            matching = sorted((s for s in suffixes if stem.endswith(f"_{s}")), key=len, reverse=True)
+            if not matching:
+                continue
+            suffix = next((s for s in matching if stem[: -len(s) - 1] in images), matching[0])
+            image_stem = stem[: -len(suffix) - 1]
             if image_stem not in images:
                 expected = path.parent.relative_to(labels_root) / f"{image_stem}.nii.gz"
                 raise SpineautoError(
                     f"mask {path} has no image: expected {root / expected}; "
                     "remove the mask or add the image"
                 )
-            if image_stem in masks:
-                raise SpineautoError(f"two masks for {image_stem}: {masks[image_stem]} and {path}; keep one")
-            masks[image_stem] = path
+            if image_stem in masks[suffix]:
+                raise SpineautoError(f"two masks for {image_stem}: {masks[suffix][image_stem]} and {path}; keep one")
+            masks[suffix][image_stem] = path
     return masks
+
+
+def report_masks(case: BidsCase, plan: LabelPlan) -> None:
+    """Log a later-label mask that is not used, and a training case assumed to lack a later label."""
+    if case.mask is None:
+        for name, path in case.later_masks.items():
+            logger.warning(
+                "%s: ignoring %s mask %s: the image has no %s mask (_%s), so it goes to imagesTs without labels",
+                case.case_id, name, path, plan.base.name, plan.base.suffix,
+            )
+        return
+    for name in case.metadata.get("assumed_empty", []):
+        suffix = next(s.suffix for s in plan.later if s.name == name)
+        logger.info("%s: no %s mask (_%s): no %s in this case", case.case_id, name, suffix, name)
 
 
 def nifti_stem(path: Path) -> str | None:
@@ -212,8 +395,8 @@ def copy_nifti(source: Path, target: Path) -> None:
             shutil.copyfileobj(src, dst)
 
 
-def write_mask(mask_path: Path, image_path: Path, target: Path) -> set[int]:
-    """Round the mask to uint8 on the image's grid and save it; return the label values it holds."""
+def read_mask(mask_path: Path, image_path: Path) -> tuple[np.ndarray, Any]:
+    """The mask rounded to uint8, checked to lie on the image's grid; with the loaded mask image."""
     mask = load_nifti(mask_path)
     image = load_nifti(image_path)
     if mask.shape != image.shape:
@@ -233,19 +416,52 @@ def write_mask(mask_path: Path, image_path: Path, target: Path) -> set[int]:
             f"mask {mask_path} holds values outside 0..{MAX_LABEL} (min {np.nanmin(data)}, max {np.nanmax(data)}); "
             "a mask holds 0 for background and small positive integers for labels"
         )
-    values = data.astype(np.uint8)
+    return data.astype(np.uint8), mask
+
+
+def check_binary(values: np.ndarray, mask_path: Path, spec: LabelSpec, value: int) -> np.ndarray:
+    """``values == 1``, after checking that the mask holds only 0 and 1."""
+    found = np.unique(values)
+    if found.max(initial=0) > 1:
+        raise SpineautoError(
+            f"mask {mask_path} holds values {', '.join(map(str, found))}, but the mask of --label "
+            f"{spec.name}={spec.suffix} must be 0/1 (it becomes value {value}); with several --label every "
+            "mask is binary (for one multi-valued mask use a single --label and --label-names)"
+        )
+    return values == 1
+
+
+def write_label_map(case: BidsCase, plan: LabelPlan, target: Path) -> set[int]:
+    """Write the case's label map (uint8, on the base mask's header); return the values it holds.
+
+    With several labels the base mask is value 1 and each later mask, in order, paints its voxels
+    with its value over whatever is there, inside the base mask or not.
+    """
+    assert case.mask is not None
+    values, mask = read_mask(case.mask, case.image)
+    if plan.later:
+        base = check_binary(values, case.mask, plan.base, 1)
+        values = base.astype(np.uint8)
+        for value, spec in enumerate(plan.specs[1:], start=2):
+            path = case.later_masks.get(spec.name)
+            if path is None:
+                continue
+            later = check_binary(read_mask(path, case.image)[0], path, spec, value)
+            outside = int((later & ~base).sum())
+            if outside:
+                logger.info(
+                    "%s: %d %s voxels lie outside the %s mask; kept as %s",
+                    case.case_id, outside, spec.name, plan.base.name, spec.name,
+                )
+            values[later] = value
+    elif plan.value_names and values.max(initial=0) > len(plan.value_names):
+        raise SpineautoError(
+            f"mask {case.mask} holds values up to {values.max()} but --label-names names only "
+            f"{len(plan.value_names)} ({','.join(plan.value_names)}); name every value"
+        )
     header = mask.header.copy()
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(1, 0)
-    out = type(mask)(values, mask.affine, header)
     target.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(out, str(target))
+    nib.save(type(mask)(values, mask.affine, header), str(target))
     return {int(v) for v in np.unique(values)}
-
-
-def declare_labels(values: set[int], label_name: str) -> dict[str, int]:
-    """``{background: 0, <label_name>: 1}`` for binary masks, else ``label_1 .. label_<max>``."""
-    top = max(values | {1})
-    if top == 1:
-        return {"background": 0, label_name: 1}
-    return {"background": 0, **{f"label_{v}": v for v in range(1, top + 1)}}

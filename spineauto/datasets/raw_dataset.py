@@ -68,8 +68,11 @@ def write_dataset_json(
     cases: dict[str, dict[str, Any]],
     channel_names: dict[str, str] | None = None,
     class_order: dict[str, Sequence[str]] | None = None,
+    lesion_labels: Sequence[str] | None = None,
 ) -> Path:
     """Write ``folder/dataset.json``: nnU-Net v2's keys plus ``heads`` and ``cases``.
+
+    ``lesion_labels`` (label names), when given and not empty, is written after ``labels``.
 
     A head is declared only when at least two classes of it occur in ``cases``; the per-case classes
     of a head that is dropped are removed too (``cases[id]['classes']`` is edited in place). Heads and
@@ -93,6 +96,7 @@ def write_dataset_json(
         "description": description,
         "channel_names": channel_names or {"0": "MRI"},
         "labels": labels,
+        **({"lesion_labels": list(lesion_labels)} if lesion_labels else {}),
         "numTraining": num_training,
         "file_ending": ".nii.gz",
         "heads": heads,
