@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import run_cli
 from spineauto.datasets.bids import convert_bids
+from spineauto.datasets.dataset_json import load_dataset_json
 from spineauto.datasets.dicom import convert_dicom, read_dicom_series
 from spineauto.errors import SpineautoError
 
@@ -258,6 +260,184 @@ def test_bids_refuses_to_overwrite(bids: Path, tmp_path: Path) -> None:
     convert_bids(bids, target, overwrite=True)
     assert _names(tmp_path / "raw") == ["Dataset012_Z"]
     assert json.loads((target / "dataset.json").read_text())["numTraining"] == 4
+
+
+# ------------------------------------------------------------------------------- several labels (lesions)
+
+
+@pytest.fixture
+def lesion_bids(tmp_path: Path, sct: Path) -> Path:
+    """sub-01: cord + lesion masks (the lesion reaching outside the cord); sub-02: cord mask only;
+    sub-03: a lesion mask but no cord mask."""
+    root = tmp_path / "lesion_bids"
+    labels = root / "derivatives" / "labels"
+    cord = nib.load(sct / "t2/t2_fake_lesion_sc_seg.nii.gz")
+    lesion = nib.load(sct / "t2/t2_fake_lesion_lesion_seg.nii.gz").get_fdata() > 0.5
+    lesion[5:8, 5:8, 10:12] = True  # a lesion blob far from the cord
+    for sub in ("sub-01", "sub-02", "sub-03"):
+        _put(sct / "t2/t2_fake_lesion.nii.gz", root / f"{sub}/anat/{sub}_T2w.nii.gz")
+    for sub in ("sub-01", "sub-02"):
+        _put(sct / "t2/t2_fake_lesion_sc_seg.nii.gz", labels / f"{sub}/anat/{sub}_T2w_seg-manual.nii.gz")
+    for sub in ("sub-01", "sub-03"):
+        (labels / f"{sub}/anat").mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(lesion.astype(np.uint8), cord.affine), labels / f"{sub}/anat/{sub}_T2w_lesion-manual.nii.gz")
+    return root
+
+
+CORD_AND_LESION = ("--label", "cord=seg-manual", "--label", "lesion=lesion-manual")
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())  # log lines are wrapped to the console width
+
+
+def test_bids_cord_and_lesion_labels(lesion_bids: Path, sct: Path, spineauto_env, capsys) -> None:
+    code, _, err = run_cli(capsys, "convert", "bids", lesion_bids, "-d", 30, "--name", "Lesion", *CORD_AND_LESION)
+    assert code == 0, err
+    out = spineauto_env["raw"] / "Dataset030_Lesion"
+    assert _names(spineauto_env["raw"]) == ["Dataset030_Lesion"]
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "cord": 1, "lesion": 2}
+    assert meta["lesion_labels"] == ["lesion"] and list(meta).index("lesion_labels") == list(meta).index("labels") + 1
+    assert load_dataset_json(out).lesion_labels == ["lesion"]
+    assert meta["numTraining"] == 2
+    assert _names(out / "labelsTr") == ["sub-01_T2w.nii.gz", "sub-02_T2w.nii.gz"]
+    assert _names(out / "imagesTs") == ["sub-03_T2w_0000.nii.gz"]  # a lesion mask alone makes no training case
+
+    cord = np.rint(nib.load(sct / "t2/t2_fake_lesion_sc_seg.nii.gz").get_fdata()).astype(np.uint8)
+    lesion = np.asanyarray(nib.load(lesion_bids / "derivatives/labels/sub-01/anat/sub-01_T2w_lesion-manual.nii.gz").dataobj) == 1
+    one = nib.load(out / "labelsTr/sub-01_T2w.nii.gz")
+    assert one.get_data_dtype() == np.uint8
+    one = np.asanyarray(one.dataobj)
+    np.testing.assert_array_equal(one, np.where(lesion, 2, cord))
+    assert (one[lesion & (cord == 1)] == 2).all() and (lesion & (cord == 1)).sum() > 0  # painted over the cord
+    assert (one[lesion & (cord == 0)] == 2).all() and (lesion & (cord == 0)).sum() == 18  # outside the cord: kept
+    assert ((one == 1) == ((cord == 1) & ~lesion)).all()
+
+    # no lesion mask: no lesion, said per case and recorded in the case's metadata
+    np.testing.assert_array_equal(np.asanyarray(nib.load(out / "labelsTr/sub-02_T2w.nii.gz").dataobj), cord)
+    two = meta["cases"]["sub-02_T2w"]["metadata"]
+    assert two["assumed_empty"] == ["lesion"] and list(two["masks"]) == ["cord"]
+    first = meta["cases"]["sub-01_T2w"]["metadata"]
+    assert "assumed_empty" not in first
+    assert first["masks"] == {"cord": "derivatives/labels/sub-01/anat/sub-01_T2w_seg-manual.nii.gz",
+                              "lesion": "derivatives/labels/sub-01/anat/sub-01_T2w_lesion-manual.nii.gz"}
+    assert "masks" not in meta["cases"]["sub-03_T2w"]["metadata"]
+    flat = _flat(err)
+    assert "sub-02_T2w: no lesion mask (_lesion-manual): no lesion in this case" in flat
+    assert "sub-01_T2w: 18 lesion voxels lie outside the cord mask; kept as lesion" in flat
+    assert "sub-03_T2w: ignoring lesion mask" in flat and "goes to imagesTs" in flat
+    assert "Traceback" not in err
+
+
+def _multi_valued(bids: Path, sct: Path, top: int = 2) -> np.ndarray:
+    """sub-04: one mask with cord 1 and lesion ``top``."""
+    cord = nib.load(sct / "t2/t2_fake_lesion_sc_seg.nii.gz")
+    lesion = nib.load(sct / "t2/t2_fake_lesion_lesion_seg.nii.gz").get_fdata() > 0.5
+    multi = np.where(lesion, top, np.rint(cord.get_fdata())).astype(np.int16)
+    _put(sct / "t2/t2_fake_lesion.nii.gz", bids / "sub-04/anat/sub-04_T2w.nii.gz")
+    (bids / "derivatives/labels/sub-04/anat").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(multi, cord.affine, cord.header), bids / "derivatives/labels/sub-04/anat/sub-04_T2w_seg-manual.nii.gz")
+    return multi
+
+
+@pytest.mark.parametrize("args", [("--label-names", "cord,lesion"),
+                                  ("--label", "cord=seg-manual", "--label-names", "cord,lesion"),
+                                  ("--label-suffix", "seg-manual", "--label-names", "cord , lesion")])
+def test_bids_multivalued_mask_with_label_names(bids: Path, sct: Path, spineauto_env, capsys, args) -> None:
+    multi = _multi_valued(bids, sct)
+    code, _, err = run_cli(capsys, "convert", "bids", bids, "-d", 31, "--name", "Multi", *args)
+    assert code == 0, err
+    out = spineauto_env["raw"] / "Dataset031_Multi"
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "cord": 1, "lesion": 2} and meta["lesion_labels"] == ["lesion"]
+    assert meta["numTraining"] == 5
+    np.testing.assert_array_equal(np.asanyarray(nib.load(out / "labelsTr/sub-04_T2w.nii.gz").dataobj), multi)
+    assert "--label-names" not in err  # no warning: every value is named
+
+
+def test_bids_multivalued_mask_without_names_warns(bids: Path, sct: Path, spineauto_env, capsys) -> None:
+    _multi_valued(bids, sct, top=3)
+    code, _, err = run_cli(capsys, "convert", "bids", bids, "-d", 32, "--name", "Generic")
+    assert code == 0, err
+    meta = json.loads((spineauto_env["raw"] / "Dataset032_Generic" / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "label_1": 1, "label_2": 2, "label_3": 3}  # today's names
+    assert "lesion_labels" not in meta
+    flat = _flat(err)
+    assert "mask values 1, 3" in flat and "declared as label_1, label_2, label_3" in flat
+    assert "--label-names cord,lesion,name3" in flat
+
+    # a name given with --label names value 1; the others stay generic, with the warning
+    code, _, err = run_cli(capsys, "convert", "bids", bids, "-d", 33, "--name", "Named", "--label", "cord=seg-manual")
+    assert code == 0, err
+    meta = json.loads((spineauto_env["raw"] / "Dataset033_Named" / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "cord": 1, "label_2": 2, "label_3": 3}
+    assert "mask values 3" in _flat(err) and "declared as label_2, label_3" in _flat(err)
+
+
+def _lesion_file(root: Path) -> Path:
+    return root / "derivatives/labels/sub-01/anat/sub-01_T2w_lesion-manual.nii.gz"
+
+
+def _three_valued_lesion(root: Path, sct: Path) -> None:
+    mask = nib.load(_lesion_file(root))
+    data = np.asanyarray(mask.dataobj).copy()
+    data[0, 0, 0] = 2
+    nib.save(nib.Nifti1Image(data, mask.affine), _lesion_file(root))
+
+
+def _three_valued_cord(root: Path, sct: Path) -> None:
+    cord = root / "derivatives/labels/sub-02/anat/sub-02_T2w_seg-manual.nii.gz"
+    data = nib.load(cord).get_fdata()
+    data[0, 0, 0] = 3
+    nib.save(nib.Nifti1Image(data, nib.load(cord).affine), cord)
+
+
+BAD = {  # name -> (extra arguments, edit of the tree, what the one error line says)
+    "no =": (("--label", "cord"), None, "bad --label 'cord': expected NAME=SUFFIX"),
+    "empty name": (("--label", "=seg-manual"), None, "bad --label '=seg-manual': expected NAME=SUFFIX"),
+    "empty suffix": (("--label", "cord="), None, "bad --label 'cord=': expected NAME=SUFFIX"),
+    "duplicate name": (("--label", "cord=seg-manual", "--label", "cord=lesion-manual"), None,
+                       "label name 'cord' is given twice"),
+    "duplicate suffix": (("--label", "cord=seg-manual", "--label", "lesion=seg-manual"), None,
+                         "mask suffix 'seg-manual' is given twice in --label (for cord and lesion)"),
+    "not an identifier": (("--label", "cord=seg-manual", "--label", "ms-lesion=lesion-manual"), None,
+                          "label name 'ms-lesion' (--label ms-lesion=lesion-manual) is not an identifier"),
+    "background": (("--label", "background=seg-manual"), None, "'background' (--label background=seg-manual) is reserved"),
+    "suffix with ending": (("--label", "cord=seg-manual.nii.gz"), None, "bad mask suffix 'seg-manual.nii.gz'"),
+    "both": (("--label", "cord=seg-manual", "--label-suffix", "seg-manual"), None,
+             "give either --label NAME=SUFFIX (repeatable) or --label-suffix SUFFIX, not both"),
+    "names not identifiers": (("--label-names", "cord,2lesion"), None, "label name '2lesion' (--label-names) is not an identifier"),
+    "names twice": (("--label-names", "cord,cord"), None, "--label-names cord,cord gives a name twice"),
+    "names with several labels": ((*CORD_AND_LESION, "--label-names", "cord,lesion"), None,
+                                  "--label-names names the values of one multi-valued mask"),
+    "names disagree": (("--label", "sc=seg-manual", "--label-names", "cord,lesion"), None,
+                       "name value 1 differently (sc vs cord)"),
+    "later mask not 0/1": (CORD_AND_LESION, _three_valued_lesion,
+                           "sub-01_T2w_lesion-manual.nii.gz holds values 0, 1, 2, but the mask of --label "
+                           "lesion=lesion-manual must be 0/1 (it becomes value 2)"),
+    "base mask not 0/1": (CORD_AND_LESION, _three_valued_cord,
+                          "sub-02_T2w_seg-manual.nii.gz holds values 0, 1, 3, but the mask of --label cord=seg-manual must be 0/1"),
+    "later mask on another grid": (CORD_AND_LESION, lambda root, sct: shutil.copyfile(sct / "t2/t2_seg-manual.nii.gz", _lesion_file(root)),
+                                   r"sub-01_T2w_lesion-manual.nii.gz has shape (60, 55, 52) but its image"),
+    "too few value names": (("--label-names", "cord"), lambda root, sct: _three_valued_cord(root, sct),
+                            "sub-02_T2w_seg-manual.nii.gz holds values up to 3 but --label-names names only 1 (cord)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bids_bad_labels_fail_in_one_line(lesion_bids: Path, sct: Path, spineauto_env, capsys, case) -> None:
+    args, edit, expected = BAD[case]
+    if edit is not None:
+        edit(lesion_bids, sct)
+    code, out, err = run_cli(capsys, "convert", "bids", lesion_bids, "-d", 34, "--name", "Bad", *args)
+    assert code == 1, err
+    assert "Traceback" not in out + err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and expected in errors[0], err
+    if edit is not None:
+        assert str(lesion_bids) in errors[0]  # the file is named in full
+    assert _names(spineauto_env["raw"]) == []  # nothing half-written, no staging folder
 
 
 # --------------------------------------------------------------------------------------------- DICOM
