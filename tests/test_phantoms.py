@@ -236,3 +236,21 @@ def test_dataset_writer_is_deterministic_and_cleans_up(tmp_path):
     assert "view" not in meta["heads"] and all("view" not in i["classes"] for i in meta["cases"].values())
     assert all(_label(nib.load(p)).max() == 1 for p in (a / "labelsTr").glob("*.nii.gz"))
     assert not list(a.glob("**/.*tmp*")) and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
+
+
+def test_limb_phantoms_have_no_cord_and_an_anatomy_class(tmp_path):
+    """The non-spine anatomy for anatomy gates: tissue but no cord, CSF or lesion; a dataset that
+    mixes it with spines labels each case's anatomy."""
+    import json
+
+    from spineauto.datasets.phantoms import TISSUES, PhantomSpec, render_phantom, write_phantom_dataset
+
+    p = render_phantom(PhantomSpec("T2w", "axial", "thoracic", lesions=0, seed=4, anatomy="limb"))
+    present = set(np.unique(p.tissues).tolist())
+    assert {TISSUES["muscle"], TISSUES["fat"], TISSUES["bone"]} <= present
+    assert not present & {TISSUES["csf"], TISSUES["white_matter"], TISSUES["grey_matter"], TISSUES["lesion"]}
+    assert np.asarray(p.label.dataobj).max() == 0
+    write_phantom_dataset(tmp_path / "Dataset001_Mixed", n_train=8, n_test=2, seed=1, anatomies=("spine", "limb"))
+    data = json.loads((tmp_path / "Dataset001_Mixed" / "dataset.json").read_text())
+    kinds = {c["classes"]["anatomy"] for c in data["cases"].values()}
+    assert data["heads"]["anatomy"] == ["spine", "limb"] and kinds == {"spine", "limb"}

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 CONTRASTS = ("T1w", "T2w", "T2starw")
 VIEWS = ("axial", "sagittal", "coronal")
 LOCATIONS = ("cervical", "thoracic", "lumbar")
-ANATOMIES = ("spine",)
+ANATOMIES = ("spine", "limb")  # "limb": a non-spine scan (muscle, fat, a long bone; no cord) for anatomy gates
 MAX_LESIONS = 3
 MAX_VOXELS = 150_000
 
@@ -101,6 +101,7 @@ class _Anatomy:
     neck: tuple[float, float, float]  # body outline semi-axes (LR, AP) and centre y
     fat: float
     vessels: tuple[tuple[float, float, float], ...]  # (dx, dy, radius) relative to the centreline
+    kind: str = "spine"  # or "limb"
 
 
 @dataclass
@@ -109,7 +110,7 @@ class _Lesion:
     radii: np.ndarray
 
 
-def _draw_anatomy(rng: np.random.Generator, location: str) -> _Anatomy:
+def _draw_anatomy(rng: np.random.Generator, location: str, kind: str = "spine") -> _Anatomy:
     p = _LOCATION[location]
     j = lambda: rng.uniform(0.9, 1.1)  # noqa: E731 - per-dimension jitter
     cord = (p["cord"][0] * j(), p["cord"][1] * j())
@@ -123,7 +124,7 @@ def _draw_anatomy(rng: np.random.Generator, location: str) -> _Anatomy:
                     for side in (-1.0, 1.0))
     return _Anatomy(cord=cord, cord_dy=rng.uniform(-0.6, 0.6), csf=csf, block=block, disc=disc,
                     level_phase=rng.uniform(0, block + disc), body=body, curve=p["curve"] * j(), wander=wander,
-                    taper=p["taper"], neck=neck, fat=rng.uniform(4.0, 9.0), vessels=vessels)
+                    taper=p["taper"], neck=neck, fat=rng.uniform(4.0, 9.0), vessels=vessels, kind=kind)
 
 
 def _centreline(a: _Anatomy, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -139,6 +140,8 @@ def _cord_semi_axes(a: _Anatomy, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def _tissue_map(a: _Anatomy, pts: np.ndarray, lesions: Sequence[_Lesion] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Tissue code and normalised cord radius (< 1 inside the cord) at local points (3, N)."""
+    if a.kind == "limb":
+        return _limb_map(a, pts)
     x, y, z = pts
     xc, yc = _centreline(a, z)
     dx, dy = x - xc, y - yc
@@ -170,6 +173,22 @@ def _tissue_map(a: _Anatomy, pts: np.ndarray, lesions: Sequence[_Lesion] = ()) -
     for les in lesions:
         codes[cord & _in_ellipsoid(pts, les)] = LESION
     return codes, rnorm
+
+
+def _limb_map(a: _Anatomy, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A thigh-like cross-section: fat, muscle, one long bone (cortex and fatty marrow), a vessel; no cord."""
+    x, y, _ = pts
+    codes = np.zeros(x.shape, np.uint8)
+    rx, ry = 0.7 * a.neck[0], 0.7 * a.neck[1]
+    codes[(x / rx) ** 2 + (y / ry) ** 2 <= 1] = FAT
+    codes[(x / (rx - a.fat)) ** 2 + (y / (ry - a.fat)) ** 2 <= 1] = MUSCLE
+    bx, by, br = a.body[0] * 0.4, -a.body[1] * 0.3, a.body[0] * 0.9
+    bone = (x - bx) ** 2 + (y - by) ** 2
+    codes[bone <= br**2] = BONE
+    codes[bone <= (0.6 * br) ** 2] = FAT
+    vx, vy, vr = a.vessels[0]
+    codes[(x - bx - br - 3 - abs(vx) * 0.2) ** 2 + (y - by - vy * 0.2) ** 2 <= vr**2] = VESSEL
+    return codes, np.full(x.shape, np.inf)
 
 
 def _in_ellipsoid(pts: np.ndarray, les: _Lesion) -> np.ndarray:
@@ -264,7 +283,7 @@ def render_phantom(spec: PhantomSpec) -> Phantom:
     """The phantom of ``spec`` with its tissue map (for tests and for checking contrasts)."""
     spec.validate()
     anat_seed = spec.seed if spec.subject_seed is None else spec.subject_seed
-    anatomy = _draw_anatomy(np.random.default_rng([anat_seed, 0]), spec.location)
+    anatomy = _draw_anatomy(np.random.default_rng([anat_seed, 0]), spec.location, spec.anatomy)
     rng = np.random.default_rng([spec.seed, 1])
     origin = np.array([rng.uniform(-20, 20), rng.uniform(-40, 0), rng.uniform(-150, 50)])  # table position
     grid = _draw_grid(rng, spec.view, origin)
@@ -353,8 +372,10 @@ def _subject_sizes(rng: np.random.Generator, n: int) -> list[int]:
     return sizes
 
 
-def _plan_cases(rng: np.random.Generator, n_train: int, n_test: int, views: Sequence[str], lesions: bool) -> list[_Case]:
+def _plan_cases(rng: np.random.Generator, n_train: int, n_test: int, views: Sequence[str], lesions: bool,
+                anatomies: Sequence[str] = ("spine",)) -> list[_Case]:
     combos = _cycle(rng, [(c, v) for c in CONTRASTS for v in views])
+    kinds = _cycle(rng, list(anatomies))
     locations = _cycle(rng, LOCATIONS)
     lesion_parity = int(rng.integers(2))
     cases: list[_Case] = []
@@ -362,7 +383,8 @@ def _plan_cases(rng: np.random.Generator, n_train: int, n_test: int, views: Sequ
     for split, n in (("Tr", n_train), ("Ts", n_test)):
         for size in _subject_sizes(rng, n):
             location = next(locations)
-            n_lesions = int(rng.integers(1, 4)) if lesions and subject % 2 == lesion_parity else 0
+            kind = next(kinds) if len(anatomies) > 1 else anatomies[0]
+            n_lesions = int(rng.integers(1, 4)) if lesions and kind == "spine" and subject % 2 == lesion_parity else 0
             subject_seed = int(rng.integers(2**31 - 1))
             chosen: list[tuple[str, str]] = []
             while len(chosen) < size:
@@ -370,7 +392,8 @@ def _plan_cases(rng: np.random.Generator, n_train: int, n_test: int, views: Sequ
                 if combo not in chosen:
                     chosen.append(combo)
             for contrast, view in chosen:
-                spec = PhantomSpec(contrast, view, location, n_lesions, int(rng.integers(2**31 - 1)), subject_seed=subject_seed)
+                spec = PhantomSpec(contrast, view, location, n_lesions, int(rng.integers(2**31 - 1)), anatomy=kind,
+                                   subject_seed=subject_seed)
                 cases.append(_Case(f"phantom_{len(cases):03d}", f"sub-{subject:03d}", split, spec))
             subject += 1
     return cases
@@ -378,11 +401,12 @@ def _plan_cases(rng: np.random.Generator, n_train: int, n_test: int, views: Sequ
 
 def write_phantom_dataset(dataset_dir: Path, n_train: int = 12, n_test: int = 4, seed: int = 0,
                           views: Sequence[str] = ("axial", "sagittal"), lesions: bool = True,
-                          name: str | None = None) -> Path:
+                          name: str | None = None, anatomies: Sequence[str] = ("spine",)) -> Path:
     """Write an nnU-Net v2 raw dataset of phantoms (imagesTr/labelsTr/imagesTs/labelsTs + dataset.json).
 
     Cases of one subject share anatomy, location and lesion count; subjects never straddle the
-    train/test split. The dataset is built beside ``dataset_dir`` and then replaces it whole, so a
+    train/test split. With several ``anatomies`` (e.g. ``("spine", "limb")``) subjects alternate
+    between them and the cases get an ``anatomy`` class (for an anatomy gate). The dataset is built beside ``dataset_dir`` and then replaces it whole, so a
     rerun leaves nothing of an earlier dataset behind and a failure leaves the old one as it was.
     """
     dataset_dir = Path(dataset_dir)
@@ -391,7 +415,11 @@ def write_phantom_dataset(dataset_dir: Path, n_train: int = 12, n_test: int = 4,
         raise ValueError(f"write_phantom_dataset: need n_train >= 1 and n_test >= 0, got {n_train}, {n_test}")
     if not views or any(v not in VIEWS for v in views) or len(set(views)) != len(views):
         raise ValueError(f"write_phantom_dataset: views must be distinct values from {list(VIEWS)}, got {list(views)}")
-    cases = _plan_cases(np.random.default_rng(seed), n_train, n_test, views, lesions)
+    anatomies = tuple(anatomies)
+    if not anatomies or any(a not in ANATOMIES for a in anatomies):
+        raise ValueError(f"write_phantom_dataset: anatomies must be values from {list(ANATOMIES)}, got {list(anatomies)}")
+    cases = _plan_cases(np.random.default_rng(seed), n_train, n_test, views, lesions, anatomies)
+    with_anatomy = len(set(anatomies)) > 1
     with staged_dataset_dir(dataset_dir, overwrite=True) as stage:
         for case in cases:
             image, label = make_phantom(case.spec)
@@ -405,8 +433,10 @@ def write_phantom_dataset(dataset_dir: Path, n_train: int = 12, n_test: int = 4,
             labels={"background": 0, "cord": 1, **({"lesion": 2} if lesions else {})},
             num_training=sum(c.split == "Tr" for c in cases),
             cases={c.case_id: {"subject": c.subject, "classes": {"sequence": c.spec.contrast, "view": c.spec.view,
-                                                                 "location": c.spec.location}} for c in cases},
-            class_order={"sequence": CONTRASTS, "view": VIEWS, "location": LOCATIONS},
+                                                                 "location": c.spec.location,
+                                                                 **({"anatomy": c.spec.anatomy} if with_anatomy else {})}}
+                   for c in cases},
+            class_order={"sequence": CONTRASTS, "view": VIEWS, "location": LOCATIONS, "anatomy": ANATOMIES},
         )
     logger.info("wrote %d training and %d test phantoms to %s", n_train, n_test, dataset_dir)
     return dataset_dir
