@@ -1,0 +1,310 @@
+"""The folder-level report of a pipeline run: ``OUT/report.html`` and ``OUT/pipeline.csv``.
+
+Built from the per-case JSON files alone (``OUT/<case>/<case>.json``), so ``spineauto report OUT``
+can rebuild it at any time. The page is one self-contained file (inline CSS and SVG, no scripts, no
+server); the overlay mosaics are linked relatively as ``<case>/<png>`` rather than embedded: the
+page stays small and quick to open for hundreds of cases, the PNGs stay single copies, and the
+folder still moves as a whole. Files that cannot be read are skipped with a warning and listed.
+
+Per-case JSON (``kind`` must be ``"spineauto.pipeline_case"``; other JSON files are ignored)::
+
+    {"kind": "spineauto.pipeline_case", "case": str, "source": str,
+     "status": "done"|"stopped"|"failed", "reason": str|null,
+     "stages": [{"stage": "anatomy", "kind": "classification", "model": str, "folds": [str], "head": str,
+                 "class": str, "probabilities": {cls: float}, "passed": bool, "seconds": float},
+                {"stage": "cord", "kind": "segmentation", "model": str, "folds": [str],
+                 "mask": "<case>_cord.nii.gz"|null, "skipped": str|null, "seconds": float}, ...],
+     "measurements": {"cord": {"volume_mm3": float, "length_mm": float,
+                               "csa_mm2": {"mean": float, "median": float, "min": float, "max": float,
+                                           "per_slice": [{"z_mm": float, "csa_mm2": float, "angle_deg": float}]}} | null,
+                      "lesions": {"count": int, "total_volume_mm3": float,
+                                  "items": [{"id": int, "volume_mm3": float, "craniocaudal_length_mm": float,
+                                             "max_inplane_extent_mm": float, "slices": [int, int]}]} | null},
+     "images": {"sagittal": "<case>_sagittal.png", "axial": "<case>_axial.png"},
+     "versions": {"spineauto": str, "torch": str}, "seconds": float}
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from html import escape
+from pathlib import Path
+from urllib.parse import quote
+
+from spineauto.io.atomic import write_atomic
+
+logger = logging.getLogger(__name__)
+
+KIND = "spineauto.pipeline_case"
+STATUSES = ("done", "stopped", "failed")
+CSV_MEASURES = (("cord_volume_mm3", ("cord", "volume_mm3")), ("cord_csa_mean_mm2", ("cord", "csa_mm2", "mean")),
+                ("cord_length_mm", ("cord", "length_mm")), ("lesion_count", ("lesions", "count")),
+                ("lesion_total_volume_mm3", ("lesions", "total_volume_mm3")))
+
+
+def build_report(out_dir: Path) -> Path:
+    """Write ``out_dir/report.html`` and ``out_dir/pipeline.csv`` from the case JSONs; return the page."""
+    out_dir = Path(out_dir)
+    cases, malformed = load_cases(out_dir)
+    write_atomic(out_dir / "pipeline.csv", lambda p: p.write_text(_csv(cases), encoding="utf-8", newline=""))
+    page = write_atomic(out_dir / "report.html", lambda p: p.write_text(_html(out_dir, cases, malformed), encoding="utf-8"))
+    logger.info("report of %d cases (%d files skipped): %s", len(cases), len(malformed), page)
+    return page
+
+
+def load_cases(out_dir: Path) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
+    """([(folder, case JSON)] sorted by case, [(relative path, problem)] of the unreadable files)."""
+    cases, malformed = [], []
+    for path in sorted(Path(out_dir).glob("*/*.json")):
+        rel = path.relative_to(out_dir).as_posix()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and data.get("kind") == KIND:
+                _check(data)
+                cases.append((path.parent.name, data))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            logger.warning("report: skipping %s: %s", path, e)
+            malformed.append((rel, str(e)))
+    return sorted(cases, key=lambda c: str(c[1]["case"])), malformed
+
+
+def _check(d: dict) -> None:
+    if not isinstance(d.get("case"), str) or not d["case"]:
+        raise ValueError("'case' must be a non-empty string")
+    if d.get("status") not in STATUSES:
+        raise ValueError(f"'status' must be one of {list(STATUSES)}, got {d.get('status')!r}")
+    if not isinstance(d.get("stages", []), list) or not all(isinstance(s, dict) for s in d.get("stages", [])):
+        raise ValueError("'stages' must be a list of objects")
+    for key in ("measurements", "images", "versions"):
+        if not isinstance(d.get(key) or {}, dict):
+            raise ValueError(f"'{key}' must be an object")
+
+
+def _get(d, *keys):
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def _dict(v) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def _num(v, digits: int = 1) -> str:
+    return f"{v:,.{digits}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
+
+
+def _classifications(cases) -> list[str]:
+    names: list[str] = []
+    for _, d in cases:
+        for s in d.get("stages", []):
+            if s.get("kind") == "classification" and str(s.get("stage")) not in names:
+                names.append(str(s.get("stage")))
+    return names
+
+
+def _decision(d: dict, stage: str) -> tuple[str | None, float | None]:
+    s = next((s for s in d.get("stages", []) if s.get("stage") == stage), None)
+    if not s or s.get("class") is None:
+        return None, None
+    return str(s["class"]), _get(s, "probabilities", str(s["class"]))
+
+
+def _csv(cases) -> str:
+    stages = _classifications(cases)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["case", "status", "reason", *[f"{s}_{x}" for s in stages for x in ("class", "probability")],
+                *[name for name, _ in CSV_MEASURES]])
+    for _, d in cases:
+        ms = _dict(d.get("measurements"))
+        w.writerow([d["case"], d["status"], str(d.get("reason") or ""), *[v if v is not None else "" for s in stages for v in _decision(d, s)],
+                    *[_get(ms, *keys) if _get(ms, *keys) is not None else "" for _, keys in CSV_MEASURES]])
+    return buf.getvalue()
+
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;background:#f6f7f9;margin:0}
+main{max-width:1140px;margin:0 auto;padding:16px 20px 40px}
+h1{font-size:22px;margin:8px 0 2px}h2{font-size:18px;margin:0 0 4px;display:flex;gap:10px;align-items:center}
+h3{font-size:14px;margin:16px 0 6px;color:#57606a;text-transform:uppercase;letter-spacing:.04em}
+.muted{color:#57606a}.card{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:14px 16px;margin:16px 0}
+.case{border-left:6px solid #8c959f}.case.done{border-left-color:#2da44e}.case.stopped{border-left-color:#d4a72c}
+.case.failed{border-left-color:#cf222e}
+table{border-collapse:collapse;font-size:13px}th,td{padding:4px 10px;border-bottom:1px solid #e5e8eb;text-align:left;vertical-align:top}
+th{background:#f0f2f4;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}.nw{white-space:nowrap}
+.badge{display:inline-block;padding:1px 9px;border-radius:10px;font-size:12px;font-weight:600}
+.badge.done{background:#dafbe1;color:#116329}.badge.stopped{background:#fff8c5;color:#7d4e00}
+.badge.failed{background:#ffebe9;color:#a40e26}
+.why{border-radius:6px;padding:8px 12px;margin:8px 0}.why.stopped{background:#fff8c5}.why.failed{background:#ffebe9}
+.warn{background:#fff8c5;border:1px solid #d4a72c}
+.bar{display:inline-block;height:8px;background:#0969da;border-radius:2px;vertical-align:middle;margin-right:6px}
+.probs{color:#57606a;font-size:12px}
+figure{margin:6px 0 12px}figure img{max-width:100%;display:block;border-radius:4px;background:#111}
+figcaption{font-size:12px;color:#57606a;margin-top:3px}
+.key{display:inline-block;width:11px;height:11px;border-radius:2px;vertical-align:-1px;margin:0 4px 0 10px}
+.noimg{padding:14px 20px;margin:6px 0 12px;background:#eef0f2;color:#57606a;border-radius:4px}
+.row{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}
+details summary{cursor:pointer;color:#0969da;margin:6px 0}a{color:#0969da}
+"""
+
+
+def _html(out_dir: Path, cases, malformed) -> str:
+    counts = ", ".join(f"{sum(d['status'] == s for _, d in cases)} {s}" for s in STATUSES)
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>spineauto report: {escape(out_dir.name)}</title>"
+             f"<style>{CSS}</style></head><body><main><h1>spineauto pipeline report</h1>"
+             f"<p class='muted'>{escape(str(out_dir.resolve()))} · {len(cases)} cases: {counts} · built "
+             f"{escape(time.strftime('%Y-%m-%d %H:%M'))} from the case JSON files (rebuild: <code>spineauto report OUT</code>)</p>"]
+    if malformed:
+        items = "".join(f"<li><code>{escape(p)}</code>: {escape(e)}</li>" for p, e in malformed)
+        parts.append(f"<div class='card warn'><b>{len(malformed)} file(s) could not be read and are left out:</b><ul>{items}</ul></div>")
+    parts.append(_summary(cases))
+    for i, (folder, d) in enumerate(cases):
+        try:
+            parts.append(_section(i, folder, d, out_dir))
+        except (AttributeError, TypeError, ValueError, KeyError) as e:  # odd values inside a readable file
+            logger.warning("report: cannot show case %s: %r", d["case"], e)
+            parts.append(f"<section id='case-{i}' class='card case failed'><h2>{escape(d['case'])}</h2>"
+                         f"<div class='why failed'>this case's JSON holds values the report cannot show: {escape(repr(e))}</div></section>")
+    return "".join(parts) + "</main></body></html>\n"
+
+
+def _badge(status: str) -> str:
+    return f"<span class='badge {escape(status)}'>{escape(status)}</span>"
+
+
+def _summary(cases) -> str:
+    stages = _classifications(cases)
+    head = ["case", "status", "reason", *stages, "cord volume (mm³)", "CSA mean (mm²)", "length (mm)", "lesions",
+            "lesion volume (mm³)", "time (s)"]
+    rows = []
+    for i, (_, d) in enumerate(cases):
+        ms = _dict(d.get("measurements"))
+        decided = [_decision(d, s) for s in stages]
+        cells = [f"<a class='nw' href='#case-{i}'>{escape(d['case'])}</a>", _badge(d["status"]), escape(str(d.get("reason") or "–")),
+                 *[f"<span class='nw'>{escape(c)} <span class='muted'>{_num(p, 2)}</span></span>" if c else "–" for c, p in decided]]
+        nums = [_num(_get(ms, "cord", "volume_mm3"), 0), _num(_get(ms, "cord", "csa_mm2", "mean")), _num(_get(ms, "cord", "length_mm")),
+                _num(_get(ms, "lesions", "count"), 0), _num(_get(ms, "lesions", "total_volume_mm3")), _num(d.get("seconds"))]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "".join(f"<td class='n'>{n}</td>" for n in nums) + "</tr>")
+    if not rows:
+        rows = [f"<tr><td colspan='{len(head)}' class='muted'>no case JSON files found</td></tr>"]
+    return (f"<div class='card'><h3 style='margin-top:0'>Summary</h3><table><tr>{''.join(f'<th>{escape(h)}</th>' for h in head)}</tr>"
+            f"{''.join(rows)}</table></div>")
+
+
+def _section(i: int, folder: str, d: dict, out_dir: Path) -> str:
+    status, versions = d["status"], _dict(d.get("versions"))
+    meta = [f"source <code>{escape(str(d.get('source', '–')))}</code>", f"{_num(d.get('seconds'))} s",
+            *[f"{escape(str(k))} {escape(str(v))}" for k, v in versions.items()]]
+    out = [f"<section id='case-{i}' class='card case {escape(status)}'><h2>{escape(d['case'])} {_badge(status)}</h2>"
+           f"<div class='muted'>{' · '.join(meta)}</div>"]
+    if status != "done":
+        out.append(f"<div class='why {escape(status)}'><b>{'Stopped' if status == 'stopped' else 'Failed'}:</b> "
+                   f"{escape(str(d.get('reason') or 'no reason recorded'))}</div>")
+    out.append(_stages(d.get("stages", []), folder, out_dir))
+    out.append(_images(_dict(d.get("images")), folder, out_dir))
+    out.append(_measurements(_dict(d.get("measurements"))))
+    return "".join(out) + "</section>"
+
+
+def _stages(stages: list[dict], folder: str, out_dir: Path) -> str:
+    if not stages:
+        return "<h3>Stages</h3><p class='muted'>no stage ran</p>"
+    rows = []
+    for s in stages:
+        if s.get("kind") == "classification":
+            probs = sorted(((str(k), v) for k, v in _dict(s.get("probabilities")).items() if isinstance(v, (int, float))), key=lambda kv: -kv[1])
+            p = _get(s, "probabilities", str(s.get("class")))
+            verdict = "" if s.get("passed") is None else (" ✓ passed" if s.get("passed") else " ✗ did not pass")
+            bar = f"<span class='bar' style='width:{max(2, round(60 * p))}px'></span>" if isinstance(p, (int, float)) else ""
+            result = (f"{bar}<b>{escape(str(s.get('class', '–')))}</b> {_num(p, 2)}{verdict}<div class='probs'>"
+                      + ", ".join(f"{escape(k)} {_num(v, 2)}" for k, v in probs) + "</div>")
+        elif s.get("skipped"):
+            result = f"skipped: {escape(str(s['skipped']))}"
+        elif s.get("mask"):
+            name = Path(str(s["mask"])).name
+            link = (out_dir / folder / name).is_file()
+            result = f"mask <a href='{escape(quote(f'{folder}/{name}'))}'>{escape(name)}</a>" if link else f"mask {escape(name)}"
+        else:
+            result = "no mask"
+        folds = ", ".join(str(f) for f in s.get("folds") or [])
+        model = escape(str(s.get("model", "–"))) + (f" <span class='muted'>(folds {escape(folds)})</span>" if folds else "")
+        head = f" <span class='muted'>head {escape(str(s['head']))}</span>" if s.get("head") else ""
+        rows.append(f"<tr><td><b>{escape(str(s.get('stage', '?')))}</b><br><span class='muted'>{escape(str(s.get('kind', '')))}</span></td>"
+                    f"<td>{result}</td><td>{model}{head}</td><td class='n'>{_num(s.get('seconds'))} s</td></tr>")
+    return ("<h3>Stages</h3><table><tr><th>stage</th><th>decision</th><th>model</th><th>time</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _images(images: dict, folder: str, out_dir: Path) -> str:
+    captions = {"sagittal": "sagittal slices (anterior left, superior up)",
+                "axial": "axial slices, superior first (radiological: the patient's right on the left)"}
+    names = {v: Path(str(images.get(v) or "")).name for v in captions}
+    found = {v: n for v, n in names.items() if n and (out_dir / folder / n).is_file()}
+    if not found:
+        return "<h3>Images</h3><p class='muted'>no overlay images</p>"
+    out = ["<h3>Images</h3>"]
+    for view, caption in captions.items():
+        if view in found:
+            out.append(f"<figure><img src='{escape(quote(f'{folder}/{found[view]}'))}' alt='{escape(view)} mosaic'>"
+                       f"<figcaption>{escape(caption)}; panel labels: voxel index in the original image</figcaption></figure>")
+        else:
+            out.append(f"<div class='noimg'>no {escape(view)} image</div>")
+    out.append("<div class='muted' style='font-size:12px'><span class='key' style='background:#00ff00;margin-left:0'></span>cord"
+               "<span class='key' style='background:#ff2020'></span>lesion</div>")
+    return "".join(out)
+
+
+def _measurements(ms: dict) -> str:
+    cord, lesions = ms.get("cord"), ms.get("lesions")
+    if not cord and not lesions:
+        return "<h3>Measurements</h3><p class='muted'>no measurements</p>"
+    out = ["<h3>Measurements</h3><div class='row'>"]
+    if isinstance(cord, dict):
+        csa = _dict(cord.get("csa_mm2"))
+        rows = [("cord volume", _num(cord.get("volume_mm3")), "mm³"), ("cord length", _num(cord.get("length_mm")), "mm"),
+                *[(f"CSA {k}", _num(csa.get(k), 2), "mm²") for k in ("mean", "median", "min", "max")]]
+        out.append("<table>" + "".join(f"<tr><th>{k}</th><td class='n'>{v}</td><td>{u}</td></tr>" for k, v, u in rows) + "</table>")
+        per_slice = [p for p in csa.get("per_slice") or [] if isinstance(p, dict)]
+        if per_slice:
+            out.append(f"<div>{_csa_svg(per_slice)}<details><summary>CSA per slice ({len(per_slice)} slices)</summary><table>"
+                       "<tr><th>z (mm)</th><th>CSA (mm²)</th><th>angle (°)</th></tr>"
+                       + "".join(f"<tr><td class='n'>{_num(p.get('z_mm'))}</td><td class='n'>{_num(p.get('csa_mm2'), 2)}</td>"
+                                 f"<td class='n'>{_num(p.get('angle_deg'))}</td></tr>" for p in per_slice) + "</table></details></div>")
+    out.append("</div>")
+    if isinstance(lesions, dict):
+        out.append(f"<p><b>{_num(lesions.get('count'), 0)} lesion(s)</b>, total volume {_num(lesions.get('total_volume_mm3'))} mm³</p>")
+        items = [x for x in lesions.get("items") or [] if isinstance(x, dict)]
+        if items:
+            out.append("<table><tr><th>lesion</th><th>volume (mm³)</th><th>craniocaudal length (mm)</th>"
+                       "<th>largest in-plane extent (mm)</th><th>slices</th></tr>")
+            for x in items:
+                sl = x.get("slices") or []
+                out.append(f"<tr><td>{escape(str(x.get('id', '?')))}</td><td class='n'>{_num(x.get('volume_mm3'))}</td>"
+                           f"<td class='n'>{_num(x.get('craniocaudal_length_mm'))}</td><td class='n'>{_num(x.get('max_inplane_extent_mm'))}</td>"
+                           f"<td>{escape('–'.join(str(v) for v in sl)) or '–'}</td></tr>")
+            out.append("</table>")
+    return "".join(out)
+
+
+def _csa_svg(per_slice: list[dict], w: int = 460, h: int = 170) -> str:
+    """CSA along the cord as an inline SVG line plot (inferior left, superior right)."""
+    pts = sorted((p["z_mm"], p["csa_mm2"]) for p in per_slice
+                 if all(isinstance(p.get(k), (int, float)) for k in ("z_mm", "csa_mm2")))
+    if len(pts) < 2:
+        return ""
+    (z0, z1), (c0, c1) = (min(p[0] for p in pts), max(p[0] for p in pts)), (0.0, max(p[1] for p in pts) * 1.1 or 1.0)
+    left, right, top, bottom = 46, w - 10, 10, h - 30
+    sx = lambda z: left + (z - z0) / ((z1 - z0) or 1) * (right - left)  # noqa: E731
+    sy = lambda c: bottom - (c - c0) / (c1 - c0) * (bottom - top)  # noqa: E731
+    line = " ".join(f"{sx(z):.1f},{sy(c):.1f}" for z, c in pts)
+    ticks = "".join(f"<text x='{left - 6}' y='{sy(v) + 4:.1f}' text-anchor='end'>{v:.0f}</text>"
+                    f"<line x1='{left}' x2='{right}' y1='{sy(v):.1f}' y2='{sy(v):.1f}' stroke='#e5e8eb'/>" for v in (c0, c1 / 2, c1))
+    return (f"<svg width='{w}' height='{h}' viewBox='0 0 {w} {h}' font-size='11' fill='#57606a' role='img' aria-label='CSA per slice'>"
+            f"{ticks}<polyline points='{line}' fill='none' stroke='#1a7f37' stroke-width='1.8'/>"
+            f"<text x='{left}' y='{h - 12}'>{z0:.0f}</text><text x='{right}' y='{h - 12}' text-anchor='end'>{z1:.0f}</text>"
+            f"<text x='{(left + right) / 2}' y='{h - 12}' text-anchor='middle'>z (mm), inferior → superior</text>"
+            f"<text x='12' y='{(top + bottom) / 2}' transform='rotate(-90 12 {(top + bottom) / 2})' text-anchor='middle'>CSA (mm²)</text></svg>")
