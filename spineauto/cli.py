@@ -279,15 +279,85 @@ def demo(
     epochs: int = typer.Option(10, "--epochs", help="Training epochs of the demo model."),
     iters_per_epoch: int = typer.Option(25, "--iters-per-epoch", help="Training iterations per epoch."),
     seed: int = typer.Option(0, "--seed"),
+    pipeline: bool = typer.Option(False, "--pipeline", help="The whole product: train a small model per pipeline stage, "
+                                  "write the pipeline YAML and run `spineauto pipeline` with its HTML report (about 10-15 min on 2 CPU cores)."),
 ):
     """Generate synthetic spine phantoms, then plan, train fold 0, predict the held-out phantoms and evaluate."""
-    from spineauto.demo import run_demo
+    from spineauto.demo import run_demo, run_pipeline_demo
 
     def run(*args: str) -> None:
         console.rule("spineauto " + " ".join(args))
         typer.main.get_command(app).main(list(args), prog_name="spineauto", standalone_mode=False)
 
-    run_demo(run, workdir, n_train=cases, seed=seed, epochs=epochs, iters_per_epoch=iters_per_epoch, console=console)
+    if pipeline:
+        run_pipeline_demo(run, workdir, seed=seed, console=console)
+    else:
+        run_demo(run, workdir, n_train=cases, seed=seed, epochs=epochs, iters_per_epoch=iters_per_epoch, console=console)
+
+
+@_command("pipeline")
+def pipeline(
+    input: Path = typer.Option(..., "-i", "--input", help="A NIfTI file, a folder of them, a folder of DICOM series, or a BIDS root."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder: one <case>/ folder per case, pipeline.csv and report.html."),
+    config: Path = typer.Option(..., "--config", help="Pipeline definition (YAML, see plans/pipelines/) or a pipeline bundle (.zip from `spineauto export --pipeline`)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    num_parts: int = typer.Option(1, "--num-parts", help="Split the cohort into this many shards (e.g. a SLURM job array's size)."),
+    part_id: int = typer.Option(0, "--part-id", help="Which shard this run processes, 0 .. num-parts-1 (e.g. $SLURM_ARRAY_TASK_ID)."),
+):
+    """Run the whole spine pipeline on new scans: classify, segment the cord, segment lesions in it, measure, report.
+
+    Every model is loaded once; each case is read once. Masks keep each input's exact geometry.
+    A case that fails is reported and leaves no files; the exit code is 1 when any case failed.
+    """
+    from spineauto.cli_views import case_progress, make_progress
+    from spineauto.pipeline.cohort import check_output_apart, run_pipeline, shard, summary_line
+    from spineauto.pipeline.runner import Pipeline
+
+    shard([], num_parts, part_id)  # check the shard options before loading any model
+    check_output_apart(input, output)
+    if not Path(input).exists():
+        raise SpineautoError(f"{input}: input not found; pass a NIfTI file, a folder of them, a DICOM folder or a BIDS root")
+    pipe = Pipeline.load(config, device=device)
+    with make_progress(console) as progress:
+        result = run_pipeline(pipe, input, output, num_parts, part_id, progress=case_progress(progress, "pipeline"))
+    console.print(f"[green]wrote[/] {summary_line(result, output)}")
+    if result.failed:
+        first = next(iter(result.failed.items()))
+        raise SpineautoError(f"{len(result.failed)} case(s) failed (first: {first[0]}: {first[1]}); the others are in {output}")
+
+
+@app.command("report")
+def report(output: Path = typer.Argument(..., help="A `spineauto pipeline` output folder (or several shards' folders merged into one).")):
+    """Rebuild report.html and pipeline.csv from the case JSONs of a pipeline output folder."""
+    from spineauto.pipeline.report import build_report
+
+    if not Path(output).is_dir():
+        raise SpineautoError(f"{output}: not a folder; pass the -o folder of `spineauto pipeline`")
+    console.print(f"[green]wrote[/] {build_report(output)}")
+
+
+@app.command("export")
+def export(
+    output: Path = typer.Option(..., "-o", "--output", help="The bundle to write (.zip)."),
+    model_folder: Optional[Path] = typer.Option(None, "-m", "--model", help="A trained model folder to bundle."),
+    dataset: Optional[str] = typer.Option(None, "-d", "--dataset", help="Or the dataset whose configuration -c to bundle."),
+    configuration: str = typer.Option("2d", "-c", "--configuration", help="With -d: the trained configuration."),
+    folds: Optional[List[str]] = typer.Option(None, "-f", "--folds", help="Folds to include (default every trained fold)."),
+    checkpoint: str = typer.Option("final", "--checkpoint", help="best, final or latest."),
+    pipeline_config: Optional[Path] = typer.Option(None, "--pipeline", help="Bundle a whole pipeline: this YAML and every model it names."),
+):
+    """Write a trained model (or a pipeline with its models) as one zip that predict/pipeline take on another machine."""
+    from spineauto import paths
+    from spineauto.pipeline.bundle import export_model, export_pipeline
+
+    if pipeline_config is not None:
+        written = export_pipeline(pipeline_config, output)
+    else:
+        if (model_folder is None) == (dataset is None):
+            raise SpineautoError("export: give -m MODEL_FOLDER or -d DATASET [-c CONFIGURATION] (or --pipeline P.yaml)")
+        folder = model_folder or paths.model_folder(dataset, configuration)
+        written = export_model(folder, output, _split_folds(folds), checkpoint)
+    console.print(f"[green]wrote[/] {written}")
 
 
 def main() -> None:

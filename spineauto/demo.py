@@ -2,6 +2,9 @@
 
 Writes a phantom dataset, then runs the same commands a user would: plan_and_preprocess, a short
 training of fold 0, predict on the held-out phantoms, evaluate against their masks.
+``--pipeline``: the whole product instead: phantoms of spines (with lesions) and of a non-spine
+anatomy, small models for every stage (anatomy, location/view and sequence heads, cord, lesions),
+a pipeline YAML, and ``spineauto pipeline`` on the held-out phantoms with its HTML report.
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ log = logging.getLogger(__name__)
 DATASET_ID = 900
 DATASET = f"Dataset{DATASET_ID:03d}_DemoPhantoms"
 DEMO_PRESET = Path(__file__).resolve().parents[1] / "plans" / "demo_cpu.yaml"
+PIPELINE_DATASET_ID = 901
+PIPELINE_DATASET = f"Dataset{PIPELINE_DATASET_ID:03d}_DemoPipeline"
+PIPELINE_PRESET = Path(__file__).resolve().parents[1] / "plans" / "demo_pipeline_cpu.yaml"
 
 
 def run_demo(run: Callable[..., None], workdir: Path, n_train: int = 16, n_test: int = 6, seed: int = 0, epochs: int = 10,
@@ -25,10 +31,7 @@ def run_demo(run: Callable[..., None], workdir: Path, n_train: int = 16, n_test:
     from spineauto.datasets.phantoms import write_phantom_dataset
 
     console = console or Console(stderr=True)
-    workdir = workdir.resolve()
-    for kind in ("raw", "preprocessed", "results"):
-        os.environ[f"SPINEAUTO_{kind.upper()}"] = str(workdir / kind)
-    os.environ.setdefault("WANDB_MODE", "disabled")
+    workdir = _demo_env(workdir)
     raw = workdir / "raw" / DATASET
     if not (raw / "dataset.json").is_file():
         console.print(f"writing {n_train} + {n_test} synthetic spine phantoms to {raw}")
@@ -42,3 +45,49 @@ def run_demo(run: Callable[..., None], workdir: Path, n_train: int = 16, n_test:
         "-o", str(workdir / "evaluation" / "summary.json"))
     console.print(f"[green]demo finished[/]: predictions in {predictions}, metrics in {workdir / 'evaluation'}")
     return workdir
+
+
+def _demo_env(workdir: Path) -> Path:
+    workdir = workdir.resolve()
+    for kind in ("raw", "preprocessed", "results"):
+        os.environ[f"SPINEAUTO_{kind.upper()}"] = str(workdir / kind)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    return workdir
+
+
+def run_pipeline_demo(run: Callable[..., None], workdir: Path, n_train: int = 24, n_test: int = 6, seed: int = 0,
+                      iterations: dict[str, int] | None = None, console: Console | None = None) -> Path:
+    """Train a small model per stage on phantoms, write the pipeline YAML, run it; returns the report path."""
+    import yaml
+
+    from spineauto import paths
+    from spineauto.datasets.phantoms import write_phantom_dataset
+
+    console = console or Console(stderr=True)
+    workdir = _demo_env(workdir)
+    iterations = {"cls": 150, "2d": 250, **(iterations or {})}
+    raw = workdir / "raw" / PIPELINE_DATASET
+    if not (raw / "dataset.json").is_file():
+        console.print(f"writing {n_train} + {n_test} synthetic phantoms (spines with lesions, and limbs) to {raw}")
+        write_phantom_dataset(raw, n_train=n_train, n_test=n_test, seed=seed, anatomies=("spine", "limb"))
+    ds = str(PIPELINE_DATASET_ID)
+    run("plan_and_preprocess", "-d", ds, "--preset", str(PIPELINE_PRESET))
+    for configuration, iters in iterations.items():
+        run("train", "-d", ds, "-f", "0", "-c", configuration, "--epochs", "1", "--iters-per-epoch", str(iters),
+            "--wandb", "disabled", "--seed", str(seed), "--no-validate")
+    folder = {c: str(paths.model_folder(PIPELINE_DATASET, c)) for c in iterations}
+    lesion = folder.get("2d_cord_roi", folder["2d"])
+    config = {
+        "description": "spineauto demo: phantoms of spines and limbs",
+        "anatomy": {"model": {"folder": folder["cls"]}, "gate": {"head": "anatomy", "classes": ["spine"], "min_probability": 0.5}},
+        "location_view": {"model": {"folder": folder["cls"]}},
+        "sequence": {"model": {"folder": folder["cls"]}},
+        "cord": {"model": {"folder": folder["2d"]}},
+        "lesion": {"model": {"folder": lesion}, "remove_outside_mm": 3.0},
+    }
+    config_path = workdir / "pipeline.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    out = workdir / "pipeline_out"
+    run("pipeline", "-i", str(raw / "imagesTs"), "-o", str(out), "--config", str(config_path))
+    console.print(f"[green]pipeline demo finished[/]: open {out / 'report.html'} (pipeline definition {config_path})")
+    return out / "report.html"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, TypeVar
@@ -37,7 +38,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         fields = {f.name: f for f in dataclasses.fields(tp)}
         unknown = sorted(set(value) - set(fields))
         if unknown:
-            raise SpineautoError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+            close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpineautoError(f"{where}: unknown key(s) {unknown}{hint}; known: {sorted(fields)}")
         kwargs = {}
         for name, f in fields.items():
             if name in value:

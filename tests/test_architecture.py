@@ -59,7 +59,7 @@ def _imports(module: str, path: Path, modules: dict[str, Path], top_level_only: 
         for name in names:
             while name and name not in modules:
                 name = name.rpartition(".")[0]
-            if name.startswith("spineauto.") and name != module:
+            if name.startswith("spineauto.") and name != module:  # the bare package (__version__, lazy API) is no layer
                 found.add(name)
     return found
 

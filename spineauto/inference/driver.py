@@ -60,28 +60,48 @@ class PredictResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class CaseInference:
+    """One case's outputs in memory, in the input's grid (what :func:`infer` returns)."""
+
+    labels: np.ndarray | None  # (X, Y, Z) uint8, postprocessed; None without segmentation
+    probabilities: np.ndarray | None  # (K, X, Y, Z) float32 when asked
+    classification: CaseClassification | None
+
+
+def infer(model: TrainedModel, layout: np.ndarray, props: dict, case: str, tta: bool = True, batch_slices: int | None = None,
+          probabilities: bool = False) -> CaseInference:
+    """Run the networks once over a preprocessed case and restore what the configuration outputs."""
+    out = run_networks(model.networks, layout, model.plan, model.device, tta=tta, batch_slices=batch_slices)
+    result = CaseInference(None, None, None)
+    if out.seg is not None:
+        result.labels = apply_postprocessing(restore_labels(out.seg, props), model.postprocessing)
+        if probabilities:
+            result.probabilities = restore_probabilities(out.seg, props)
+    if out.cls is not None:
+        classes = {h.name: list(h.classes) for h in model.plan.heads}
+        result.classification = CaseClassification(case=case, probabilities={h: aggregate_slices(out.cls[h]) for h in classes},
+                                                   classes=classes, n_slices=int(next(iter(out.cls.values())).shape[0]))
+    return result
+
+
 def predict_case(model: TrainedModel, case: CaseSource, output: Path, tta: bool = True, save_probabilities: bool = False,
                  batch_slices: int | None = None) -> CasePrediction:
     """Preprocess once, run the networks once, write every output of one case into ``output``."""
     layout, props = case.preprocessed(model)
-    out = run_networks(model.networks, layout, model.plan, model.device, tta=tta, batch_slices=batch_slices)
+    res = infer(model, layout, props, case.name, tta, batch_slices, probabilities=save_probabilities)
     del layout
-    pred = CasePrediction(case.name, None, None)
-    if out.seg is not None:
-        pred.labels = apply_postprocessing(restore_labels(out.seg, props), model.postprocessing)
-        mask = case.write_mask(output / f"{case.name}.nii.gz", pred.labels)
+    pred = CasePrediction(case.name, res.labels, res.classification)
+    if res.labels is not None:
+        mask = case.write_mask(output / f"{case.name}.nii.gz", res.labels)
         pred.files.append(mask)
         if save_probabilities:
-            full = restore_probabilities(out.seg, props)
-            pred.files.append(write_probabilities(output / f"{case.name}.npz", full, mask, model.label_values))
-    if out.cls is not None:
-        classes = {h.name: list(h.classes) for h in model.plan.heads}
-        pred.classification = CaseClassification(case=case.name, probabilities={h: aggregate_slices(out.cls[h]) for h in classes},
-                                                 classes=classes, n_slices=int(next(iter(out.cls.values())).shape[0]))
+            pred.files.append(write_probabilities(output / f"{case.name}.npz", res.probabilities, mask, model.label_values))
+    if res.classification is not None:
         extra = {"source": case.source, "folds": list(model.folds), "configuration": model.plan.name}
         if pred.files:
             extra["mask"] = pred.files[0].name
-        pred.files.append(write_case_json(output, pred.classification, extra))
+        pred.files.append(write_case_json(output, res.classification, extra))
     return pred
 
 

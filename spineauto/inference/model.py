@@ -12,6 +12,7 @@ import torch
 
 from spineauto import paths
 from spineauto.errors import SpineautoError
+from spineauto.inference.bundle import model_folder_of
 from spineauto.inference.postprocessing import POSTPROCESSING_FILE, load_postprocessing
 from spineauto.io.checkpoints import load_checkpoint, network_state
 from spineauto.planning.plans import ConfigurationPlan, IntensityStats, Plans
@@ -95,8 +96,9 @@ def load_checkpoint_network(path: Path, plan: ConfigurationPlan, in_channels: in
 
 def load_model(folder: Path, folds: Sequence[str] | None = None, checkpoint: str = "final",
                device: torch.device | str = "cpu", configuration: str | None = None) -> TrainedModel:
-    """Load plans, intensity statistics, postprocessing and the folds' networks from ``folder``."""
-    folder = Path(folder)
+    """Load plans, intensity statistics, postprocessing and the folds' networks from ``folder``
+    (a model folder, or a bundle .zip of one)."""
+    folder = model_folder_of(Path(folder))
     if checkpoint not in CHECKPOINTS:
         raise SpineautoError(f"--checkpoint {checkpoint!r} is not one of {', '.join(CHECKPOINTS)}")
     if not folder.is_dir():

@@ -97,31 +97,46 @@ def _num(v, digits: int = 1) -> str:
     return f"{v:,.{digits}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
 
 
-def _classifications(cases) -> list[str]:
-    names: list[str] = []
+def _head_decisions(s: dict) -> list[tuple[str, str, dict]]:
+    """(head, class, probabilities) of a classification stage: every head of ``heads``, else its one ``head``."""
+    heads = _dict(s.get("heads"))
+    if heads:
+        return [(str(h), str(_dict(v).get("class")), _dict(_dict(v).get("probabilities"))) for h, v in heads.items()]
+    if s.get("class") is None:
+        return []
+    return [(str(s.get("head") or s.get("stage")), str(s["class"]), _dict(s.get("probabilities")))]
+
+
+def _classifications(cases) -> list[tuple[str, str]]:
+    """(stage, head) columns, in order of appearance."""
+    names: list[tuple[str, str]] = []
     for _, d in cases:
         for s in d.get("stages", []):
-            if s.get("kind") == "classification" and str(s.get("stage")) not in names:
-                names.append(str(s.get("stage")))
+            if s.get("kind") == "classification":
+                for head, _, _ in _head_decisions(s):
+                    if (str(s.get("stage")), head) not in names:
+                        names.append((str(s.get("stage")), head))
     return names
 
 
-def _decision(d: dict, stage: str) -> tuple[str | None, float | None]:
+def _decision(d: dict, stage: str, head: str) -> tuple[str | None, float | None]:
     s = next((s for s in d.get("stages", []) if s.get("stage") == stage), None)
-    if not s or s.get("class") is None:
-        return None, None
-    return str(s["class"]), _get(s, "probabilities", str(s["class"]))
+    for h, cls, probs in _head_decisions(s or {}):
+        if h == head:
+            p = probs.get(cls)
+            return cls, p if isinstance(p, (int, float)) else None
+    return None, None
 
 
 def _csv(cases) -> str:
     stages = _classifications(cases)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["case", "status", "reason", *[f"{s}_{x}" for s in stages for x in ("class", "probability")],
+    w.writerow(["case", "status", "reason", *[f"{s}_{h}_{x}" if h != s else f"{s}_{x}" for s, h in stages for x in ("class", "probability")],
                 *[name for name, _ in CSV_MEASURES]])
     for _, d in cases:
         ms = _dict(d.get("measurements"))
-        w.writerow([d["case"], d["status"], str(d.get("reason") or ""), *[v if v is not None else "" for s in stages for v in _decision(d, s)],
+        w.writerow([d["case"], d["status"], str(d.get("reason") or ""), *[v if v is not None else "" for s, h in stages for v in _decision(d, s, h)],
                     *[_get(ms, *keys) if _get(ms, *keys) is not None else "" for _, keys in CSV_MEASURES]])
     return buf.getvalue()
 
@@ -178,12 +193,12 @@ def _badge(status: str) -> str:
 
 def _summary(cases) -> str:
     stages = _classifications(cases)
-    head = ["case", "status", "reason", *stages, "cord volume (mm³)", "CSA mean (mm²)", "length (mm)", "lesions",
+    head = ["case", "status", "reason", *[h if h == st else f"{st}: {h}" for st, h in stages], "cord volume (mm³)", "CSA mean (mm²)", "length (mm)", "lesions",
             "lesion volume (mm³)", "time (s)"]
     rows = []
     for i, (_, d) in enumerate(cases):
         ms = _dict(d.get("measurements"))
-        decided = [_decision(d, s) for s in stages]
+        decided = [_decision(d, st, h) for st, h in stages]
         cells = [f"<a class='nw' href='#case-{i}'>{escape(d['case'])}</a>", _badge(d["status"]), escape(str(d.get("reason") or "–")),
                  *[f"<span class='nw'>{escape(c)} <span class='muted'>{_num(p, 2)}</span></span>" if c else "–" for c, p in decided]]
         nums = [_num(_get(ms, "cord", "volume_mm3"), 0), _num(_get(ms, "cord", "csa_mm2", "mean")), _num(_get(ms, "cord", "length_mm")),
@@ -216,12 +231,16 @@ def _stages(stages: list[dict], folder: str, out_dir: Path) -> str:
     rows = []
     for s in stages:
         if s.get("kind") == "classification":
-            probs = sorted(((str(k), v) for k, v in _dict(s.get("probabilities")).items() if isinstance(v, (int, float))), key=lambda kv: -kv[1])
-            p = _get(s, "probabilities", str(s.get("class")))
             verdict = "" if s.get("passed") is None else (" ✓ passed" if s.get("passed") else " ✗ did not pass")
-            bar = f"<span class='bar' style='width:{max(2, round(60 * p))}px'></span>" if isinstance(p, (int, float)) else ""
-            result = (f"{bar}<b>{escape(str(s.get('class', '–')))}</b> {_num(p, 2)}{verdict}<div class='probs'>"
-                      + ", ".join(f"{escape(k)} {_num(v, 2)}" for k, v in probs) + "</div>")
+            lines = []
+            for head, cls, probabilities in _head_decisions(s):
+                probs = sorted(((str(k), v) for k, v in probabilities.items() if isinstance(v, (int, float))), key=lambda kv: -kv[1])
+                p = probabilities.get(cls)
+                bar = f"<span class='bar' style='width:{max(2, round(60 * p))}px'></span>" if isinstance(p, (int, float)) else ""
+                label = f"<span class='muted'>{escape(head)}</span> " if len(_head_decisions(s)) > 1 else ""
+                lines.append(f"<div>{label}{bar}<b>{escape(cls)}</b> {_num(p, 2)}<div class='probs'>"
+                             + ", ".join(f"{escape(k)} {_num(v, 2)}" for k, v in probs) + "</div></div>")
+            result = "".join(lines) + verdict
         elif s.get("skipped"):
             result = f"skipped: {escape(str(s['skipped']))}"
         elif s.get("mask"):

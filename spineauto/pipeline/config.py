@@ -1,0 +1,142 @@
+"""The pipeline definition: which trained model serves each stage, and which cases go on.
+
+A YAML file (see ``plans/pipelines/spine_pipeline.yaml``) with up to five stages, always run in
+this order; any may be left out::
+
+    anatomy:        {model: MODEL, gate: {head: anatomy, classes: [spine], min_probability: 0.5}}
+    location_view:  {model: MODEL}
+    sequence:       {model: MODEL}
+    cord:           {model: MODEL}              # or {select_by: sequence, models: {T2w: MODEL, T2starw: MODEL}, model: FALLBACK}
+    lesion:         {model: MODEL, remove_outside_mm: 3.0}
+
+where MODEL is ``{folder: PATH}`` (a model folder), ``{bundle: PATH.zip}`` (``spineauto export``) or
+``{dataset: 1, configuration: 2d}`` (under SPINEAUTO_RESULTS), each with optional ``folds`` and
+``checkpoint``. A classification stage with a ``gate`` stops a case whose predicted class (of
+``head``) is not in ``classes`` or whose probability is below ``min_probability``; the case's report
+says why. Relative paths are relative to the YAML file. Unknown keys, a missing model and a gate
+naming a class the model does not have are one-line errors (the last when the models load).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from spineauto.errors import SpineautoError
+from spineauto.schema import from_dict
+
+CLASSIFICATION_STAGES = ("anatomy", "location_view", "sequence")
+STAGES = (*CLASSIFICATION_STAGES, "cord", "lesion")
+
+
+@dataclass
+class ModelRef:
+    folder: str | None = None
+    bundle: str | None = None
+    dataset: str | None = None
+    configuration: str | None = None  # default: the one in the folder name, else "2d"
+    folds: list[str] | None = None
+    checkpoint: str = "final"
+
+    def describe(self) -> str:
+        return self.folder or self.bundle or f"dataset {self.dataset} / {self.configuration or '2d'}"
+
+
+@dataclass
+class Gate:
+    classes: list[str]
+    head: str | None = None  # default: the model's only head
+    min_probability: float = 0.0
+
+
+@dataclass
+class ClassifyStage:
+    model: ModelRef
+    gate: Gate | None = None
+
+
+@dataclass
+class CordStage:
+    model: ModelRef | None = None  # the model, or the fallback when select_by's class has no model
+    select_by: str | None = None  # a classification stage whose predicted class picks the model
+    head: str | None = None  # that stage's head (default: its only head)
+    models: dict[str, ModelRef] = field(default_factory=dict)  # class -> model
+    min_voxels: int = 10  # fewer cord voxels: "no cord found", the lesion stage is skipped
+
+
+@dataclass
+class LesionStage:
+    model: ModelRef
+    remove_outside_mm: float | None = None  # lesion voxels farther from the cord are removed (default: the plan's, else 3 mm)
+
+
+@dataclass
+class PipelineConfig:
+    description: str = ""
+    anatomy: ClassifyStage | None = None
+    location_view: ClassifyStage | None = None
+    sequence: ClassifyStage | None = None
+    cord: CordStage | None = None
+    lesion: LesionStage | None = None
+    tta: bool = True
+
+    def stages(self) -> list[str]:
+        return [s for s in STAGES if getattr(self, s) is not None]
+
+
+def load_pipeline_config(path: Path) -> PipelineConfig:
+    """Read and check a pipeline YAML; model paths become absolute (relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpineautoError(f"{path}: pipeline definition not found; start from plans/pipelines/spine_pipeline.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpineautoError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SpineautoError(f"{path}: a pipeline definition is a mapping of stages ({', '.join(STAGES)})")
+    config = from_dict(PipelineConfig, data, str(path))
+    check_config(config, str(path), base=path.parent)
+    return config
+
+
+def check_config(config: PipelineConfig, where: str, base: Path | None = None) -> None:
+    """What can be checked before loading any model; resolves relative model paths against ``base``."""
+    if not config.stages():
+        raise SpineautoError(f"{where}: no stage defined; give at least one of {', '.join(STAGES)}")
+    for name in config.stages():
+        stage = getattr(config, name)
+        refs = [stage.model] if getattr(stage, "model", None) is not None else []
+        if isinstance(stage, CordStage):
+            refs += list(stage.models.values())
+            if stage.select_by is None and (stage.models or stage.model is None):
+                raise SpineautoError(f"{where}.cord: give `model`, or `select_by` (a classification stage) with `models`")
+            if stage.select_by is not None:
+                if stage.select_by not in CLASSIFICATION_STAGES:
+                    raise SpineautoError(f"{where}.cord.select_by: {stage.select_by!r} is not a classification stage "
+                                         f"({', '.join(CLASSIFICATION_STAGES)})")
+                if getattr(config, stage.select_by) is None:
+                    raise SpineautoError(f"{where}.cord.select_by: stage {stage.select_by!r} is not defined, so it cannot "
+                                         "choose the cord model; add it or give cord a single `model`")
+                if not stage.models:
+                    raise SpineautoError(f"{where}.cord: `select_by` needs `models` (class -> model)")
+        for ref in refs:
+            _check_ref(ref, f"{where}.{name}", base)
+    if config.lesion is not None and config.cord is None:
+        raise SpineautoError(f"{where}.lesion: the lesion stage segments inside the cord and needs a `cord` stage before it")
+
+
+def _check_ref(ref: ModelRef, where: str, base: Path | None) -> None:
+    given = [k for k in ("folder", "bundle", "dataset") if getattr(ref, k) is not None]
+    if len(given) != 1:
+        raise SpineautoError(f"{where}.model: give exactly one of folder, bundle or dataset (got {', '.join(given) or 'none'})")
+    for key in ("folder", "bundle"):
+        value = getattr(ref, key)
+        if value is not None:
+            p = Path(value).expanduser()
+            if not p.is_absolute() and base is not None:
+                p = base / p
+            if not p.exists():
+                raise SpineautoError(f"{where}.model.{key}: {p} not found")
+            setattr(ref, key, str(p.resolve()))

@@ -1,0 +1,323 @@
+"""The hierarchical pipeline on one scan, in memory: ``Pipeline.load(config).run(image)``.
+
+Every model is loaded once (:meth:`Pipeline.load`); each case is read once and preprocessed once
+per distinct preprocessing (stages whose plans preprocess alike share it); every stage runs its
+networks once through the case driver's :func:`~spineauto.inference.driver.infer`. Stages run in
+the order anatomy -> location_view -> sequence -> cord -> lesion; a gate may stop a case, a case
+without a cord skips the lesion stage, and the result records why. The lesion stage of a
+cord-ROI model (``plan.roi``) is cropped around the predicted cord; lesion voxels farther than
+``remove_outside_mm`` from the cord are removed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spineauto import paths
+from spineauto.devices import resolve_device
+from spineauto.errors import SpineautoError
+from spineauto.inference.bundle import model_folder_of
+from spineauto.inference.driver import infer
+from spineauto.inference.model import TrainedModel, load_model
+from spineauto.pipeline.config import CLASSIFICATION_STAGES, ClassifyStage, ModelRef, PipelineConfig, load_pipeline_config
+from spineauto.schema import to_dict
+
+log = logging.getLogger(__name__)
+CASE_KIND = "spineauto.pipeline_case"
+DEFAULT_REMOVE_OUTSIDE_MM = 3.0
+
+
+@dataclass
+class ScanInput:
+    """One scan in memory: (C, X, Y, Z) float32 and its voxel -> RAS mm affine."""
+
+    name: str
+    data: np.ndarray
+    affine: np.ndarray
+    source: str = ""
+
+
+@dataclass
+class CaseResult:
+    case: str
+    source: str
+    status: str = "done"  # done | stopped | failed
+    reason: str | None = None
+    stages: list[dict] = field(default_factory=list)
+    classes: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> head -> class
+    cord: np.ndarray | None = None  # uint8 (X, Y, Z) in the input grid
+    lesion: np.ndarray | None = None
+    measurements: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self, masks: dict[str, str] | None = None, images: dict[str, str] | None = None) -> dict:
+        from spineauto import __version__
+
+        return {"kind": CASE_KIND, "case": self.case, "source": self.source, "status": self.status, "reason": self.reason,
+                "stages": [dict(s, mask=(masks or {}).get(s["stage"])) if s["kind"] == "segmentation" else s for s in self.stages],
+                "measurements": self.measurements, "images": images or {},
+                "versions": {"spineauto": __version__, "torch": torch.__version__}, "seconds": round(self.seconds, 3)}
+
+
+def _open_model(ref: ModelRef, device: torch.device) -> TrainedModel:
+    if ref.dataset is not None:
+        folder = paths.model_folder(ref.dataset, ref.configuration or "2d")
+    else:
+        folder = model_folder_of(Path(ref.folder or ref.bundle))
+    return load_model(folder, ref.folds, ref.checkpoint, device, configuration=ref.configuration)
+
+
+def _head(model: TrainedModel, head: str | None, where: str) -> str:
+    heads = [h.name for h in model.plan.heads]
+    if head is None:
+        if len(heads) != 1:
+            raise SpineautoError(f"{where}: the model has heads {heads}; name the one to use with `head`")
+        return heads[0]
+    if head not in heads:
+        raise SpineautoError(f"{where}: head {head!r} is not one of the model's heads {heads}")
+    return head
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig, models: dict[str, TrainedModel], device: torch.device):
+        self.config, self.models, self.device = config, models, device
+
+    @classmethod
+    def load(cls, config: PipelineConfig | Path | str, device: str | torch.device = "auto") -> "Pipeline":
+        """From a pipeline YAML, a pipeline bundle (.zip from ``spineauto export --pipeline``) or a config object."""
+        if not isinstance(config, PipelineConfig):
+            path = Path(config)
+            if path.suffix == ".zip":
+                path = model_folder_of(path) / "pipeline.yaml"
+            config = load_pipeline_config(path)
+        device = device if isinstance(device, torch.device) else resolve_device(device)
+        models: dict[str, TrainedModel] = {}
+        opened: dict[str, TrainedModel] = {}  # a model serving several stages is loaded once
+        for name in config.stages():
+            stage = getattr(config, name)
+            refs = {name: stage.model} if getattr(stage, "model", None) is not None else {}
+            if name == "cord":
+                refs.update({f"cord:{k}": v for k, v in stage.models.items()})
+            for key, ref in refs.items():
+                identity = json.dumps(to_dict(ref), sort_keys=True)
+                if identity not in opened:
+                    opened[identity] = _open_model(ref, device)
+                models[key] = opened[identity]
+        pipeline = cls(config, models, device)
+        pipeline._check_models()
+        return pipeline
+
+    def _check_models(self) -> None:
+        channels = {k: m.num_channels for k, m in self.models.items()}
+        if len(set(channels.values())) > 1:
+            raise SpineautoError(f"pipeline: the stages' models expect different channel counts {channels}; use models of one input")
+        for name in CLASSIFICATION_STAGES:
+            stage: ClassifyStage | None = getattr(self.config, name)
+            if stage is None:
+                continue
+            model = self.models[name]
+            if not model.plan.has_classification:
+                raise SpineautoError(f"pipeline.{name}: {model.folder} is a segmentation model; a classification stage needs heads")
+            if stage.gate is not None:
+                head = _head(model, stage.gate.head, f"pipeline.{name}.gate")
+                known = next(h.classes for h in model.plan.heads if h.name == head)
+                unknown = [c for c in stage.gate.classes if c not in known]
+                if unknown:
+                    raise SpineautoError(f"pipeline.{name}.gate: class(es) {unknown} are not classes of head {head!r} ({known})")
+        for key, model in self.models.items():
+            if key.split(":")[0] in ("cord", "lesion") and not model.plan.has_segmentation:
+                raise SpineautoError(f"pipeline.{key}: {model.folder} has no segmentation output")
+        cord = self.config.cord
+        if cord is not None and cord.select_by is not None:
+            selector = self.models[cord.select_by]
+            head = _head(selector, cord.head, "pipeline.cord.head")
+            known = next(h.classes for h in selector.plan.heads if h.name == head)
+            unknown = [c for c in cord.models if c not in known]
+            if unknown:
+                raise SpineautoError(f"pipeline.cord.models: class(es) {unknown} are not classes of {cord.select_by}'s head {head!r} ({known})")
+
+    @property
+    def num_channels(self) -> int:
+        return next(iter(self.models.values())).num_channels
+
+    # -- one case ---------------------------------------------------------------------------
+    def run(self, image, name: str = "case") -> CaseResult:
+        """Run every stage on ``image`` (a path, a nibabel image, a SimpleITK image or a ScanInput)."""
+        scan = as_scan(image, name)
+        t0 = time.perf_counter()
+        result = CaseResult(scan.name, scan.source)
+        cache: dict = {}  # preprocessed layouts by preprocessing, inferences by model: this case only
+        try:
+            for stage in CLASSIFICATION_STAGES:
+                if getattr(self.config, stage) is not None and not self._classify(stage, scan, cache, result):
+                    break
+            else:
+                if self.config.cord is not None:
+                    self._segment_cord(scan, cache, result)
+                if self.config.lesion is not None:
+                    self._segment_lesion(scan, cache, result)
+                self._measure(scan, result)
+        finally:
+            result.seconds = time.perf_counter() - t0
+        return result
+
+    def _prepared(self, model: TrainedModel, scan: ScanInput, cache: dict, roi: np.ndarray | None = None):
+        from spineauto.preprocessing.preprocess import preprocess_array
+
+        plan = model.plan
+        key = json.dumps([plan.slicing, plan.isotropic_plane, plan.target_spacing, plan.normalization, plan.use_mask_for_norm,
+                          to_dict(model.intensity), to_dict(getattr(plan, "roi", None))], default=str)
+        if roi is None and key in cache:
+            return cache[key]
+        if scan.data.shape[0] != model.num_channels:
+            raise SpineautoError(f"{scan.source or scan.name}: {scan.data.shape[0]} channel(s) but {model.folder.name} expects {model.num_channels}")
+        kwargs = {"roi": roi} if roi is not None else {}
+        layout, _, props = preprocess_array(scan.data, scan.affine, plan, model.intensity, **kwargs)
+        if roi is None:
+            cache[key] = (layout, props)
+        return layout, props
+
+    def _infer(self, key: str, scan: ScanInput, cache: dict, roi: np.ndarray | None = None):
+        model = self.models[key]
+        t0 = time.perf_counter()
+        done = ("inference", id(model))  # one model serving several stages runs once per case
+        if roi is None and done in cache:
+            out = cache[done]
+        else:
+            layout, props = self._prepared(model, scan, cache, roi)
+            out = infer(model, layout, props, scan.name, tta=self.config.tta)
+            if roi is None:
+                cache[done] = out
+        record = {"stage": key.split(":")[0], "kind": "classification" if out.labels is None else "segmentation",
+                  "model": str(model.folder), "folds": list(model.folds), "seconds": 0.0}
+        return model, out, record, t0
+
+    def _classify(self, stage: str, scan: ScanInput, cache: dict, result: CaseResult) -> bool:
+        model, out, record, t0 = self._infer(stage, scan, cache)
+        cls = out.classification
+        gate = getattr(self.config, stage).gate
+        head = _head(model, gate.head if gate else None, f"pipeline.{stage}") if (gate or len(cls.classes) == 1) else None
+        record.update(kind="classification", heads={h: {"class": cls.predicted(h), "probabilities": {
+            c: round(float(p), 6) for c, p in zip(cls.classes[h], cls.probabilities[h])}} for h in cls.classes})
+        if head is not None:
+            record.update(head=head, **{"class": cls.predicted(head)}, probabilities=record["heads"][head]["probabilities"])
+        result.classes[stage] = {h: v["class"] for h, v in record["heads"].items()}
+        passed = True
+        if gate is not None:
+            p = float(cls.probabilities[head].max())
+            if cls.predicted(head) not in gate.classes:
+                passed, why = False, f"{stage}: predicted {head} {cls.predicted(head)!r} (p={p:.2f}) is not one of {gate.classes}"
+            elif p < gate.min_probability:
+                passed, why = False, f"{stage}: {head} {cls.predicted(head)!r} with p={p:.2f} < min_probability {gate.min_probability}"
+            if not passed:
+                result.status, result.reason = "stopped", why
+        record.update(passed=passed, seconds=round(time.perf_counter() - t0, 3))
+        result.stages.append(record)
+        return passed
+
+    def _cord_model_key(self, result: CaseResult) -> str:
+        cord = self.config.cord
+        if cord.select_by is None:
+            return "cord"
+        selector = self.models[cord.select_by]
+        head = _head(selector, cord.head, "pipeline.cord.head")
+        chosen = result.classes.get(cord.select_by, {}).get(head)
+        if chosen in cord.models:
+            return f"cord:{chosen}"
+        if cord.model is not None:
+            return "cord"
+        raise SpineautoError(f"pipeline.cord: {cord.select_by} predicted {chosen!r}, which has no cord model and there is no fallback `model`")
+
+    def _segment_cord(self, scan: ScanInput, cache: dict, result: CaseResult) -> None:
+        key = self._cord_model_key(result)
+        model, out, record, t0 = self._infer(key, scan, cache)
+        value = _label_value(model, ("cord", "spinal"), default=1)
+        result.cord = (out.labels == value).astype(np.uint8)
+        voxels = int(result.cord.sum())
+        record.update(voxels=voxels, skipped=None, seconds=round(time.perf_counter() - t0, 3))
+        if voxels < self.config.cord.min_voxels:
+            record["note"] = f"no cord found ({voxels} voxel(s) < min_voxels {self.config.cord.min_voxels})"
+        result.stages.append(record)
+
+    def _segment_lesion(self, scan: ScanInput, cache: dict, result: CaseResult) -> None:
+        stage = self.config.lesion
+        model = self.models["lesion"]
+        if result.cord is None or int(result.cord.sum()) < self.config.cord.min_voxels:
+            result.stages.append({"stage": "lesion", "kind": "segmentation", "model": str(model.folder), "folds": list(model.folds),
+                                  "skipped": "no cord found: the lesion stage needs the cord", "seconds": 0.0})
+            return
+        roi = result.cord.astype(bool) if getattr(model.plan, "roi", None) is not None else None
+        model, out, record, t0 = self._infer("lesion", scan, cache, roi)
+        values = [model.plans.labels[n] for n in model.plans.lesion_labels] or [_label_value(model, ("lesion",), default=1)]
+        lesion = np.isin(out.labels, values)
+        plan_roi = getattr(model.plan, "roi", None)
+        distance = stage.remove_outside_mm if stage.remove_outside_mm is not None else (
+            getattr(plan_roi, "remove_outside_mm", None) or DEFAULT_REMOVE_OUTSIDE_MM)
+        kept = _within(lesion, result.cord.astype(bool), scan.affine, distance)
+        result.lesion = kept.astype(np.uint8)
+        record.update(skipped=None, removed_outside_cord_voxels=int(lesion.sum() - kept.sum()), remove_outside_mm=distance,
+                      seconds=round(time.perf_counter() - t0, 3))
+        result.stages.append(record)
+
+    def _measure(self, scan: ScanInput, result: CaseResult) -> None:
+        from spineauto.pipeline.measurements import measure_cord, measure_lesions
+
+        if result.cord is not None and result.cord.any():
+            result.measurements["cord"] = measure_cord(result.cord, scan.affine)
+        if result.lesion is not None:
+            result.measurements["lesions"] = measure_lesions(result.lesion, scan.affine)
+
+
+def _label_value(model: TrainedModel, words: tuple[str, ...], default: int) -> int:
+    for name, value in model.plans.labels.items():
+        if value > 0 and any(w in name.lower() for w in words):
+            return int(value)
+    return default
+
+
+def _within(mask: np.ndarray, region: np.ndarray, affine: np.ndarray, distance_mm: float) -> np.ndarray:
+    """``mask`` voxels at most ``distance_mm`` from ``region`` (Euclidean, in mm)."""
+    from scipy.ndimage import distance_transform_edt
+
+    from spineauto.io.geometry import voxel_sizes
+
+    if not mask.any():
+        return mask
+    dist = distance_transform_edt(~region, sampling=voxel_sizes(affine))
+    return mask & (dist <= distance_mm)
+
+
+def as_scan(image, name: str = "case") -> ScanInput:
+    """A path (NIfTI), a nibabel image, a SimpleITK image or a ScanInput -> ScanInput."""
+    if isinstance(image, ScanInput):
+        return image
+    if isinstance(image, (str, Path)):
+        from spineauto.inference.inputs import InputCase, strip_ending
+
+        path = Path(image)
+        data, affine = InputCase(strip_ending(path.name), [path]).read()
+        return ScanInput(strip_ending(path.name), data, affine, str(path))
+    import nibabel as nib
+
+    if isinstance(image, nib.spatialimages.SpatialImage):
+        data = np.asanyarray(image.dataobj, dtype=np.float32)
+        if data.ndim != 3:
+            raise SpineautoError(f"{name}: a {data.ndim}D image; the pipeline takes one 3D volume")
+        return ScanInput(name, data[None], np.asarray(image.affine, dtype=np.float64), name)
+    try:
+        import SimpleITK as sitk
+    except ImportError:  # pragma: no cover - SimpleITK is a dependency
+        sitk = None
+    if sitk is not None and isinstance(image, sitk.Image):
+        from spineauto.inference.inputs import sitk_affine, sitk_to_array
+
+        if image.GetDimension() != 3:
+            raise SpineautoError(f"{name}: a {image.GetDimension()}D image; the pipeline takes one 3D volume")
+        return ScanInput(name, sitk_to_array(image)[None], sitk_affine(image), name)
+    raise SpineautoError(f"{name}: cannot read a {type(image).__name__}; pass a NIfTI path, a nibabel or a SimpleITK image")
