@@ -45,6 +45,7 @@ class CaseFingerprint:
     intensity: list[IntensityStats]  # per channel, foreground voxels (or all nonzero without labels)
     label_voxels: dict[str, int] = field(default_factory=dict)
     classes: dict[str, str] = field(default_factory=dict)
+    label_extent: dict[str, list[int]] = field(default_factory=dict)  # label value -> (slice, row, column) bounding-box size, voxels
 
 
 @dataclass
@@ -98,9 +99,10 @@ def scan_case(info: DatasetInfo, case: str, verify: bool = True, seed: int = 0):
     if seg is not None:
         fg = geom.to_layout(seg) > 0
         label_voxels = {str(int(v)): int(c) for v, c in zip(*np.unique(seg, return_counts=True))}
+        label_extent = _label_extents(geom.to_layout(seg))
     else:
         fg = nonzero
-        label_voxels = {}
+        label_voxels, label_extent = {}, {}
     if not fg.any():
         fg = np.ones_like(nonzero)
     rng = np.random.default_rng(seed)
@@ -116,8 +118,14 @@ def scan_case(info: DatasetInfo, case: str, verify: bool = True, seed: int = 0):
         shape=list(data.shape[1:]), layout_spacing=geom.spacing, cropped_shape=cropped_shape,
         crop_fraction=float(np.prod(cropped_shape) / np.prod(data.shape[1:])), intensity=stats,
         label_voxels=label_voxels, classes={h: cinfo.classes[h] for h in info.heads if cinfo and h in cinfo.classes},
+        label_extent=label_extent,
     )
     return problems, fp, samples
+
+
+def _label_extents(seg: np.ndarray) -> dict[str, list[int]]:
+    """Bounding-box size (voxels, per axis) of each foreground label of a 3D label map."""
+    return {str(int(v)): [int(hi - lo) for lo, hi in get_bbox_from_mask(seg == v)] for v in np.unique(seg) if v > 0}
 
 
 def fingerprint_dataset(info: DatasetInfo, verify: bool = True, workers: int = 2,
@@ -143,6 +151,7 @@ def fingerprint_dataset(info: DatasetInfo, verify: bool = True, workers: int = 2
         order = [fp.slice_axis] + [a for a in range(3) if a != fp.slice_axis]
         fp.layout_spacing = [fp.layout_spacing[a] for a in order]  # RAS -> slice-first
         fp.cropped_shape = [fp.cropped_shape[a] for a in order]
+        fp.label_extent = {v: [e[a] for a in order] for v, e in fp.label_extent.items()}
     pooled = [_stats(np.concatenate([s[c] for _, _, s in results])) for c in range(info.num_channels)]
     counts = {h: dict(Counter(fp.classes[h] for fp in fps if h in fp.classes)) for h in info.heads}
     for h, classes in info.heads.items():

@@ -17,7 +17,7 @@ import numpy as np
 
 from spineauto.datasets.dataset_json import lesion_labels
 from spineauto.planning.fingerprint import Fingerprint
-from spineauto.planning.plans import ConfigurationPlan, HeadPlan, NetworkPlan, Plans
+from spineauto.planning.plans import ConfigurationPlan, HeadPlan, NetworkPlan, Plans, RoiPlan
 from spineauto.planning.presets import apply_preset
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,10 @@ MEMORY_BUDGET_GB = 2.0  # activations of one training step, used to size the bat
 MIN_BATCH, MAX_BATCH = 2, 64
 MAX_DATASET_FRACTION = 0.05  # one batch covers at most this fraction of all training pixels (nnU-Net's rule)
 CROP_FRACTION_FOR_MASK = 0.75  # normalise inside the nonzero mask when cropping removed more than 25%
+# Cord -> lesion cascade (2d_cord_roi): see RoiPlan and the README section "Cord -> lesion cascade".
+ROI_MARGIN_MM = 5.0  # context around the cord box: the CSF ring (~3 mm) and a little beyond
+ROI_JITTER_MM = 2.0  # box-edge error of a predicted cord, measured by bench/bench_cascade.py
+ROI_REMOVE_OUTSIDE_MM = 3.0  # lesion voxels kept up to this far from the predicted cord
 
 
 def _median_in_plane_spacing(fp: Fingerprint) -> tuple[float, str]:
@@ -86,6 +90,48 @@ def _heads(fp: Fingerprint) -> list[HeadPlan]:
     return heads
 
 
+def cord_label(labels: dict[str, int], lesion: list[str]) -> str | None:
+    """The cord label of a dataset: the first foreground label whose name contains "cord" (not a lesion label)."""
+    names = [k for k, v in labels.items() if v > 0 and "cord" in k.lower() and k not in lesion]
+    return names[0] if names else None
+
+
+def _roi_shapes(fp: Fingerprint, value: int, margin_mm: float, target: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per case with that label: the in-plane shape at the target spacing of its box (label bounding
+    box + margin, within the nonzero crop), and the box's slice count."""
+    shapes, slices = [], []
+    for c in fp.cases:
+        ext = c.label_extent.get(str(value))
+        if not ext:
+            continue
+        box = [min(e + 2 * int(np.ceil(margin_mm / sp)), n) for e, sp, n in zip(ext, c.layout_spacing, c.cropped_shape)]
+        shapes.append([b * sp / target for b, sp in zip(box[1:], c.layout_spacing[1:])])
+        slices.append(box[0])
+    return np.array(shapes).reshape(-1, 2), np.array(slices)
+
+
+def _roi_configuration(fp: Fingerprint, cord: str, lesion: list[str], target: float, reasons: dict, common: dict) -> ConfigurationPlan:
+    roi = RoiPlan(label=cord, margin_mm=ROI_MARGIN_MM, jitter_mm=ROI_JITTER_MM, remove_outside_mm=ROI_REMOVE_OUTSIDE_MM)
+    shapes, slices = _roi_shapes(fp, fp.labels[cord], roi.margin_mm, target)
+    if not len(shapes):  # a fingerprint without label extents: plan from the whole cropped slices
+        shapes, slices = _in_plane_shapes(fp, target), np.array([c.cropped_shape[0] for c in fp.cases])
+        patch_reason = "no label extents in the fingerprint: median cropped in-plane shape"
+    else:
+        patch_reason = f"median in-plane shape of the {cord!r} box (+{roi.margin_mm:g} mm each side) over {len(shapes)} cases"
+    median = np.median(shapes, axis=0)
+    net, patch, net_reason = _network(median, target)
+    bs, bs_reason = _batch_size(patch, net, float((shapes.prod(axis=1) * slices).sum()))
+    return ConfigurationPlan(
+        name="2d_cord_roi", task="segmentation", patch_size=patch, batch_size=bs, network=net, roi=roi,
+        reasons={**reasons, "data_identifier": "crops around the cord: preprocessed on their own",
+                 "patch_size": f"{patch_reason}: {np.round(median, 1).tolist()} px at target spacing, made divisible by the pooling",
+                 "network": net_reason, "batch_size": bs_reason,
+                 "roi": f"labels {cord!r} and lesion {lesion}: the lesion model works in a box around the {cord} "
+                        f"(margin {roi.margin_mm:g} mm: the CSF ring and a little beyond; jitter {roi.jitter_mm:g} mm: the box-edge "
+                        f"error of a predicted cord; lesion voxels over {roi.remove_outside_mm:g} mm from the cord removed at prediction)"},
+        **{**common, "data_identifier": "2d_cord_roi"})
+
+
 def plan_dataset(fp: Fingerprint, preset: Path | None = None) -> Plans:
     from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
 
@@ -132,6 +178,9 @@ def plan_dataset(fp: Fingerprint, preset: Path | None = None) -> Plans:
         configs["multitask"] = ConfigurationPlan(name="multitask", task="multitask", patch_size=patch, batch_size=bs, network=net,
                                                  heads=heads, reasons={**reasons, "heads": head_reason}, **common)
     lesion = lesion_labels(fp.labels, fp.lesion_labels)
+    cord = cord_label(fp.labels, lesion)
+    if cord and lesion:
+        configs["2d_cord_roi"] = _roi_configuration(fp, cord, lesion, target, reasons, common)
     plans = Plans(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=fp.labels, heads=fp.heads,
                   lesion_labels=lesion, configurations=configs,
                   foreground_intensity_properties_per_channel={str(c): s for c, s in enumerate(fp.intensity)})

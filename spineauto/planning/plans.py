@@ -97,6 +97,24 @@ class AugmentationPlan:
 
 
 @dataclass
+class RoiPlan:
+    """Crop every case to a box around one label's mask (the cord) before the network sees it: the
+    lesion model of the cord -> lesion cascade (configuration ``2d_cord_roi``).
+
+    Training takes the mask from the reference labels (voxels equal to ``label``'s value) and moves
+    each edge of its box by a seeded per-case offset drawn uniformly from +-``jitter_mm``, so the
+    network sees boxes as loose or tight as a predicted cord gives. Prediction takes the mask from
+    another model's output (``spineauto predict --roi``: any value > 0 counts) and afterwards zeroes
+    every label voxel farther than ``remove_outside_mm`` from that mask (lesions lie in the cord).
+    """
+
+    label: str = "cord"  # label name whose mask defines the box
+    margin_mm: float = 5.0  # added on every side of the mask's bounding box, in-plane and across slices
+    jitter_mm: float = 2.0  # training only: each box edge moves by U(-jitter, +jitter) mm, per case, seeded
+    remove_outside_mm: float = 3.0  # prediction: label voxels farther than this from the mask are removed
+
+
+@dataclass
 class ConfigurationPlan:
     name: str
     task: Task
@@ -114,6 +132,7 @@ class ConfigurationPlan:
     loss: LossPlan = field(default_factory=LossPlan)
     augmentation: AugmentationPlan = field(default_factory=AugmentationPlan)
     foreground_oversampling: float = 0.33
+    roi: RoiPlan | None = None  # crop to a box around a mask (cascade stage); None: the nonzero region
     reasons: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -178,6 +197,12 @@ class Plans:
             if not (len(cfg.network.kernel_sizes) == len(cfg.network.strides) == len(cfg.network.n_conv_per_stage) == n
                     and len(cfg.network.n_conv_per_stage_decoder) == n - 1):
                 raise SpineautoError(f"{where}.configurations.{name}.network: per-stage lists must have {n} entries ({n - 1} for the decoder)")
+            if cfg.roi is not None:
+                if cfg.roi.label not in plans.labels or plans.labels[cfg.roi.label] == 0:
+                    raise SpineautoError(f"{where}.configurations.{name}.roi.label: {cfg.roi.label!r} is not a foreground label "
+                                         f"of the dataset ({', '.join(k for k, v in plans.labels.items() if v)})")
+                if min(cfg.roi.margin_mm, cfg.roi.jitter_mm, cfg.roi.remove_outside_mm) < 0:
+                    raise SpineautoError(f"{where}.configurations.{name}.roi: margin_mm, jitter_mm and remove_outside_mm must be >= 0")
         return plans
 
     def save(self, path: Path) -> Path:
