@@ -175,6 +175,7 @@ def predict(
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write <case>.npz probabilities (for `spineauto ensemble`)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     model_folder: Optional[Path] = typer.Option(None, "-m", "--model", help="Use this model folder instead of the one of -d/-c."),
+    roi: Optional[Path] = typer.Option(None, "--roi", help="Folder of <case>.nii.gz masks (value > 0) to crop around, for a configuration with an roi (2d_cord_roi: the cord masks of another `spineauto predict`)."),
 ):
     """Segment new scans with a trained model; masks keep each input's exact geometry."""
     import torch
@@ -195,7 +196,7 @@ def predict(
     model = load_model(folder, folds, checkpoint, resolve_device(device), configuration=configuration)
     with make_progress(console) as progress:
         result = predict_folder(model, input, output, tta=not no_tta, save_probabilities=save_probabilities,
-                                progress=case_progress(progress, "predict"))
+                                progress=case_progress(progress, "predict"), roi=roi)
     predict_summary(console, model, result, output, not no_tta)
 
 

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from spineauto.errors import SpineautoError
+from spineauto.inference.roi import check_roi_grid, read_roi, restrict_to_roi, roi_file, spatial_shape
 from spineauto.io.images import load_nifti, read_channels
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class InputCase:
     files: list[Path] = field(default_factory=list)  # NIfTI, one per channel
     dicom: Any = None  # SimpleITK image of a DICOM stack
     metadata: dict = field(default_factory=dict)
+    roi: Path | None = None  # mask to crop around, for a configuration with an roi (cord -> lesion cascade)
+    _restrict: Any = field(default=None, init=False, repr=False, compare=False)  # (mask, affine, mm) once read
 
     @property
     def source(self) -> str:
@@ -54,17 +57,57 @@ class InputCase:
         data, affine = self.read()
         if data.shape[0] != model.num_channels:
             raise SpineautoError(f"{self.source}: {data.shape[0]} channel(s) but the model expects {model.num_channels}")
-        layout, _, props = preprocess_array(data, affine, model.plan, model.intensity)
+        roi = None
+        if model.plan.roi is not None:
+            if self.roi is None:
+                raise SpineautoError(f"{self.source}: {_needs_roi(model.plan)}")
+            roi = read_roi(self.roi, data.shape[1:], affine, self.source)
+            self._restrict = (roi, affine, model.plan.roi.remove_outside_mm)
+        layout, _, props = preprocess_array(data, affine, model.plan, model.intensity, roi=roi, name=str(self.roi or self.source))
         return layout, props
 
     def write_mask(self, target: Path, labels: np.ndarray) -> Path:
-        """The mask with the first channel's NIfTI header, or the DICOM series' geometry."""
+        """The mask with the first channel's NIfTI header, or the DICOM series' geometry.
+
+        For a configuration with an roi, label voxels farther than ``roi.remove_outside_mm`` from
+        the case's ROI mask are zeroed first, in ``labels`` itself, so that the caller's prediction
+        and the file agree.
+        """
         from spineauto.inference.export import write_mask
 
+        if self._restrict is not None:
+            mask, affine, distance = self._restrict
+            labels[...] = restrict_to_roi(labels, mask, affine, distance)
+            self._restrict = None
         if self.files:
             reference = load_nifti(self.files[0])
             return write_mask(target, labels, header=reference.header, shape=tuple(reference.shape))
         return write_mask(target, labels, sitk_reference=self.dicom)
+
+
+def _needs_roi(plan) -> str:
+    return (f"configuration {plan.name} works in a box around the {plan.roi.label}: pass --roi FOLDER with a "
+            f"<case>.nii.gz {plan.roi.label} mask per input case (e.g. the masks of `spineauto predict` with the {plan.roi.label} model)")
+
+
+def attach_roi_masks(cases: list[InputCase], plan, folder: Path | None) -> None:
+    """Give each case its ROI mask ``folder/<case>.nii.gz``, checked before any case runs: a
+    configuration without an roi takes no folder, one with an roi needs one, with a mask per case
+    in that case's grid (NIfTI inputs are checked here from the headers, DICOM ones when read)."""
+    if plan.roi is None:
+        if folder is not None:
+            raise SpineautoError(f"--roi {folder}: configuration {plan.name} does not crop to an ROI; leave --roi out")
+        return
+    if folder is None:
+        raise SpineautoError(_needs_roi(plan))
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise SpineautoError(f"{folder}: ROI folder not found; {_needs_roi(plan)}")
+    for case in cases:
+        case.roi = roi_file(folder, case.name)
+        if case.files:
+            image = load_nifti(case.files[0])
+            check_roi_grid(case.roi, spatial_shape(image.shape), image.affine, str(case.files[0]))
 
 
 def sitk_to_array(image) -> np.ndarray:

@@ -11,16 +11,22 @@ from typing import Callable
 from spineauto.errors import SpineautoError
 from spineauto.inference.driver import PredictResult, predict_cases
 from spineauto.inference.export import check_writable
-from spineauto.inference.inputs import discover_cases
+from spineauto.inference.inputs import attach_roi_masks, discover_cases
 from spineauto.inference.model import TrainedModel
 
 
 def predict_folder(model: TrainedModel, source: Path, output: Path, tta: bool = True, save_probabilities: bool = False,
-                   batch_slices: int | None = None, progress: Callable[[str, int, int], None] | None = None) -> PredictResult:
-    """Predict every case found in ``source`` (NIfTI file or folder, DICOM series) into ``output``."""
+                   batch_slices: int | None = None, progress: Callable[[str, int, int], None] | None = None,
+                   roi: Path | None = None) -> PredictResult:
+    """Predict every case found in ``source`` (NIfTI file or folder, DICOM series) into ``output``.
+
+    ``roi``: a folder of ``<case>.nii.gz`` masks (value > 0), required by a configuration with an
+    roi (``2d_cord_roi``: the cord predicted by another model) and refused by the others.
+    """
     cases = discover_cases(source, model.num_channels)
     if not cases:
         raise SpineautoError(f"{source}: no input cases found")
+    attach_roi_masks(cases, model.plan, roi)
     if any(c.dicom is not None for c in cases) and model.num_channels != 1:
         raise SpineautoError(f"{source}: DICOM series give one channel but the model expects {model.num_channels}")
     output = Path(output)
