@@ -95,3 +95,21 @@ def deep_merge(base: dict, override: dict) -> dict:
     for k, v in override.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def load_yaml_mapping(path, what: str, missing_hint: str) -> dict:
+    """A YAML file that must hold a mapping; one-line errors for a missing file, bad YAML or another shape."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpineautoError(f"{path}: {what} not found; {missing_hint}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpineautoError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SpineautoError(f"{path}: a {what} is a mapping (key: value lines), not a {type(data).__name__}")
+    return data

@@ -52,16 +52,11 @@ def export_pipeline(config_path: Path, target: Path) -> Path:
     """``pipeline/pipeline.yaml`` + every model it names, with only the checkpoints it uses."""
     config = load_pipeline_config(config_path)
     entries: list[tuple[Path | bytes, str]] = []
-    for name in config.stages():
-        stage = getattr(config, name)
-        refs = {name: stage.model} if getattr(stage, "model", None) is not None else {}
-        if name == "cord":
-            refs.update({f"cord_{k}": v for k, v in stage.models.items()})
-        for key, ref in refs.items():
-            folder = _folder(ref)
-            entries += model_files(folder, ref.folds, ref.checkpoint, f"pipeline/models/{key}/")
-            ref.folder, ref.bundle, ref.dataset = f"models/{key}/{folder.name}", None, None
-            ref.configuration = ref.configuration or paths.configuration_of(folder)
+    for key, ref in config.model_refs().items():
+        folder, key = _folder(ref), key.replace(":", "_")
+        entries += model_files(folder, ref.folds, ref.checkpoint, f"pipeline/models/{key}/")
+        ref.folder, ref.bundle, ref.dataset = f"models/{key}/{folder.name}", None, None
+        ref.configuration = ref.configuration or paths.configuration_of(folder)
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
     entries.append((text.encode(), "pipeline/pipeline.yaml"))
     return _zip(target, entries)

@@ -21,10 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from spineauto.errors import SpineautoError
-from spineauto.schema import from_dict
+from spineauto.schema import from_dict, load_yaml_mapping
 
 CLASSIFICATION_STAGES = ("anatomy", "location_view", "sequence")
 STAGES = (*CLASSIFICATION_STAGES, "cord", "lesion")
@@ -84,18 +82,22 @@ class PipelineConfig:
     def stages(self) -> list[str]:
         return [s for s in STAGES if getattr(self, s) is not None]
 
+    def model_refs(self) -> dict[str, ModelRef]:
+        """Every model the definition names: ``stage`` (and ``cord:<class>`` for a cord chosen by class)."""
+        refs = {}
+        for name in self.stages():
+            stage = getattr(self, name)
+            if getattr(stage, "model", None) is not None:
+                refs[name] = stage.model
+            if name == "cord":
+                refs.update({f"cord:{k}": v for k, v in stage.models.items()})
+        return refs
+
 
 def load_pipeline_config(path: Path) -> PipelineConfig:
     """Read and check a pipeline YAML; model paths become absolute (relative to the file)."""
     path = Path(path)
-    if not path.is_file():
-        raise SpineautoError(f"{path}: pipeline definition not found; start from plans/pipelines/spine_pipeline.yaml")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SpineautoError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise SpineautoError(f"{path}: a pipeline definition is a mapping of stages ({', '.join(STAGES)})")
+    data = load_yaml_mapping(path, "pipeline definition", "start from plans/pipelines/spine_pipeline.yaml")
     config = from_dict(PipelineConfig, data, str(path))
     check_config(config, str(path), base=path.parent)
     return config

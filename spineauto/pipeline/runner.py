@@ -99,16 +99,11 @@ class Pipeline:
         device = device if isinstance(device, torch.device) else resolve_device(device)
         models: dict[str, TrainedModel] = {}
         opened: dict[str, TrainedModel] = {}  # a model serving several stages is loaded once
-        for name in config.stages():
-            stage = getattr(config, name)
-            refs = {name: stage.model} if getattr(stage, "model", None) is not None else {}
-            if name == "cord":
-                refs.update({f"cord:{k}": v for k, v in stage.models.items()})
-            for key, ref in refs.items():
-                identity = json.dumps(to_dict(ref), sort_keys=True)
-                if identity not in opened:
-                    opened[identity] = _open_model(ref, device)
-                models[key] = opened[identity]
+        for key, ref in config.model_refs().items():
+            identity = json.dumps(to_dict(ref), sort_keys=True)
+            if identity not in opened:
+                opened[identity] = _open_model(ref, device)
+            models[key] = opened[identity]
         pipeline = cls(config, models, device)
         pipeline._check_models()
         return pipeline

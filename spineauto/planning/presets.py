@@ -16,20 +16,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 
 from spineauto.errors import SpineautoError
-from spineauto.schema import deep_merge
+from spineauto.schema import deep_merge, load_yaml_mapping
 
 
 def load_preset(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SpineautoError(f"{path}: preset not found; presets live in plans/*.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SpineautoError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    data = load_yaml_mapping(path, "preset", "presets live in plans/*.yaml")
     if not isinstance(data, dict) or not isinstance(data.get("configurations", {}), dict):
         raise SpineautoError(f"{path}: a preset is a mapping with a 'configurations' mapping")
     unknown = set(data) - {"description", "configurations"}
