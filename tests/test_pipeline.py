@@ -197,3 +197,22 @@ def test_bad_pipeline_input(models, oracle, capsys, tmp_path):
     assert record["status"] == "failed" and list((tmp_path / "mixed_out" / "four_d").iterdir()) == [
         tmp_path / "mixed_out" / "four_d" / "four_d.json"]
     assert len([p for p in (tmp_path / "mixed_out").iterdir() if p.is_dir()]) == len(list(inp.glob("*.nii.gz"))) + 1
+
+
+def test_bids_root_input(models, oracle, capsys, tmp_path):
+    """A BIDS root: every sub-*/anat image is a case named by its file, derivatives are not inputs."""
+    bids = tmp_path / "bids"
+    src = sorted(models["inputs"].glob("*.nii.gz"))[:2]
+    for i, f in enumerate(src):
+        (bids / f"sub-0{i}" / "anat").mkdir(parents=True)
+        shutil.copy(f, bids / f"sub-0{i}" / "anat" / f"sub-0{i}_T2w.nii.gz")
+    (bids / "derivatives" / "labels" / "sub-00" / "anat").mkdir(parents=True)
+    shutil.copy(src[0], bids / "derivatives" / "labels" / "sub-00" / "anat" / "sub-00_T2w_seg-manual.nii.gz")
+    (bids / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.8.0"}')
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "pipeline", "-i", bids, "-o", out, "--config", _config(tmp_path, models, lesion=None),
+                           "--device", "cpu")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["sub-00_T2w", "sub-01_T2w"]
+    img = nib.load(str(out / "sub-01_T2w" / "sub-01_T2w_cord.nii.gz"))
+    assert np.array_equal(img.affine, nib.load(str(src[1])).affine)
