@@ -216,3 +216,19 @@ def test_bids_root_input(models, oracle, capsys, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["sub-00_T2w", "sub-01_T2w"]
     img = nib.load(str(out / "sub-01_T2w" / "sub-01_T2w_cord.nii.gz"))
     assert np.array_equal(img.affine, nib.load(str(src[1])).affine)
+
+
+def test_no_cord_skips_the_lesion_stage_and_says_so(models, oracle, tmp_path):
+    from spineauto import Pipeline
+    from spineauto.pipeline.report import build_report
+
+    ref = nib.load(str(sorted(models["inputs"].glob("*.nii.gz"))[0]))
+    blank = nib.Nifti1Image(np.full(ref.shape, 0.2, np.float32), ref.affine)  # the oracle reads background everywhere
+    result = Pipeline.load(_config(tmp_path, models), device="cpu").run(blank, name="blank")
+    assert result.status == "done" and result.cord is not None and not result.cord.any()
+    lesion = next(s for s in result.stages if s["stage"] == "lesion")
+    assert lesion["skipped"].startswith("no cord found") and result.lesion is None
+    assert "cord" not in result.measurements
+    (tmp_path / "out" / "blank").mkdir(parents=True)
+    (tmp_path / "out" / "blank" / "blank.json").write_text(json.dumps(result.to_dict()))
+    assert "no cord found" in build_report(tmp_path / "out").read_text()
