@@ -171,6 +171,11 @@ def preprocess_case(info: DatasetInfo, case: str, plan: ConfigurationPlan, inten
             raise SpineautoError(f"{info.folder}: configuration {plan.name} crops around label {plan.roi.label!r}, "
                                  f"which the dataset does not have (labels: {', '.join(info.labels)})")
         roi = seg == info.labels[plan.roi.label]
+        if not roi.any():  # e.g. a scan without a cord: nothing for a model that only ever sees crops around one
+            log.info("%s: no %s voxels; not part of configuration %s", case, plan.roi.label, plan.name)
+            for stale in (props_path, out_dir / f"{case}.npy", out_dir / f"{case}_seg.npy"):
+                stale.unlink(missing_ok=True)
+            return False
     data, seg_p, props = preprocess_array(data, affine, plan, intensity, seg, roi=roi, jitter_seed=case_seed(case, "roi:"),
                                           name=f"{case} ({info.label_file(case).name})")
     cinfo = info.cases.get(case)

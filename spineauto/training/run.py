@@ -53,7 +53,7 @@ def prepare_run(dataset: str | int, configuration: str, fold: str | int, *, seed
     if fold == "all":
         train_cases, val_cases = cases_for_fold([], "all", sorted(store.props), pre_dir / SPLITS_FILE)
     else:
-        splits = load_or_create_splits(pre_dir, store.props, write=is_main)
+        splits = load_or_create_splits(pre_dir, _dataset_props(pre_dir, plans, store), write=is_main)
         train_cases, val_cases = cases_for_fold(splits, fold, sorted(store.props), pre_dir / SPLITS_FILE)
 
     model_dir = paths.model_folder(pre_dir.name, configuration, plans.plans_name, results=results)
@@ -81,6 +81,17 @@ def prepare_run(dataset: str | int, configuration: str, fold: str | int, *, seed
     if is_main:
         _write_model_folder(pre_dir, model_dir, plans, plan)
     return RunContext(plans, plan, store, train_cases, val_cases, pre_dir, model_dir, fold_dir, config, resume)
+
+
+def _dataset_props(pre_dir: Path, plans: Plans, store: CaseStore) -> dict[str, dict]:
+    """The cases of every configuration's preprocessed data: the folds are the dataset's, and a
+    configuration that holds fewer cases (2d_cord_roi: only those with a cord) trains on its part."""
+    props = dict(store.props)
+    for cfg in plans.configurations.values():
+        folder = pre_dir / cfg.data_identifier
+        if folder != store.folder and folder.is_dir():
+            props = {**CaseStore.load(folder).props, **props}
+    return props
 
 
 def _clear_previous_run(fold_dir: Path) -> None:

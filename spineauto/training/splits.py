@@ -95,7 +95,15 @@ def cases_for_fold(splits: list[dict[str, list[str]]], fold: str | int, all_case
     k = parse_fold(fold)
     if not 0 <= k < len(splits):
         raise SpineautoError(f"fold {k} is out of range: {path} has {len(splits)} folds (0..{len(splits) - 1}); or use `-f all`")
-    return list(splits[k]["train"]), list(splits[k]["val"])
+    present = set(all_cases)  # a configuration may hold fewer cases (2d_cord_roi: only cases with a cord)
+    train, val = [c for c in splits[k]["train"] if c in present], [c for c in splits[k]["val"] if c in present]
+    left = len(splits[k]["train"]) + len(splits[k]["val"]) - len(train) - len(val)
+    if left:
+        log.info("fold %d: %d case(s) of %s are not in this configuration's preprocessed data; left out", k, left, path.name)
+    if not train:
+        raise SpineautoError(f"fold {k}: none of its training cases in {path} is preprocessed for this configuration; "
+                             "rerun `spineauto plan_and_preprocess` or train with `-f all`")
+    return train, val
 
 
 def parse_fold(fold: str | int) -> int | str:
