@@ -65,13 +65,17 @@ def run_pipeline_demo(run: Callable[..., None], workdir: Path, n_train: int = 24
 
     console = console or Console(stderr=True)
     workdir = _demo_env(workdir)
-    iterations = {"cls": 150, "2d": 250, **(iterations or {})}
+    iterations = {"cls": 150, "2d": 250, **(iterations or {})}  # constant-rate Adam (the preset): a few hundred learn the phantoms
     raw = workdir / "raw" / PIPELINE_DATASET
     if not (raw / "dataset.json").is_file():
         console.print(f"writing {n_train} + {n_test} synthetic phantoms (spines with lesions, and limbs) to {raw}")
         write_phantom_dataset(raw, n_train=n_train, n_test=n_test, seed=seed, anatomies=("spine", "limb"))
     ds = str(PIPELINE_DATASET_ID)
     run("plan_and_preprocess", "-d", ds, "--preset", str(PIPELINE_PRESET))
+    from spineauto.planning.plans import Plans
+
+    if "2d_cord_roi" in Plans.load(paths.preprocessed_dataset(PIPELINE_DATASET) / "plans.json").configurations:
+        iterations.setdefault("2d_cord_roi", 150)  # lesions in crops around the cord
     for configuration, iters in iterations.items():
         run("train", "-d", ds, "-f", "0", "-c", configuration, "--epochs", "1", "--iters-per-epoch", str(iters),
             "--wandb", "disabled", "--seed", str(seed), "--no-validate")

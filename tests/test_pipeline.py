@@ -81,7 +81,7 @@ def test_pipeline_writes_masks_classes_measurements_and_report(models, oracle, c
         assert record["kind"] == "spineauto.pipeline_case" and record["status"] == "done" and record["reason"] is None
         assert [s["stage"] for s in record["stages"]] == ["sequence", "cord", "lesion"]
         seq = record["stages"][0]
-        assert set(seq["heads"]) == {"sequence", "view", "location"}
+        assert set(seq["heads"]) == {"sequence"} and seq["class"] == seq["heads"]["sequence"]["class"]  # the heads named like the stage
         assert all(abs(sum(h["probabilities"].values()) - 1) < 1e-4 for h in seq["heads"].values())
         masks = {}
         for name in ("cord", "lesion"):

@@ -3,7 +3,7 @@
 A YAML file (see ``plans/pipelines/spine_pipeline.yaml``) with up to five stages, always run in
 this order; any may be left out::
 
-    anatomy:        {model: MODEL, gate: {head: anatomy, classes: [spine], min_probability: 0.5}}
+    anatomy:        {model: MODEL, gate: {head: anatomy, classes: [spine], min_probability: 0.5}, heads: [anatomy]}
     location_view:  {model: MODEL}
     sequence:       {model: MODEL}
     cord:           {model: MODEL}              # or {select_by: sequence, models: {T2w: MODEL, T2starw: MODEL}, model: FALLBACK}
@@ -11,7 +11,9 @@ this order; any may be left out::
 
 where MODEL is ``{folder: PATH}`` (a model folder), ``{bundle: PATH.zip}`` (``spineauto export``) or
 ``{dataset: 1, configuration: 2d}`` (under SPINEAUTO_RESULTS), each with optional ``folds`` and
-``checkpoint``. A classification stage with a ``gate`` stops a case whose predicted class (of
+``checkpoint``. A classification stage reports the model's heads named like the stage (anatomy;
+location and view; sequence), else all of them, unless ``heads`` lists them; one model with several
+heads may serve several stages (it is loaded and run once). A classification stage with a ``gate`` stops a case whose predicted class (of
 ``head``) is not in ``classes`` or whose probability is below ``min_probability``; the case's report
 says why. Relative paths are relative to the YAML file. Unknown keys, a missing model and a gate
 naming a class the model does not have are one-line errors (the last when the models load).
@@ -25,6 +27,7 @@ from spineauto.errors import SpineautoError
 from spineauto.schema import from_dict, load_yaml_mapping
 
 CLASSIFICATION_STAGES = ("anatomy", "location_view", "sequence")
+STAGE_HEADS = {"anatomy": ("anatomy",), "location_view": ("location", "view"), "sequence": ("sequence",)}
 STAGES = (*CLASSIFICATION_STAGES, "cord", "lesion")
 
 
@@ -52,6 +55,7 @@ class Gate:
 class ClassifyStage:
     model: ModelRef
     gate: Gate | None = None
+    heads: list[str] | None = None  # the heads this stage reports (default: those named like the stage, else all)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from spineauto.errors import SpineautoError
 from spineauto.inference.bundle import model_folder_of
 from spineauto.inference.driver import infer
 from spineauto.inference.model import TrainedModel, load_model
-from spineauto.pipeline.config import CLASSIFICATION_STAGES, ClassifyStage, ModelRef, PipelineConfig, load_pipeline_config
+from spineauto.pipeline.config import CLASSIFICATION_STAGES, STAGE_HEADS, ClassifyStage, ModelRef, PipelineConfig, load_pipeline_config
 from spineauto.schema import to_dict
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,10 @@ class Pipeline:
             model = self.models[name]
             if not model.plan.has_classification:
                 raise SpineautoError(f"pipeline.{name}: {model.folder} is a segmentation model; a classification stage needs heads")
+            unknown = [h for h in (stage.heads or []) if h not in [x.name for x in model.plan.heads]]
+            if unknown:
+                raise SpineautoError(f"pipeline.{name}.heads: {unknown} are not heads of {model.folder.name} "
+                                     f"({[x.name for x in model.plan.heads]})")
             if stage.gate is not None:
                 head = _head(model, stage.gate.head, f"pipeline.{name}.gate")
                 known = next(h.classes for h in model.plan.heads if h.name == head)
@@ -196,10 +200,14 @@ class Pipeline:
     def _classify(self, stage: str, scan: ScanInput, cache: dict, result: CaseResult) -> bool:
         model, out, record, t0 = self._infer(stage, scan, cache)
         cls = out.classification
-        gate = getattr(self.config, stage).gate
-        head = _head(model, gate.head if gate else None, f"pipeline.{stage}") if (gate or len(cls.classes) == 1) else None
+        config = getattr(self.config, stage)
+        gate = config.gate
+        shown = config.heads or [h for h in STAGE_HEADS[stage] if h in cls.classes] or list(cls.classes)
+        if gate is not None and gate.head is not None and gate.head not in shown:
+            shown.append(gate.head)
+        head = _head(model, gate.head, f"pipeline.{stage}") if gate else (shown[0] if len(shown) == 1 else None)
         record.update(kind="classification", heads={h: {"class": cls.predicted(h), "probabilities": {
-            c: round(float(p), 6) for c, p in zip(cls.classes[h], cls.probabilities[h])}} for h in cls.classes})
+            c: round(float(p), 6) for c, p in zip(cls.classes[h], cls.probabilities[h])}} for h in shown})
         if head is not None:
             record.update(head=head, **{"class": cls.predicted(head)}, probabilities=record["heads"][head]["probabilities"])
         result.classes[stage] = {h: v["class"] for h, v in record["heads"].items()}
