@@ -235,7 +235,7 @@ def evaluate(
     from rich.console import Console
 
     from spineauto.cli_views import case_progress, evaluation_table, make_progress
-    from spineauto.evaluation.evaluate import dataset_labels, evaluate_folders, write_summary
+    from spineauto.evaluation.evaluate import check_summary_target, dataset_labels, evaluate_folders, write_summary
 
     if Path(gt_dir).is_file():  # a labels file (dataset.json cases, or CSV case,head,class): classification
         from spineauto.evaluation.classification import evaluate_prediction_folder, print_report
@@ -244,6 +244,7 @@ def evaluate(
         print_report(console, evaluate_prediction_folder(pred_dir, gt_dir, out_dir=out_dir), out_dir / "summary_classification.json")
         return
     labels = dataset_labels(dataset) if dataset else None
+    check_summary_target(output or Path(pred_dir) / "summary.json")
     with make_progress(console) as progress:
         summary = evaluate_folders(pred_dir, gt_dir, labels, progress=case_progress(progress, "evaluate"))
     json_path, csv_path = write_summary(summary, output or Path(pred_dir) / "summary.json")
@@ -256,6 +257,8 @@ def find_best_configuration(
     dataset: str = DatasetOpt,
     configurations: Optional[List[str]] = typer.Option(None, "-c", "--configurations", help="Only these configurations (default: every trained one)."),
     no_ensembles: bool = typer.Option(False, "--no-ensembles", help="Do not try ensembles of configurations."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Rank even when folds or validation cases of "
+                                          "splits_final.json are missing (default: refuse), on the cases validated so far."),
 ):
     """Compare trained configurations and their ensembles on the cross-validation; print the predict command."""
     from rich.console import Console
@@ -263,11 +266,13 @@ def find_best_configuration(
     from spineauto.cli_views import best_configuration_table
     from spineauto.evaluation.best_configuration import find_best_configuration
 
-    result = find_best_configuration(dataset, _split_folds(configurations), not no_ensembles)
+    result = find_best_configuration(dataset, _split_folds(configurations), not no_ensembles, allow_incomplete=allow_incomplete)
     out = Console()
     out.print(best_configuration_table(result))
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    for line in result.cases_used:
+        out.print(f"cases used: {line}", highlight=False, soft_wrap=True)
     out.print("predict with:")
     for cmd in result.commands:
         out.print(f"  {cmd}", highlight=False, soft_wrap=True)

@@ -181,7 +181,7 @@ def test_find_best_configuration(spineauto_env, capsys):
     _write_validation(a, cases, probs=True, seed=0)
     worse = {c: (r, np.where(np.roll(r, 2, axis=0) > 0, 1, 0).astype(np.uint8)) for c, (r, _) in cases.items()}
     _write_validation(b, worse, probs=False, seed=1)
-    code, stdout, err = run_cli(capsys, "find_best_configuration", "-d", "2")
+    code, stdout, err = run_cli(capsys, "find_best_configuration", "-d", "2", "--allow-incomplete")
     assert code == 0, err
     best = json.loads((results / "best_configuration.json").read_text())
     assert best["best"]["name"] == "2d"
@@ -193,11 +193,12 @@ def test_find_best_configuration(spineauto_env, capsys):
     assert json.loads((a / "postprocessing.json").read_text())["largest_component_labels"] == [1]
     assert "spineauto predict -d Dataset002_Cord -c 2d" in (results / "inference_instructions.txt").read_text()
     assert "spineauto predict -d Dataset002_Cord -c 2d" in stdout
+    assert "cases used: segmentation: 3 of the dataset's 3 cases" in stdout  # no splits: the raw labelsTr count
 
     # with probabilities in both, the ensemble is scored too
     shutil.rmtree(b)
     _write_validation(b, cases, probs=True, seed=2)
-    code, stdout, err = run_cli(capsys, "find_best_configuration", "-d", "2")
+    code, stdout, err = run_cli(capsys, "find_best_configuration", "-d", "2", "--allow-incomplete")
     assert code == 0, err
     best = json.loads((results / "best_configuration.json").read_text())
     assert [c["name"] for c in best["candidates"]] == ["2d", "multitask", "2d+multitask"]
@@ -232,7 +233,7 @@ def test_find_best_configuration_ranks_classification_by_balanced_accuracy(spine
             for r in rs:
                 write_case_json(out, r)
             write_classification_csv(out, rs)
-    code, stdout, err = run_cli(capsys, "find_best_configuration", "-d", "3")
+    code, stdout, err = run_cli(capsys, "find_best_configuration", "-d", "3", "--allow-incomplete")
     assert code == 0, err
     best = json.loads((results / "best_configuration.json").read_text())
     rows = {c["name"]: c for c in best["candidates"]}

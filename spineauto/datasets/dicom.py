@@ -7,11 +7,18 @@ series whose slices have several orientations (a three-plane localizer, radial p
 into one stack per orientation, and repeated positions (several echoes or time points in one series)
 into one stack per repetition; ``metadata['stack']`` tells the stacks of one series apart. Every stack
 becomes a case ``series_000``, ``series_001``, ... written as NIfTI by SimpleITK, geometry preserved.
+
+A series with a slice missing or unreadable is refused, never spaced evenly over the hole: a file in a
+series folder that looks like a DICOM image (``DICM`` preamble or a DICOM file ending) but that GDCM
+could not read is named, and a gap in the slice positions of a stack (a step of at least
+``MISSING_SLICE_RATIO`` times the smallest one) is named by the slices on either side of it, with
+their instance numbers. Smaller unevenness is only a warning (``nonuniform_slice_gaps_mm``).
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +42,9 @@ TAGS = {
 ORIENTATION, POSITION, INSTANCE = "0020|0037", "0020|0032", "0020|0013"
 POSITION_TOLERANCE_MM = 1e-3
 SPACING_TOLERANCE = 0.01  # relative deviation of a slice gap from the mean before we warn
+MISSING_SLICE_RATIO = 1.5  # a gap this many times the smallest slice step means a slice is missing
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"  # DICOMDIR: a DICOM file that is no image
 
 
 @dataclass
@@ -51,29 +61,50 @@ def convert_dicom(root: Path, dataset_dir: Path, label_name: str = "cord", overw
     """Write every DICOM series under ``root`` as a test case of a raw dataset in ``dataset_dir``."""
     root = Path(root).expanduser().resolve()
     dataset_dir = Path(dataset_dir).expanduser().resolve()
-    check_output_free(dataset_dir, overwrite)
+    try:
+        check_output_free(dataset_dir, overwrite)
+    except OSError as err:
+        raise _output_error(err, dataset_dir) from None
     stacks = find_dicom_stacks(root)
-    with staged_dataset_dir(dataset_dir, overwrite) as stage:
-        cases: dict[str, dict[str, Any]] = {}
-        for index, (stack, image) in enumerate(_read_stacks(stacks)):
-            case_id = f"series_{index:03d}"
-            metadata = dict(stack.metadata, source=_relative(stack.directory, root))
-            with _quiet_itk():
-                sitk.WriteImage(image, str(stage / "imagesTs" / f"{case_id}_0000.nii.gz"), True)
-            subject = str(metadata.get("PatientID") or case_id)
-            cases[case_id] = {"subject": subject, "classes": {}, "metadata": metadata}
-        if not cases:
-            raise SpineautoError(f"no DICOM series under {root} could be read as a scalar 3D image")
-        write_dataset_json(
-            stage,
-            name=dataset_dir.name,
-            description=f"Converted from DICOM directory {root} by spineauto",
-            labels={"background": 0, label_name: 1},
-            num_training=0,
-            cases=cases,
-        )
+    try:
+        with staged_dataset_dir(dataset_dir, overwrite) as stage:
+            cases: dict[str, dict[str, Any]] = {}
+            for index, (stack, image) in enumerate(_read_stacks(stacks)):
+                case_id = f"series_{index:03d}"
+                metadata = dict(stack.metadata, source=_relative(stack.directory, root))
+                target = Path("imagesTs") / f"{case_id}_0000.nii.gz"
+                try:
+                    with _quiet_itk():
+                        sitk.WriteImage(image, str(stage / target), True)
+                except RuntimeError as err:
+                    raise SpineautoError(f"{dataset_dir / target}: cannot write the converted series ({_itk_reason(err)}); "
+                                         "nothing was written") from None
+                subject = str(metadata.get("PatientID") or case_id)
+                cases[case_id] = {"subject": subject, "classes": {}, "metadata": metadata}
+            if not cases:
+                raise SpineautoError(f"no DICOM series under {root} could be read as a scalar 3D image")
+            write_dataset_json(
+                stage,
+                name=dataset_dir.name,
+                description=f"Converted from DICOM directory {root} by spineauto",
+                labels={"background": 0, label_name: 1},
+                num_training=0,
+                cases=cases,
+            )
+    except OSError as err:  # a read-only raw folder, a file where a folder belongs, a full disk
+        raise _output_error(err, dataset_dir) from None
     logger.info("converted %d DICOM series from %s into %s", len(cases), root, dataset_dir)
     return dataset_dir
+
+
+def _output_error(err: OSError, dataset_dir: Path) -> SpineautoError:
+    """One line for an OS error while making ``dataset_dir``: the folder it names (never the staging one)."""
+    where = Path(err.filename) if isinstance(err.filename, str) and err.filename else dataset_dir.parent
+    if where.name.startswith(f"{dataset_dir.name}.tmp-") or where == dataset_dir:
+        where = dataset_dir.parent
+    reason = "not a folder" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror or type(err).__name__
+    return SpineautoError(f"{where}: cannot write the dataset {dataset_dir.name} there ({reason}); "
+                          "point SPINEAUTO_RAW at a writable folder")
 
 
 def read_dicom_series(directory: Path, recursive: bool = True) -> list[tuple[str, sitk.Image, dict[str, Any]]]:
@@ -98,14 +129,21 @@ def find_dicom_stacks(root: Path, recursive: bool = True) -> list[DicomStack]:
     """Every series under ``root`` split into 3D stacks, sorted by directory, series uid and stack."""
     if not root.is_dir():
         raise SpineautoError(f"DICOM folder {root} does not exist or is not a folder")
-    directories = sorted(d for d, _, files in os.walk(root) if files) if recursive else [str(root)]
+
+    def unreadable_folder(err: OSError) -> None:
+        raise SpineautoError(f"{err.filename}: cannot list the folder ({err.strerror}); make it readable or move it out of {root}")
+
+    directories = sorted(d for d, _, files in os.walk(root, onerror=unreadable_folder) if files) if recursive else [str(root)]
     stacks: list[DicomStack] = []
     for directory in directories:
         with _quiet_itk():
             uids = sorted(sitk.ImageSeriesReader.GetGDCMSeriesIDs(directory))
+        series = {}
         for uid in uids:
             with _quiet_itk():
-                files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(directory, uid))
+                series[uid] = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(directory, uid))
+        _check_left_out_files(Path(directory), {os.path.basename(f) for files in series.values() for f in files}, root)
+        for uid, files in series.items():
             stacks.extend(split_series(uid, Path(directory), files))
     if not stacks:
         where = "or its subfolders " if recursive else ""
@@ -131,6 +169,7 @@ def split_series(uid: str, directory: Path, files: list[str]) -> list[DicomStack
     metadata = _series_metadata(files[0])
     result = []
     for k, stack in enumerate(stacks):
+        _check_stack(uid, directory, stack)
         meta = dict(metadata, num_files=len(stack))
         if len(stacks) > 1:
             meta["stack"] = k
@@ -180,9 +219,88 @@ def _slice_gaps(stack: list[dict[str, Any]]) -> list[float] | None:
     return [round(float(gaps.min()), 4), round(float(gaps.max()), 4)]
 
 
+def _check_stack(uid: str, directory: Path, stack: list[dict[str, Any]]) -> None:
+    """Refuse a stack with a slice of another size than the others, or with a hole in its slice positions
+    (a file missing or unreadable), naming the file or where the hole is."""
+    sizes = [i["size"] for i in stack]
+    usual = max(set(sizes), key=sizes.count)
+    odd = next((i for i in stack if i["size"] != usual), None)
+    if odd is not None:
+        raise SpineautoError(
+            f"DICOM series {uid} in {directory}: slice {Path(odd['file']).name} (instance {odd['instance']}) is "
+            f"{'x'.join(map(str, odd['size']))} pixels where the other slices are {'x'.join(map(str, usual))}; "
+            "restore the right file or move the series out of the folder"
+        )
+    if len(stack) < 3 or "along" not in stack[0]:
+        return
+    gaps = np.diff([i["along"] for i in stack])
+    step = float(gaps.min())
+    k = int(np.argmax(gaps))
+    if step <= POSITION_TOLERANCE_MM or gaps[k] < MISSING_SLICE_RATIO * step:
+        return
+    before, after = stack[k], stack[k + 1]
+    missing = max(1, int(round(gaps[k] / step)) - 1)
+    raise SpineautoError(
+        f"DICOM series {uid} in {directory}: about {missing} slice(s) missing between {Path(before['file']).name} "
+        f"(instance {before['instance']}, {before['along']:.4g} mm along the slice normal) and {Path(after['file']).name} "
+        f"(instance {after['instance']}, {after['along']:.4g} mm): a gap of {gaps[k]:.4g} mm where the slices are {step:.4g} mm apart; "
+        "restore the missing or unreadable file(s) (the volume would be spaced evenly over the hole) or move the series out of the folder"
+    )
+
+
+def _check_left_out_files(directory: Path, claimed: set[str], root: Path) -> None:
+    """Refuse a file of ``directory`` that no series claimed although it looks like a DICOM image (a slice
+    GDCM could not read: truncated, damaged, unreadable); non-DICOM files and DICOMDIRs are ignored."""
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.name in claimed or not entry.is_file():
+            continue
+        why = _broken_dicom_image(entry.path)
+        if why:
+            raise SpineautoError(f"{entry.path}: {why}; it may be a slice of a series in {directory}, which would be converted "
+                                 f"without it: repair or restore the file, or move it out of {root}")
+
+
+def _broken_dicom_image(path: str) -> str | None:
+    """Why ``path`` is a DICOM image that cannot be read; None when it is none (notes, NIfTI, DICOMDIR, reports)."""
+    import warnings
+
+    import pydicom
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError as err:
+        return f"cannot read the file ({err.strerror})"
+    if head[128:132] != b"DICM" and Path(path).suffix.lower() not in DICOM_SUFFIXES:
+        return None
+    if not head:
+        return "the DICOM file is empty"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as err:  # noqa: BLE001 - pydicom raises many kinds for a damaged file
+        return f"not a readable DICOM file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'damaged'})"
+    sop = str(ds.file_meta.get("MediaStorageSOPClassUID", "") if hasattr(ds, "file_meta") else "") or str(ds.get("SOPClassUID", ""))
+    if sop == DIRECTORY_STORAGE or (sop and "Image Storage" not in pydicom.uid.UID(sop).name):
+        return None  # a DICOM object that is no image (DICOMDIR, structured report, presentation state)
+    reason = _read_error(path)
+    return f"a DICOM image that cannot be read (truncated or damaged: {reason})" if reason else None
+
+
+def _itk_reason(err: RuntimeError) -> str:
+    """The message of an ITK error: its first line after "Exception thrown in ...", without the
+    ``ITK ERROR: Class(0x...):`` prefix and memory addresses."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip() and not line.startswith("Exception thrown in")]
+    if not lines:
+        return type(err).__name__
+    return re.sub(r" ?\(0x[0-9a-fA-F]+\)", "", re.sub(r"^ITK ERROR: \w+\(0x[0-9a-fA-F]+\): ", "", lines[0]))
+
+
 def _file_info(path: str) -> dict[str, Any]:
     reader = _information_reader(path)
-    info: dict[str, Any] = {"file": path, "depth": reader.GetSize()[2] if reader.GetDimension() > 2 else 1}
+    info: dict[str, Any] = {"file": path, "depth": reader.GetSize()[2] if reader.GetDimension() > 2 else 1,
+                            "size": tuple(reader.GetSize()[:2])}
     info["orientation"] = _floats(reader, ORIENTATION, 6)
     info["position"] = _floats(reader, POSITION, 3)
     instance = _tag(reader, INSTANCE)
@@ -206,7 +324,7 @@ def _information_reader(path: str) -> sitk.ImageFileReader:
         with _quiet_itk():
             reader.ReadImageInformation()
     except RuntimeError as err:
-        raise SpineautoError(f"cannot read DICOM file {path}: {str(err).strip().splitlines()[-1]}") from err
+        raise SpineautoError(f"cannot read DICOM file {path}: {_itk_reason(err)}") from None
     return reader
 
 
@@ -250,12 +368,25 @@ def read_stack(stack: DicomStack) -> sitk.Image:
                 reader.SetFileNames(stack.files)
                 image = reader.Execute()
     except RuntimeError as err:
+        culprit = next((f for f in stack.files if _read_error(f)), None)
+        where = f"its file {culprit} cannot be read" if culprit else "its files cannot be read together"
         raise SpineautoError(
-            f"cannot read DICOM series {stack.series_uid} in {stack.directory}: {str(err).strip().splitlines()[-1]}"
-        ) from err
+            f"cannot read DICOM series {stack.series_uid} in {stack.directory}: {where} ({_itk_reason(err)}); "
+            "repair or restore the file, or move the series out of the folder"
+        ) from None
     if image.GetDimension() == 2:
         image = sitk.JoinSeries(image)
     return image
+
+
+def _read_error(path: str) -> str | None:
+    """Why GDCM cannot read the image file ``path``; None when it can."""
+    try:
+        with _quiet_itk():
+            sitk.ReadImage(path, imageIO="GDCMImageIO")
+    except RuntimeError as err:
+        return _itk_reason(err)
+    return None
 
 
 @contextmanager

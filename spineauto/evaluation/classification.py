@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from spineauto.errors import SpineautoError
+from spineauto.evaluation.files import check_writable, read_json_file, writing
 from spineauto.io.atomic import read_json, write_atomic, write_json
 from spineauto.schema import to_dict
 
@@ -118,19 +119,33 @@ def read_labels(path: Path) -> dict[str, dict[str, str]]:
     if not path.is_file():
         raise SpineautoError(f"{path}: labels file not found; pass a dataset.json or a CSV with columns case,head,class")
     if path.suffix.lower() == ".json":
-        try:
-            cases = read_json(path).get("cases") or {}
-        except (ValueError, AttributeError) as e:
-            raise SpineautoError(f"{path}: not a valid dataset.json ({e})") from None
-        return {c: dict((info or {}).get("classes") or {}) for c, info in cases.items() if (info or {}).get("classes")}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"case", "head", "class"} - set(reader.fieldnames or [])
-        if missing:
-            raise SpineautoError(f"{path}: CSV lacks column(s) {sorted(missing)}; expected a header case,head,class")
-        out: dict[str, dict[str, str]] = {}
-        for row in reader:
-            out.setdefault(row["case"].strip(), {})[row["head"].strip()] = row["class"].strip()
+        data = read_json_file(path, "the labels file")
+        cases = data.get("cases") if isinstance(data, dict) else None
+        if not isinstance(cases or {}, dict):
+            raise SpineautoError(f"{path}: not a valid dataset.json (expected \"cases\": {{case: {{\"classes\": {{head: class}}}}}})")
+        out = {}
+        for c, info in (cases or {}).items():
+            classes = info.get("classes") if isinstance(info, dict) else None
+            if classes and not isinstance(classes, dict):
+                raise SpineautoError(f"{path}: cases.{c}.classes must be {{head: class}}, got {classes!r}")
+            if classes:
+                out[c] = dict(classes)
+        return out
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"case", "head", "class"} - set(reader.fieldnames or [])
+            if missing:
+                raise SpineautoError(f"{path}: CSV lacks column(s) {sorted(missing)}; expected a header case,head,class")
+            out: dict[str, dict[str, str]] = {}
+            for row in reader:
+                if None in (row["case"], row["head"], row["class"]):
+                    raise SpineautoError(f"{path}: line {reader.line_num} has fewer than the columns case,head,class")
+                out.setdefault(row["case"].strip(), {})[row["head"].strip()] = row["class"].strip()
+    except OSError as e:
+        raise SpineautoError(f"{path}: cannot read the labels file ({e.strerror or type(e).__name__})") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise SpineautoError(f"{path}: not a readable CSV labels file ({e}); expected a text file with columns case,head,class") from None
     return out
 
 
@@ -140,12 +155,20 @@ def read_predictions(folder: Path) -> dict[str, dict[str, str]]:
 
     out = {}
     for p in sorted(Path(folder).glob("*.json")):
+        if not p.is_file():
+            continue
         try:
             data = read_json(p)
         except ValueError:
             continue
+        except OSError as e:
+            raise SpineautoError(f"{p}: cannot read the prediction ({e.strerror or type(e).__name__})") from None
         if isinstance(data, dict) and data.get("kind") == PREDICTION_KIND:
-            out[data["case"]] = {h: v["class"] for h, v in data["heads"].items()}
+            try:
+                out[str(data["case"])] = {h: v["class"] for h, v in data["heads"].items()}
+            except (KeyError, TypeError, AttributeError):
+                raise SpineautoError(f"{p}: a classification prediction without \"case\" and \"heads\": {{head: {{\"class\": ...}}}}; "
+                                     "predict the case again") from None
     return out
 
 
@@ -183,18 +206,25 @@ def evaluate_classification(predictions: Mapping[str, Mapping[str, str]], labels
     return report
 
 
+REPORT_HINT = "choose another output with -o"
+
+
 def write_report(report: ClassificationReport, out_dir: Path, name: str = "summary_classification") -> Path:
     """``<name>.json`` with every head's metrics and per-case results, plus ``confusion_<head>.png``."""
     out_dir = Path(out_dir)
-    for head, m in report.heads.items():
-        plot_confusion(m, out_dir / f"confusion_{head}.png")
-    return write_json(out_dir / f"{name}.json", {"heads": {h: to_dict(m) for h, m in report.heads.items()},
-                                                  "missing_predictions": report.missing, "cases": report.cases})
+    with writing(out_dir, "the classification report", REPORT_HINT):
+        for head, m in report.heads.items():
+            plot_confusion(m, out_dir / f"confusion_{head}.png")
+        return write_json(out_dir / f"{name}.json", {"heads": {h: to_dict(m) for h, m in report.heads.items()},
+                                                      "missing_predictions": report.missing, "cases": report.cases})
 
 
 def evaluate_prediction_folder(folder: Path, labels_file: Path, heads: Mapping[str, Sequence[str]] | None = None,
                                out_dir: Path | None = None) -> ClassificationReport:
     """``spineauto evaluate`` for classification: predictions in ``folder`` against ``labels_file``."""
+    if not Path(folder).is_dir():
+        raise SpineautoError(f"{folder}: prediction folder not found")
+    check_writable(Path(out_dir or folder) / "summary_classification.json", "the classification report", REPORT_HINT)
     predictions = read_predictions(folder)
     if not predictions:
         raise SpineautoError(f"{folder}: no classification predictions (<case>.json from `spineauto predict`) found")

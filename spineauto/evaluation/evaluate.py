@@ -4,6 +4,11 @@ Per case and label: Dice and IoU (nnunetv2's definition: nan when the label is a
 HD95 and average symmetric surface distance in mm (from the NIfTI voxel sizes), relative volume
 difference; for lesion labels also lesion-wise detection (26-connected components, a predicted
 lesion is a hit if it overlaps a true one). Means skip nan. Written as JSON and CSV.
+
+The labels evaluated are those of the dataset (``-d``) when given, plus every other non-zero value
+found in the predictions or the references (``label_<value>``, with a warning when the dataset does
+not declare it): a false-positive label that only a prediction contains gets its row (Dice 0), it is
+never dropped.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import numpy as np
 from spineauto.datasets.dataset_json import lesion_labels
 from spineauto.errors import SpineautoError
 from spineauto.evaluation import metrics as M
+from spineauto.evaluation.files import check_writable, read_json_file, writing
 from spineauto.io.atomic import write_atomic, write_json
 from spineauto.io.geometry import voxel_sizes
 from spineauto.io.images import grid_mismatch, read_volume
@@ -36,14 +42,15 @@ class LabelSet:
 
 
 def case_names(folder: Path) -> list[str]:
-    return sorted(p.name[: -len(NIFTI)] for p in Path(folder).glob(f"*{NIFTI}") if not p.name.startswith("."))
+    return sorted(p.name[: -len(NIFTI)] for p in Path(folder).glob(f"*{NIFTI}") if not p.name.startswith(".") and p.is_file())
 
 
-def infer_labels(gt_dir: Path, cases: Sequence[str]) -> LabelSet:
-    values: set[int] = set()
-    for c in cases:
-        values |= {int(v) for v in np.unique(read_volume(gt_dir / f"{c}{NIFTI}")[0].round())}
-    return LabelSet({f"label_{v}": v for v in sorted(values) if v != 0}, [])
+def with_values(labels: LabelSet | None, values: set[int]) -> LabelSet:
+    """``labels`` plus ``label_<v>`` for every non-zero value in ``values`` it does not name (all of them without labels)."""
+    declared = dict(labels.labels) if labels else {}
+    known = set(declared.values())
+    extra = {f"label_{v}": v for v in sorted(values) if v != 0 and v not in known}
+    return LabelSet({**declared, **extra}, list(labels.lesion) if labels else [])
 
 
 def labels_from_dataset_json(data: dict) -> LabelSet:
@@ -83,7 +90,9 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
             raise SpineautoError(f"{folder}: {what} folder not found")
     cases = case_names(gt_dir)
     if not cases:
-        raise SpineautoError(f"{gt_dir}: no ground-truth masks (*{NIFTI})")
+        hint = ("; it is a folder: a classification labels file must be a dataset.json or CSV file"
+                if gt_dir.suffix.lower() in (".json", ".csv") else "")
+        raise SpineautoError(f"{gt_dir}: no ground-truth masks (*{NIFTI}){hint}")
     preds = set(case_names(pred_dir))
     missing = [c for c in cases if c not in preds]
     if missing:
@@ -92,8 +101,8 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
     extra = sorted(preds - set(cases))
     if extra:
         log.warning("%d prediction(s) without ground truth ignored (first: %s)", len(extra), extra[0])
-    labels = labels or infer_labels(gt_dir, cases)
-    per_case = {}
+    declared = labels
+    per_case, found = {}, set()
     for i, case in enumerate(cases):
         if progress:
             progress(case, i, len(cases))
@@ -103,9 +112,20 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
         if problem:
             raise SpineautoError(f"{pred_dir / (case + NIFTI)}: grid differs from the ground truth (prediction vs ground truth: {problem}); "
                                  "predict with `spineauto predict` so masks keep the input geometry")
-        per_case[case] = evaluate_case(pred.round().astype(np.int16), ref.round().astype(np.int16), voxel_sizes(aff_r), labels)
+        pred, ref = pred.round().astype(np.int16), ref.round().astype(np.int16)
+        values = {int(v) for v in np.union1d(np.unique(pred), np.unique(ref))}
+        found |= values
+        per_case[case] = evaluate_case(pred, ref, voxel_sizes(aff_r), with_values(declared, values))
     if progress:
         progress("", len(cases), len(cases))
+    labels = with_values(declared, found)
+    undeclared = [n for n in labels.labels if declared is not None and n not in declared.labels]
+    if undeclared:
+        log.warning("value(s) %s found in the predictions or references but not declared by the dataset; evaluated as %s",
+                    ", ".join(str(labels.labels[n]) for n in undeclared), ", ".join(undeclared))
+    # a label a case has in neither mask: the defined values for "absent from both" (Dice nan, ...)
+    absent = evaluate_case(np.zeros((1, 1, 1), np.int16), np.zeros((1, 1, 1), np.int16), (1.0, 1.0, 1.0), labels)
+    per_case = {c: {n: rows.get(n, absent[n]) for n in labels.labels} for c, rows in per_case.items()}
     mean = {}
     for name in labels.labels:
         keys = VOXEL_METRICS + (LESION_METRICS if name in labels.lesion else ())
@@ -115,37 +135,51 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
             "lesion_labels": labels.lesion, "mean": mean, "foreground_mean": foreground, "metric_per_case": per_case}
 
 
+SUMMARY_HINT = "choose another summary file with -o"
+
+
+def check_summary_target(json_path: Path) -> None:
+    """Before evaluating: ``summary.json`` and the CSV beside it can be written at ``json_path``."""
+    json_path = Path(json_path)
+    check_writable(json_path, "the summary", SUMMARY_HINT)
+    check_writable(json_path.with_suffix(".csv"), "the per-case CSV", SUMMARY_HINT)
+
+
 def write_summary(summary: dict, json_path: Path) -> tuple[Path, Path]:
     """``summary.json`` and a per-case CSV beside it (``summary.csv``)."""
     json_path = Path(json_path)
-    write_json(json_path, summary)
     buf = io.StringIO()
-    writer = None
+    fields = ["case", "label", *VOXEL_METRICS, *LESION_METRICS, "tp", "fp", "fn", "n_ref", "n_pred",
+              "lesions_ref", "lesions_pred", "lesions_detected"]
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
     for case, by_label in summary["metric_per_case"].items():
         for name, row in by_label.items():
-            full = {"case": case, "label": name, **row}
-            if writer is None:
-                fields = ["case", "label", *VOXEL_METRICS, *LESION_METRICS, "tp", "fp", "fn", "n_ref", "n_pred",
-                          "lesions_ref", "lesions_pred", "lesions_detected"]
-                writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-                writer.writeheader()
-            writer.writerow(full)
+            writer.writerow({"case": case, "label": name, **row})
     for name, row in summary["mean"].items():
         writer.writerow({"case": "mean", "label": name, **row})
     csv_path = json_path.with_suffix(".csv")
-    write_atomic(csv_path, lambda p: p.write_text(buf.getvalue()))
+    with writing(json_path, "the summary", SUMMARY_HINT):
+        write_json(json_path, summary)
+    with writing(csv_path, "the per-case CSV", SUMMARY_HINT):
+        write_atomic(csv_path, lambda p: p.write_text(buf.getvalue()))
     return json_path, csv_path
 
 
 def dataset_labels(dataset: str) -> LabelSet:
     """Labels of a dataset from the first dataset.json found in raw, preprocessed or a model folder."""
     from spineauto import paths
-    from spineauto.io.atomic import read_json
 
     name = paths.resolve_dataset(dataset)
     candidates = [paths.root("raw") / name / "dataset.json", paths.root("preprocessed") / name / "dataset.json",
                   *sorted((paths.root("results") / name).glob("*/dataset.json"))]
     for c in candidates:
         if c.is_file():
-            return labels_from_dataset_json(read_json(c))
+            data = read_json_file(c, "the dataset's dataset.json")
+            if not isinstance(data, dict) or not isinstance(data.get("labels", {}), dict):
+                raise SpineautoError(f"{c}: expected a dataset.json with \"labels\": {{name: value}}")
+            try:
+                return labels_from_dataset_json(data)
+            except (TypeError, ValueError) as e:
+                raise SpineautoError(f"{c}: label values must be integers ({e})") from None
     raise SpineautoError(f"dataset {name}: no dataset.json in {', '.join(str(c.parent) for c in candidates[:2])} or its model folders")
