@@ -65,7 +65,7 @@ def run_pipeline_demo(run: Callable[..., None], workdir: Path, n_train: int = 24
 
     console = console or Console(stderr=True)
     workdir = _demo_env(workdir)
-    iterations = {"cls": 150, "2d": 250, **(iterations or {})}  # constant-rate Adam (the preset): a few hundred learn the phantoms
+    iterations = {"cls": 300, "2d": 1000, **(iterations or {})}  # constant-rate Adam (the preset): a few hundred learn the phantoms
     raw = workdir / "raw" / PIPELINE_DATASET
     if not (raw / "dataset.json").is_file():
         console.print(f"writing {n_train} + {n_test} synthetic phantoms (spines with lesions, and limbs) to {raw}")
@@ -75,9 +75,9 @@ def run_pipeline_demo(run: Callable[..., None], workdir: Path, n_train: int = 24
     from spineauto.planning.plans import Plans
 
     if "2d_cord_roi" in Plans.load(paths.preprocessed_dataset(PIPELINE_DATASET) / "plans.json").configurations:
-        iterations.setdefault("2d_cord_roi", 150)  # lesions in crops around the cord
+        iterations.setdefault("2d_cord_roi", 600)  # lesions in crops around the cord
     for configuration, iters in iterations.items():
-        run("train", "-d", ds, "-f", "0", "-c", configuration, "--epochs", "1", "--iters-per-epoch", str(iters),
+        run("train", "-d", ds, "-f", "0", "-c", configuration, "--epochs", "5", "--iters-per-epoch", str(iters // 5),
             "--wandb", "disabled", "--seed", str(seed), "--no-validate")
     folder = {c: str(paths.model_folder(PIPELINE_DATASET, c)) for c in iterations}
     lesion = folder.get("2d_cord_roi", folder["2d"])

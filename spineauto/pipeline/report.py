@@ -143,6 +143,7 @@ def _csv(cases) -> str:
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;background:#f6f7f9;margin:0}
+.reason{display:inline-block;min-width:16em}.scroll{overflow-x:auto}
 main{max-width:1140px;margin:0 auto;padding:16px 20px 40px}
 h1{font-size:22px;margin:8px 0 2px}h2{font-size:18px;margin:0 0 4px;display:flex;gap:10px;align-items:center}
 h3{font-size:14px;margin:16px 0 6px;color:#57606a;text-transform:uppercase;letter-spacing:.04em}
@@ -199,15 +200,15 @@ def _summary(cases) -> str:
     for i, (_, d) in enumerate(cases):
         ms = _dict(d.get("measurements"))
         decided = [_decision(d, st, h) for st, h in stages]
-        cells = [f"<a class='nw' href='#case-{i}'>{escape(d['case'])}</a>", _badge(d["status"]), escape(str(d.get("reason") or "–")),
+        cells = [f"<a class='nw' href='#case-{i}'>{escape(d['case'])}</a>", _badge(d["status"]), f"<span class='reason'>{escape(str(d.get('reason') or '–'))}</span>",
                  *[f"<span class='nw'>{escape(c)} <span class='muted'>{_num(p, 2)}</span></span>" if c else "–" for c, p in decided]]
         nums = [_num(_get(ms, "cord", "volume_mm3"), 0), _num(_get(ms, "cord", "csa_mm2", "mean")), _num(_get(ms, "cord", "length_mm")),
                 _num(_get(ms, "lesions", "count"), 0), _num(_get(ms, "lesions", "total_volume_mm3")), _num(d.get("seconds"))]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "".join(f"<td class='n'>{n}</td>" for n in nums) + "</tr>")
     if not rows:
         rows = [f"<tr><td colspan='{len(head)}' class='muted'>no case JSON files found</td></tr>"]
-    return (f"<div class='card'><h3 style='margin-top:0'>Summary</h3><table><tr>{''.join(f'<th>{escape(h)}</th>' for h in head)}</tr>"
-            f"{''.join(rows)}</table></div>")
+    return (f"<div class='card'><h3 style='margin-top:0'>Summary</h3><div class='scroll'><table><tr>"
+            f"{''.join(f'<th>{escape(h)}</th>' for h in head)}</tr>{''.join(rows)}</table></div></div>")
 
 
 def _section(i: int, folder: str, d: dict, out_dir: Path) -> str:
