@@ -103,6 +103,10 @@ def cases_for_fold(splits: list[dict[str, list[str]]], fold: str | int, all_case
     if not train:
         raise SpineautoError(f"fold {k}: none of its training cases in {path} is preprocessed for this configuration; "
                              "rerun `spineauto plan_and_preprocess` or train with `-f all`")
+    if not val:
+        log.warning("fold %d: none of its validation cases is in this configuration's data; validating on the training "
+                    "cases (as -f all does): the validation figures of this fold are not held-out", k)
+        val = list(train)
     return train, val
 
 
