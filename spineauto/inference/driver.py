@@ -11,13 +11,16 @@ output the driver writes, as the configuration has them:
 - ``<case>.npz``: probabilities in the input's grid (``save_probabilities``), for ensembles;
 - ``<case>.json`` and ``classification.csv``: each head's class and probabilities.
 
-Every write is atomic; a failing case leaves none of its files behind, the other cases still run,
-and the failures are reported together at the end.
+Every write is atomic; a failing case (a :class:`~spineauto.errors.SpineautoError`, an OS error
+while reading or writing, or any other error of that case) leaves none of its files behind, the
+other cases still run, and the failures are reported together at the end. A prediction with label
+values the model does not declare is written with a warning naming the case.
 """
 from __future__ import annotations
 
 import logging
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -26,7 +29,8 @@ import numpy as np
 
 from spineauto.errors import SpineautoError
 from spineauto.inference.classify import CaseClassification, aggregate_slices, write_case_json, write_classification_csv
-from spineauto.inference.export import check_writable, write_probabilities
+from spineauto.inference.export import (check_writable, error_message, failures_error, remove_case_outputs, remove_temporaries,
+                                        warn_undeclared_labels, write_probabilities, writing)
 from spineauto.inference.model import TrainedModel
 from spineauto.inference.postprocessing import apply_postprocessing
 from spineauto.inference.predictor import run_networks
@@ -91,6 +95,8 @@ def predict_case(model: TrainedModel, case: CaseSource, output: Path, tta: bool 
     layout, props = case.preprocessed(model)
     res = infer(model, layout, props, case.name, tta, batch_slices, probabilities=save_probabilities)
     del layout
+    if res.labels is not None:
+        warn_undeclared_labels(case.name, res.labels, model.label_values)
     pred = CasePrediction(case.name, res.labels, res.classification)
     if res.labels is not None:
         mask = case.write_mask(output / f"{case.name}.nii.gz", res.labels)
@@ -119,13 +125,15 @@ def predict_cases(model: TrainedModel, cases: Sequence[CaseSource], output: Path
         if progress:
             progress(case.name, i, len(cases))
         t0 = time.perf_counter()
+        remove_temporaries(output, case.name)  # what a killed earlier run left
         try:
             pred = predict_case(model, case, output, tta, save_probabilities, batch_slices)
-        except SpineautoError as e:
-            result.failed[case.name] = str(e)
-            log.error("%s: %s", case.name, e)
-            for ending in (".nii.gz", ".npz", ".json"):
-                (output / f"{case.name}{ending}").unlink(missing_ok=True)
+        except Exception as e:  # noqa: BLE001 - one failing case must not stop the others
+            result.failed[case.name] = error_message(e)
+            log.error("%s: %s", case.name, result.failed[case.name])
+            if not isinstance(e, (SpineautoError, OSError)):
+                log.debug("%s", traceback.format_exc())
+            remove_case_outputs(output, case.name)
             continue
         finally:
             result.seconds[case.name] = time.perf_counter() - t0
@@ -135,12 +143,10 @@ def predict_cases(model: TrainedModel, cases: Sequence[CaseSource], output: Path
             result.classifications.append(pred.classification)
         if on_case:
             on_case(case, pred)
-    write_classification_csv(output, result.classifications)
+    with writing(output / "classification.csv"):
+        write_classification_csv(output, result.classifications)
     if progress:
         progress("", len(cases), len(cases))
     if result.failed:
-        first = next(iter(result.failed.items()))
-        done = len(cases) - len(result.failed)
-        raise SpineautoError(f"{len(result.failed)} of {len(cases)} case(s) failed (first: {first[0]}: {first[1]}); "
-                             f"{done} written to {output}")
+        raise failures_error(result.failed, len(cases), output)
     return result

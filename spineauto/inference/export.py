@@ -5,10 +5,20 @@ data type changes to uint8, so the mask has the input's shape and affine bit for
 SimpleITK writes the mask with the series image's origin, spacing and direction.
 Probabilities go to ``<case>.npz`` in the input's grid, with the reference header so that
 ``spineauto ensemble`` can write masks without the images.
+
+The checks every command that writes predictions shares (``predict``, ``ensemble``, ``pipeline``)
+live here too: the output folder lies apart from every input (:func:`check_output_apart`) and is
+writable (:func:`check_writable`); a case that fails leaves none of its files, not even the
+temporary one of an interrupted write (:func:`remove_case_outputs`), and the failures are summed up
+in one line (:func:`failures_error`).
 """
 from __future__ import annotations
 
+import glob
+import logging
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -16,6 +26,9 @@ import numpy as np
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import save_nifti, write_atomic
 from spineauto.io.images import load_nifti
+
+log = logging.getLogger(__name__)
+CASE_ENDINGS = (".nii.gz", ".npz", ".json")  # the files a case may have in an output folder
 
 
 def mask_image(labels: np.ndarray, header: nib.Nifti1Header, shape: tuple[int, ...]) -> nib.Nifti1Image:
@@ -53,20 +66,62 @@ def write_probabilities(target: Path, probs: np.ndarray, reference: Path, labels
     return write_atomic(target, _write, suffix=".npz")
 
 
-def read_probabilities(path: Path) -> tuple[np.ndarray, nib.Nifti1Header, tuple[int, ...]]:
+def read_probabilities(path: Path, with_labels: bool = False):
+    """(probabilities, header, shape) of a ``<case>.npz``; with ``with_labels`` also the declared
+    label values it was written with (None in a file without them)."""
     try:
         with np.load(path) as z:
             probs = z["probabilities"]
             header = nib.Nifti1Header(z["header"].tobytes())
             shape = tuple(int(s) for s in z["shape"])
+            labels = [int(v) for v in z["labels"]] if "labels" in z.files else None
+        if probs.ndim != 4 or int(np.prod(probs.shape[1:])) != int(np.prod(shape)):
+            raise ValueError(f"probabilities of shape {probs.shape} for an image of shape {shape}")
+        if not np.isfinite(probs).all():
+            raise ValueError("probabilities that are not finite (NaN/Inf)")
     except Exception as e:
         raise SpineautoError(f"{path}: not a spineauto probability file ({type(e).__name__}: {e}); "
                              "write it with `spineauto predict --save-probabilities`") from None
-    return probs, header, shape
+    return (probs, header, shape, labels) if with_labels else (probs, header, shape)
+
+
+def warn_undeclared_labels(case: str, labels: np.ndarray, declared: Sequence[int]) -> None:
+    """Log a warning naming ``case`` when a predicted mask holds values that are not declared labels."""
+    present = np.flatnonzero(np.bincount(np.asarray(labels, dtype=np.uint8).ravel(), minlength=1))
+    undeclared = sorted(set(present.tolist()) - {int(v) for v in declared})
+    if undeclared:
+        log.warning("%s: predicted label value(s) %s that the dataset does not declare (labels %s); check the model",
+                    case, undeclared, sorted(int(v) for v in declared))
+
+
+def check_output_apart(inputs: Path | str | Sequence[Path | str | None], output: Path, within: Sequence[Path | str] = ()) -> None:
+    """Refuse an output folder that is, contains or lies inside an input folder, or contains an
+    input file: a run must never overwrite an input (or an earlier result it reads) nor write
+    where a later run would take its outputs for inputs. ``within``: folders the output may
+    neither be nor lie inside (a model folder). Paths that do not exist are skipped (the caller
+    reports them)."""
+    out = Path(output).expanduser().resolve()
+    for source in [inputs] if isinstance(inputs, (str, Path)) else inputs:
+        if source is None or not Path(source).expanduser().exists():
+            continue
+        src = Path(source).expanduser().resolve()
+        if src.is_dir() and (out == src or src in out.parents or out in src.parents):
+            raise SpineautoError(f"{output}: the output folder must lie outside the input {source} (and not contain it); "
+                                 "choose another -o folder")
+        if not src.is_dir() and out in src.parents:
+            raise SpineautoError(f"{output}: the output folder must lie outside the input {source} (it contains that file); "
+                                 "choose another -o folder")
+    for folder in within:
+        src = Path(folder).expanduser().resolve()
+        if out == src or src in out.parents:
+            raise SpineautoError(f"{output}: the output folder must lie outside the model folder {folder}; choose another -o folder")
 
 
 def check_writable(folder: Path) -> None:
     """Create ``folder`` and prove a file can be written there, before any work is done."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SpineautoError(f"{folder}: exists and is not a folder; choose another -o folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".spineauto_write_test"
@@ -74,3 +129,49 @@ def check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise SpineautoError(f"{folder}: output folder is not writable ({e.strerror}); choose another -o folder") from None
+
+
+def error_message(e: BaseException) -> str:
+    """One line for a failed case: a :class:`SpineautoError` as it is, an OS error with its path."""
+    if isinstance(e, SpineautoError):
+        return str(e)
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or type(e).__name__}"
+    return f"{type(e).__name__}: {e}"
+
+
+@contextmanager
+def writing(target: Path) -> Iterator[None]:
+    """Turn an OS error while writing ``target`` into one line naming the path."""
+    try:
+        yield
+    except OSError as e:
+        raise SpineautoError(f"{e.filename or target}: cannot write ({e.strerror or e}); check the output folder") from None
+
+
+def remove_temporaries(output: Path, case: str) -> None:
+    """Delete the temporary files (``.<case>.nii.gz.XXXX.tmp.nii.gz``, see :mod:`spineauto.io.atomic`)
+    that a killed earlier run left while writing this case's outputs."""
+    for ending in CASE_ENDINGS:
+        for p in Path(output).glob(f".{glob.escape(case + ending)}.*.tmp*"):
+            with suppress(OSError):
+                p.unlink()
+
+
+def remove_case_outputs(output: Path, case: str) -> None:
+    """A failed case leaves nothing: its outputs (also those of an earlier run) and temporary files."""
+    for ending in CASE_ENDINGS:
+        path = Path(output) / f"{case}{ending}"
+        try:
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+        except OSError as e:
+            log.warning("%s: could not remove the failed case's %s (%s)", case, path, e.strerror)
+    remove_temporaries(output, case)
+
+
+def failures_error(failed: dict[str, str], total: int, output: Path) -> SpineautoError:
+    """The one-line summary of the failed cases of a run that wrote the others to ``output``."""
+    first = next(iter(failed.items()))
+    return SpineautoError(f"{len(failed)} of {total} case(s) failed (first: {first[0]}: {first[1]}); "
+                          f"{total - len(failed)} written to {output}")

@@ -3,6 +3,12 @@
 
 Every case is read into ``(C, X, Y, Z)`` float32 with its RAS affine, plus a reference to write the
 output with: the first channel's NIfTI header, or the SimpleITK image of the DICOM series.
+
+In a folder, each file's case name is resolved on its own: ``<case>_XXXX.nii.gz`` is channel XXXX
+of ``<case>``, any other name is a one-channel case of that name; two files that give the same case
+and channel are an error, never a rename. A case read with NaN/Inf voxels fails with the file
+named (a prediction of it would be garbage); an all-zero channel or a sheared (non-orthogonal)
+affine is read with a warning naming the case (:func:`check_scan`).
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import numpy as np
 
 from spineauto.errors import SpineautoError
 from spineauto.inference.roi import check_roi_grid, read_roi, restrict_to_roi, roi_file, spatial_shape
-from spineauto.io.images import load_nifti, read_channels
+from spineauto.io.images import DIRECTION_ATOL, load_nifti, read_channels
 
 log = logging.getLogger(__name__)
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -45,10 +51,13 @@ class InputCase:
         return str(self.files[0]) if self.files else f"DICOM {self.metadata.get('source', '')} {self.metadata.get('SeriesInstanceUID', '')}".strip()
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
-        """(C, X, Y, Z) float32 and the RAS affine."""
+        """(C, X, Y, Z) float32 and the RAS affine, checked by :func:`check_scan`."""
         if self.files:
-            return read_channels(self.files)
-        return sitk_to_array(self.dicom)[None], sitk_affine(self.dicom)
+            data, affine = read_channels(self.files)
+        else:
+            data, affine = sitk_to_array(self.dicom)[None], sitk_affine(self.dicom)
+        check_scan(self.name, data, affine, [str(f) for f in self.files] or [self.source])
+        return data, affine
 
     def preprocessed(self, model) -> tuple[np.ndarray, dict]:
         """Read, reorient and preprocess with the model's plan: ((C, S, H, W), restore properties)."""
@@ -83,6 +92,31 @@ class InputCase:
             reference = load_nifti(self.files[0])
             return write_mask(target, labels, header=reference.header, shape=tuple(reference.shape))
         return write_mask(target, labels, sitk_reference=self.dicom)
+
+
+def check_scan(case: str, data: np.ndarray, affine: np.ndarray, sources: list[str]) -> None:
+    """A scan to predict: NaN/Inf voxels are an error naming the file (as the integrity check of
+    training data rejects them); an all-zero channel or a sheared affine is a warning naming the case."""
+    for channel, source in zip(data, sources):
+        if not np.isfinite(channel).all():
+            bad = int(np.count_nonzero(~np.isfinite(channel)))
+            raise SpineautoError(f"{source}: {bad} NaN/Inf voxel(s) of {channel.size}; replace them (e.g. with 0) before predicting")
+        if not channel.any():
+            log.warning("%s: %s is all zero; its prediction says nothing about the scan", case, source)
+    shear = affine_shear(affine)
+    if shear > DIRECTION_ATOL:
+        log.warning("%s: the affine of %s is sheared (voxel axes not orthogonal, largest cosine %.2g); the mask is written "
+                    "in its grid, but the scan is resampled as if its axes were orthogonal", case, sources[0], shear)
+
+
+def affine_shear(affine: np.ndarray) -> float:
+    """The largest |cosine| between two voxel axes of ``affine`` (0 for an orthogonal grid)."""
+    axes = np.asarray(affine, float)[:3, :3]
+    norms = np.linalg.norm(axes, axis=0)
+    if not np.all(norms > 0):
+        return 1.0
+    unit = axes / norms
+    return float(np.abs(unit.T @ unit - np.eye(3)).max())
 
 
 def _needs_roi(plan) -> str:
@@ -135,27 +169,33 @@ def discover_cases(source: Path, num_channels: int) -> list[InputCase]:
             raise SpineautoError(f"{source}: not a NIfTI file (.nii/.nii.gz); pass a folder for DICOM series")
         files = [source]
     else:
-        files = sorted(p for p in source.iterdir() if p.is_file() and p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith("."))
+        try:
+            files = sorted(p for p in source.iterdir() if p.is_file() and p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith("."))
+        except OSError as e:
+            raise SpineautoError(f"{source}: cannot read the input folder ({e.strerror}); check its permissions") from None
     if not files:
         return _dicom_cases(source)
-    stems = [strip_ending(p.name) for p in files]
-    if all(_CHANNEL.match(s) for s in stems):
-        groups: dict[str, dict[int, Path]] = {}
-        for p, s in zip(files, stems):
-            m = _CHANNEL.match(s)
-            groups.setdefault(m["case"], {})[int(m["channel"])] = p
-        cases = []
-        for case, chans in sorted(groups.items()):
-            if sorted(chans) != list(range(num_channels)):
-                have = ", ".join(f"_{c:04d}" for c in sorted(chans))
-                raise SpineautoError(f"{source}: case {case!r} has channel files {have} but the model expects {num_channels} "
-                                     f"channel(s) _0000.._{num_channels - 1:04d}; add or remove files")
-            cases.append(InputCase(case, [chans[c] for c in range(num_channels)]))
-        return cases
-    if num_channels != 1:
-        raise SpineautoError(f"{source}: the model expects {num_channels} channels per case; name the files "
-                             "<case>_0000.nii.gz, <case>_0001.nii.gz, ... (nnU-Net naming)")
-    return [InputCase(s, [p]) for p, s in zip(files, stems)]
+    groups: dict[str, dict[int, Path]] = {}
+    for p in files:
+        stem = strip_ending(p.name)
+        m = _CHANNEL.match(stem)
+        if m is None and num_channels != 1:
+            raise SpineautoError(f"{p}: the model expects {num_channels} channels per case; name the files "
+                                 "<case>_0000.nii.gz, <case>_0001.nii.gz, ... (nnU-Net naming)")
+        case, channel = (m["case"], int(m["channel"])) if m else (stem, 0)
+        other = groups.setdefault(case, {}).get(channel)
+        if other is not None:
+            raise SpineautoError(f"{source}: {other.name} and {p.name} both give case {case!r}"
+                                 f"{f' channel _{channel:04d}' if num_channels > 1 else ''}; rename or remove one of them")
+        groups[case][channel] = p
+    cases = []
+    for case, chans in sorted(groups.items()):
+        if sorted(chans) != list(range(num_channels)):
+            have = ", ".join(f"_{c:04d}" for c in sorted(chans))
+            raise SpineautoError(f"{source}: case {case!r} has channel files {have} but the model expects {num_channels} "
+                                 f"channel(s) _0000.._{num_channels - 1:04d}; add or remove files")
+        cases.append(InputCase(case, [chans[c] for c in range(num_channels)]))
+    return cases
 
 
 def _dicom_cases(folder: Path) -> list[InputCase]:

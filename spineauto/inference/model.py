@@ -116,7 +116,7 @@ def load_model(folder: Path, folds: Sequence[str] | None = None, checkpoint: str
     files = select_folds(folder, folds, checkpoint)
     nets = [load_checkpoint_network(f, plan, len(plans.channel_names), plans.num_classes, device) for f in files]
     pp_file = folder / POSTPROCESSING_FILE
-    postprocessing = load_postprocessing(pp_file) if pp_file.is_file() else {}
+    postprocessing = load_postprocessing(pp_file, plans.labels.values()) if pp_file.exists() else {}
     log.info("loaded %s: %s (%s checkpoints) on %s", folder.name, ", ".join(f.parent.name for f in files), checkpoint, device)
     return TrainedModel(folder=folder, plans=plans, plan=plan, networks=nets,
                         folds=[f.parent.name for f in files], device=device, postprocessing=postprocessing)

@@ -10,7 +10,7 @@ from typing import Callable
 
 from spineauto.errors import SpineautoError
 from spineauto.inference.driver import PredictResult, predict_cases
-from spineauto.inference.export import check_writable
+from spineauto.inference.export import check_output_apart, check_writable, writing
 from spineauto.inference.inputs import attach_roi_masks, discover_cases
 from spineauto.inference.model import TrainedModel
 
@@ -22,7 +22,10 @@ def predict_folder(model: TrainedModel, source: Path, output: Path, tta: bool = 
 
     ``roi``: a folder of ``<case>.nii.gz`` masks (value > 0), required by a configuration with an
     roi (``2d_cord_roi``: the cord predicted by another model) and refused by the others.
+    ``output`` must lie apart from ``source``, ``roi`` and the model folder
+    (:func:`~spineauto.inference.export.check_output_apart`).
     """
+    check_output_apart([source, roi], output, within=[model.folder])
     cases = discover_cases(source, model.num_channels)
     if not cases:
         raise SpineautoError(f"{source}: no input cases found")
@@ -34,5 +37,6 @@ def predict_folder(model: TrainedModel, source: Path, output: Path, tta: bool = 
     if any(c.dicom is not None for c in cases):  # which series each series_XXX mask belongs to
         from spineauto.io.atomic import write_json
 
-        write_json(output / "dicom_series.json", {c.name: c.metadata for c in cases if c.dicom is not None})
+        with writing(output / "dicom_series.json"):
+            write_json(output / "dicom_series.json", {c.name: c.metadata for c in cases if c.dicom is not None})
     return predict_cases(model, cases, output, tta, save_probabilities, batch_slices, progress)

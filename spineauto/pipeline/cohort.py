@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from spineauto.errors import SpineautoError
+from spineauto.inference.export import check_output_apart
 from spineauto.inference.inputs import InputCase, discover_cases, strip_ending
 from spineauto.io.atomic import write_json
 from spineauto.pipeline.runner import CaseResult, Pipeline, ScanInput
@@ -54,15 +55,6 @@ def shard(cases: list, num_parts: int, part_id: int) -> list:
     if not 0 <= part_id < num_parts:
         raise SpineautoError(f"--part-id {part_id}: must be between 0 and --num-parts - 1 ({num_parts - 1})")
     return cases[part_id::num_parts]
-
-
-def check_output_apart(source: Path, output: Path) -> None:
-    """The output folder may not be, contain or lie inside the input folder."""
-    src, out = Path(source).expanduser().resolve(), Path(output).expanduser().resolve()
-    folder = src if src.is_dir() else src.parent
-    if out == folder or folder in out.parents or out in folder.parents:
-        raise SpineautoError(f"{output}: the output folder must lie outside the input {source} (and not contain it); "
-                             "choose another -o folder")
 
 
 def run_pipeline(pipeline: Pipeline, source: Path, output: Path, num_parts: int = 1, part_id: int = 0,
