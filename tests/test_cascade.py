@@ -158,7 +158,7 @@ def _cord_roi_model(env, results: Path, **kw) -> Path:
     return make_model_folder(env["preprocessed"] / DATASET, results, configuration="2d_cord_roi", **kw)
 
 
-def test_predict_with_roi_writes_masks_in_the_input_geometry(env, capsys, tmp_path):
+def test_predict_with_roi_writes_masks_in_the_input_geometry(env, plans, capsys, tmp_path):
     _cord_roi_model(env, env["results"])
     images = env["raw"] / DATASET / "imagesTs"
     cords = env["raw"] / DATASET / "labelsTs"  # the reference as the "cord prediction": value > 0 counts
@@ -172,7 +172,7 @@ def test_predict_with_roi_writes_masks_in_the_input_geometry(env, capsys, tmp_pa
         out = np.asarray(b.dataobj)
         cord = np.asarray(nib.load(str(cords / f"{case}.nii.gz")).dataobj) > 0
         dist = ndimage.distance_transform_edt(~cord, sampling=np.sqrt((a.affine[:3, :3] ** 2).sum(0)))
-        assert not out[dist > 3.0].any()  # nothing left far from the cord
+        assert not out[dist > plans.configuration("2d_cord_roi").roi.remove_outside_mm].any()  # nothing left far from the cord
 
 
 def test_oracle_through_predict_roi_gives_back_the_labels_near_the_cord(env, capsys, tmp_path, monkeypatch):

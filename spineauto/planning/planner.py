@@ -30,10 +30,6 @@ MEMORY_BUDGET_GB = 2.0  # activations of one training step, used to size the bat
 MIN_BATCH, MAX_BATCH = 2, 64
 MAX_DATASET_FRACTION = 0.05  # one batch covers at most this fraction of all training pixels (nnU-Net's rule)
 CROP_FRACTION_FOR_MASK = 0.75  # normalise inside the nonzero mask when cropping removed more than 25%
-# Cord -> lesion cascade (2d_cord_roi): see RoiPlan and the README section "Cord -> lesion cascade".
-ROI_MARGIN_MM = 5.0  # context around the cord box: the CSF ring (~3 mm) and a little beyond
-ROI_JITTER_MM = 2.0  # box-edge error of a predicted cord, measured by bench/bench_cascade.py
-ROI_REMOVE_OUTSIDE_MM = 3.0  # lesion voxels kept up to this far from the predicted cord
 
 
 def _median_in_plane_spacing(fp: Fingerprint) -> tuple[float, str]:
@@ -111,7 +107,7 @@ def _roi_shapes(fp: Fingerprint, value: int, margin_mm: float, target: float) ->
 
 
 def _roi_configuration(fp: Fingerprint, cord: str, lesion: list[str], target: float, reasons: dict, common: dict) -> ConfigurationPlan:
-    roi = RoiPlan(label=cord, margin_mm=ROI_MARGIN_MM, jitter_mm=ROI_JITTER_MM, remove_outside_mm=ROI_REMOVE_OUTSIDE_MM)
+    roi = RoiPlan(label=cord)  # margin, jitter and removal distance: the defaults, measured (see RoiPlan)
     shapes, slices = _roi_shapes(fp, fp.labels[cord], roi.margin_mm, target)
     if not len(shapes):  # a fingerprint without label extents: plan from the whole cropped slices
         shapes, slices = _in_plane_shapes(fp, target), np.array([c.cropped_shape[0] for c in fp.cases])
