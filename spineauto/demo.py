@@ -87,7 +87,7 @@ def run_pipeline_demo(run: Callable[..., None], workdir: Path, n_train: int = 24
         "location_view": {"model": {"folder": folder["cls"]}},
         "sequence": {"model": {"folder": folder["cls"]}},
         "cord": {"model": {"folder": folder["2d"]}},
-        "lesion": {"model": {"folder": lesion}, "remove_outside_mm": 3.0},
+        "lesion": {"model": {"folder": lesion}},
     }
     config_path = workdir / "pipeline.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))

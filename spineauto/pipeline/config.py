@@ -7,7 +7,7 @@ this order; any may be left out::
     location_view:  {model: MODEL}
     sequence:       {model: MODEL}
     cord:           {model: MODEL}              # or {select_by: sequence, models: {T2w: MODEL, T2starw: MODEL}, model: FALLBACK}
-    lesion:         {model: MODEL, remove_outside_mm: 3.0}
+    lesion:         {model: MODEL, remove_outside_mm: 5.0}
 
 where MODEL is ``{folder: PATH}`` (a model folder), ``{bundle: PATH.zip}`` (``spineauto export``) or
 ``{dataset: 1, configuration: 2d}`` (under SPINEAUTO_RESULTS), each with optional ``folds`` and
@@ -70,7 +70,7 @@ class CordStage:
 @dataclass
 class LesionStage:
     model: ModelRef
-    remove_outside_mm: float | None = None  # lesion voxels farther from the cord are removed (default: the plan's, else 3 mm)
+    remove_outside_mm: float | None = None  # lesion voxels farther from the cord are removed (default: the plan's, else 5 mm)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from spineauto.schema import to_dict
 
 log = logging.getLogger(__name__)
 CASE_KIND = "spineauto.pipeline_case"
-DEFAULT_REMOVE_OUTSIDE_MM = 3.0
+DEFAULT_REMOVE_OUTSIDE_MM = 5.0  # as RoiPlan's default: 3 mm cut real lesion voxels a cord model had left out
 
 
 @dataclass
