@@ -124,7 +124,10 @@ def train(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Override the plan's epochs (recorded in fold_k/config.json)."),
     iters_per_epoch: Optional[int] = typer.Option(None, "--iters-per-epoch", help="Override the plan's iterations per epoch."),
     val_iters: Optional[int] = typer.Option(None, "--val-iters", help="Override the plan's validation iterations per epoch."),
-    continue_training: bool = typer.Option(False, "--continue", help="Resume from fold_k/checkpoint_latest.pt."),
+    continue_training: bool = typer.Option(False, "--continue", help="Resume from fold_k/checkpoint_latest.pt (or, when it is "
+                                           "unreadable, from the newest intact checkpoint)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the fold's earlier run (without it, a fold with checkpoints is "
+                                   "refused); the old run is kept in previous_fold_k/ until the new run writes its first checkpoint."),
     pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Checkpoint whose matching encoder.* (and other) tensors initialise the network."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (default: on for CUDA fp16, off on CPU; --amp on CPU = bf16)."),
     amp_dtype: Optional[str] = typer.Option(None, "--amp-dtype", help="float16 (CUDA, with grad scaling) or bfloat16."),
@@ -153,8 +156,9 @@ def train(
     from spineauto.training.trainer import TrainOptions, train_fold
 
     options = TrainOptions(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters, device=device, amp=amp,
-                           amp_dtype=amp_dtype, wandb=wandb, seed=seed, continue_training=continue_training, pretrained=pretrained,
-                           num_workers=num_workers, validate=not no_validate, save_probabilities=npz, progress=TrainingBar(console))
+                           amp_dtype=amp_dtype, wandb=wandb, seed=seed, continue_training=continue_training, overwrite=overwrite,
+                           pretrained=pretrained, num_workers=num_workers, validate=not no_validate, save_probabilities=npz,
+                           progress=TrainingBar(console))
     folder = train_fold(dataset, configuration, fold, options)
     console.print(f"[green]trained[/] {folder}")
 

@@ -1,6 +1,7 @@
 """Reading and writing checkpoint files (torch pickles), atomically; the only ``torch.load``/``torch.save``."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,11 +21,24 @@ def save_checkpoint(path: Path, state: dict) -> Path:
     return Path(path)
 
 
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` at ``dst``, atomically: its own file, never a hard link (a damaged
+    ``checkpoint_latest.pt`` must not damage ``checkpoint_final.pt``)."""
+    try:
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+    except OSError as e:
+        raise SpineautoError(f"{dst}: could not copy the checkpoint from {Path(src).name} ({e.strerror or e}); "
+                             "free disk space or fix permissions, then rerun with --continue") from None
+    return Path(dst)
+
+
 def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise SpineautoError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); delete it, copy it again or pick another") from None
+        reason = " ".join(str(e).split())  # one line, whatever the unpickler says
+        raise SpineautoError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason}); delete it, copy it again or pick another") from None
 
 
 def network_state(ckpt, path: Path) -> dict:

@@ -3,15 +3,15 @@
 ``checkpoint_latest.pt`` is written atomically at the end of EVERY epoch and holds everything a
 resume needs (network, optimiser, scheduler, grad scaler, epoch, RNG states, metric history, best
 and top-k state). ``checkpoint_best.pt``, ``checkpoint_final.pt`` and the top-k files
-(``checkpoint_top_epochXXXX.pt``, index in ``checkpoints_top.json``) are hard links to (or copies
-of) a latest file, so they cost no extra serialisation.
+(``checkpoint_top_epochXXXX.pt``, index in ``checkpoints_top.json``) are atomic copies of a latest
+file: no extra serialisation, and each its own file (never hard links: damage to one must not reach the
+others, and ``--continue`` falls back to the newest intact one when ``checkpoint_latest.pt`` is unreadable).
 """
 from __future__ import annotations
 
+import filecmp
 import logging
-import os
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,22 +19,12 @@ import numpy as np
 import torch
 
 from spineauto.errors import SpineautoError
-from spineauto.io.atomic import atomic_path, write_json
-from spineauto.io.checkpoints import load_checkpoint, network_state, save_checkpoint  # noqa: F401 (re-exported)
+from spineauto.io.atomic import write_json
+from spineauto.io.checkpoints import copy_checkpoint, load_checkpoint, network_state, save_checkpoint  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 LATEST, BEST, FINAL = "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"
 TOP_INDEX = "checkpoints_top.json"
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Place ``src`` at ``dst`` atomically (hard link when possible)."""
-    with atomic_path(dst) as tmp:
-        tmp.unlink()
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
 
 
 def rng_state() -> dict:
@@ -82,6 +72,24 @@ class TopK:
         for f in folder.glob("checkpoint_top_epoch*.pt"):
             if f.name not in names:
                 f.unlink()
+
+
+def restore_copies(folder: Path, state: dict, epochs: int, topk: TopK, monitor: str) -> list[str]:
+    """On resume: the copies of ``checkpoint_latest.pt`` its epoch should have (top-k entry, best,
+    final) and the top-k index, when a kill came between writing it and copying it; returns the names restored."""
+    folder = Path(folder)
+    latest, done = folder / LATEST, int(state["epoch"])
+    wanted = [e["file"] for e in topk.entries if e["epoch"] == done - 1]
+    if (state.get("best") or {}).get("epoch") == done - 1:
+        wanted.append(BEST)
+    if done == epochs:
+        wanted.append(FINAL)
+    restored = [n for n in wanted if not (folder / n).is_file() or not filecmp.cmp(latest, folder / n, shallow=False)]
+    for name in restored:
+        copy_checkpoint(latest, folder / name)
+    if topk.k > 0:
+        topk.write(folder, monitor)
+    return restored
 
 
 def load_pretrained(network: torch.nn.Module, path: Path) -> tuple[list[str], list[str]]:

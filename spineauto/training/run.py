@@ -1,20 +1,28 @@
 """Everything a training session needs before the first step: plans, cases, folds, folders, config.
 
 Checks every user input at the edge (plans present, fold in range, ``--continue`` compatible), so
-the loop can trust what it is given.
+the loop can trust what it is given. :func:`open_run` holds the fold's lock for the whole session
+(one ``train`` per fold at a time); :meth:`RunContext.start`, called once every input has been
+checked, makes the fold folder the run's: nothing on disk changes before it. A fresh run never
+replaces an earlier run's checkpoints unless asked (``--overwrite``), and then only moves it aside
+until the new run has written its first checkpoint.
 """
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from spineauto import paths
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import read_json, write_json
+from spineauto.io.locks import exclusive_lock
 from spineauto.planning.plans import ConfigurationPlan, Plans
-from spineauto.training.checkpoint import LATEST, TOP_INDEX, load_checkpoint
+from spineauto.training.checkpoint import LATEST, TOP_INDEX, copy_checkpoint, load_checkpoint
 from spineauto.training.config import RunConfig, check_same_run, plan_sha, resolve
 from spineauto.training.data import CaseStore
 from spineauto.training.splits import SPLITS_FILE, cases_for_fold, load_or_create_splits, parse_fold
@@ -35,11 +43,63 @@ class RunContext:
     fold_dir: Path
     config: RunConfig
     resume: dict | None  # the checkpoint to continue from
+    resumed_from: Path | None = None  # its file: checkpoint_latest.pt, or the newest intact one when that is unreadable
+    previous_run: Path | None = None  # an --overwrite'n run, moved aside until this run's first checkpoint
+
+    @property
+    def aside(self) -> Path:
+        return _aside(self.fold_dir)
+
+    def start(self, overwrite: bool = False) -> None:
+        """Make the fold folder this run's (main process, under the fold's lock, after every input was checked)."""
+        if self.fold_dir.exists() and not self.fold_dir.is_dir():
+            raise SpineautoError(f"{self.fold_dir}: a file stands where the fold folder goes; move it away")
+        if self.resume is None:
+            self._make_room(overwrite)
+        _remove_temporaries(self.fold_dir)
+        if self.resumed_from is not None and self.resumed_from.name != LATEST:
+            copy_checkpoint(self.resumed_from, self.fold_dir / LATEST)  # replaces the unreadable one
+        _write_model_folder(self.preprocessed_dir, self.model_dir, self.plans, self.plan)
+
+    def checkpoint_written(self) -> None:
+        """The run has a checkpoint of its own: the run it replaced can go."""
+        if self.previous_run is None:
+            return
+        previous, self.previous_run = self.previous_run, None
+        try:
+            shutil.rmtree(previous)
+            log.info("%s: deleted the run that --overwrite replaced (this run has its first checkpoint)", previous)
+        except OSError as e:
+            log.warning("%s: could not delete the replaced run (%s); delete it by hand", previous, e.strerror)
+
+    def _make_room(self, overwrite: bool) -> None:
+        fold_dir, aside = self.fold_dir, self.aside
+        kept = sorted(p.name for p in fold_dir.glob("checkpoint_*.pt")) if fold_dir.is_dir() else []
+        if kept and not overwrite:
+            raise SpineautoError(
+                f"{fold_dir}: holds an earlier run ({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}); "
+                "resume it with --continue, or replace it with --overwrite")
+        if kept:
+            if aside.exists():  # left by an --overwrite whose own run then got checkpoints: older than the run replaced now
+                shutil.rmtree(aside)
+            log.warning("%s: --overwrite moves the earlier run to %s; it is deleted once this run writes its first "
+                        "checkpoint (if this run stops before, move it back to %s to keep it)", fold_dir, aside, fold_dir.name)
+            os.replace(fold_dir, aside)
+        else:
+            _clear_previous_run(fold_dir)  # outputs of a run stopped before its first checkpoint
+        if aside.exists():
+            if overwrite:
+                self.previous_run = aside
+            else:
+                log.warning("%s: holds the run an interrupted --overwrite replaced; move it back to %s to keep it, or delete it",
+                            aside, fold_dir.name)
 
 
-def prepare_run(dataset: str | int, configuration: str, fold: str | int, *, seed: int | None, epochs: int | None,
-                iters_per_epoch: int | None, val_iters: int | None, continue_training: bool,
-                preprocessed: Path | None, results: Path | None, is_main: bool = True) -> RunContext:
+@contextmanager
+def open_run(dataset: str | int, configuration: str, fold: str | int, *, seed: int | None, epochs: int | None,
+             iters_per_epoch: int | None, val_iters: int | None, continue_training: bool, preprocessed: Path | None,
+             results: Path | None, is_main: bool = True) -> Iterator[RunContext]:
+    """The checked run, with the fold locked (main process) until the block ends; writes nothing but the lock file."""
     fold = parse_fold(fold)
     pre_dir = paths.preprocessed_dataset(dataset, preprocessed)
     plans_path = pre_dir / "plans.json"
@@ -58,29 +118,63 @@ def prepare_run(dataset: str | int, configuration: str, fold: str | int, *, seed
 
     model_dir = paths.model_folder(pre_dir.name, configuration, plans.plans_name, results=results)
     fold_dir = model_dir / f"fold_{fold}"
-    previous = RunConfig.load(fold_dir)
-    resume = None
-    if continue_training:
-        latest = fold_dir / LATEST
-        if not latest.is_file():
-            raise SpineautoError(f"{latest}: no checkpoint to continue from; start the run without --continue")
-        resume = load_checkpoint(latest)
-        saved = resume.get("run_config")
-        if not isinstance(saved, dict) or "plan_sha" not in saved:
-            raise SpineautoError(f"{latest}: not a spineauto training checkpoint (no run configuration); start without --continue")
-        previous = RunConfig(**{k: saved[k] for k in saved if k in RunConfig.__dataclass_fields__})
-        if saved.get("plan_sha") != plan_sha(plan) or resume.get("configuration") != plan.name:
-            raise SpineautoError(f"{latest}: was trained from another plan ({saved.get('configuration')}, plan {saved.get('plan_sha')}) "
-                                 f"than {plans_path} ({plan.name}, plan {plan_sha(plan)}); restore that plan or start over without --continue")
-    config = resolve(plan, pre_dir.name, str(fold), plans.plans_name, seed, epochs, iters_per_epoch, val_iters,
-                     previous if continue_training else None)
-    if continue_training:
-        check_same_run(config, previous, fold_dir)
-    elif is_main:
-        _clear_previous_run(fold_dir)
-    if is_main:
-        _write_model_folder(pre_dir, model_dir, plans, plan)
-    return RunContext(plans, plan, store, train_cases, val_cases, pre_dir, model_dir, fold_dir, config, resume)
+    lock = exclusive_lock(model_dir / f".{fold_dir.name}.lock", f"training of {fold_dir}") if is_main else nullcontext()
+    with lock:
+        resume, resumed_from, previous = None, None, None
+        if continue_training:
+            resume, resumed_from = _resume_state(fold_dir)
+            saved = resume["run_config"]
+            previous = RunConfig(**{k: saved[k] for k in saved if k in RunConfig.__dataclass_fields__})
+            if saved.get("plan_sha") != plan_sha(plan) or resume.get("configuration") != plan.name:
+                raise SpineautoError(f"{resumed_from}: was trained from another plan ({saved.get('configuration')}, plan "
+                                     f"{saved.get('plan_sha')}) than {plans_path} ({plan.name}, plan {plan_sha(plan)}); "
+                                     "restore that plan or start over with --overwrite")
+        config = resolve(plan, pre_dir.name, str(fold), plans.plans_name, seed, epochs, iters_per_epoch, val_iters, previous)
+        if previous is not None:
+            check_same_run(config, previous, fold_dir)
+        yield RunContext(plans, plan, store, train_cases, val_cases, pre_dir, model_dir, fold_dir, config, resume, resumed_from)
+
+
+def _aside(fold_dir: Path) -> Path:
+    """Where ``--overwrite`` keeps the run it replaces (not ``fold_*``: never taken for a fold)."""
+    return fold_dir.parent / f"previous_{fold_dir.name}"
+
+
+def _resume_state(fold_dir: Path) -> tuple[dict, Path]:
+    """``checkpoint_latest.pt``; when it is unreadable (or gone), the intact checkpoint of the latest epoch."""
+    latest, aside = fold_dir / LATEST, _aside(fold_dir)
+    others = [p for p in sorted(fold_dir.glob("checkpoint_*.pt")) if p.name != LATEST]
+    if not latest.is_file() and not others:
+        hint = (f" ({aside} holds the run an interrupted --overwrite replaced: move it back to {fold_dir.name} to continue it)"
+                if aside.is_dir() else "")
+        raise SpineautoError(f"{latest}: no checkpoint to continue from; start the run without --continue{hint}")
+    try:
+        if latest.is_file():
+            return _training_checkpoint(latest), latest
+        why = "missing"
+    except SpineautoError as e:
+        why = str(e).split("; ")[0].removeprefix(f"{latest}: ")
+    best: tuple[int, Path, dict] | None = None
+    for p in others:  # top-k, best, final: copies of an earlier latest
+        try:
+            state = _training_checkpoint(p)
+        except SpineautoError:
+            continue
+        if best is None or int(state["epoch"]) > best[0]:
+            best = (int(state["epoch"]), p, state)
+    if best is None:
+        raise SpineautoError(f"{latest}: {why}, and none of the {len(others)} other checkpoint(s) of {fold_dir} is intact; "
+                             "start over with --overwrite")
+    log.warning("%s: %s; continuing from %s (epoch %d), the newest intact checkpoint", latest, why, best[1].name, best[0])
+    return best[2], best[1]
+
+
+def _training_checkpoint(path: Path) -> dict:
+    state = load_checkpoint(path)
+    saved = state.get("run_config") if isinstance(state, dict) else None
+    if not isinstance(saved, dict) or "plan_sha" not in saved or "epoch" not in state:
+        raise SpineautoError(f"{path}: not a spineauto training checkpoint (no run configuration); start over with --overwrite")
+    return state
 
 
 def _dataset_props(pre_dir: Path, plans: Plans, store: CaseStore) -> dict[str, dict]:
@@ -95,15 +189,24 @@ def _dataset_props(pre_dir: Path, plans: Plans, store: CaseStore) -> dict[str, d
 
 
 def _clear_previous_run(fold_dir: Path) -> None:
-    """A fresh run never mixes with an older one in the same folder."""
+    """A fresh run never mixes with the logs of a run stopped before its first checkpoint."""
     if not fold_dir.is_dir():
         return
     stale = [p for pattern in RUN_OUTPUTS for p in fold_dir.glob(pattern)]
     stale += [p for p in (fold_dir / "overlays", fold_dir / "validation", fold_dir / "wandb") if p.exists()]
     if stale:
-        log.warning("%s: starting over; removing the previous run's outputs (use --continue to resume it)", fold_dir)
+        log.info("%s: removing the outputs of a run stopped before its first checkpoint", fold_dir)
     for p in stale:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _remove_temporaries(fold_dir: Path) -> None:
+    """Half-written files of a killed process (atomic writes leave them under a hidden temporary name);
+    the fold's lock says no other process is writing here."""
+    if fold_dir.is_dir():
+        for p in fold_dir.rglob(".*.tmp*"):
+            if p.is_file():
+                p.unlink()
 
 
 def _write_model_folder(pre_dir: Path, model_dir: Path, plans: Plans, plan: ConfigurationPlan) -> None:

@@ -29,7 +29,7 @@ from spineauto.training.augment import build_transforms, initial_patch_size
 from spineauto.training.data import EpochKeys, KeyedBatches, default_num_workers, make_loader
 from spineauto.training.distributed import DistInfo, all_reduce_sum, init_distributed, rank_batch_size, shutdown
 from spineauto.training.loggers import LocalLogger, WandbLogger, resolve_wandb_mode
-from spineauto.training.run import RunContext, prepare_run
+from spineauto.training.run import RunContext, open_run
 from spineauto.training.tasks import TASKS, Task
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,11 @@ class TrainOptions:
 
     ``None`` means "the plan's value" (``epochs``, ``iters_per_epoch``, ``val_iters``) or "the
     default for this machine" (``amp``, ``amp_dtype``, ``num_workers``); overrides are recorded in
-    ``fold_k/config.json``. ``callbacks`` are called on rank 0 as ``cb(trainer, record)`` after each
-    epoch's record is logged and its checkpoints written; one that raises stops the run, resumable
-    with ``--continue``. ``progress`` shows the iterations (the CLI passes a rich bar).
+    ``fold_k/config.json``. A fold holding an earlier run's checkpoints is trained again only with
+    ``continue_training`` (resume it) or ``overwrite`` (replace it). ``callbacks`` are called on rank 0
+    as ``cb(trainer, record)`` after each epoch's record is logged and its checkpoints written; one that
+    raises stops the run, resumable with ``--continue``. ``progress`` shows the iterations (the CLI
+    passes a rich bar).
     """
 
     epochs: int | None = None
@@ -57,6 +59,7 @@ class TrainOptions:
     wandb: str = "auto"
     seed: int | None = None
     continue_training: bool = False
+    overwrite: bool = False  # replace an earlier run of the fold (kept aside until this run's first checkpoint)
     pretrained: Path | str | None = None
     num_workers: int | None = None
     preprocessed: Path | None = None
@@ -71,36 +74,48 @@ class TrainOptions:
 def train_fold(dataset: str | int, configuration: str = "2d", fold: str | int = 0, options: TrainOptions | None = None) -> Path:
     """Train one fold (0..4 or 'all') of ``configuration`` and validate it; returns the fold folder."""
     o = options or TrainOptions()
+    if o.continue_training and o.overwrite:
+        raise SpineautoError("--continue resumes the fold's run and --overwrite replaces it: give one of them")
     dev = resolve_device(o.device)
     info = init_distributed(dev.type)
     try:
         if info.enabled and dev.type == "cuda":
             dev = torch.device("cuda", info.local_rank)
-        run = prepare_run(dataset, configuration, fold, seed=o.seed, epochs=o.epochs, iters_per_epoch=o.iters_per_epoch,
-                          val_iters=o.val_iters, continue_training=o.continue_training, preprocessed=o.preprocessed,
-                          results=o.results, is_main=info.is_main)
-        amp = (dev.type == "cuda") if o.amp is None else bool(o.amp)
-        amp_dtype = o.amp_dtype or ("float16" if dev.type == "cuda" else "bfloat16")
-        if amp_dtype not in ("float16", "bfloat16"):
-            raise SpineautoError(f"--amp-dtype {amp_dtype!r}: use float16 or bfloat16")
-        if amp and dev.type == "cpu" and amp_dtype == "float16":
-            raise SpineautoError("--amp on CPU uses bfloat16; float16 autocast needs CUDA")
-        workers = default_num_workers(dev) if o.num_workers is None else int(o.num_workers)
-        run.config.runtime = {"device": str(dev), "amp": amp, "amp_dtype": amp_dtype if amp else None, "world_size": info.world_size,
-                              "num_workers": workers, "wandb": resolve_wandb_mode(o.wandb) if info.is_main else None,
-                              "pretrained": str(o.pretrained) if o.pretrained else None, "torch": torch.__version__}
-        trainer = Trainer(run, dev, info, amp, getattr(torch, amp_dtype), workers, o.progress if info.is_main else None, o.top_k)
-        trainer.callbacks = list(o.callbacks)
-        if o.pretrained and not o.continue_training:
-            ckpt.load_pretrained(trainer.network, Path(o.pretrained))
-        elif o.pretrained:
-            log.warning("--pretrained is ignored with --continue (the run's own weights are restored)")
-        trainer.fit()
-        if info.is_main and o.validate:
-            trainer.final_validation(save_probabilities=o.save_probabilities)
-        return run.fold_dir
+        with open_run(dataset, configuration, fold, seed=o.seed, epochs=o.epochs, iters_per_epoch=o.iters_per_epoch,
+                      val_iters=o.val_iters, continue_training=o.continue_training, preprocessed=o.preprocessed,
+                      results=o.results, is_main=info.is_main) as run:
+            return _train_run(run, o, dev, info)
+    except OSError as e:  # a folder or file the run needs: one line naming it (checkpoints are written atomically)
+        raise SpineautoError(f"{e.filename or 'training'}: {e.strerror or e}; training stopped (checkpoints are written atomically: "
+                             "the last one is intact); fix the path or its permissions and rerun (--continue resumes)") from None
     finally:
         shutdown(info)
+
+
+def _train_run(run: RunContext, o: TrainOptions, dev: torch.device, info: DistInfo) -> Path:
+    """Build the trainer (every input checked), claim the fold folder, train, validate."""
+    amp = (dev.type == "cuda") if o.amp is None else bool(o.amp)
+    amp_dtype = o.amp_dtype or ("float16" if dev.type == "cuda" else "bfloat16")
+    if amp_dtype not in ("float16", "bfloat16"):
+        raise SpineautoError(f"--amp-dtype {amp_dtype!r}: use float16 or bfloat16")
+    if amp and dev.type == "cpu" and amp_dtype == "float16":
+        raise SpineautoError("--amp on CPU uses bfloat16; float16 autocast needs CUDA")
+    workers = default_num_workers(dev) if o.num_workers is None else int(o.num_workers)
+    run.config.runtime = {"device": str(dev), "amp": amp, "amp_dtype": amp_dtype if amp else None, "world_size": info.world_size,
+                          "num_workers": workers, "wandb": resolve_wandb_mode(o.wandb) if info.is_main else None,
+                          "pretrained": str(o.pretrained) if o.pretrained else None, "torch": torch.__version__}
+    trainer = Trainer(run, dev, info, amp, getattr(torch, amp_dtype), workers, o.progress if info.is_main else None, o.top_k)
+    trainer.callbacks = list(o.callbacks)
+    if o.pretrained and not o.continue_training:
+        ckpt.load_pretrained(trainer.network, Path(o.pretrained))
+    elif o.pretrained:
+        log.warning("--pretrained is ignored with --continue (the run's own weights are restored)")
+    if info.is_main:
+        run.start(overwrite=o.overwrite)  # every input checked: now the fold folder becomes this run's
+    trainer.fit()
+    if info.is_main and o.validate:
+        trainer.final_validation(save_probabilities=o.save_probabilities)
+    return run.fold_dir
 
 
 def build_task(plans: Plans, plan: ConfigurationPlan, ddp: bool = False) -> Task:
@@ -230,6 +245,12 @@ class Trainer:
     def fit(self) -> None:
         cfg, main = self.config, self.info.is_main
         fold_dir = self.run.fold_dir
+        if main and self.run.resume is not None:  # what a kill after the checkpoint write left undone, then the history
+            restored = ckpt.restore_copies(fold_dir, self.run.resume, cfg.epochs, self.topk, f"ema_{self.task.monitor}")
+            if restored:
+                log.info("%s: restored %s from %s (the last session stopped before copying it)", fold_dir, ", ".join(restored), ckpt.LATEST)
+            self.logger.rewrite()
+            self.topk.reconcile(fold_dir)
         if self.start_epoch >= cfg.epochs:
             log.info("%s: training already complete (%d epochs)", fold_dir, cfg.epochs)
             return
@@ -238,9 +259,6 @@ class Trainer:
             fold_dir.mkdir(parents=True, exist_ok=True)
             self.logger.start_log_file()
             cfg.save(fold_dir)
-            if self.run.resume is not None:
-                self.logger.rewrite()
-                self.topk.reconcile(fold_dir)
             log.info("training %s fold %s: %d epochs x %d iterations, batch %d, %s, %d worker(s), AMP %s, %d process(es)",
                      cfg.dataset, cfg.fold, cfg.epochs, cfg.iters_per_epoch, cfg.batch_size, self.device, self.num_workers,
                      cfg.runtime.get("amp_dtype") or "off", self.info.world_size)
@@ -329,16 +347,17 @@ class Trainer:
         self.logger.history.append(record)  # part of the checkpoint; the file line follows in _report
         latest = ckpt.save_checkpoint(fold_dir / ckpt.LATEST, self.state(epoch + 1))
         self.logger.history.pop()
+        self.run.checkpoint_written()  # an --overwrite'n run can go now
         if is_best:
-            ckpt.link_or_copy(latest, fold_dir / ckpt.BEST)
+            ckpt.copy_checkpoint(latest, fold_dir / ckpt.BEST)
         if entered:
-            ckpt.link_or_copy(latest, fold_dir / f"checkpoint_top_epoch{epoch:04d}.pt")
+            ckpt.copy_checkpoint(latest, fold_dir / f"checkpoint_top_epoch{epoch:04d}.pt")
         for e in evicted:
             (fold_dir / e["file"]).unlink(missing_ok=True)
         if self.topk.k > 0:
             self.topk.write(fold_dir, f"ema_{monitor}")
         if epoch + 1 == self.config.epochs:
-            ckpt.link_or_copy(latest, fold_dir / ckpt.FINAL)
+            ckpt.copy_checkpoint(latest, fold_dir / ckpt.FINAL)
         return is_best
 
     def _report(self, epoch: int, record: dict, example: dict | None, wb, is_best: bool) -> None:
