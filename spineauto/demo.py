@@ -38,7 +38,7 @@ def run_demo(run: Callable[..., None], workdir: Path, n_train: int = 16, n_test:
         write_phantom_dataset(raw, n_train=n_train, n_test=n_test, seed=seed)
     run("plan_and_preprocess", "-d", str(DATASET_ID), "--preset", str(DEMO_PRESET))
     run("train", "-d", str(DATASET_ID), "-f", "0", "-c", "2d", "--epochs", str(epochs),
-        "--iters-per-epoch", str(iters_per_epoch), "--wandb", "disabled", "--seed", str(seed))
+        "--iters-per-epoch", str(iters_per_epoch), "--wandb", "disabled", "--seed", str(seed), "--overwrite")
     predictions = workdir / "predictions"
     run("predict", "-d", str(DATASET_ID), "-i", str(raw / "imagesTs"), "-o", str(predictions), "-f", "0")
     run("evaluate", str(predictions), str(raw / "labelsTs"), "-d", str(DATASET_ID),
@@ -78,7 +78,7 @@ def run_pipeline_demo(run: Callable[..., None], workdir: Path, n_train: int = 24
         iterations.setdefault("2d_cord_roi", 600)  # lesions in crops around the cord
     for configuration, iters in iterations.items():
         run("train", "-d", ds, "-f", "0", "-c", configuration, "--epochs", "5", "--iters-per-epoch", str(iters // 5),
-            "--wandb", "disabled", "--seed", str(seed), "--no-validate")
+            "--wandb", "disabled", "--seed", str(seed), "--no-validate", "--overwrite")
     folder = {c: str(paths.model_folder(PIPELINE_DATASET, c)) for c in iterations}
     lesion = folder.get("2d_cord_roi", folder["2d"])
     config = {

@@ -89,4 +89,4 @@ def check_same_run(new: RunConfig, old: RunConfig, folder: Path) -> None:
         hint = ("the plan changed since this run started (plans.json edited or re-planned)" if any(d.startswith("plan_sha") for d in diff)
                 else "these overrides differ from the run's")
         raise SpineautoError(f"{folder / CONFIG_FILE}: cannot --continue, {hint} ({'; '.join(diff)}); "
-                             "start over without --continue or use the original settings")
+                             "start over with --overwrite instead of --continue, or use the original settings")
