@@ -22,8 +22,10 @@ def make_model_folder(preprocessed: Path, results: Path, configuration: str = "2
     cfg = plans.configurations[configuration]
     n = cfg.network.n_stages
     cfg.network.features_per_stage = list(features[:n]) + [features[-1]] * max(0, n - len(features))
-    if normalization:
-        cfg.normalization = [normalization] * len(cfg.normalization)
+    if normalization:  # every configuration preprocessed alike must stay alike (plans validation)
+        for other in plans.configurations.values():
+            if other.data_identifier == cfg.data_identifier:
+                other.normalization = [normalization] * len(other.normalization)
     folder = results / preprocessed.name / f"spineautoTrainer__spineautoPlans__{configuration}"
     folder.mkdir(parents=True, exist_ok=True)
     plans.save(folder / "plans.json")
