@@ -1,11 +1,20 @@
-"""Integrity checks of a raw dataset: every problem is collected and reported at once."""
+"""Integrity checks of a raw dataset: every problem is collected and reported at once.
+
+The header checks of :func:`load_training_case` (geometry usable, voxel data that fits in memory)
+run before any voxel is read, with or without ``--no-verify``.
+"""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
 from spineauto.datasets.dataset_json import DatasetInfo
 from spineauto.errors import SpineautoError
-from spineauto.io.images import grid_mismatch, read_channels, read_volume
+from spineauto.io.images import grid_mismatch, load_nifti, read_channels, read_volume
+from spineauto.parallel import human_bytes, machine_memory
+
+READ_COPIES = 3  # a read holds the file's own dtype, its float32 copy and the stacked channels at once
 
 
 def check_layout(info: DatasetInfo) -> list[str]:
@@ -67,9 +76,51 @@ def check_case(info: DatasetInfo, case: str, data: np.ndarray, affine: np.ndarra
     return problems
 
 
+def header_problems(path: Path, channels: int = 1) -> list[str]:
+    """Problems visible in a NIfTI header, before its voxels are read: an affine that is not a usable
+    geometry (non-finite, a zero or non-finite voxel size) and voxel data larger than this machine's
+    memory (a wrong dimension in the header). Unreadable files are left to the read."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        return []  # reported by the layout check or the read
+    except OSError as e:
+        return [f"{path}: cannot be read ({e.strerror}); make it readable"]
+    try:
+        img = load_nifti(path)
+    except SpineautoError:
+        return []
+    problems = []
+    affine = np.asarray(img.affine, dtype=float)
+    sizes = np.linalg.norm(affine[:3, :3], axis=0) if np.isfinite(affine).all() else None
+    if sizes is None or not (np.isfinite(sizes).all() and (sizes > 0).all()):
+        problems.append(f"{path}: unusable geometry: voxel sizes {np.round(np.linalg.norm(affine[:3, :3], axis=0), 6).tolist()} mm "
+                        "from its affine (every voxel size must be a finite number > 0); fix the header (qform/sform, pixdim)")
+    voxels = float(np.prod([int(n) for n in img.shape], dtype=float))
+    need = voxels * (np.dtype(img.get_data_dtype()).itemsize + 4 * (READ_COPIES - 1)) * channels
+    ram = machine_memory()
+    if ram is not None and need > ram:
+        problems.append(f"{path}: shape {tuple(int(n) for n in img.shape)} needs about {human_bytes(need)} of memory to read, more "
+                        f"than this machine's {human_bytes(ram)}; check the header's dimensions")
+    return problems
+
+
+def zero_non_finite(data: np.ndarray) -> int:
+    """Set NaN and infinite voxels to 0 in place; returns how many there were."""
+    bad = ~np.isfinite(data)
+    n = int(bad.sum())
+    if n:
+        data[bad] = 0
+    return n
+
+
 def load_training_case(info: DatasetInfo, case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, list[str]]:
     """(data, affine, seg, seg_affine, problems); unreadable files become problems, not exceptions."""
-    problems = []
+    files = info.image_files(case) + ([info.label_file(case)] if info.has_segmentation else [])
+    problems = [p for f in files for p in header_problems(f)]
+    if problems:
+        return None, None, None, None, problems
     data = affine = seg = seg_affine = None
     try:
         data, affine = read_channels(info.image_files(case))
@@ -80,7 +131,7 @@ def load_training_case(info: DatasetInfo, case: str) -> tuple[np.ndarray, np.nda
             seg, seg_affine = read_volume(info.label_file(case), dtype=np.float32)
             if not np.array_equal(seg, np.round(seg)):
                 problems.append(f"{info.label_file(case)}: label has non-integer values")
-            seg = np.round(seg).astype(np.int16)
+            seg = np.round(np.nan_to_num(seg, nan=0.0, posinf=0.0, neginf=0.0)).astype(np.int16)  # NaN: reported above
         except SpineautoError as e:
             problems.append(str(e))
     return data, affine, seg, seg_affine, problems

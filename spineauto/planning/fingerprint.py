@@ -16,7 +16,7 @@ from acvl_utils.cropping_and_padding.bounding_boxes import get_bbox_from_mask
 from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
 
 from spineauto.datasets.dataset_json import DatasetInfo
-from spineauto.datasets.integrity import check_case, check_layout, load_training_case
+from spineauto.datasets.integrity import check_case, check_layout, load_training_case, zero_non_finite
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import read_json, write_json
 from spineauto.io.geometry import AXIS_OF_PLANE, PLANE_OF_AXIS, CaseGeometry, choose_slice_axis, orientation_code
@@ -46,6 +46,7 @@ class CaseFingerprint:
     label_voxels: dict[str, int] = field(default_factory=dict)
     classes: dict[str, str] = field(default_factory=dict)
     label_extent: dict[str, list[int]] = field(default_factory=dict)  # label value -> (slice, row, column) bounding-box size, voxels
+    non_finite_voxels: int = 0  # NaN/Inf image voxels that --no-verify let through; preprocessing sets them to 0
 
 
 @dataclass
@@ -90,6 +91,7 @@ def scan_case(info: DatasetInfo, case: str, verify: bool = True, seed: int = 0):
         problems += check_case(info, case, data, affine, seg, seg_affine)
         if problems:
             return problems, None, None
+    non_finite = zero_non_finite(data)  # only without verification: the check above refuses them
     axis, reason = choose_slice_axis(affine, data.shape[1:], isotropic_plane=None)
     geom = CaseGeometry(affine.tolist(), list(data.shape[1:]), 0)  # plain RAS; the slicing is applied after the pass
     layout = geom.to_layout(data)
@@ -118,7 +120,7 @@ def scan_case(info: DatasetInfo, case: str, verify: bool = True, seed: int = 0):
         shape=list(data.shape[1:]), layout_spacing=geom.spacing, cropped_shape=cropped_shape,
         crop_fraction=float(np.prod(cropped_shape) / np.prod(data.shape[1:])), intensity=stats,
         label_voxels=label_voxels, classes={h: cinfo.classes[h] for h in info.heads if cinfo and h in cinfo.classes},
-        label_extent=label_extent,
+        label_extent=label_extent, non_finite_voxels=non_finite,
     )
     return problems, fp, samples
 
@@ -139,9 +141,13 @@ def fingerprint_dataset(info: DatasetInfo, verify: bool = True, workers: int = 2
     for case_problems, _, _ in results:
         problems += case_problems
     if problems:
-        raise SpineautoError(f"{len(problems)} problem(s) in {info.folder}:\n" + "\n".join(f"  - {p}" for p in problems)
-                             + "\nFix them, or pass --no-verify to skip these checks.")
+        hint = "Fix them, or pass --no-verify to skip these checks." if verify else "Fix them (--no-verify does not skip these)."
+        raise SpineautoError(f"{len(problems)} problem(s) in {info.folder}:\n" + "\n".join(f"  - {p}" for p in problems) + "\n" + hint)
     fps = [fp for _, fp, _ in results]
+    for fp in fps:
+        if fp.non_finite_voxels:
+            log.warning("%s: %d NaN/Inf voxels in %s set to 0 (--no-verify); fix the image to train on its real values",
+                        fp.case, fp.non_finite_voxels, info.image_files(fp.case)[0].name)
     isotropic_plane = _isotropic_plane(fps)
     for fp in fps:
         if fp.slice_axis < 0:

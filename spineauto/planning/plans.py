@@ -7,9 +7,12 @@ that decided its value.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+import numpy as np
 
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import read_json, write_json
@@ -193,23 +196,16 @@ class Plans:
         if channels != sorted(str(c) for c in range(len(plans.channel_names))):
             raise SpineautoError(f"{where}: foreground_intensity_properties_per_channel has channels {channels}, "
                                  f"expected one entry per channel 0..{len(plans.channel_names) - 1}")
+        shared: dict[str, ConfigurationPlan] = {}
         for name, cfg in plans.configurations.items():
             if cfg.name != name:
                 raise SpineautoError(f"{where}: configuration key {name!r} holds a plan named {cfg.name!r}")
-            if len(cfg.patch_size) != 2 or len(cfg.target_spacing) != 2:
-                raise SpineautoError(f"{where}.configurations.{name}: patch_size and target_spacing must have 2 values (2D)")
-            if cfg.batch_size < 1:
-                raise SpineautoError(f"{where}.configurations.{name}: batch_size must be >= 1")
-            n = cfg.network.n_stages
-            if not (len(cfg.network.kernel_sizes) == len(cfg.network.strides) == len(cfg.network.n_conv_per_stage) == n
-                    and len(cfg.network.n_conv_per_stage_decoder) == n - 1):
-                raise SpineautoError(f"{where}.configurations.{name}.network: per-stage lists must have {n} entries ({n - 1} for the decoder)")
-            if cfg.roi is not None:
-                if cfg.roi.label not in plans.labels or plans.labels[cfg.roi.label] == 0:
-                    raise SpineautoError(f"{where}.configurations.{name}.roi.label: {cfg.roi.label!r} is not a foreground label "
-                                         f"of the dataset ({', '.join(k for k, v in plans.labels.items() if v)})")
-                if min(cfg.roi.margin_mm, cfg.roi.jitter_mm, cfg.roi.remove_outside_mm) < 0:
-                    raise SpineautoError(f"{where}.configurations.{name}.roi: margin_mm, jitter_mm and remove_outside_mm must be >= 0")
+            _check_configuration(cfg, plans, f"{where}.configurations.{name}")
+            first = shared.setdefault(cfg.data_identifier, cfg)
+            differs = [k for k, v in preprocessing_key(cfg).items() if v != preprocessing_key(first)[k]]
+            if differs:
+                raise SpineautoError(f"{where}.configurations.{name}: shares data_identifier {cfg.data_identifier!r} with {first.name} "
+                                     f"but preprocesses differently ({', '.join(differs)}); give it its own data_identifier")
         return plans
 
     def save(self, path: Path) -> Path:
@@ -226,6 +222,100 @@ class Plans:
         if isinstance(data, dict) and data.get("schema_version") == 1:
             data = migrate_v1(data, Path(path))
         return cls.from_dict(data, where=str(path))
+
+
+def preprocessing_key(cfg: ConfigurationPlan) -> dict:
+    """The fields that decide a configuration's preprocessed data: configurations that share a
+    ``data_identifier`` (one preprocessed folder) must agree on every one."""
+    return {"slicing": cfg.slicing, "isotropic_plane": cfg.isotropic_plane, "target_spacing": list(cfg.target_spacing),
+            "normalization": list(cfg.normalization), "use_mask_for_norm": list(cfg.use_mask_for_norm),
+            "roi": to_dict(cfg.roi)}
+
+
+def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> None:
+    """Every value in the range the trainer, the network and preprocessing need; one line naming the field."""
+    def fail(field_: str, rule: str, value) -> None:
+        raise SpineautoError(f"{where}.{field_}: must be {rule}, got {value!r}")
+
+    def positive(field_: str, values, strict: bool = True, top: float | None = None, top_open: bool = False) -> None:
+        for v in values if isinstance(values, list) else [values]:
+            low = v > 0 if strict else v >= 0
+            high = top is None or (v < top if top_open else v <= top)
+            if not (low and high and v == v and v not in (float("inf"), float("-inf"))):
+                rule = ("> 0" if strict else ">= 0") + ("" if top is None else f" and {'<' if top_open else '<='} {top:g}")
+                fail(field_, rule, values)
+
+    def pair(field_: str, values, strict: bool = True) -> None:
+        if len(values) != 2 or values[0] > values[1]:
+            fail(field_, "[low, high] with low <= high", values)
+        positive(field_, values, strict)
+
+    channels = len(plans.channel_names)
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", cfg.data_identifier):
+        fail("data_identifier", "a folder name (letters, digits, _ . -, not starting with a dot)", cfg.data_identifier)
+    if len(cfg.patch_size) != 2 or len(cfg.target_spacing) != 2:
+        raise SpineautoError(f"{where}: patch_size and target_spacing must have 2 values (2D)")
+    positive("patch_size", cfg.patch_size)
+    positive("target_spacing", cfg.target_spacing)
+    if cfg.batch_size < 1:
+        fail("batch_size", ">= 1", cfg.batch_size)
+    if len(cfg.normalization) != channels or len(cfg.use_mask_for_norm) != channels:
+        raise SpineautoError(f"{where}: normalization and use_mask_for_norm need one entry per channel ({channels})")
+    net = cfg.network
+    n = net.n_stages
+    if n < 1:
+        fail("network.features_per_stage", "a list of at least one stage", net.features_per_stage)
+    if not (len(net.kernel_sizes) == len(net.strides) == len(net.n_conv_per_stage) == n and len(net.n_conv_per_stage_decoder) == n - 1):
+        raise SpineautoError(f"{where}.network: per-stage lists must have {n} entries ({n - 1} for the decoder)")
+    positive("network.features_per_stage", net.features_per_stage)
+    positive("network.n_conv_per_stage", net.n_conv_per_stage)
+    positive("network.n_conv_per_stage_decoder", net.n_conv_per_stage_decoder)
+    for i, (k, st) in enumerate(zip(net.kernel_sizes, net.strides)):
+        if len(k) != 2 or any(x < 1 or x % 2 == 0 for x in k):
+            fail(f"network.kernel_sizes[{i}]", "2 odd sizes >= 1", k)
+        if len(st) != 2 or any(x < 1 for x in st):
+            fail(f"network.strides[{i}]", "2 strides >= 1", st)
+    positive("network.dropout", net.dropout, strict=False, top=1.0, top_open=True)
+    if cfg.has_segmentation:  # the decoder joins each stage to its skip: every stage's size must halve exactly
+        factor = [int(np.prod([st[a] for st in net.strides])) for a in range(2)]
+        if any(p % f for p, f in zip(cfg.patch_size, factor)):
+            fail("patch_size", f"divisible by {'x'.join(map(str, factor))} (the product of network.strides, for the U-Net decoder)",
+                 cfg.patch_size)
+    o = cfg.optim
+    positive("optim.initial_lr", o.initial_lr)
+    positive("optim.weight_decay", o.weight_decay, strict=False)
+    positive("optim.momentum", o.momentum, strict=False, top=1.0, top_open=True)
+    positive("optim.grad_clip", o.grad_clip, strict=False)
+    for key in ("epochs", "iters_per_epoch"):
+        if getattr(o, key) < 1:
+            fail(f"optim.{key}", ">= 1", getattr(o, key))
+    if o.val_iters < 0:
+        fail("optim.val_iters", ">= 0", o.val_iters)
+    lo = cfg.loss
+    for key in ("dice_weight", "ce_weight", "segmentation_weight", "classification_weight"):
+        positive(f"loss.{key}", getattr(lo, key), strict=False)
+    positive("loss.label_smoothing", lo.label_smoothing, strict=False, top=1.0, top_open=True)
+    a = cfg.augmentation
+    positive("augmentation.probability", a.probability, strict=False, top=1.0)
+    positive("augmentation.rotation_degrees", a.rotation_degrees, strict=False)
+    positive("augmentation.noise_variance", a.noise_variance, strict=False)
+    for key in ("scale_range", "gamma_range", "brightness_range", "contrast_range", "lowres_range"):
+        pair(f"augmentation.{key}", getattr(a, key))
+    pair("augmentation.blur_sigma", a.blur_sigma, strict=False)
+    if any(x not in (0, 1) for x in a.mirror_axes):
+        fail("augmentation.mirror_axes", "a list of the 2D axes 0 and 1", a.mirror_axes)
+    positive("foreground_oversampling", cfg.foreground_oversampling, strict=False, top=1.0)
+    for i, h in enumerate(cfg.heads):
+        if len(h.class_weights) != len(h.classes):
+            raise SpineautoError(f"{where}.heads[{i}].class_weights: one weight per class ({len(h.classes)}) expected, got {h.class_weights}")
+        positive(f"heads[{i}].class_weights", h.class_weights, strict=False)
+        positive(f"heads[{i}].loss_weight", h.loss_weight, strict=False)
+    if cfg.roi is not None:
+        if cfg.roi.label not in plans.labels or plans.labels[cfg.roi.label] == 0:
+            raise SpineautoError(f"{where}.roi.label: {cfg.roi.label!r} is not a foreground label "
+                                 f"of the dataset ({', '.join(k for k, v in plans.labels.items() if v)})")
+        if min(cfg.roi.margin_mm, cfg.roi.jitter_mm, cfg.roi.remove_outside_mm) < 0:
+            raise SpineautoError(f"{where}.roi: margin_mm, jitter_mm and remove_outside_mm must be >= 0")
 
 
 def migrate_v1(data: dict, path: Path) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,13 +20,14 @@ from nnunetv2.preprocessing.normalization import default_normalization_schemes a
 from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
 
 from spineauto.datasets.dataset_json import DatasetInfo
+from spineauto.datasets.integrity import zero_non_finite
 from spineauto.errors import SpineautoError
-from spineauto.io.atomic import read_json, save_npy, write_json
+from spineauto.io.atomic import json_safe, read_json, save_npy, write_json
 from spineauto.io.geometry import AXIS_OF_PLANE, CaseGeometry, choose_slice_axis
 from spineauto.io.images import read_channels, read_volume
-from spineauto.planning.plans import IntensityStats
 from spineauto.parallel import map_cases
-from spineauto.planning.plans import ConfigurationPlan
+from spineauto.planning.plans import ConfigurationPlan, IntensityStats
+from spineauto.preprocessing.manifest import file_entry, file_problem
 
 log = logging.getLogger(__name__)
 LOCATIONS_PER_LABEL = 2000
@@ -141,9 +143,9 @@ def class_locations(seg: np.ndarray, labels: list[int], rng: np.random.Generator
 
 def _source_hash(files: list[Path], plan: ConfigurationPlan, intensity) -> str:
     h = hashlib.sha1()
-    for f in files:
+    for f in files:  # named within the dataset (imagesTr/x_0000.nii.gz): a moved or copied dataset keeps its cases
         st = f.stat()
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(f"{f.parent.name}/{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
     key = [PREPROCESS_VERSION, plan.slicing, plan.isotropic_plane, plan.target_spacing, plan.normalization, plan.use_mask_for_norm,
            [s.__dict__ for s in intensity] if intensity else None]
     if plan.roi is not None:  # only then: the cases of other plans keep their hash
@@ -152,18 +154,58 @@ def _source_hash(files: list[Path], plan: ConfigurationPlan, intensity) -> str:
     return h.hexdigest()
 
 
-def preprocess_case(info: DatasetInfo, case: str, plan: ConfigurationPlan, intensity: list[IntensityStats], out_dir: Path) -> bool:
-    """Preprocess one training case into ``out_dir``; False when it was already up to date."""
+def _up_to_date(out_dir: Path, case: str, digest: str) -> dict[str, dict] | None:
+    """The case's manifest entries when its files were preprocessed from these sources with this plan
+    and are intact (every file's SHA-1 checked: a truncated or corrupt case is redone); else None."""
+    props_path = out_dir / f"{case}.json"
+    try:
+        props = read_json(props_path)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(props, dict) or props.get("source_hash") != digest or not _sealed(props):
+        return None
+    files = props.get("files")
+    if not isinstance(files, dict) or f"{case}.npy" not in files:
+        return None
+    if any(file_problem(out_dir / name, entry) for name, entry in files.items()):
+        return None
+    entries = {name: file_entry(out_dir / name, sha1=entry["sha1"]) for name, entry in files.items()}
+    entries[props_path.name] = file_entry(props_path)
+    return dict(sorted(entries.items()))
+
+
+def _seal(props: dict) -> dict:
+    """``props`` with the SHA-1 of its own content (``props_sha1``): a changed properties file is told from an intact one."""
+    plain = json.dumps(json_safe({k: v for k, v in props.items() if k != "props_sha1"}), sort_keys=True,
+                       default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))  # as written, then read back
+    return {**json.loads(plain), "props_sha1": hashlib.sha1(plain.encode()).hexdigest()}
+
+
+def _sealed(props: dict) -> bool:
+    return props.get("props_sha1") is not None and _seal(props)["props_sha1"] == props["props_sha1"]
+
+
+def case_file_names(case: str) -> tuple[str, str, str]:
+    """The files one preprocessed case consists of: image array, label array (segmentation datasets), properties."""
+    return f"{case}.npy", f"{case}_seg.npy", f"{case}.json"
+
+
+def preprocess_case(info: DatasetInfo, case: str, plan: ConfigurationPlan, intensity: list[IntensityStats], out_dir: Path) -> tuple[bool, dict | None]:
+    """Preprocess one training case into ``out_dir``: (written, its files' manifest entries); written is
+    False when it was already up to date, the entries None when the case is not part of the plan's data."""
     files = info.image_files(case) + ([info.label_file(case)] if info.has_segmentation else [])
     digest = _source_hash(files, plan, intensity)
-    props_path = out_dir / f"{case}.json"
-    if props_path.is_file() and (out_dir / f"{case}.npy").is_file():
-        try:
-            if read_json(props_path).get("source_hash") == digest:
-                return False
-        except ValueError:
-            pass
+    npy_name, seg_name, props_name = case_file_names(case)
+    props_path = out_dir / props_name
+    kept = _up_to_date(out_dir, case, digest)
+    if kept is not None:
+        return False, kept
+    for stale in (props_path, out_dir / npy_name, out_dir / seg_name):  # the properties first: no half case looks done
+        stale.unlink(missing_ok=True)
     data, affine = read_channels(info.image_files(case))
+    non_finite = zero_non_finite(data)  # only reachable with --no-verify (the fingerprint warned)
+    if non_finite:
+        log.debug("%s: %d NaN/Inf voxels set to 0", case, non_finite)
     seg = read_volume(info.label_file(case))[0].round().astype(np.int16) if info.has_segmentation else None
     roi = None
     if plan.roi is not None:  # the reference mask of the roi label, with a seeded per-case jitter of its box
@@ -173,24 +215,50 @@ def preprocess_case(info: DatasetInfo, case: str, plan: ConfigurationPlan, inten
         roi = seg == info.labels[plan.roi.label]
         if not roi.any():  # e.g. a scan without a cord: nothing for a model that only ever sees crops around one
             log.info("%s: no %s voxels; not part of configuration %s", case, plan.roi.label, plan.name)
-            for stale in (props_path, out_dir / f"{case}.npy", out_dir / f"{case}_seg.npy"):
-                stale.unlink(missing_ok=True)
-            return False
+            return False, None
     data, seg_p, props = preprocess_array(data, affine, plan, intensity, seg, roi=roi, jitter_seed=case_seed(case, "roi:"),
                                           name=f"{case} ({info.label_file(case).name})")
+    if not np.isfinite(data).all():  # never store a NaN case, whatever the normalisation made of the input
+        raise SpineautoError(f"{case}: preprocessing produced NaN/Inf values (normalisation {plan.normalization} of "
+                             f"{info.image_files(case)[0].name}); check the image's intensities")
     cinfo = info.cases.get(case)
     props.update(case=case, subject=info.subject_of(case), classes=dict(cinfo.classes) if cinfo else {}, source_hash=digest)
+    written = {}
     if seg_p is not None:
         props["class_locations"] = class_locations(seg_p, info.label_values, np.random.default_rng(case_seed(case)))
-        save_npy(out_dir / f"{case}_seg.npy", seg_p)
-    save_npy(out_dir / f"{case}.npy", data)
-    write_json(props_path, props)  # last: its presence with the right hash marks the case done
-    return True
+        written[seg_name] = save_npy(out_dir / seg_name, seg_p)
+    written[npy_name] = save_npy(out_dir / npy_name, data)
+    props["files"] = {name: {k: v for k, v in file_entry(path).items() if k != "mtime_ns"} for name, path in written.items()}
+    write_json(props_path, _seal(props))  # last: its presence with the right hash and intact files marks the case done
+    entries = {name: file_entry(out_dir / name, sha1=props["files"][name]["sha1"]) for name in written}
+    entries[props_name] = file_entry(props_path)
+    return True, dict(sorted(entries.items()))
+
+
+@dataclass
+class PreprocessedData:
+    """What :func:`preprocess_dataset` left in one folder."""
+
+    written: int  # cases (re)written by this run; the others were up to date
+    cases: dict[str, dict[str, dict]]  # case -> file name -> manifest entry; cases outside the plan's data left out
 
 
 def preprocess_dataset(info: DatasetInfo, plan: ConfigurationPlan, intensity: list[IntensityStats], out_dir: Path,
-                       workers: int = 2, progress: Callable[[str], None] | None = None) -> int:
-    """Preprocess every training case; returns how many were (re)written."""
+                       workers: int = 2, progress: Callable[[str], None] | None = None) -> PreprocessedData:
+    """Preprocess every training case into ``out_dir``, and remove every other case's files from it
+    (cases no longer in the raw dataset, or no longer part of the plan's data) and the temporaries
+    of killed writes."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in out_dir.glob(".*.tmp*"):  # the caller holds the dataset's lock: no other process writes here
+        tmp.unlink(missing_ok=True)
     cases = info.training_cases()
-    return sum(map_cases(preprocess_case, cases, [(info, c, plan, intensity, out_dir) for c in cases], workers, progress))
+    results = map_cases(preprocess_case, cases, [(info, c, plan, intensity, out_dir) for c in cases], workers, progress)
+    kept = {case: entries for case, (_, entries) in zip(cases, results) if entries is not None}
+    wanted = {name for entries in kept.values() for name in entries}
+    stale = sorted(p for pattern in ("*.npy", "*.json") for p in out_dir.glob(pattern) if p.name not in wanted)
+    if stale:
+        log.info("%s: removing %d file(s) of cases that are not in the plan's data any more (%s%s)", out_dir, len(stale),
+                 ", ".join(p.name for p in stale[:4]), ", ..." if len(stale) > 4 else "")
+    for p in stale:
+        p.unlink()
+    return PreprocessedData(written=sum(w for w, _ in results), cases=kept)

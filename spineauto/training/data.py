@@ -24,8 +24,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from spineauto.errors import SpineautoError
-from spineauto.io.atomic import read_json
+from spineauto.preprocessing.manifest import verified_props
 
 log = logging.getLogger(__name__)
 TRAIN, VAL = 0, 1
@@ -40,18 +39,12 @@ class CaseStore:
     _open: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def load(cls, folder: Path, cases: list[str] | None = None) -> "CaseStore":
+    def load(cls, folder: Path, cases: list[str] | None = None, full_hash: bool | None = None) -> "CaseStore":
+        """The cases the dataset's manifest lists for this folder (or ``cases`` of them), checked against
+        it first (sizes, and hashes where cheap: see :mod:`spineauto.preprocessing.manifest`); refuses
+        in one line naming the case when the manifest is missing or a file does not match."""
         folder = Path(folder)
-        if not folder.is_dir():
-            raise SpineautoError(f"{folder}: no preprocessed data; run `spineauto plan_and_preprocess -d <dataset>` first")
-        names = cases if cases is not None else sorted(p.stem for p in folder.glob("*.json"))
-        props = {}
-        for case in names:
-            path = folder / f"{case}.json"
-            if not path.is_file() or not (folder / f"{case}.npy").is_file():
-                raise SpineautoError(f"{folder}: case {case} is not preprocessed; rerun `spineauto plan_and_preprocess`")
-            props[case] = read_json(path)
-        return cls(folder, props)
+        return cls(folder, verified_props(folder, cases, full_hash))
 
     def data(self, case: str) -> np.ndarray:
         key = (case, "data", os.getpid())
