@@ -85,3 +85,29 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
         sys.argv = argv
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def planned_phantoms(root: Path, n_train: int, n_test: int, seed: int) -> dict[str, Path]:
+    """raw/preprocessed/results under ``root`` with Dataset001_Ph: phantoms written, planned and preprocessed."""
+    from spineauto.datasets.phantoms import write_phantom_dataset
+    from spineauto.plan_and_preprocess import plan_and_preprocess
+
+    env = {k: root / k for k in ("raw", "preprocessed", "results")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, p in env.items():
+            p.mkdir()
+            mp.setenv(f"SPINEAUTO_{k.upper()}", str(p))
+        write_phantom_dataset(env["raw"] / "Dataset001_Ph", n_train=n_train, n_test=n_test, seed=seed)
+        plan_and_preprocess(1, workers=1)
+    return env
+
+
+def remove_tree(root: Path) -> None:
+    """Delete a test's folder, first making readable what a failed permission scenario left unreadable."""
+    import contextlib
+    import shutil
+
+    for p in root.rglob("*"):
+        with contextlib.suppress(OSError):
+            p.chmod(0o755)
+    shutil.rmtree(root, ignore_errors=True)

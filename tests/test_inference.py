@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_real_data, run_cli
+from conftest import planned_phantoms, require_real_data, run_cli
 from test_inference_support import OracleNet, dice, make_model_folder
 
 torch.set_num_threads(2)
@@ -20,17 +20,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     """A phantom dataset, planned and preprocessed, with a 2-fold model folder of small random networks."""
-    from spineauto.datasets.phantoms import write_phantom_dataset
-    from spineauto.plan_and_preprocess import plan_and_preprocess
-
-    root = tmp_path_factory.mktemp("inference")
-    env = {k: root / k for k in ("raw", "preprocessed", "results")}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, p in env.items():
-            p.mkdir()
-            mp.setenv(f"SPINEAUTO_{k.upper()}", str(p))
-        write_phantom_dataset(env["raw"] / "Dataset001_Ph", n_train=4, n_test=2, seed=0)
-        plan_and_preprocess(1, workers=1)
+    env = planned_phantoms(tmp_path_factory.mktemp("inference"), n_train=4, n_test=2, seed=0)
     model = make_model_folder(env["preprocessed"] / "Dataset001_Ph", env["results"], folds=(0, 1))
     return env, model
 

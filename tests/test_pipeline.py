@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
+from conftest import planned_phantoms, run_cli
 from test_inference_support import OracleNet, dice, make_model_folder
 
 torch.set_num_threads(2)
@@ -26,17 +26,8 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A phantom dataset with lesions; a cls model (random) and a 2d model (oracle at load time)."""
-    from spineauto.datasets.phantoms import write_phantom_dataset
-    from spineauto.plan_and_preprocess import plan_and_preprocess
-
     root = tmp_path_factory.mktemp("pipeline")
-    env = {k: root / k for k in ("raw", "preprocessed", "results")}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, p in env.items():
-            p.mkdir()
-            mp.setenv(f"SPINEAUTO_{k.upper()}", str(p))
-        write_phantom_dataset(env["raw"] / "Dataset001_Ph", n_train=4, n_test=3, seed=3)
-        plan_and_preprocess(1, workers=1)
+    env = planned_phantoms(root, n_train=4, n_test=3, seed=3)
     pre = env["preprocessed"] / "Dataset001_Ph"
     seg = make_model_folder(pre, env["results"], folds=(0,), normalization="NoNormalization")
     cls = make_model_folder(pre, env["results"], configuration="cls", folds=(0,))

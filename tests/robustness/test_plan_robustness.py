@@ -40,7 +40,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import remove_tree, run_cli
 from test_predict_robustness import snapshot, unprivileged  # hashes of a tree; seteuid(nobody) for permission scenarios
 
 DATASET = "Dataset001_Ph"
@@ -77,10 +77,7 @@ def world():
         (root / "s").mkdir()
         yield w
     finally:
-        for p in root.rglob("*"):  # scenarios may leave unreadable folders behind on failure
-            with contextlib.suppress(OSError):
-                p.chmod(0o755)
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)  # scenarios may leave unreadable files behind on failure
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import remove_tree, run_cli
 from test_inference_support import make_model_folder
 
 torch.set_num_threads(2)
@@ -85,10 +85,7 @@ def world():
         (root / "s").mkdir()
         yield w
     finally:
-        for p in root.rglob("*"):  # scenarios may leave unreadable files behind on failure
-            with contextlib.suppress(OSError):
-                p.chmod(0o755)
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)  # scenarios may leave unreadable files behind on failure
 
 
 # ---------------------------------------------------------------------------------------------
