@@ -223,3 +223,18 @@ def test_no_cord_skips_the_lesion_stage_and_says_so(models, oracle, tmp_path):
     (tmp_path / "out" / "blank").mkdir(parents=True)
     (tmp_path / "out" / "blank" / "blank.json").write_text(json.dumps(result.to_dict()))
     assert "no cord found" in build_report(tmp_path / "out").read_text()
+
+
+def test_bad_export_and_report_input(models, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "export", "-m", models["seg"], "-o", tmp_path / "model.tar")
+    _one_line(code, err, "a bundle is a .zip file")
+    code, _, err = run_cli(capsys, "export", "-o", tmp_path / "m.zip")
+    _one_line(code, err, "give -m MODEL_FOLDER or -d DATASET")
+    code, _, err = run_cli(capsys, "export", "-m", tmp_path / "nowhere", "-o", tmp_path / "m.zip")
+    _one_line(code, err, "not a model folder")
+    (tmp_path / "not_a_zip.zip").write_text("x")
+    code, _, err = run_cli(capsys, "pipeline", "-i", models["inputs"], "-o", tmp_path / "o", "--config", tmp_path / "not_a_zip.zip")
+    _one_line(code, err, "not a zip bundle")
+    code, _, err = run_cli(capsys, "report", tmp_path / "missing")
+    _one_line(code, err, "not a folder")
+    assert not list(tmp_path.glob("*.zip.*")) and not (tmp_path / "m.zip").exists() and not (tmp_path / "o").exists()
