@@ -25,6 +25,7 @@ from spineauto.errors import SpineautoError
 from spineauto.inference.bundle import model_folder_of
 from spineauto.inference.driver import infer
 from spineauto.inference.model import TrainedModel, load_model
+from spineauto.inference.roi import restrict_to_roi
 from spineauto.pipeline.config import CLASSIFICATION_STAGES, STAGE_HEADS, ClassifyStage, ModelRef, PipelineConfig, load_pipeline_config
 from spineauto.schema import to_dict
 
@@ -171,7 +172,7 @@ class Pipeline:
 
         plan = model.plan
         key = json.dumps([plan.slicing, plan.isotropic_plane, plan.target_spacing, plan.normalization, plan.use_mask_for_norm,
-                          to_dict(model.intensity), to_dict(getattr(plan, "roi", None))], default=str)
+                          to_dict(model.intensity), to_dict(plan.roi)], default=str)
         if roi is None and key in cache:
             return cache[key]
         if scan.data.shape[0] != model.num_channels:
@@ -255,14 +256,14 @@ class Pipeline:
             result.stages.append({"stage": "lesion", "kind": "segmentation", "model": str(model.folder), "folds": list(model.folds),
                                   "skipped": "no cord found: the lesion stage needs the cord", "seconds": 0.0})
             return
-        roi = result.cord.astype(bool) if getattr(model.plan, "roi", None) is not None else None
+        cord = result.cord.astype(bool)
+        roi = cord if model.plan.roi is not None else None
         model, out, record, t0 = self._infer("lesion", scan, cache, roi)
         values = [model.plans.labels[n] for n in model.plans.lesion_labels] or [_label_value(model, ("lesion",), default=1)]
         lesion = np.isin(out.labels, values)
-        plan_roi = getattr(model.plan, "roi", None)
         distance = stage.remove_outside_mm if stage.remove_outside_mm is not None else (
-            getattr(plan_roi, "remove_outside_mm", None) or DEFAULT_REMOVE_OUTSIDE_MM)
-        kept = _within(lesion, result.cord.astype(bool), scan.affine, distance)
+            model.plan.roi.remove_outside_mm if model.plan.roi is not None else DEFAULT_REMOVE_OUTSIDE_MM)
+        kept = restrict_to_roi(lesion, cord, scan.affine, distance)
         result.lesion = kept.astype(np.uint8)
         record.update(skipped=None, removed_outside_cord_voxels=int(lesion.sum() - kept.sum()), remove_outside_mm=distance,
                       seconds=round(time.perf_counter() - t0, 3))
@@ -282,18 +283,6 @@ def _label_value(model: TrainedModel, words: tuple[str, ...], default: int) -> i
         if value > 0 and any(w in name.lower() for w in words):
             return int(value)
     return default
-
-
-def _within(mask: np.ndarray, region: np.ndarray, affine: np.ndarray, distance_mm: float) -> np.ndarray:
-    """``mask`` voxels at most ``distance_mm`` from ``region`` (Euclidean, in mm)."""
-    from scipy.ndimage import distance_transform_edt
-
-    from spineauto.io.geometry import voxel_sizes
-
-    if not mask.any():
-        return mask
-    dist = distance_transform_edt(~region, sampling=voxel_sizes(affine))
-    return mask & (dist <= distance_mm)
 
 
 def as_scan(image, name: str = "case") -> ScanInput:
