@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from spineauto.errors import SpineautoError
-from spineauto.networks import attention_unet  # noqa: F401 (registers "attention_unet")
+from spineauto.networks import attention_unet, resnet  # noqa: F401 (register "attention_unet", "resnet_unet", "resnet")
 from spineauto.networks.registry import REGISTRY
 from spineauto.planning.plans import ConfigurationPlan
 

@@ -39,7 +39,7 @@ class IntensityStats:
 
 @dataclass
 class NetworkPlan:
-    architecture: Literal["unet", "resenc_unet", "attention_unet"] = "unet"
+    architecture: Literal["unet", "resenc_unet", "attention_unet", "resnet_unet", "resnet"] = "unet"
     features_per_stage: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     kernel_sizes: list[list[int]] = field(default_factory=lambda: [[3, 3]] * 5)
     strides: list[list[int]] = field(default_factory=lambda: [[1, 1]] + [[2, 2]] * 4)
@@ -48,6 +48,7 @@ class NetworkPlan:
     deep_supervision: bool = True
     norm: Literal["instance", "batch"] = "instance"
     dropout: float = 0.0
+    depth: int = 18  # resnet_unet / resnet: torchvision ResNet-18, 34 or 50 encoder (the per-stage lists above shape nothing but deep supervision's output count)
 
     @property
     def n_stages(self) -> int:
@@ -276,7 +277,11 @@ def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> No
         if len(st) != 2 or any(x < 1 for x in st):
             fail(f"network.strides[{i}]", "2 strides >= 1", st)
     positive("network.dropout", net.dropout, strict=False, top=1.0, top_open=True)
-    if cfg.has_segmentation:  # the decoder joins each stage to its skip: every stage's size must halve exactly
+    if net.architecture.startswith("resnet") and net.depth not in (18, 34, 50):
+        fail("network.depth", "18, 34 or 50 (the ResNet encoder)", net.depth)
+    if net.architecture == "resnet" and cfg.has_segmentation:
+        fail("network.architecture", "resnet_unet for a segmentation task (resnet is the encoder alone)", net.architecture)
+    if cfg.has_segmentation and not net.architecture.startswith("resnet"):  # the decoder joins each stage to its skip: every stage's size must halve exactly (resnet_unet pads to 32 itself)
         factor = [int(np.prod([st[a] for st in net.strides])) for a in range(2)]
         if any(p % f for p, f in zip(cfg.patch_size, factor)):
             fail("patch_size", f"divisible by {'x'.join(map(str, factor))} (the product of network.strides, for the U-Net decoder)",

@@ -21,6 +21,7 @@ import torch
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import write_json
 from spineauto.io.checkpoints import copy_checkpoint, load_checkpoint, network_state, save_checkpoint  # noqa: F401 (re-exported)
+from spineauto.networks.resnet import adapt_pretrained
 
 log = logging.getLogger(__name__)
 LATEST, BEST, FINAL = "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"
@@ -101,15 +102,16 @@ def load_pretrained(network: torch.nn.Module, path: Path) -> tuple[list[str], li
     path = Path(path)
     if not path.is_file():
         raise SpineautoError(f"--pretrained {path}: no such file")
-    source = network_state(load_checkpoint(path), path)
     target = network.state_dict()
+    source, notes = adapt_pretrained(network_state(load_checkpoint(path), path), target)  # torchvision ResNets: encoder.*
     bad = [f"{k} {tuple(source[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
            if k.startswith("encoder.") and k in source and source[k].shape != v.shape]
     absent = [f"{k} (absent)" for k in target if k.startswith("encoder.") and k not in source]
     if absent and len(absent) < sum(k.startswith("encoder.") for k in target):  # a partial encoder (other stage count) does not fit
         bad += absent
     if bad:
-        raise SpineautoError(f"--pretrained {path}: {len(bad)} encoder tensor(s) do not match this plan's network: "
+        raise SpineautoError(f"--pretrained {path}: {len(bad)} encoder tensor(s) do not match this plan's network"
+                             f"{' (' + '; '.join(notes) + ')' if notes else ''}: "
                              f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}; use a checkpoint trained with the same network topology")
     loaded = [k for k, v in target.items() if k in source and source[k].shape == v.shape]
     if not any(k.startswith("encoder.") for k in loaded):
@@ -118,6 +120,6 @@ def load_pretrained(network: torch.nn.Module, path: Path) -> tuple[list[str], li
     network.load_state_dict({**target, **{k: source[k] for k in loaded}})
     shared = {target[k].data_ptr() for k in loaded}  # the decoder holds the encoder too (decoder.encoder.*): not skipped
     skipped = sorted(k for k in set(target) - set(loaded) if target[k].data_ptr() not in shared)
-    log.info("pretrained %s: loaded %d tensors, skipped %d%s", path.name, len(loaded), len(skipped),
+    log.info("pretrained %s%s: loaded %d tensors, skipped %d%s", path.name, f" ({'; '.join(notes)})" if notes else "", len(loaded), len(skipped),
              f" ({', '.join(skipped[:8])}{' ...' if len(skipped) > 8 else ''})" if skipped else "")
     return loaded, skipped

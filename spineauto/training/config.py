@@ -26,6 +26,8 @@ def plan_sha(plan: ConfigurationPlan) -> str:
 
     data = to_dict(plan)
     data.pop("reasons", None)
+    if not str(data["network"].get("architecture", "")).startswith("resnet"):
+        data["network"].pop("depth", None)  # added with the ResNet encoders: the runs of other networks keep their hash
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
