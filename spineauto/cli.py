@@ -115,6 +115,69 @@ def convert_images(
     console.print(f"[green]wrote[/] {out}")
 
 
+@app.command("pretrain")
+def pretrain(
+    sources: List[Path] = typer.Argument(..., help="Supervised: one class-folder tree (ROOT/<class>/.../<image>). Self-supervised: any "
+                                         "number of raw datasets (Dataset001_X: imagesTr + imagesTs), image folders or image files."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for shards/ (converted images), checkpoint_final.pt and pretrain_history.json."),
+    self_supervised: bool = typer.Option(False, "--self-supervised", help="SimCLR on unlabeled images: every slice of every volume (labels ignored)."),
+    class_depth: Optional[int] = typer.Option(None, "--class-depth", help="Supervised: the first K folder levels name the class "
+                                              "(e.g. 2 for modality/anatomy/...); default: the leaf folders."),
+    depth: int = typer.Option(18, "--depth", help="ResNet depth: 18, 34 or 50 (the plan's network.depth downstream)."),
+    size: int = typer.Option(128, "--size", help="Images are stored SIZE x SIZE: the longer side resized to SIZE, the other zero-padded."),
+    channels: int = typer.Option(1, "--channels", help="1 (grey: colour -> luminance) or 3 (grey repeated); the downstream plan's channels."),
+    epochs: int = typer.Option(10, "--epochs"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per step (SimCLR contrasts 2 views of each)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate (one-cycle schedule)."),
+    max_iters: Optional[int] = typer.Option(None, "--iters-per-epoch", help="Cap the iterations of an epoch (default: every image once)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (default: on for CUDA)."),
+    num_workers: int = typer.Option(2, "--num-workers", help="Data loader workers."),
+    num_processes: int = typer.Option(min(os.cpu_count() or 1, 8), "-np", "--num-processes", help="Parallel conversion processes."),
+    shard_size: int = typer.Option(8192, "--shard-size", help="Images per shard file."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse the sources when any image is unreadable (default: skip and list them in shards/index.json)."),
+    convert_only: bool = typer.Option(False, "--convert-only", help="Only convert (or finish converting) the images into shards."),
+    continue_training: bool = typer.Option(False, "--continue", help="Resume the pretraining from checkpoint_latest.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier shards of other images/settings and an earlier pretraining."),
+    seed: int = typer.Option(0, "--seed"),
+    num_gpus: int = typer.Option(1, "--num-gpus", help="DDP processes: relaunches this command through torchrun."),
+):
+    """Stage 1: pretrain a ResNet encoder on many 2D images, then `spineauto train --pretrained OUT/checkpoint_final.pt`.
+
+    Images are converted once into a few memory-mapped shards (in parallel; an interrupted conversion
+    resumes where it stopped). Supervised: classes from the folders. Self-supervised: SimCLR (lightly).
+    The encoder transfers into any configuration whose network is resnet/resnet_unet of the same --depth.
+    """
+    if num_gpus > 1:
+        from spineauto.training.distributed import relaunch_with_torchrun
+
+        argv = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--num-gpus") and sys.argv[i] != "--num-gpus"]
+        raise typer.Exit(relaunch_with_torchrun(num_gpus, argv))
+    from spineauto.cli_views import case_progress, make_progress
+    from spineauto.pretraining.run import run_pretrain
+    from spineauto.pretraining.shards import describe
+    from spineauto.pretraining.train import PretrainOptions
+
+    options = PretrainOptions(depth=depth, epochs=epochs, batch_size=batch_size, lr=lr, device=device, amp=amp, num_workers=num_workers,
+                              seed=seed, max_iters_per_epoch=max_iters, continue_training=continue_training, overwrite=overwrite)
+    with make_progress(console) as progress:
+        bar = {}
+
+        def step(done: int, total: int, text: str) -> None:
+            if "id" not in bar:
+                bar["id"] = progress.add_task(text, total=total)
+            progress.update(bar["id"], completed=done, description=text)
+
+        options.progress = step
+        index, checkpoint = run_pretrain(sources, output, options, self_supervised=self_supervised, class_depth=class_depth, size=size,
+                                         channels=channels, shard_size=shard_size, workers=num_processes, strict=strict,
+                                         convert_only=convert_only, convert_progress=case_progress(progress, "converting"))
+    console.print(f"[green]shards[/] {output / 'shards'}: {describe(index)}")
+    if checkpoint is not None:
+        console.print(f"[green]pretrained[/] {checkpoint}; use it with `spineauto train ... --pretrained {checkpoint}` on a plan "
+                      f"whose network is resnet_unet/resnet, depth {depth}", soft_wrap=True)
+
+
 @_command("train")
 def train(
     dataset: str = DatasetOpt,

@@ -19,6 +19,7 @@ LAYERS = [
     {"inference"},
     {"evaluation"},
     {"training"},
+    {"pretraining"},  # stage 1: shards and the pretraining loop, on the training layer's DDP helpers and the ResNet encoder
     {"pipeline"},
     {"cli", "cli_views", "demo", "__main__"},
 ]
