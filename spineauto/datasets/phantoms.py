@@ -69,12 +69,15 @@ class PhantomSpec:
     seed: int = 0
     anatomy: str = "spine"
     subject_seed: int | None = None  # cases with the same subject_seed share their anatomy
+    fov_scale: float = 1.0  # in-plane matrix (and field of view) times this: e.g. 2.5 shows the whole neck
 
     def validate(self) -> None:
         for value, allowed, what in ((self.contrast, CONTRASTS, "contrast"), (self.view, VIEWS, "view"),
                                      (self.location, LOCATIONS, "location"), (self.anatomy, ANATOMIES, "anatomy")):
             if value not in allowed:
                 raise ValueError(f"PhantomSpec: unknown {what} {value!r}; choose one of {list(allowed)}")
+        if not 1.0 <= float(self.fov_scale) <= 4.0:
+            raise ValueError(f"PhantomSpec: fov_scale must be between 1 and 4, got {self.fov_scale}")
         if not 0 <= int(self.lesions) <= MAX_LESIONS:
             raise ValueError(f"PhantomSpec: lesions must be between 0 and {MAX_LESIONS}, got {self.lesions}")
 
@@ -202,7 +205,7 @@ class _Grid:
     through: int  # voxel axis of the slice thickness
 
 
-def _draw_grid(rng: np.random.Generator, view: str, origin: np.ndarray) -> _Grid:
+def _draw_grid(rng: np.random.Generator, view: str, origin: np.ndarray, fov_scale: float = 1.0) -> _Grid:
     """Orientation, spacing, shape and field of view of one acquisition (world mm)."""
     if view == "axial":
         inplane, thick = rng.uniform(0.5, 0.8), rng.uniform(3.0, 6.0)
@@ -217,7 +220,11 @@ def _draw_grid(rng: np.random.Generator, view: str, origin: np.ndarray) -> _Grid
         n = {"x": int(rng.choice([56, 64, 72])), "y": int(rng.integers(9, 17)), "z": int(rng.choice([72, 80, 96]))}
         centre = np.array([rng.uniform(-3, 3), rng.uniform(-0.5, 0.5), rng.uniform(-10, 10)])
     through = _THROUGH[view]
-    n[through] = max(1, min(n[through], MAX_VOXELS // int(np.prod([v for k, v in n.items() if k != through]))))
+    for k in n:
+        if k != through:
+            n[k] = int(round(n[k] * fov_scale))
+    cap = int(MAX_VOXELS * fov_scale**2)
+    n[through] = max(1, min(n[through], cap // int(np.prod([v for k, v in n.items() if k != through]))))
     if n[through] % 2 == 0:  # keep a slice centre on the cord's midline
         centre["xyz".index(through)] += thick / 2
     codes = str(rng.choice(_ORIENTATIONS[view]))
@@ -286,7 +293,7 @@ def render_phantom(spec: PhantomSpec) -> Phantom:
     anatomy = _draw_anatomy(np.random.default_rng([anat_seed, 0]), spec.location, spec.anatomy)
     rng = np.random.default_rng([spec.seed, 1])
     origin = np.array([rng.uniform(-20, 20), rng.uniform(-40, 0), rng.uniform(-150, 50)])  # table position
-    grid = _draw_grid(rng, spec.view, origin)
+    grid = _draw_grid(rng, spec.view, origin, float(spec.fov_scale))
     pts = _local_points(grid, origin)
     codes, rnorm = _tissue_map(anatomy, pts)
     cord = (codes == WM) | (codes == GM)

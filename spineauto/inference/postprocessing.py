@@ -34,6 +34,63 @@ def keep_largest_component(seg: np.ndarray, label: int) -> np.ndarray:
     return out
 
 
+def superior_axis(affine: np.ndarray) -> int:
+    """The voxel axis closest to the world's superior-inferior axis."""
+    cols = np.asarray(affine)[:3, :3]
+    return int(np.argmax(np.abs(cols[2]) / np.maximum(np.linalg.norm(cols, axis=0), 1e-12)))
+
+
+MAX_CORD_RADIUS_MM = 8.0  # RMS in-plane radius of a cord cross-section, at most: twice an adult cervical cord's ~4 mm
+# (a filled ellipse of about 13 x 8 mm), so an enlargement or a cord with some CSF still counts as a tube
+
+
+def keep_cord_component(seg: np.ndarray, label: int, affine: np.ndarray) -> np.ndarray:
+    """``seg`` with every component of ``label`` but the one that is most a cord set to background.
+
+    The cord is a tube along the superior-inferior axis: at every axial level its cross-section is
+    one compact disc (RMS radius at most :data:`MAX_CORD_RADIUS_MM`), and it crosses more levels
+    than any false island (fat, vessels and muscle give short, round or sheet-like components).
+    Levels are the voxel planes across the axis closest to world S-I. Among the tube-shaped
+    components (all of them when none is), the one crossing the most levels is kept; on a tie, the
+    larger.
+    """
+    import cc3d
+
+    mask = seg == label
+    if not mask.any():
+        return seg
+    comps = cc3d.connected_components(mask.astype(np.uint8), connectivity=26)
+    n = int(comps.max())
+    if n <= 1:
+        return seg
+    axis = superior_axis(affine)
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    where = np.nonzero(comps)
+    lab, level = comps[where].astype(np.int64), where[axis].astype(np.int64)
+    key = lab * seg.shape[axis] + level
+    size = (n + 1) * seg.shape[axis]
+    count = np.bincount(key, minlength=size).astype(float)
+    var = np.zeros(size)
+    for a in (a for a in range(3) if a != axis):
+        x = where[a] * spacing[a]
+        mean = np.bincount(key, x, minlength=size) / np.maximum(count, 1)
+        var += np.bincount(key, x * x, minlength=size) / np.maximum(count, 1) - mean**2
+    present = (count > 0).reshape(n + 1, -1)
+    levels = present.sum(axis=1)
+    radius = np.where(present, np.sqrt(np.maximum(var, 0)).reshape(n + 1, -1), 0).sum(axis=1) / np.maximum(levels, 1)
+    volume = np.bincount(lab, minlength=n + 1)
+    tube = radius <= MAX_CORD_RADIUS_MM
+    tube[0] = False
+    if not tube.any():
+        tube[1:] = True
+    levels[~tube], volume[~tube] = -1, -1
+    levels[0], volume[0] = -1, -1
+    best = int(np.lexsort((volume, levels))[-1])
+    out = seg.copy()
+    out[mask & (comps != best)] = 0
+    return out
+
+
 def apply_postprocessing(seg: np.ndarray, postprocessing: dict) -> np.ndarray:
     for label in postprocessing.get("largest_component_labels", []):
         seg = keep_largest_component(seg, int(label))

@@ -98,6 +98,10 @@ class AugmentationPlan:
     contrast_range: list[float] = field(default_factory=lambda: [0.75, 1.25])
     lowres_range: list[float] = field(default_factory=lambda: [0.5, 1.0])
     probability: float = 0.2
+    # contrast- and site-agnostic training (training/augment.py; bench/bench_generalisation.py measures them):
+    intensity_curves: float = 0.5  # per sample: a random smooth curve remaps the intensities (another contrast)
+    inversion: float = 0.25  # share of those curves that also invert the contrast (T1w-like <-> T2w-like)
+    bias_field: float = 0.3  # per sample: a smooth multiplicative bias field (another coil)
 
 
 @dataclass
@@ -302,6 +306,8 @@ def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> No
     positive("loss.label_smoothing", lo.label_smoothing, strict=False, top=1.0, top_open=True)
     a = cfg.augmentation
     positive("augmentation.probability", a.probability, strict=False, top=1.0)
+    for key in ("intensity_curves", "inversion", "bias_field"):
+        positive(f"augmentation.{key}", getattr(a, key), strict=False, top=1.0)
     positive("augmentation.rotation_degrees", a.rotation_degrees, strict=False)
     positive("augmentation.noise_variance", a.noise_variance, strict=False)
     for key in ("scale_range", "gamma_range", "brightness_range", "contrast_range", "lowres_range"):

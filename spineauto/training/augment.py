@@ -2,7 +2,8 @@
 
 As nnU-Net (v1, 2D): a larger patch is sampled (so that rotation and scaling never bring the
 image border in), ``SpatialTransform`` rotates/scales and center-crops it to the patch size, then
-intensity transforms (noise, blur, brightness, contrast, low resolution, gamma) and mirroring.
+intensity transforms (segmentation only: random intensity curves, contrast inversion and bias
+fields; then noise, blur, brightness, contrast, low resolution, gamma) and mirroring.
 Every random draw comes from numpy's global generator, which the data worker seeds per batch, so a
 batch is a pure function of its key (reproducible resume, any number of workers).
 """
@@ -22,8 +23,66 @@ def initial_patch_size(patch_size: list[int], aug: AugmentationPlan) -> list[int
     return [max(int(s), int(p)) for s, p in zip(size, patch_size)]
 
 
-def build_transforms(patch_size: list[int], aug: AugmentationPlan, with_seg: bool):
-    """A batchgenerators ``Compose`` working on ``{"data": (B,C,H,W), "seg": (B,1,H,W)}``."""
+def _restandardise(y: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """``y`` shifted and scaled to ``like``'s mean and standard deviation (the plan's normalisation)."""
+    sd = float(y.std())
+    return (y - y.mean()) / (sd if sd > 1e-8 else 1.0) * float(like.std()) + float(like.mean())
+
+
+def _unit_range(x: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(x, (0.5, 99.5))
+    return np.clip((x - lo) / max(float(hi - lo), 1e-8), 0.0, 1.0)
+
+
+def random_intensity_curve(x: np.ndarray, invert: bool) -> np.ndarray:
+    """``x`` through a random smooth curve: the cubic Bezier intensity mapping of Models Genesis
+    (Zhou et al., Medical Image Analysis 2021), on the 0.5-99.5 percentile range; inverted when
+    ``invert`` (dark cord in bright CSF becomes bright cord in dark CSF). Mean and spread kept."""
+    p1, p2 = np.random.uniform(0, 1, 2), np.random.uniform(0, 1, 2)
+    t = np.linspace(0.0, 1.0, 256)[:, None]
+    curve = (3 * (1 - t) ** 2 * t) * p1 + (3 * (1 - t) * t**2) * p2 + t**3  # end points (0, 0) and (1, 1)
+    order = np.argsort(curve[:, 0])
+    y = np.interp(_unit_range(x), curve[order, 0], curve[order, 1])
+    return _restandardise(1.0 - y if invert else y, x)
+
+
+def random_bias_field(x: np.ndarray, max_coefficient: float = 0.5, order: int = 3) -> np.ndarray:
+    """``x`` times a smooth field exp(polynomial of degree ``order``), coefficients U(-c, c) as
+    TorchIO's RandomBiasField (after Van Leemput et al., IEEE TMI 1999). Mean and spread kept."""
+    h, w = x.shape[-2:]
+    u, v = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
+    log_field = sum(np.random.uniform(-max_coefficient, max_coefficient) * u**i * v**j
+                    for i in range(order + 1) for j in range(order + 1 - i))
+    lo = float(x.min())
+    return _restandardise((x - lo) * np.exp(log_field), x)
+
+
+class ContrastRemapTransform:
+    """Per sample and channel: a random intensity curve (probability ``p_curve``; a share ``p_invert``
+    of them inverted) and a random bias field (``p_bias``), so that a contrast, coil or site the
+    training cases lack looks like one they have. Numpy's global generator (seeded per batch)."""
+
+    def __init__(self, p_curve: float, p_invert: float, p_bias: float):
+        self.p_curve, self.p_invert, self.p_bias = p_curve, p_invert, p_bias
+
+    def __call__(self, **batch):
+        data = batch["data"]
+        for b in range(data.shape[0]):
+            for c in range(data.shape[1]):
+                x = data[b, c]
+                if np.random.uniform() < self.p_bias:
+                    x = random_bias_field(x)
+                if np.random.uniform() < self.p_curve:
+                    x = random_intensity_curve(x, invert=np.random.uniform() < self.p_invert)
+                data[b, c] = x
+        return batch
+
+
+def build_transforms(patch_size: list[int], aug: AugmentationPlan, with_seg: bool, remap_contrast: bool = True):
+    """A batchgenerators ``Compose`` working on ``{"data": (B,C,H,W), "seg": (B,1,H,W)}``.
+
+    ``remap_contrast``: the contrast remapping (intensity curves, inversion, bias fields); off for
+    classification heads, which may have to tell contrasts apart."""
     from batchgenerators.transforms.abstract_transforms import Compose
     from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
                                                              ContrastAugmentationTransform, GammaTransform)
@@ -42,6 +101,8 @@ def build_transforms(patch_size: list[int], aug: AugmentationPlan, with_seg: boo
             order_seg=1, random_crop=False, p_el_per_sample=p, p_scale_per_sample=p, p_rot_per_sample=p,
             independent_scale_for_each_axis=False),
     ]
+    if remap_contrast and (aug.intensity_curves > 0 or aug.bias_field > 0):
+        transforms.append(ContrastRemapTransform(aug.intensity_curves, aug.inversion, aug.bias_field))
     if aug.noise_variance > 0:
         transforms.append(GaussianNoiseTransform(noise_variance=(0, aug.noise_variance), p_per_sample=0.1))
     if max(aug.blur_sigma) > 0:

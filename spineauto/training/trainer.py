@@ -198,7 +198,7 @@ class Trainer:
         plan, cfg = self.plan, self.config
         rank_bs = rank_batch_size(cfg.batch_size, self.info)
         sample_size = initial_patch_size(plan.patch_size, plan.augmentation)
-        transforms = build_transforms(plan.patch_size, plan.augmentation, plan.has_segmentation)
+        transforms = build_transforms(plan.patch_size, plan.augmentation, plan.has_segmentation, remap_contrast=not plan.has_classification)
         batches = KeyedBatches(self.task.make_sampler(self.run.store), transforms, self.run.train_cases, self.run.val_cases,
                                rank_bs, plan.patch_size, sample_size, cfg.seed, self.info.rank)
         keys = EpochKeys(self.start_epoch, cfg.epochs, cfg.iters_per_epoch, cfg.val_iters)

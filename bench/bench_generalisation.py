@@ -1,0 +1,323 @@
+"""Benchmark: does the cord model survive shift we can see? spineauto and nnU-Net v2 side by side.
+
+Training data: the six real image/cord pairs of ../shared/data (one subject, one scanner, mostly
+cropped near the cord). Every model trains on fold ``all`` for the same number of samples
+(``--samples``; nnU-Net's default budget is 30 x 250 x 4 = 30,000), one model per scenario and seed:
+
+- ``full``: all six cases; tested on shift no training case has:
+  * ``t2s_uncropped`` (320x320, the whole neck at 0.5 mm): the ``t2s`` cord mask carried over
+    through the affines (nearest neighbour; the two grids differ by a small shear, so exact Dice
+    means little): cord recall, false-positive volume farther than 5 mm from the carried cord on
+    the slices it covers, and the number of connected components;
+  * ``dwi_mean`` and ``fmri_tsnr`` (no masks): components, the share of slices with cord, and
+    whether the result is one tube through every slice;
+  * axial phantoms (``spineauto.datasets.phantoms``) of T1w, T2w and T2*w rendered with 2.5x the
+    field of view (the whole neck outline), a stronger bias field and more noise: Dice.
+- ``loco-<contrast>``: leave one contrast out (T2w: t2 + t2_fake_lesion, T1w, T2starw, MT: mt0 + mt1):
+  train on the rest, Dice on the left-out cases (and, for T2starw, the uncropped metrics above).
+
+Each spineauto prediction is scored as written (the model's own postprocessing) and with two
+postprocessings applied here: keep the largest component, and keep the cord component
+(:func:`spineauto.inference.postprocessing.keep_cord_component`). nnU-Net's masks the same way.
+A *variant* is a preset applied to spineauto's plan (``--variants``, see VARIANTS): the levers
+measured one at a time.
+
+    .venv/bin/python bench/bench_generalisation.py --quick      # 1 seed, full scenario, 3,000 samples
+    .venv/bin/python bench/bench_generalisation.py --samples 12000 --scenarios full loco-T1w loco-T2starw
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (REAL_CASES, REPO, SHARED_DATA, VENV_BIN, bench_env, check_run, command_line, format_table,  # noqa: E402
+                    run_measured, write_real_dataset)
+
+sys.path.insert(0, str(REPO))
+from spineauto.inference.postprocessing import keep_cord_component, keep_largest_component  # noqa: E402
+
+GROUPS = {"T2w": ("t2", "t2_fake_lesion"), "T1w": ("t1w",), "T2starw": ("t2s",), "MT": ("mt0", "mt1")}
+UNLABELLED = {"t2s_uncropped": "t2s/t2s_uncropped.nii.gz", "dwi_mean": "dmri/dwi_mean.nii.gz", "fmri_tsnr": "fmri/fmri_tsnr.nii.gz"}
+PHANTOM_CONTRASTS = ("T1w", "T2w", "T2starw")
+FP_DISTANCE_MM = 5.0
+# Levers, one at a time: presets over spineauto's planned 2d configuration ({} = the plan as it is).
+VARIANTS: dict[str, dict] = {
+    "plan": {},
+    "no-intensity-aug": {"augmentation": {"intensity_curves": 0.0, "bias_field": 0.0, "inversion": 0.0}},
+    "batch4": {"batch_size": 4},
+}
+POSTPROCESSINGS = {"as written": None, "largest": keep_largest_component, "cord": keep_cord_component}
+
+
+# ----------------------------------------------------------------------------------------------- test data
+
+def carried_mask(mask_path: Path, target: nib.Nifti1Image) -> np.ndarray:
+    """The mask of ``mask_path`` on ``target``'s grid through both affines (nearest neighbour)."""
+    from scipy import ndimage
+
+    src = nib.load(str(mask_path))
+    vox = np.linalg.inv(src.affine) @ target.affine  # target voxel -> source voxel
+    m = ndimage.affine_transform(np.asanyarray(src.dataobj).astype(np.float32), vox[:3, :3], vox[:3, 3],
+                                 output_shape=target.shape[:3], order=0, mode="constant", cval=0)
+    return m > 0.5
+
+
+def shifted_phantoms(folder: Path, n_per_contrast: int, seed: int) -> list[str]:
+    """Axial phantoms unlike any training case: 2.5x field of view, stronger bias, 2x noise."""
+    from spineauto.datasets.phantoms import PhantomSpec, render_phantom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    cases = []
+    for contrast in PHANTOM_CONTRASTS:
+        for i in range(n_per_contrast):
+            spec = PhantomSpec(contrast, "axial", str(rng.choice(["cervical", "thoracic"])), 0, int(rng.integers(2**31 - 1)),
+                               fov_scale=2.5)
+            p = render_phantom(spec)
+            img = np.asarray(p.image.dataobj, dtype=np.float32)
+            u, v = np.meshgrid(np.linspace(-1, 1, img.shape[0]), np.linspace(-1, 1, img.shape[1]), indexing="ij")
+            bias = np.exp(rng.uniform(-0.6, 0.6) * u + rng.uniform(-0.6, 0.6) * v)[..., None]
+            img = img * bias
+            img = np.hypot(img + rng.normal(0, 0.05 * img.max(), img.shape), rng.normal(0, 0.05 * img.max(), img.shape))
+            name = f"phantom_{contrast}_{i}"
+            nib.save(nib.Nifti1Image(img.astype(np.float32), p.image.affine), str(folder / f"{name}_0000.nii.gz"))
+            nib.save(nib.Nifti1Image((np.asarray(p.label.dataobj) > 0).astype(np.uint8), p.label.affine), str(folder / f"{name}_ref.nii.gz"))
+            cases.append(name)
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+
+
+def components(mask: np.ndarray) -> int:
+    import cc3d
+
+    return int(cc3d.connected_components(mask.astype(np.uint8), connectivity=26).max()) if mask.any() else 0
+
+
+def through_axis(affine: np.ndarray) -> int:
+    return int(np.argmax(np.linalg.norm(affine[:3, :3], axis=0)))
+
+
+def tube_stats(mask: np.ndarray, affine: np.ndarray) -> dict:
+    """Components, share of slices (along the thickest axis) with cord, one tube through all slices."""
+    ax = through_axis(affine)
+    per_slice = mask.any(axis=tuple(i for i in range(3) if i != ax))
+    n = components(mask)
+    return {"components": n, "slice_share": float(per_slice.mean()), "one_tube": bool(n == 1 and per_slice.all())}
+
+
+def uncropped_stats(mask: np.ndarray, carried: np.ndarray, affine: np.ndarray) -> dict:
+    """Recall of the carried cord; false-positive mm^3 over FP_DISTANCE_MM from it on its slices."""
+    from scipy import ndimage
+
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    ax = through_axis(affine)
+    covered = carried.any(axis=tuple(i for i in range(3) if i != ax))
+    far = np.zeros_like(mask)
+    for k in np.flatnonzero(covered):
+        sl = [slice(None)] * 3
+        sl[ax] = k
+        d = ndimage.distance_transform_edt(~carried[tuple(sl)], sampling=np.delete(spacing, ax))
+        far[tuple(sl)] = mask[tuple(sl)] & (d > FP_DISTANCE_MM)
+    return {"recall": float((mask & carried).sum() / max(1, carried.sum())), "fp_mm3": float(far.sum() * np.prod(spacing)),
+            "components": components(mask)}
+
+
+def score_folder(pred: Path, tests: dict) -> list[dict]:
+    """One row per (case, postprocessing) for the predictions in ``pred``."""
+    rows = []
+    for case, info in tests.items():
+        f = pred / f"{case}.nii.gz"
+        if not f.is_file():
+            rows.append({"case": case, "pp": "as written", "missing": True})
+            continue
+        img = nib.load(str(f))
+        written = np.asanyarray(img.dataobj) > 0
+        for pp, fn in POSTPROCESSINGS.items():
+            mask = written if fn is None else fn(written.astype(np.uint8), 1, img.affine) > 0 if fn is keep_cord_component \
+                else fn(written.astype(np.uint8), 1) > 0
+            row = {"case": case, "kind": info["kind"], "pp": pp}
+            if info["kind"] == "dice":
+                row["dice"] = dice(mask, info["ref"])
+            elif info["kind"] == "uncropped":
+                row.update(uncropped_stats(mask, info["ref"], img.affine))
+            else:
+                row.update(tube_stats(mask, img.affine))
+            rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- runs
+
+def build_tests(work: Path, held_out: tuple[str, ...], phantoms: int, seed: int) -> tuple[Path, dict]:
+    """Images to predict (one folder) and what each is scored against."""
+    images = work / "test_images"
+    shutil.rmtree(images, ignore_errors=True)
+    images.mkdir(parents=True)
+    tests: dict[str, dict] = {}
+    for case in held_out:
+        img, seg = (SHARED_DATA / p for p in REAL_CASES[case])
+        shutil.copy(img, images / f"{case}_0000.nii.gz")
+        tests[case] = {"kind": "dice", "ref": np.asanyarray(nib.load(str(seg)).dataobj) > 0}
+    if not held_out or "t2s" in held_out:
+        target = nib.load(str(SHARED_DATA / UNLABELLED["t2s_uncropped"]))
+        shutil.copy(SHARED_DATA / UNLABELLED["t2s_uncropped"], images / "t2s_uncropped_0000.nii.gz")
+        tests["t2s_uncropped"] = {"kind": "uncropped", "ref": carried_mask(SHARED_DATA / REAL_CASES["t2s"][1], target)}
+    if not held_out:
+        for case in ("dwi_mean", "fmri_tsnr"):  # the tSNR map has NaN where the signal is 0: 0 there
+            img = nib.load(str(SHARED_DATA / UNLABELLED[case]))
+            data = np.nan_to_num(np.asanyarray(img.dataobj).astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+            nib.save(nib.Nifti1Image(data, img.affine), str(images / f"{case}_0000.nii.gz"))
+            tests[case] = {"kind": "tube"}
+        if phantoms:
+            pdir = work / "phantoms"
+            for case in shifted_phantoms(pdir, phantoms, seed=1000):
+                shutil.copy(pdir / f"{case}_0000.nii.gz", images / f"{case}_0000.nii.gz")
+                tests[case] = {"kind": "dice", "ref": np.asanyarray(nib.load(str(pdir / f"{case}_ref.nii.gz")).dataobj) > 0}
+    return images, tests
+
+
+def write_preset(path: Path, override: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"description": "bench_generalisation variant", "configurations": {"2d": override}}))
+    return path
+
+
+def run_scenario(work: Path, scenario: str, variants: list[str], tools: list[str], seed: int, samples: int, phantoms: int,
+                 dataset_id: int) -> list[dict]:
+    held_out = () if scenario == "full" else GROUPS[scenario.split("-", 1)[1]]
+    train_cases = [c for c in REAL_CASES if c not in held_out]
+    work.mkdir(parents=True, exist_ok=True)
+    images, tests = build_tests(work, held_out, phantoms, seed)
+    rows = []
+    for tool in tools:
+        for variant in (variants if tool == "spineauto" else ["nnU-Net default"]):
+            run_dir = work / f"{tool}_{variant}_seed{seed}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            write_real_dataset(run_dir / "raw", dataset_id, cases=train_cases)
+            batch = 4 if tool == "nnunet" else None
+            env = bench_env(run_dir, "cpu", 1, 1)
+            if tool == "spineauto":
+                cmd = [str(VENV_BIN / "python"), "-m", "spineauto", "plan_and_preprocess", "-d", str(dataset_id), "-np", "2"]
+                if VARIANTS[variant]:
+                    cmd += ["--preset", str(write_preset(run_dir / "preset.yaml", VARIANTS[variant]))]
+                check_run(run_measured(cmd, env), f"{variant}: plan_and_preprocess")
+                plans = json.loads(next((run_dir / "sa_preprocessed").glob("Dataset*/plans.json")).read_text())
+                batch = int(plans["configurations"]["2d"]["batch_size"])
+            else:
+                check_run(run_measured([str(VENV_BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "2d",
+                                        "-np", "2", "-npfp", "2"], env), "nnU-Net plan_and_preprocess")
+            iters = max(1, round(samples / batch))
+            epochs = max(1, min(30, iters // 50))
+            per_epoch = max(1, round(iters / epochs))
+            env = bench_env(run_dir, "cpu", epochs, per_epoch)
+            if tool == "spineauto":
+                train = [str(VENV_BIN / "python"), "-m", "spineauto", "train", "-d", str(dataset_id), "-c", "2d", "-f", "all",
+                         "--epochs", str(epochs), "--iters-per-epoch", str(per_epoch), "--val-iters", "2", "--wandb", "disabled",
+                         "--device", "cpu", "--seed", str(seed), "--no-validate"]
+                predict = [str(VENV_BIN / "python"), "-m", "spineauto", "predict", "-d", str(dataset_id), "-c", "2d", "-f", "all",
+                           "-i", str(images), "-o", str(run_dir / "pred"), "--device", "cpu"]
+            else:
+                env["nnUNet_def_n_proc"] = "2"
+                train = [str(VENV_BIN / "nnUNetv2_train"), str(dataset_id), "2d", "all", "-tr", "nnUNetTrainerBench", "-device", "cpu"]
+                predict = [str(VENV_BIN / "nnUNetv2_predict"), "-d", str(dataset_id), "-c", "2d", "-f", "all", "-tr",
+                           "nnUNetTrainerBench", "-i", str(images), "-o", str(run_dir / "pred"), "-device", "cpu",
+                           "-npp", "1", "-nps", "1"]
+            t = run_measured(train, env, timeout_s=7200)
+            check_run(t, f"{tool} {variant} train")
+            check_run(run_measured(predict, env), f"{tool} {variant} predict")
+            for r in score_folder(run_dir / "pred", tests):
+                rows.append({**r, "scenario": scenario, "tool": tool, "variant": variant, "seed": seed, "train_s": t.wall_s,
+                             "batch": batch, "iters": epochs * per_epoch})
+            print(f"  {scenario} {tool} {variant} seed {seed}: batch {batch} x {epochs * per_epoch} iterations, "
+                  f"train {t.wall_s:.0f} s", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+def _fmt(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "-"
+    m = statistics.mean(values)
+    return f"{m:.{digits}f}" + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
+
+
+def tables(rows: list[dict]) -> str:
+    out = []
+    keys = sorted({(r["tool"], r["variant"], r["pp"]) for r in rows if "missing" not in r}, key=lambda k: (k[0] != "spineauto", k))
+    header = ["tool", "variant", "postprocessing"]
+    dice_cols = sorted({(r["scenario"], r["case"].split("_")[1] if r["case"].startswith("phantom") else r["case"])
+                        for r in rows if r.get("kind") == "dice"})
+    body = []
+    for key in keys:
+        sel = [r for r in rows if (r["tool"], r["variant"], r["pp"]) == key and "missing" not in r]
+        line = list(key)
+        for scen, col in dice_cols:
+            vals = {}
+            for r in sel:
+                if r.get("kind") == "dice" and r["scenario"] == scen and (r["case"] == col or r["case"].startswith(f"phantom_{col}_")):
+                    vals.setdefault(r["seed"], []).append(r["dice"])
+            line.append(_fmt([statistics.mean(v) for v in vals.values()]))
+        for case in ("t2s_uncropped",):
+            for scen in sorted({r["scenario"] for r in sel if r["case"] == case}):
+                u = [r for r in sel if r["case"] == case and r["scenario"] == scen]
+                line += [_fmt([r["recall"] for r in u]), _fmt([r["fp_mm3"] for r in u], 0), _fmt([r["components"] for r in u], 1)]
+        for case in ("dwi_mean", "fmri_tsnr"):
+            u = [r for r in sel if r["case"] == case]
+            if u:
+                line += [f"{_fmt([r['components'] for r in u], 1)} / {_fmt([r['slice_share'] for r in u])} / "
+                         f"{sum(r['one_tube'] for r in u)}/{len(u)}"]
+        body.append(line)
+    header += [f"{s}: {c} Dice" for s, c in dice_cols]
+    for scen in sorted({r["scenario"] for r in rows if r["case"] == "t2s_uncropped"}):
+        header += [f"{scen}: uncropped recall", f"{scen}: FP mm³ > {FP_DISTANCE_MM:g} mm", f"{scen}: components"]
+    header += [f"{c}: components / slice share / one tube" for c in ("dwi_mean", "fmri_tsnr") if any(r["case"] == c for r in rows)]
+    width = max(len(b) for b in body) if body else 0
+    out.append(format_table(header[:width], [b + ["-"] * (width - len(b)) for b in body]))
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=30000, help="training samples per model (nnU-Net default: 30 x 250 x 4)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--scenarios", nargs="+", default=["full"] + [f"loco-{g}" for g in GROUPS])
+    ap.add_argument("--variants", nargs="+", default=["plan"], choices=list(VARIANTS))
+    ap.add_argument("--tools", nargs="+", default=["spineauto", "nnunet"], choices=["spineauto", "nnunet"])
+    ap.add_argument("--phantoms", type=int, default=2, help="shifted phantoms per contrast (full scenario)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_generalisation"))
+    ap.add_argument("--quick", action="store_true", help="1 seed, the full scenario, 3,000 samples")
+    ap.add_argument("--json", type=Path, help="also write every row here")
+    args = ap.parse_args()
+    if args.quick:
+        args.seeds, args.scenarios, args.samples = [0], ["full"], 3000
+    if not SHARED_DATA.is_dir():
+        raise SystemExit(f"{SHARED_DATA}: real data missing; see shared/data/README.md")
+    rows: list[dict] = []
+    for seed in args.seeds:
+        for i, scenario in enumerate(args.scenarios):
+            rows += run_scenario(args.work / f"{scenario}_seed{seed}", scenario, args.variants, args.tools, seed, args.samples,
+                                 args.phantoms, 930 + i)
+    if args.json:
+        args.json.write_text(json.dumps([{k: v for k, v in r.items()} for r in rows], indent=1, default=str))
+    print(f"\n{command_line()}\n{args.samples} training samples per model; seeds {args.seeds}\n")
+    print(tables(rows))
+
+
+if __name__ == "__main__":
+    main()
