@@ -47,13 +47,15 @@ def plan_and_preprocess(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the integrity check (geometry, labels, NaN, counts)."),
     preset: Optional[Path] = typer.Option(None, "--preset", help="YAML overriding planned values, e.g. plans/spinal_cord_segmentation.yaml."),
     num_processes: int = typer.Option(min(os.cpu_count() or 1, 8), "-np", "--num-processes", help="Parallel worker processes."),
+    gpu_memory_gb: Optional[float] = typer.Option(None, "--gpu-memory-gb", help="Memory of the card to train on, GB: the batch sizes "
+                                                  "follow it (default: the visible CUDA card's, else a 2 GB CPU budget; the reason is in plans.json)."),
 ):
     """Check the raw dataset, fingerprint it, write plans.json and preprocess every training case."""
     from spineauto.cli_views import plan_summary, stage_progress
     from spineauto.plan_and_preprocess import plan_and_preprocess as run
 
     with stage_progress(console) as progress:
-        result = run(dataset, verify=not no_verify, preset=preset, workers=num_processes, progress=progress)
+        result = run(dataset, verify=not no_verify, preset=preset, workers=num_processes, progress=progress, gpu_memory_gb=gpu_memory_gb)
     plan_summary(console, result)
 
 
@@ -192,34 +194,31 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the fold's earlier run (without it, a fold with checkpoints is "
                                    "refused); the old run is kept in previous_fold_k/ until the new run writes its first checkpoint."),
     pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Checkpoint whose matching encoder.* (and other) tensors initialise the network."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (default: on for CUDA fp16, off on CPU; --amp on CPU = bf16)."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (default: on for CUDA fp16; on CPU bf16 where the CPU has it natively, AMX/AVX512-BF16, else off)."),
     amp_dtype: Optional[str] = typer.Option(None, "--amp-dtype", help="float16 (CUDA, with grad scaling) or bfloat16."),
     wandb: str = typer.Option("auto", "--wandb", help="auto (online with credentials, else offline), online, offline, disabled."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0, or the run's own with --continue)."),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Background data workers (default from the CPU count)."),
-    num_gpus: int = typer.Option(1, "--num-gpus", help="DDP processes: relaunches this command through torchrun (gloo on CPU, NCCL on CUDA)."),
+    num_gpus: int = typer.Option(1, "--num-gpus", help="DDP processes (per node): relaunches this command through torchrun (gloo on CPU, NCCL on CUDA)."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Machines in the job: run this same command on each of them, with --rdzv-endpoint (see README, SLURM)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT where the nodes meet (torchrun's c10d rendezvous), e.g. the first node and 29500."),
+    rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by the nodes (default $SLURM_JOB_ID, else 'spineauto')."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format (default: on for CUDA, off on CPU)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the network (falls back to eager when compiling fails; the first step's time is logged)."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the full-volume validation of the held-out cases."),
     npz: bool = typer.Option(False, "--npz", help="Also save the validation's probabilities (validation/<case>.npz) so that "
                              "find_best_configuration can score ensembles of configurations."),
 ):
     """Train one fold of a configuration from its plan; checkpoints, metrics and validation in the model folder."""
-    if num_gpus > 1:
+    if num_gpus > 1 or nnodes > 1:
         from spineauto.training.distributed import relaunch_with_torchrun
 
-        argv, skip = [], False
-        for a in sys.argv[1:]:  # the same command, minus --num-gpus N / --num-gpus=N
-            if skip or a.startswith("--num-gpus="):
-                skip = False
-                continue
-            skip = a == "--num-gpus"
-            if not skip:
-                argv.append(a)
-        raise typer.Exit(relaunch_with_torchrun(num_gpus, argv))
+        raise typer.Exit(relaunch_with_torchrun(num_gpus, sys.argv[1:], nnodes, rdzv_endpoint, rdzv_id))
     from spineauto.cli_views import TrainingBar
     from spineauto.training.trainer import TrainOptions, train_fold
 
     options = TrainOptions(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters, device=device, amp=amp,
-                           amp_dtype=amp_dtype, wandb=wandb, seed=seed, continue_training=continue_training, overwrite=overwrite,
+                           amp_dtype=amp_dtype, channels_last=channels_last, compile=compile, wandb=wandb, seed=seed, continue_training=continue_training, overwrite=overwrite,
                            pretrained=pretrained, num_workers=num_workers, validate=not no_validate, save_probabilities=npz,
                            progress=TrainingBar(console))
     folder = train_fold(dataset, configuration, fold, options)
@@ -243,6 +242,8 @@ def predict(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     model_folder: Optional[Path] = typer.Option(None, "-m", "--model", help="Use this model folder instead of the one of -d/-c."),
     roi: Optional[Path] = typer.Option(None, "--roi", help="Folder of <case>.nii.gz masks (value > 0) to crop around, for a configuration with an roi (2d_cord_roi: the cord masks of another `spineauto predict`)."),
+    num_parts: int = typer.Option(1, "--num-parts", help="Split the cases into this many shards (e.g. a SLURM job array's size)."),
+    part_id: int = typer.Option(0, "--part-id", help="Which shard this run predicts, 0 .. num-parts-1 (e.g. $SLURM_ARRAY_TASK_ID); outputs merge by copying."),
 ):
     """Segment new scans with a trained model; masks keep each input's exact geometry."""
     import torch
@@ -253,6 +254,9 @@ def predict(
     from spineauto.inference.model import load_model
     from spineauto.inference.predict import predict_folder
 
+    from spineauto.parallel import shard
+
+    shard([], num_parts, part_id)  # check the shard options before loading any model
     folds = _split_folds(folds)
     if ctx.args:  # nnU-Net style `-f 0 1 2`: the values after the first arrive as extra arguments
         if not folds or not all(a.isdigit() or a == "all" for a in ctx.args):
@@ -263,7 +267,7 @@ def predict(
     model = load_model(folder, folds, checkpoint, resolve_device(device), configuration=configuration)
     with make_progress(console) as progress:
         result = predict_folder(model, input, output, tta=not no_tta, save_probabilities=save_probabilities,
-                                progress=case_progress(progress, "predict"), roi=roi)
+                                progress=case_progress(progress, "predict"), roi=roi, num_parts=num_parts, part_id=part_id)
     predict_summary(console, model, result, output, not no_tta)
 
 

@@ -1,4 +1,5 @@
-"""Run one function over many cases in worker processes, with a progress callback; the machine's memory.
+"""Run one function over many cases in worker processes, with a progress callback; the machine's memory;
+a cohort's shard for a job array (:func:`shard`).
 
 Workers never outlive the process that started them: on Linux each asks the kernel for SIGKILL when
 its parent dies (``prctl(PR_SET_PDEATHSIG)``), elsewhere a watchdog thread polls ``os.getppid()``;
@@ -16,8 +17,20 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Iterable
 
+from spineauto.errors import SpineautoError
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 WATCHDOG_S = 0.5
+
+
+def shard(cases: list, num_parts: int, part_id: int) -> list:
+    """Every ``num_parts``-th case from the ``part_id``-th (``--num-parts/--part-id``): the parts of a job
+    array are disjoint and together hold every case, each about the same number."""
+    if isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 1:
+        raise SpineautoError(f"--num-parts {num_parts}: must be at least 1")
+    if isinstance(part_id, bool) or not isinstance(part_id, int) or not 0 <= part_id < num_parts:
+        raise SpineautoError(f"--part-id {part_id}: must be between 0 and --num-parts - 1 ({num_parts - 1})")
+    return cases[part_id::num_parts]
 
 
 def map_cases(fn: Callable[..., Any], cases: list[str], args: Iterable[tuple], workers: int,

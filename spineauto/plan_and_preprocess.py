@@ -26,7 +26,7 @@ from spineauto.errors import SpineautoError
 from spineauto.io.atomic import read_json, write_json
 from spineauto.io.locks import exclusive_lock, holder_alive, read_lock
 from spineauto.planning.fingerprint import Fingerprint, fingerprint_dataset
-from spineauto.planning.planner import plan_dataset
+from spineauto.planning.planner import memory_target, plan_dataset
 from spineauto.planning.plans import ConfigurationPlan, Plans
 from spineauto.planning.resources import check_memory
 from spineauto.preprocessing.manifest import MANIFEST, write_manifest
@@ -48,7 +48,10 @@ class PlanResult:
 
 def plan_and_preprocess(dataset: str | int, verify: bool = True, preset: Path | None = None, workers: int = 2,
                         raw: Path | None = None, preprocessed: Path | None = None,
-                        progress: Callable[[str, str], None] | None = None) -> PlanResult:
+                        progress: Callable[[str, str], None] | None = None, gpu_memory_gb: float | None = None) -> PlanResult:
+    """``gpu_memory_gb``: the card the batch sizes are planned for (default: the visible CUDA card, else the CPU budget)."""
+    if gpu_memory_gb is not None:
+        memory_target(gpu_memory_gb)  # a bad value is refused before anything is read
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise SpineautoError(f"-np/--num-processes must be a whole number >= 1, got {workers!r}")
     raw_dir = paths.raw_dataset(dataset, raw)
@@ -57,7 +60,7 @@ def plan_and_preprocess(dataset: str | int, verify: bool = True, preset: Path | 
     made = [p for p in (out, *out.parents) if not p.exists()]
     try:
         with exclusive_lock(out / LOCK, f"plan_and_preprocess of {raw_dir.name}"):
-            return _run(info, raw_dir, out, verify, preset, workers, progress)
+            return _run(info, raw_dir, out, verify, preset, workers, progress, gpu_memory_gb)
     except OSError as e:
         raise SpineautoError(_os_line(e)) from None
     except BaseException:
@@ -70,9 +73,9 @@ def plan_and_preprocess(dataset: str | int, verify: bool = True, preset: Path | 
 
 
 def _run(info: DatasetInfo, raw_dir: Path, out: Path, verify: bool, preset: Path | None, workers: int,
-         progress: Callable[[str, str], None] | None) -> PlanResult:
+         progress: Callable[[str, str], None] | None, gpu_memory_gb: float | None = None) -> PlanResult:
     fp = fingerprint_dataset(info, verify=verify, workers=workers, progress=(lambda c: progress("fingerprint", c)) if progress else None)
-    plans = plan_dataset(fp, preset)
+    plans = plan_dataset(fp, preset, gpu_memory_gb)
     workers = check_memory(fp, plans, workers)
     folders: dict[str, list[ConfigurationPlan]] = {}
     for cfg in plans.configurations.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import spearmanr
 
 from spineauto.datasets.phantoms import PhantomSpec, render_phantom
@@ -97,3 +98,95 @@ def test_phantom_field_of_view_scale_shows_more_of_the_neck():
     assert np.asarray(wide.label.dataobj).sum() > 0
     with pytest.raises(ValueError, match="fov_scale"):
         render_phantom(PhantomSpec("T2w", "axial", "cervical", fov_scale=9))
+
+
+class BrightIsCord(torch.nn.Module):
+    """Every voxel brighter than the case's mean (after the plan's z-scoring) is cord: a model that
+    marks the cord and every other bright structure, as a model does on a field of view it never saw."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        logits = torch.full((x.shape[0], self.num_classes, *x.shape[2:]), -50.0)
+        logits[:, 0] = 0.0
+        logits[:, 1] = 10.0 * x[:, 0]
+        return logits
+
+
+@pytest.fixture(scope="module")
+def bright_model(tmp_path_factory):
+    from conftest import planned_phantoms
+    from test_inference_support import make_model_folder
+
+    from spineauto.inference.model import load_model
+
+    env = planned_phantoms(tmp_path_factory.mktemp("localise"), n_train=3, n_test=1, seed=2)
+    model = load_model(make_model_folder(env["preprocessed"] / "Dataset001_Ph", env["results"], folds=("all",)), folds=["all"])
+    assert model.plan.localise is not None and model.plan.localise.label == "cord"  # planned for a dataset with a cord
+    assert "median over" in model.plan.reasons["localise"]
+    model.networks = [BrightIsCord(len(model.label_values))]
+    return model
+
+
+def _tube_scene(tmp_path, with_tube: bool = True):
+    """An axial stack (S-I on the last axis): dim tissue, a bright tube through every slice and a
+    bright block on four slices in a corner."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    img = 1.0 + 0.05 * rng.standard_normal((96, 96, 12))
+    tube = np.zeros(img.shape, bool)
+    yy, xx = np.mgrid[:96, :96]
+    if with_tube:
+        tube[((yy - 48) ** 2 + (xx - 50) ** 2) <= 25] = True
+    img[tube] = 4.0
+    img[4:30, 4:30, 4:8] = 4.0
+    path = tmp_path / "scene_0000.nii.gz"
+    nib.save(nib.Nifti1Image(img.astype(np.float32), np.diag([0.6, 0.6, 4.0, 1.0])), str(path))
+    return path, tube
+
+
+@pytest.mark.parametrize("localise", [True, False])
+def test_localise_then_segment_keeps_the_tube_and_segments_around_it(bright_model, tmp_path, monkeypatch, localise):
+    import nibabel as nib
+
+    from spineauto.inference.driver import predict_case
+    from spineauto.inference.inputs import InputCase
+    from spineauto.planning.plans import LocalisePlan
+
+    path, tube = _tube_scene(tmp_path)
+    monkeypatch.setattr(bright_model.plan, "localise", LocalisePlan(margin_mm=5.0) if localise else None)
+    boxes = []
+    around = InputCase.preprocessed_around
+
+    def spy(self, model, mask, margin_mm):
+        layout, props = around(self, model, mask, margin_mm)
+        boxes.append((layout.shape, int(mask.sum())))
+        return layout, props
+
+    monkeypatch.setattr(InputCase, "preprocessed_around", spy)
+    pred = predict_case(bright_model, InputCase("scene", [path]), tmp_path / "out", tta=False)
+    labels = np.asarray(nib.load(str(pred.files[0])).dataobj)
+    if not localise:  # one pass: the block is cord too
+        assert not boxes and labels[4:30, 4:30, 4:8].all()
+        return
+    (shape, first_pass_cord), = boxes
+    assert first_pass_cord == pytest.approx(tube.sum(), rel=0.15)  # the first pass's cord component is the tube
+    assert shape[2] * shape[3] < 0.25 * (96 * 0.6 / bright_model.plan.target_spacing[0]) ** 2  # the second pass saw a box
+    assert not labels[4:30, 4:30, 4:8].any()
+    assert (labels == 1).sum() == pytest.approx(tube.sum(), rel=0.15) and (labels[tube] == 1).mean() > 0.9
+
+
+def test_localise_on_a_scene_without_a_tube_keeps_what_the_first_pass_found(bright_model, tmp_path, monkeypatch):
+    import nibabel as nib
+
+    from spineauto.inference.driver import predict_case
+    from spineauto.inference.inputs import InputCase
+
+    path, _ = _tube_scene(tmp_path, with_tube=False)
+    monkeypatch.setattr(bright_model.plan.localise, "label", "cord")
+    pred = predict_case(bright_model, InputCase("scene", [path]), tmp_path / "out", tta=False)
+    labels = np.asarray(nib.load(str(pred.files[0])).dataobj)
+    assert labels[4:30, 4:30, 4:8].all()  # the block is the only component: localised on it, kept

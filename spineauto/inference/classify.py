@@ -58,11 +58,11 @@ def csv_header(classes: dict[str, list[str]]) -> list[str]:
     return cols
 
 
-def write_classification_csv(out_dir: Path, results: Sequence[CaseClassification]) -> Path | None:
-    """``classification.csv``: one row per case; rows of cases not in ``results`` are kept (reruns)."""
+def write_classification_csv(out_dir: Path, results: Sequence[CaseClassification], name: str = "classification.csv") -> Path | None:
+    """``classification.csv`` (or ``name``): one row per case; rows of cases not in ``results`` are kept (reruns)."""
     if not results:
         return None
-    path = Path(out_dir) / "classification.csv"
+    path = Path(out_dir) / name
     header = csv_header(results[0].classes)
     rows: dict[str, dict] = {}
     if path.is_file():

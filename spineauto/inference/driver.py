@@ -32,7 +32,7 @@ from spineauto.inference.classify import CaseClassification, aggregate_slices, w
 from spineauto.inference.export import (check_writable, error_message, failures_error, remove_case_outputs, remove_temporaries,
                                         warn_undeclared_labels, write_probabilities, writing)
 from spineauto.inference.model import TrainedModel
-from spineauto.inference.postprocessing import apply_postprocessing
+from spineauto.inference.postprocessing import apply_postprocessing, keep_cord_component
 from spineauto.inference.predictor import run_networks
 from spineauto.inference.restore import restore_labels, restore_probabilities
 
@@ -46,6 +46,9 @@ class CaseSource(Protocol):
     def source(self) -> str: ...  # what to name in a message (a file, a series)
     def preprocessed(self, model: TrainedModel) -> tuple[np.ndarray, dict]: ...  # (C, S, H, W) + restore properties
     def write_mask(self, target: Path, labels: np.ndarray) -> Path: ...  # uint8 (X, Y, Z) in the case's own geometry
+    # optional, for configurations that localise first: preprocessed(model) cropped to a box around
+    # ``mask`` ((X, Y, Z) bool in the case's grid) widened by margin_mm; sources without it predict in one pass
+    # def preprocessed_around(self, model, mask, margin_mm) -> tuple[np.ndarray, dict]: ...
 
 
 @dataclass
@@ -89,12 +92,33 @@ def infer(model: TrainedModel, layout: np.ndarray, props: dict, case: str, tta: 
     return result
 
 
+def localise(model: TrainedModel, case: CaseSource, first: CaseInference, props: dict, tta: bool = True,
+             batch_slices: int | None = None, probabilities: bool = False) -> CaseInference:
+    """The configuration's localise-then-segment second pass (:class:`~spineauto.planning.plans.LocalisePlan`):
+    the cord component of ``first`` (the whole image), then the networks again on a box around it.
+    A first pass without a cord is returned as it is."""
+    loc = model.plan.localise
+    value = model.plans.labels[loc.label]
+    affine = np.asarray(props["geometry"]["affine"], dtype=float)
+    cord = keep_cord_component(first.labels, value, affine) == value
+    if not cord.any():
+        return first
+    layout, box_props = case.preprocessed_around(model, cord, loc.margin_mm)
+    second = infer(model, layout, box_props, case.name, tta, batch_slices, probabilities)
+    second.labels = keep_cord_component(second.labels, value, affine)
+    second.classification = first.classification
+    return second
+
+
 def predict_case(model: TrainedModel, case: CaseSource, output: Path, tta: bool = True, save_probabilities: bool = False,
                  batch_slices: int | None = None) -> CasePrediction:
-    """Preprocess once, run the networks once, write every output of one case into ``output``."""
+    """Preprocess once, run the networks once (twice for a configuration that localises first: on
+    the whole image, then around the cord found there), write every output of one case into ``output``."""
     layout, props = case.preprocessed(model)
     res = infer(model, layout, props, case.name, tta, batch_slices, probabilities=save_probabilities)
     del layout
+    if model.plan.localise is not None and res.labels is not None and hasattr(case, "preprocessed_around"):
+        res = localise(model, case, res, props, tta, batch_slices, save_probabilities)
     if res.labels is not None:
         warn_undeclared_labels(case.name, res.labels, model.label_values)
     pred = CasePrediction(case.name, res.labels, res.classification)
@@ -113,7 +137,8 @@ def predict_case(model: TrainedModel, case: CaseSource, output: Path, tta: bool 
 
 def predict_cases(model: TrainedModel, cases: Sequence[CaseSource], output: Path, tta: bool = True, save_probabilities: bool = False,
                   batch_slices: int | None = None, progress: Callable[[str, int, int], None] | None = None,
-                  on_case: Callable[[CaseSource, CasePrediction], None] | None = None) -> PredictResult:
+                  on_case: Callable[[CaseSource, CasePrediction], None] | None = None,
+                  csv_name: str = "classification.csv") -> PredictResult:
     """Predict every case into ``output``; ``on_case`` sees each prediction (e.g. to score it).
 
     Raises one :class:`SpineautoError` naming the failed cases after the others are written.
@@ -143,8 +168,8 @@ def predict_cases(model: TrainedModel, cases: Sequence[CaseSource], output: Path
             result.classifications.append(pred.classification)
         if on_case:
             on_case(case, pred)
-    with writing(output / "classification.csv"):
-        write_classification_csv(output, result.classifications)
+    with writing(output / csv_name):
+        write_classification_csv(output, result.classifications, csv_name)
     if progress:
         progress("", len(cases), len(cases))
     if result.failed:

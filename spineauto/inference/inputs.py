@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,18 @@ class InputCase:
             roi = read_roi(self.roi, data.shape[1:], affine, self.source)
             self._restrict = (roi, affine, model.plan.roi.remove_outside_mm)
         layout, _, props = preprocess_array(data, affine, model.plan, model.intensity, roi=roi, name=str(self.roi or self.source))
+        return layout, props
+
+    def preprocessed_around(self, model, mask: np.ndarray, margin_mm: float) -> tuple[np.ndarray, dict]:
+        """As :meth:`preprocessed`, cropped to the box around ``mask`` widened by ``margin_mm`` and
+        normalised inside it (the localise-then-segment second pass)."""
+        from spineauto.planning.plans import RoiPlan
+        from spineauto.preprocessing.preprocess import preprocess_array
+
+        data, affine = self.read()
+        plan = replace(model.plan, roi=RoiPlan(label=model.plan.localise.label, margin_mm=margin_mm, jitter_mm=0.0,
+                                               remove_outside_mm=0.0))
+        layout, _, props = preprocess_array(data, affine, plan, model.intensity, roi=mask, name=self.source)
         return layout, props
 
     def write_mask(self, target: Path, labels: np.ndarray) -> Path:

@@ -5,6 +5,7 @@ spawn) through the one case driver (:mod:`spineauto.inference.driver`).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -13,22 +14,33 @@ from spineauto.inference.driver import PredictResult, predict_cases
 from spineauto.inference.export import check_output_apart, check_writable, writing
 from spineauto.inference.inputs import attach_roi_masks, discover_cases
 from spineauto.inference.model import TrainedModel
+from spineauto.parallel import shard
+
+log = logging.getLogger(__name__)
 
 
 def predict_folder(model: TrainedModel, source: Path, output: Path, tta: bool = True, save_probabilities: bool = False,
                    batch_slices: int | None = None, progress: Callable[[str, int, int], None] | None = None,
-                   roi: Path | None = None) -> PredictResult:
+                   roi: Path | None = None, num_parts: int = 1, part_id: int = 0) -> PredictResult:
     """Predict every case found in ``source`` (NIfTI file or folder, DICOM series) into ``output``.
 
     ``roi``: a folder of ``<case>.nii.gz`` masks (value > 0), required by a configuration with an
     roi (``2d_cord_roi``: the cord predicted by another model) and refused by the others.
     ``output`` must lie apart from ``source``, ``roi`` and the model folder
     (:func:`~spineauto.inference.export.check_output_apart`).
+    ``num_parts``/``part_id``: predict only this shard of the cases (:func:`spineauto.parallel.shard`), so
+    that a job array spreads a cohort over machines; the shards' outputs merge by copying (a sharded
+    run names its ``classification.csv`` and ``dicom_series.json`` after its part).
     """
+    shard([], num_parts, part_id)  # the options checked before any case is read
     check_output_apart([source, roi], output, within=[model.folder])
     cases = discover_cases(source, model.num_channels)
     if not cases:
         raise SpineautoError(f"{source}: no input cases found")
+    found, cases = len(cases), shard(cases, num_parts, part_id)
+    part = f".part{part_id}of{num_parts}" if num_parts > 1 else ""
+    if num_parts > 1:
+        log.info("part %d of %d: %d of the %d case(s)", part_id, num_parts, len(cases), found)
     attach_roi_masks(cases, model.plan, roi)
     if any(c.dicom is not None for c in cases) and model.num_channels != 1:
         raise SpineautoError(f"{source}: DICOM series give one channel but the model expects {model.num_channels}")
@@ -37,6 +49,6 @@ def predict_folder(model: TrainedModel, source: Path, output: Path, tta: bool = 
     if any(c.dicom is not None for c in cases):  # which series each series_XXX mask belongs to
         from spineauto.io.atomic import write_json
 
-        with writing(output / "dicom_series.json"):
-            write_json(output / "dicom_series.json", {c.name: c.metadata for c in cases if c.dicom is not None})
-    return predict_cases(model, cases, output, tta, save_probabilities, batch_slices, progress)
+        with writing(output / f"dicom_series{part}.json"):
+            write_json(output / f"dicom_series{part}.json", {c.name: c.metadata for c in cases if c.dicom is not None})
+    return predict_cases(model, cases, output, tta, save_probabilities, batch_slices, progress, csv_name=f"classification{part}.csv")

@@ -24,6 +24,7 @@ from spineauto.errors import SpineautoError
 from spineauto.inference.export import check_output_apart
 from spineauto.inference.inputs import InputCase, discover_cases, strip_ending
 from spineauto.io.atomic import write_json
+from spineauto.parallel import shard  # noqa: F401 (also `spineauto pipeline`'s option check)
 from spineauto.pipeline.runner import CaseResult, Pipeline, ScanInput
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,6 @@ def find_inputs(source: Path, num_channels: int = 1) -> list[InputCase]:
             raise SpineautoError(f"{source}: a BIDS root without sub-*/anat/*.nii.gz images")
         return [InputCase(strip_ending(p.name), [p]) for p in files]
     return discover_cases(source, num_channels)
-
-
-def shard(cases: list, num_parts: int, part_id: int) -> list:
-    if num_parts < 1:
-        raise SpineautoError(f"--num-parts {num_parts}: must be at least 1")
-    if not 0 <= part_id < num_parts:
-        raise SpineautoError(f"--part-id {part_id}: must be between 0 and --num-parts - 1 ({num_parts - 1})")
-    return cases[part_id::num_parts]
 
 
 def run_pipeline(pipeline: Pipeline, source: Path, output: Path, num_parts: int = 1, part_id: int = 0,

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from spineauto.datasets.dataset_json import lesion_labels
+from spineauto.errors import SpineautoError
 from spineauto.planning.fingerprint import Fingerprint
-from spineauto.planning.plans import ConfigurationPlan, HeadPlan, NetworkPlan, Plans, RoiPlan
+from spineauto.planning.plans import ConfigurationPlan, HeadPlan, LocalisePlan, NetworkPlan, Plans, RoiPlan
 from spineauto.planning.presets import apply_preset
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,8 @@ BASE_FEATURES = 32
 MAX_FEATURES = 512
 MIN_FEATURE_MAP = 4
 MAX_PATCH_EDGE = 512  # pixels; larger slices are trained on patches
-MEMORY_BUDGET_GB = 2.0  # activations of one training step, used to size the batch
+MEMORY_BUDGET_GB = 2.0  # activations of one training step, used to size the batch (on a machine without CUDA)
+GPU_ACTIVATION_FRACTION = 0.5  # of a card's memory, for one step's activations (the rest: weights, optimiser, cuDNN, cache)
 MIN_BATCH, MAX_BATCH = 2, 64
 MAX_DATASET_FRACTION = 0.05  # one batch covers at most this fraction of all training pixels (nnU-Net's rule)
 CROP_FRACTION_FOR_MASK = 0.75  # normalise inside the nonzero mask when cropping removed more than 25%
@@ -66,12 +68,30 @@ def _network(patch_median: np.ndarray, target: float) -> tuple[NetworkPlan, list
     return net, [int(x) for x in patch_out], f"{n} stages down to >= {MIN_FEATURE_MAP} px (nnunetv2 get_pool_and_conv_props)"
 
 
-def _batch_size(patch: list[int], net: NetworkPlan, total_pixels: float, encoder_only: bool = False) -> tuple[int, str]:
+def memory_target(gpu_memory_gb: float | None = None) -> tuple[float, str]:
+    """The activation budget (GB) that sizes the batch, and why: a share of ``gpu_memory_gb`` when given,
+    else of the visible CUDA card, else the CPU budget (nnU-Net's ``-gpu_memory_target``, default from the card)."""
+    from spineauto.devices import cuda_memory_gb
+
+    if gpu_memory_gb is not None:
+        if not isinstance(gpu_memory_gb, (int, float)) or not 0 < gpu_memory_gb < 10_000:
+            raise SpineautoError(f"--gpu-memory-gb {gpu_memory_gb!r}: give the card's memory in GB, e.g. 24")
+        return gpu_memory_gb * GPU_ACTIVATION_FRACTION, f"--gpu-memory-gb {gpu_memory_gb:g}"
+    card = cuda_memory_gb()
+    if card is not None:
+        return card[0] * GPU_ACTIVATION_FRACTION, f"the visible card {card[1]} ({card[0]:.1f} GB)"
+    return MEMORY_BUDGET_GB, "no CUDA device visible: the CPU budget"
+
+
+def _batch_size(patch: list[int], net: NetworkPlan, total_pixels: float, encoder_only: bool = False,
+                budget: tuple[float, str] = (MEMORY_BUDGET_GB, "CPU")) -> tuple[int, str]:
     per_sample = estimate_activation_bytes(patch, net.features_per_stage, net.n_conv_per_stage, encoder_only)
-    by_memory = int(MEMORY_BUDGET_GB * 1024**3 // per_sample)
+    budget_gb, why = budget
+    by_memory = int(budget_gb * 1024**3 // per_sample)
     by_data = int(MAX_DATASET_FRACTION * total_pixels // np.prod(patch))
     bs = int(np.clip(min(by_memory, by_data), MIN_BATCH, MAX_BATCH))
-    return bs, (f"{MEMORY_BUDGET_GB} GB activation budget allows {by_memory} ({per_sample / 2**20:.0f} MB/sample); "
+    share = f"{GPU_ACTIVATION_FRACTION:.0%} of " if why != "CPU" and not why.startswith("no CUDA") else ""
+    return bs, (f"{budget_gb:.3g} GB activation budget ({share}{why}) allows {by_memory} ({per_sample / 2**20:.0f} MB/sample); "
                 f"{MAX_DATASET_FRACTION:.0%} of the {total_pixels:.3g} training pixels allows {by_data}; clipped to [{MIN_BATCH}, {MAX_BATCH}]")
 
 
@@ -92,6 +112,27 @@ def cord_label(labels: dict[str, int], lesion: list[str]) -> str | None:
     return names[0] if names else None
 
 
+MIN_LOCALISE_MARGIN_MM = 5.0
+
+
+def _localise(fp: Fingerprint, cord: str) -> tuple[LocalisePlan, str]:
+    """Localise, then segment, with a box as wide as the training cases: per case with a cord, half
+    of (in-plane field of view - cord extent), mean of the two in-plane axes; the median over cases."""
+    margins = []
+    for c in fp.cases:
+        ext = c.label_extent.get(str(fp.labels[cord]))
+        if ext:
+            fov = np.array(c.cropped_shape[1:]) * np.array(c.layout_spacing[1:])
+            margins.append(float(np.mean((fov - np.array(ext[1:]) * np.array(c.layout_spacing[1:])) / 2)))
+    if not margins:
+        plan = LocalisePlan(label=cord)
+        return plan, f"no {cord!r} extents in the fingerprint: default margin {plan.margin_mm:g} mm"
+    margin = max(MIN_LOCALISE_MARGIN_MM, round(float(np.median(margins)), 1))
+    return LocalisePlan(label=cord, margin_mm=margin), (
+        f"prediction finds the {cord} on the whole image, then segments a box around it {margin:g} mm wider on each side: the median "
+        f"over {len(margins)} training cases of half (in-plane field of view - {cord} extent), at least {MIN_LOCALISE_MARGIN_MM:g} mm")
+
+
 def _roi_shapes(fp: Fingerprint, value: int, margin_mm: float, target: float) -> tuple[np.ndarray, np.ndarray]:
     """Per case with that label: the in-plane shape at the target spacing of its box (label bounding
     box + margin, within the nonzero crop), and the box's slice count."""
@@ -106,7 +147,8 @@ def _roi_shapes(fp: Fingerprint, value: int, margin_mm: float, target: float) ->
     return np.array(shapes).reshape(-1, 2), np.array(slices)
 
 
-def _roi_configuration(fp: Fingerprint, cord: str, lesion: list[str], target: float, reasons: dict, common: dict) -> ConfigurationPlan:
+def _roi_configuration(fp: Fingerprint, cord: str, lesion: list[str], target: float, reasons: dict, common: dict,
+                       budget: tuple[float, str] = (MEMORY_BUDGET_GB, "CPU")) -> ConfigurationPlan:
     roi = RoiPlan(label=cord)  # margin, jitter and removal distance: the defaults, measured (see RoiPlan)
     shapes, slices = _roi_shapes(fp, fp.labels[cord], roi.margin_mm, target)
     if not len(shapes):  # a fingerprint without label extents: plan from the whole cropped slices
@@ -116,7 +158,7 @@ def _roi_configuration(fp: Fingerprint, cord: str, lesion: list[str], target: fl
         patch_reason = f"median in-plane shape of the {cord!r} box (+{roi.margin_mm:g} mm each side) over {len(shapes)} cases"
     median = np.median(shapes, axis=0)
     net, patch, net_reason = _network(median, target)
-    bs, bs_reason = _batch_size(patch, net, float((shapes.prod(axis=1) * slices).sum()))
+    bs, bs_reason = _batch_size(patch, net, float((shapes.prod(axis=1) * slices).sum()), budget=budget)
     return ConfigurationPlan(
         name="2d_cord_roi", task="segmentation", patch_size=patch, batch_size=bs, network=net, roi=roi,
         reasons={**reasons, "data_identifier": "crops around the cord: preprocessed on their own",
@@ -128,7 +170,8 @@ def _roi_configuration(fp: Fingerprint, cord: str, lesion: list[str], target: fl
         **{**common, "data_identifier": "2d_cord_roi"})
 
 
-def plan_dataset(fp: Fingerprint, preset: Path | None = None) -> Plans:
+def plan_dataset(fp: Fingerprint, preset: Path | None = None, gpu_memory_gb: float | None = None) -> Plans:
+    """Plans from a fingerprint; the batch sizes follow ``gpu_memory_gb`` (default: the visible card, see :func:`memory_target`)."""
     from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
 
     target, target_reason = _median_in_plane_spacing(fp)
@@ -137,7 +180,8 @@ def plan_dataset(fp: Fingerprint, preset: Path | None = None) -> Plans:
     net, patch, net_reason = _network(median_shape, target)
     slices = [c.cropped_shape[0] for c in fp.cases]
     total_pixels = float((shapes.prod(axis=1) * np.array(slices)).sum())
-    bs, bs_reason = _batch_size(patch, net, total_pixels)
+    budget = memory_target(gpu_memory_gb)
+    bs, bs_reason = _batch_size(patch, net, total_pixels, budget=budget)
     planes = Counter(c.plane for c in fp.cases)
     norm = [get_normalization_scheme(n).__name__ for n in fp.channel_names.values()]
     median_crop = float(np.median([c.crop_fraction for c in fp.cases]))
@@ -162,7 +206,7 @@ def plan_dataset(fp: Fingerprint, preset: Path | None = None) -> Plans:
         configs["2d"] = ConfigurationPlan(name="2d", task="segmentation", patch_size=patch, batch_size=bs, network=net,
                                           reasons=dict(reasons), **common)
     if heads:
-        cls_bs, cls_reason = _batch_size(patch, net, total_pixels * 4, encoder_only=True)
+        cls_bs, cls_reason = _batch_size(patch, net, total_pixels * 4, encoder_only=True, budget=budget)
         configs["cls"] = ConfigurationPlan(
             name="cls", task="classification", patch_size=patch, batch_size=cls_bs,
             network=NetworkPlan(**{**net.__dict__, "deep_supervision": False, "norm": "batch"}), heads=heads,
@@ -176,7 +220,9 @@ def plan_dataset(fp: Fingerprint, preset: Path | None = None) -> Plans:
     lesion = lesion_labels(fp.labels, fp.lesion_labels)
     cord = cord_label(fp.labels, lesion)
     if cord and lesion:
-        configs["2d_cord_roi"] = _roi_configuration(fp, cord, lesion, target, reasons, common)
+        configs["2d_cord_roi"] = _roi_configuration(fp, cord, lesion, target, reasons, common, budget)
+    if cord and "2d" in configs:
+        configs["2d"].localise, configs["2d"].reasons["localise"] = _localise(fp, cord)
     plans = Plans(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=fp.labels, heads=fp.heads,
                   lesion_labels=lesion, configurations=configs,
                   foreground_intensity_properties_per_channel={str(c): s for c, s in enumerate(fp.intensity)})

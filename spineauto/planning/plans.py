@@ -130,6 +130,19 @@ class RoiPlan:
 
 
 @dataclass
+class LocalisePlan:
+    """Localise, then segment (as Spinal Cord Toolbox's ``sct_deepseg_sc``): prediction runs the
+    network over the whole image, keeps the component of ``label`` that is a cord (a tube along the
+    superior-inferior axis: :func:`spineauto.inference.postprocessing.keep_cord_component`), then
+    runs it again on a box around that cord widened by ``margin_mm`` (normalised inside the box) and
+    keeps the cord component of that second pass. The box makes a whole-neck field of view look like
+    the training cases; the planner sets the margin so that the box is as wide as they are."""
+
+    label: str = "cord"
+    margin_mm: float = 15.0
+
+
+@dataclass
 class ConfigurationPlan:
     name: str
     task: Task
@@ -148,6 +161,7 @@ class ConfigurationPlan:
     augmentation: AugmentationPlan = field(default_factory=AugmentationPlan)
     foreground_oversampling: float = 0.33
     roi: RoiPlan | None = None  # crop to a box around a mask (cascade stage); None: the nonzero region
+    localise: LocalisePlan | None = None  # prediction: whole image, then a box around the cord found there
     reasons: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -327,6 +341,13 @@ def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> No
                                  f"of the dataset ({', '.join(k for k, v in plans.labels.items() if v)})")
         if min(cfg.roi.margin_mm, cfg.roi.jitter_mm, cfg.roi.remove_outside_mm) < 0:
             raise SpineautoError(f"{where}.roi: margin_mm, jitter_mm and remove_outside_mm must be >= 0")
+    if cfg.localise is not None:
+        if cfg.localise.label not in plans.labels or plans.labels[cfg.localise.label] == 0:
+            raise SpineautoError(f"{where}.localise.label: {cfg.localise.label!r} is not a foreground label "
+                                 f"of the dataset ({', '.join(k for k, v in plans.labels.items() if v)})")
+        if not cfg.has_segmentation or cfg.roi is not None:
+            raise SpineautoError(f"{where}.localise: only for a segmentation configuration without an roi (set it to null)")
+        positive("localise.margin_mm", cfg.localise.margin_mm)
 
 
 def migrate_v1(data: dict, path: Path) -> dict:

@@ -1,7 +1,9 @@
 """DDP: process group from torchrun's environment (gloo on CPU, NCCL on CUDA), and a launcher.
 
 ``torchrun --nproc_per_node N -m spineauto train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK; a run
-without them is a single process. ``--num-gpus N`` relaunches the same command through torchrun.
+without them is a single process. ``--num-gpus N`` relaunches the same command through torchrun;
+``--nnodes M --rdzv-endpoint HOST:PORT`` (run on each of M nodes) joins them through torchrun's
+rendezvous into one job of N x M processes.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    backend: str | None = None  # "nccl" or "gloo" when a process group is up (every run torchrun launched)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.backend is not None
 
     @property
     def is_main(self) -> bool:
@@ -32,15 +35,18 @@ class DistInfo:
 
 
 def init_distributed(device_type: str) -> DistInfo:
+    """The process group of a torchrun launch (also of one process: ``--nproc_per_node=1`` runs DDP
+    over NCCL/gloo as a larger job would); a plain run is a single process without one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), backend)
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend=backend)
+    info.backend = dist.get_backend()
     return info
 
 
@@ -64,11 +70,52 @@ def rank_batch_size(global_batch: int, info: DistInfo) -> int:
     return base + (1 if info.rank < extra else 0)
 
 
-def relaunch_with_torchrun(n: int, argv: list[str]) -> int:
-    """Run ``spineauto <argv>`` under ``torchrun --nproc_per_node n``; returns its exit code."""
-    if n < 2:
-        raise SpineautoError(f"--num-gpus {n}: use 2 or more for DDP (1 trains in this process)")
+# options of `spineauto train` that choose the launch; the relaunched command runs without them
+LAUNCH_OPTIONS = ("--num-gpus", "--nnodes", "--rdzv-endpoint", "--rdzv-id")
+
+
+def strip_launch_options(argv: list[str]) -> list[str]:
+    """``argv`` without the launch options (``--num-gpus 2`` and ``--num-gpus=2`` forms alike)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in LAUNCH_OPTIONS:
+            skip = True
+        elif not a.startswith(tuple(f"{o}=" for o in LAUNCH_OPTIONS)):
+            out.append(a)
+    return out
+
+
+def torchrun_command(n: int, argv: list[str], nnodes: int = 1, rdzv_endpoint: str | None = None,
+                     rdzv_id: str | None = None) -> list[str]:
+    """``torchrun`` running ``spineauto <argv>`` in ``n`` processes per node on ``nnodes`` nodes.
+
+    One node: ``--standalone``. Several: every node runs the same command and they meet at
+    ``rdzv_endpoint`` (host:port of one of them; torchrun's c10d rendezvous, the first launcher there
+    hosts it), under ``rdzv_id`` (default ``$SLURM_JOB_ID``, else "spineauto"). Ranks are global:
+    rank 0 writes the model folder, so the results folder must be the same shared path on every node.
+    """
+    if n < 1 or nnodes < 1:
+        raise SpineautoError(f"--num-gpus {n} --nnodes {nnodes}: both must be at least 1")
+    if n < 2 and nnodes < 2:
+        raise SpineautoError(f"--num-gpus {n}: use 2 or more for DDP (1 trains in this process), or --nnodes N with --rdzv-endpoint")
     if torch.cuda.is_available() and torch.cuda.device_count() < n:
         raise SpineautoError(f"--num-gpus {n}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "spineauto", *argv]
-    return subprocess.call(cmd)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}"]
+    if nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        if not rdzv_endpoint or ":" not in rdzv_endpoint:
+            raise SpineautoError(f"--nnodes {nnodes}: give --rdzv-endpoint HOST:PORT (a port open on one of the nodes, e.g. "
+                                 "the first host of $SLURM_JOB_NODELIST and 29500)")
+        rid = rdzv_id or os.environ.get("SLURM_JOB_ID") or "spineauto"
+        cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rid}"]
+    return cmd + ["-m", "spineauto", *argv]
+
+
+def relaunch_with_torchrun(n: int, argv: list[str], nnodes: int = 1, rdzv_endpoint: str | None = None,
+                           rdzv_id: str | None = None) -> int:
+    """Run ``spineauto <argv>`` (launch options removed) under torchrun; returns its exit code."""
+    return subprocess.call(torchrun_command(n, strip_launch_options(argv), nnodes, rdzv_endpoint, rdzv_id))

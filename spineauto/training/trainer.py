@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from spineauto.devices import resolve_device
+from spineauto.devices import cpu_native_bf16, resolve_device
 from spineauto.errors import SpineautoError
 from spineauto.networks.build import build_network
 from spineauto.planning.plans import ConfigurationPlan, Plans
@@ -56,6 +56,8 @@ class TrainOptions:
     device: str = "auto"
     amp: bool | None = None
     amp_dtype: str | None = None
+    channels_last: bool | None = None  # None: on for CUDA, off on CPU (measured: no gain there; README "Training throughput")
+    compile: bool = False  # torch.compile the network (falls back to eager if compiling fails; the time it took is logged)
     wandb: str = "auto"
     seed: int | None = None
     continue_training: bool = False
@@ -94,17 +96,20 @@ def train_fold(dataset: str | int, configuration: str = "2d", fold: str | int = 
 
 def _train_run(run: RunContext, o: TrainOptions, dev: torch.device, info: DistInfo) -> Path:
     """Build the trainer (every input checked), claim the fold folder, train, validate."""
-    amp = (dev.type == "cuda") if o.amp is None else bool(o.amp)
+    amp = (dev.type == "cuda" or cpu_native_bf16()) if o.amp is None else bool(o.amp)
     amp_dtype = o.amp_dtype or ("float16" if dev.type == "cuda" else "bfloat16")
     if amp_dtype not in ("float16", "bfloat16"):
         raise SpineautoError(f"--amp-dtype {amp_dtype!r}: use float16 or bfloat16")
     if amp and dev.type == "cpu" and amp_dtype == "float16":
         raise SpineautoError("--amp on CPU uses bfloat16; float16 autocast needs CUDA")
     workers = default_num_workers(dev) if o.num_workers is None else int(o.num_workers)
+    channels_last = (dev.type == "cuda") if o.channels_last is None else bool(o.channels_last)
     run.config.runtime = {"device": str(dev), "amp": amp, "amp_dtype": amp_dtype if amp else None, "world_size": info.world_size,
+                          "ddp_backend": info.backend, "channels_last": channels_last, "compile": bool(o.compile),
                           "num_workers": workers, "wandb": resolve_wandb_mode(o.wandb) if info.is_main else None,
                           "pretrained": str(o.pretrained) if o.pretrained else None, "torch": torch.__version__}
-    trainer = Trainer(run, dev, info, amp, getattr(torch, amp_dtype), workers, o.progress if info.is_main else None, o.top_k)
+    trainer = Trainer(run, dev, info, amp, getattr(torch, amp_dtype), workers, o.progress if info.is_main else None, o.top_k,
+                      channels_last=channels_last, compile=o.compile)
     trainer.callbacks = list(o.callbacks)
     if o.pretrained and not o.continue_training:
         ckpt.load_pretrained(trainer.network, Path(o.pretrained))
@@ -134,14 +139,15 @@ class TrainingProgress(Protocol):
 
 class Trainer:
     def __init__(self, run: RunContext, device: torch.device, info: DistInfo, amp: bool, amp_dtype: torch.dtype,
-                 num_workers: int, progress: TrainingProgress | None, top_k: int):
+                 num_workers: int, progress: TrainingProgress | None, top_k: int, channels_last: bool = False, compile: bool = False):
         self.run, self.device, self.info = run, device, info
         self.plan, self.config = run.plan, run.config
         self.amp, self.amp_dtype, self.num_workers, self.progress = amp, amp_dtype, num_workers, progress
         torch.manual_seed(self.config.seed)  # same initial weights on every rank
         np.random.seed(self.config.seed)
         self.in_channels = len(run.plans.channel_names)
-        self.network = build_network(self.plan, self.in_channels, run.plans.num_classes).to(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.network = build_network(self.plan, self.in_channels, run.plans.num_classes).to(device, memory_format=self.memory_format)
         self.task: Task = build_task(run.plans, self.plan, ddp=info.enabled)
         o = self.plan.optim
         if o.optimizer == "adam":
@@ -166,6 +172,9 @@ class Trainer:
         if info.enabled:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.network, device_ids=[device.index] if device.type == "cuda" else None)
+        self.eager_model, self.compile_s = self.model, None
+        if compile:
+            self.model = torch.compile(self.model)
 
     # -- state ---------------------------------------------------------------------------------
     def _restore(self, state: dict) -> None:
@@ -209,7 +218,7 @@ class Trainer:
 
     def _to_device(self, batch: dict) -> dict:
         nb = self.device.type == "cuda"
-        out = {"data": batch["data"].to(self.device, non_blocking=nb), "keys": batch.get("keys", [])}
+        out = {"data": batch["data"].to(self.device, non_blocking=nb, memory_format=self.memory_format), "keys": batch.get("keys", [])}
         if "seg" in batch:
             out["seg"] = batch["seg"].to(self.device, non_blocking=nb)
         if "cls" in batch:
@@ -217,6 +226,8 @@ class Trainer:
         return out
 
     def _train_step(self, batch: dict) -> torch.Tensor:
+        if self.compile_s is None and self.model is not self.eager_model:
+            return self._first_compiled_step(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             output = self.model(batch["data"])
@@ -235,6 +246,20 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
             self.optimizer.step()
         return loss.detach()
+
+    def _first_compiled_step(self, batch: dict) -> torch.Tensor:
+        """The first step of a ``torch.compile``d model compiles it (timed); if compiling fails, eager takes over."""
+        t0, self.compile_s = time.perf_counter(), 0.0
+        try:
+            loss = self._train_step(batch)
+        except Exception as e:  # noqa: BLE001 - compilers fail in many ways; the eager model is always right
+            log.warning("torch.compile failed (%s: %s); training without it", type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+            self.model = self.eager_model
+            loss = self._train_step(batch)
+        self.compile_s = time.perf_counter() - t0
+        log.info("torch.compile: the first step took %.1f s (compiling included)%s", self.compile_s,
+                 "" if self.model is not self.eager_model else " and fell back to eager")
+        return loss
 
     def _nan_stop(self, epoch: int, where: str) -> SpineautoError:
         return SpineautoError(
@@ -307,6 +332,8 @@ class Trainer:
         if not math.isfinite(train_loss):
             raise self._nan_stop(epoch, "training")
         val_loss, metrics, example = self._validate(batches)
+        if self.compile_s is not None and epoch == self.start_epoch:
+            metrics["compile_s"] = self.compile_s  # the first step's time, compiling included
         record = {"epoch": epoch, "started": started, "train_loss": train_loss, "val_loss": val_loss, **metrics, "lr": lr,
                   "epoch_time": time.perf_counter() - t0, "train_time": train_time,
                   "samples_per_s": cfg.iters_per_epoch * cfg.batch_size / max(train_time, 1e-9)}

@@ -1,0 +1,284 @@
+"""Benchmark: how spineauto's cost grows with the size of a dataset, of a volume, and of a patch.
+
+1. **Dataset size**: ``spineauto plan_and_preprocess`` on 10, 100 (and with ``--large`` 1,000) synthetic
+   spine phantoms (datasets/phantoms.py: 10-16 slices of about 50-100 x 50-100 voxels each), in a new
+   process each time: wall time and peak RSS / RssAnon of the process tree (bench/common.py). Linear
+   time means a flat s/case; memory should not grow with the number of cases.
+2. **Volume size**: ``spineauto predict`` of one synthetic volume (a bright cord-like tube in noise, at
+   the plan's in-plane spacing and twice that across slices, so the volume is cut into its last-axis
+   slices unresampled) of each size in ``--volumes`` (default 64^3 up to 256x256x200; ``--large`` adds
+   512x512x400), with a model of the phantoms' plan trained for a few iterations (speed only), TTA off:
+   wall time (the process start, model load and writing included, so the smallest volumes carry a
+   fixed cost) and peak memory. Linear time means a flat µs per voxel for the large volumes.
+3. **Patch size**: one training step (forward, Dice + CE with deep supervision, backward, SGD step) of
+   the phantoms' planned U-Net for square patches of ``--patches`` pixels, batch ``--batch``, in this
+   process: median of ``--repeats`` steps after a warm-up. The network is the same for every patch
+   (the planner would add stages for larger ones), so linear time means a flat µs per pixel.
+
+A table per part is printed (Markdown, for the README) and a plot of the three curves written (PNG).
+
+    nice -n 15 .venv/bin/python bench/bench_scaling.py                       # about 10 minutes on 2 CPU cores
+    nice -n 15 .venv/bin/python bench/bench_scaling.py --large               # adds 1,000 cases and 512x512x400
+    .venv/bin/python bench/bench_scaling.py --quick --workdir /tmp/s         # script check, 1-2 minutes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import VENV_BIN, check_run, command_line, format_table, run_measured  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DATASET_ID = 950
+
+
+def _env(work: Path) -> dict[str, str]:
+    env = dict(os.environ, SPINEAUTO_RAW=str(work / "raw"), SPINEAUTO_PREPROCESSED=str(work / "preprocessed"),
+               SPINEAUTO_RESULTS=str(work / "results"), WANDB_MODE="disabled", PYTHONPATH=str(REPO))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
+def _spineauto(*args: str) -> list[str]:
+    return [str(VENV_BIN / "python"), "-m", "spineauto", *args]
+
+
+# -- 1. dataset size -------------------------------------------------------------------------------
+
+def bench_dataset_sizes(work: Path, sizes: list[int], workers: int) -> list[dict]:
+    from spineauto.datasets.phantoms import write_phantom_dataset
+
+    rows = []
+    for i, n in enumerate(sizes):
+        dataset_id = 960 + i
+        folder = work / "raw" / f"Dataset{dataset_id:03d}_Scale{n}"
+        t0 = time.perf_counter()
+        write_phantom_dataset(folder, n_train=n, n_test=0, seed=n)
+        made = time.perf_counter() - t0
+        voxels = sum(int(np.prod(_shape(p))) for p in (folder / "imagesTr").glob("*.nii.gz"))
+        run = run_measured(_spineauto("plan_and_preprocess", "-d", str(dataset_id), "-np", str(workers)), env=_env(work))
+        check_run(run, f"plan_and_preprocess of {n} cases")
+        rows.append({"cases": n, "voxels": voxels, "wall_s": run.wall_s, "s_per_case": run.wall_s / n,
+                     "peak_rss_mb": run.peak_rss_mb, "peak_anon_mb": run.peak_anon_mb, "write_s": made})
+        shutil.rmtree(work / "preprocessed" / folder.name, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"plan_and_preprocess {n} cases: {run.wall_s:.1f} s, peak RSS {run.peak_rss_mb:.0f} MB", flush=True)
+    return rows
+
+
+def _shape(path: Path) -> tuple[int, ...]:
+    import nibabel as nib
+
+    return tuple(nib.load(str(path)).shape)
+
+
+# -- 2. volume size --------------------------------------------------------------------------------
+
+def train_model(work: Path, workers: int, iters: int) -> Path:
+    """Phantoms planned as spineauto plans them, trained ``iters`` iterations (speed only); the model folder."""
+    from spineauto.datasets.phantoms import write_phantom_dataset
+
+    folder = work / "raw" / f"Dataset{MODEL_DATASET_ID:03d}_ScaleModel"
+    write_phantom_dataset(folder, n_train=8, n_test=0, seed=0)
+    env = _env(work)
+    check_run(run_measured(_spineauto("plan_and_preprocess", "-d", str(MODEL_DATASET_ID), "-np", str(workers)), env=env), "plan")
+    check_run(run_measured(_spineauto("train", "-d", str(MODEL_DATASET_ID), "-f", "all", "--device", "cpu", "--epochs", "1",
+                                      "--iters-per-epoch", str(iters), "--val-iters", "1", "--no-validate", "--wandb", "disabled"),
+                           env=env), "train")
+    return work / "results" / folder.name / "spineautoTrainer__spineautoPlans__2d"
+
+
+def write_volume(path: Path, shape: tuple[int, int, int], spacing: float, seed: int = 0) -> None:
+    """A tube brighter than its noisy surroundings along the last axis, at ``spacing`` in-plane and twice across slices."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    x, y, z = shape
+    img = rng.normal(100.0, 10.0, size=shape).astype(np.float32)
+    yy, xx = np.mgrid[:x, :y]
+    tube = (xx - y / 2) ** 2 + (yy - x / 2) ** 2 < (min(x, y) / 10) ** 2
+    img[tube] += 150.0
+    affine = np.diag([spacing, spacing, 2 * spacing, 1.0])
+    nib.save(nib.Nifti1Image(img, affine), str(path))
+
+
+def bench_volumes(work: Path, model: Path, volumes: list[tuple[int, int, int]]) -> list[dict]:
+    plans = json.loads((model / "plans.json").read_text())["configurations"]["2d"]
+    spacing = float(plans["target_spacing"][0])
+    rows = []
+    for shape in volumes:
+        name = "x".join(map(str, shape))
+        src, out = work / "volumes" / name, work / "predicted" / name
+        src.mkdir(parents=True, exist_ok=True)
+        write_volume(src / f"vol_{name}_0000.nii.gz", shape, spacing)
+        run = run_measured(_spineauto("predict", "-d", str(MODEL_DATASET_ID), "-m", str(model), "-f", "all", "-i", str(src), "-o", str(out),
+                                      "--device", "cpu", "--no-tta"), env=_env(work))
+        check_run(run, f"predict {name}")
+        voxels = int(np.prod(shape))
+        rows.append({"shape": name, "voxels": voxels, "wall_s": run.wall_s, "us_per_voxel": run.wall_s / voxels * 1e6,
+                     "peak_rss_mb": run.peak_rss_mb, "peak_anon_mb": run.peak_anon_mb,
+                     "input_mb": voxels * 4 / 2**20})
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"predict {name}: {run.wall_s:.1f} s, peak RSS {run.peak_rss_mb:.0f} MB", flush=True)
+    return rows
+
+
+# -- 3. patch size ---------------------------------------------------------------------------------
+
+def bench_patches(model: Path, patches: list[int], batch: int, repeats: int) -> list[dict]:
+    import torch
+
+    from spineauto.networks.build import build_network
+    from spineauto.planning.plans import Plans
+    from spineauto.training.tasks import SegmentationTask
+
+    plans = Plans.load(model / "plans.json")
+    plan = plans.configurations["2d"]
+    torch.manual_seed(0)
+    net = build_network(plan, len(plans.channel_names), plans.num_classes)
+    task = SegmentationTask(plans, plan)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
+    rows = []
+    for p in patches:
+        x = torch.randn(batch, len(plans.channel_names), p, p)
+        seg = (torch.rand(batch, 1, p, p) > 0.9).float()
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = task.loss(net(x), {"seg": seg})
+            loss.backward()
+            opt.step()
+            if i:  # the first step of a shape is warm-up
+                times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        rows.append({"patch": p, "pixels": p * p, "batch": batch, "step_s": med, "spread_s": [min(times), max(times)],
+                     "us_per_pixel": med / (batch * p * p) * 1e6})
+        print(f"training step, patch {p}x{p}: {med * 1000:.0f} ms", flush=True)
+    return rows
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+def growth(xs: list[float], ys: list[float]) -> float:
+    """The exponent b of y ~ x^b between the two largest sizes (1: linear)."""
+    return float(np.log(ys[-1] / ys[-2]) / np.log(xs[-1] / xs[-2])) if len(xs) > 1 else float("nan")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    parts = [("datasets", "cases", "wall_s", "plan_and_preprocess: wall s", "cases"),
+             ("volumes", "voxels", "wall_s", "predict (TTA off): wall s", "voxels"),
+             ("patches", "pixels", "step_s", "training step: s", "patch pixels")]
+    for ax, (key, x, y, title, xlabel) in zip(axes, parts):
+        rows = result.get(key) or []
+        if not rows:
+            ax.set_visible(False)
+            continue
+        xs, ys = [r[x] for r in rows], [r[y] for r in rows]
+        ax.loglog(xs, ys, "o-", label="measured")
+        ax.loglog(xs, [ys[-1] * v / xs[-1] for v in xs], "--", color="grey", label="linear through the largest")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize=8)
+        if key != "patches":
+            ax2 = ax.twinx()
+            ax2.semilogx(xs, [r["peak_rss_mb"] for r in rows], "s:", color="tab:red")
+            ax2.set_ylabel("peak RSS MB", color="tab:red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def tables(result: dict) -> str:
+    out = []
+    d = result.get("datasets") or []
+    if d:
+        out.append(format_table(["cases", "voxels", "wall s", "s/case", "peak RSS MB", "peak anon MB"],
+                                [[r["cases"], f"{r['voxels']:.3g}", f"{r['wall_s']:.1f}", f"{r['s_per_case']:.3f}",
+                                  f"{r['peak_rss_mb']:.0f}", f"{r['peak_anon_mb']:.0f}"] for r in d]))
+        out.append(f"time growth between the two largest: x^{growth([r['cases'] for r in d], [r['wall_s'] for r in d]):.2f}")
+    v = result.get("volumes") or []
+    if v:
+        out.append(format_table(["volume", "voxels", "wall s", "µs/voxel", "peak RSS MB", "peak anon MB", "input float32 MB"],
+                                [[r["shape"], f"{r['voxels']:.3g}", f"{r['wall_s']:.1f}", f"{r['us_per_voxel']:.2f}",
+                                  f"{r['peak_rss_mb']:.0f}", f"{r['peak_anon_mb']:.0f}", f"{r['input_mb']:.0f}"] for r in v]))
+        out.append(f"time growth between the two largest: x^{growth([r['voxels'] for r in v], [r['wall_s'] for r in v]):.2f}")
+    p = result.get("patches") or []
+    if p:
+        out.append(format_table(["patch", "batch", "ms/step (median)", "min-max ms", "µs/pixel"],
+                                [[f"{r['patch']}x{r['patch']}", r["batch"], f"{r['step_s'] * 1000:.0f}",
+                                  f"{r['spread_s'][0] * 1000:.0f}-{r['spread_s'][1] * 1000:.0f}", f"{r['us_per_pixel']:.2f}"] for r in p]))
+        out.append(f"time growth between the two largest: x^{growth([r['pixels'] for r in p], [r['step_s'] for r in p]):.2f}")
+    return "\n\n".join(out)
+
+
+def _shape_arg(text: str) -> tuple[int, int, int]:
+    parts = [int(x) for x in text.lower().split("x")]
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3 or min(parts) < 8:
+        raise argparse.ArgumentTypeError(f"{text}: give a volume as N or XxYxZ (each at least 8)")
+    return tuple(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", type=int, nargs="*", default=[10, 100], help="dataset sizes for plan_and_preprocess")
+    ap.add_argument("--volumes", type=_shape_arg, nargs="*", default=[(64, 64, 64), (128, 128, 100), (256, 256, 100), (256, 256, 200)],
+                    help="volumes to predict, N or XxYxZ (the last axis is the slice axis)")
+    ap.add_argument("--patches", type=int, nargs="*", default=[32, 64, 128, 256], help="square training patch edges")
+    ap.add_argument("--large", action="store_true", help="also 1,000 cases and a 512x512x400 volume")
+    ap.add_argument("--quick", action="store_true", help="script check: 4 and 8 cases, 32^3 and 48^3 volumes, patches 32 and 64")
+    ap.add_argument("--batch", type=int, default=2, help="training batch for the patch-size part")
+    ap.add_argument("--repeats", type=int, default=5, help="timed training steps per patch size")
+    ap.add_argument("--train-iters", type=int, default=5, help="training iterations of the model used for prediction")
+    ap.add_argument("--workers", type=int, default=2, help="plan_and_preprocess -np")
+    ap.add_argument("--workdir", type=Path, help="work folder (default: a temporary one, removed at the end)")
+    ap.add_argument("--plot", type=Path, default=Path("bench_scaling.png"), help="PNG to write")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.cases, args.volumes, args.patches, args.repeats, args.train_iters = [4, 8], [(32, 32, 32), (48, 48, 48)], [32, 64], 2, 2
+    if args.large:
+        args.cases = sorted(set(args.cases) | {1000})
+        args.volumes = list(dict.fromkeys([*args.volumes, (512, 512, 400)]))
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_scaling_"))
+    work.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    result: dict = {"command": command_line(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_average": os.getloadavg()}
+    result["datasets"] = bench_dataset_sizes(work, sorted(args.cases), args.workers) if args.cases else []
+    model = train_model(work, args.workers, args.train_iters) if (args.volumes or args.patches) else None
+    result["volumes"] = bench_volumes(work, model, sorted(args.volumes, key=np.prod)) if args.volumes else []
+    result["patches"] = bench_patches(model, sorted(args.patches), args.batch, args.repeats) if args.patches else []
+    text = tables(result)
+    print("\n" + text + f"\n\ncommand: {result['command']}")
+    png = args.plot
+    plot(result, png)
+    print(f"plot: {png}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
