@@ -208,8 +208,19 @@ def train(
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the full-volume validation of the held-out cases."),
     npz: bool = typer.Option(False, "--npz", help="Also save the validation's probabilities (validation/<case>.npz) so that "
                              "find_best_configuration can score ensembles of configurations."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Run YAML overriding the plan's train-time values (network, loss, optim, "
+                                          "augmentation, batch_size, trainer: callbacks, loggers, accumulate ...; plans/runs/example_run.yaml) "
+                                          "or a preset of plans/; resolved into fold_k/run_config.yaml."),
+    batch_size: Optional[str] = typer.Option(None, "--batch-size", metavar="INT", help="Override the plan's batch size."),
+    lr: Optional[str] = typer.Option(None, "--lr", metavar="FLOAT", help="Override optim.initial_lr."),
+    config_set: Optional[List[str]] = typer.Option(None, "--config-set", metavar="KEY=VALUE", help="Override one plan value by its dotted "
+                                                   "key, repeatable: --config-set loss.name=focal_tversky --config-set trainer.accumulate=2."),
+    logger: Optional[List[str]] = typer.Option(None, "--logger", help="Another experiment logger beside W&B: tensorboard (fold_k/tensorboard)."),
+    wandb_artifacts: bool = typer.Option(False, "--wandb-artifacts", help="Upload the best and final checkpoints as a W&B artifact."),
+    overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", help="More dotted overrides, as --config-set "
+                                                    "(what a `wandb agent` passes with ${args_no_hyphens})."),
 ):
-    """Train one fold of a configuration from its plan; checkpoints, metrics and validation in the model folder."""
+    """Train one fold of a configuration from its plan (overridden by --config, flags and KEY=VALUE); checkpoints, metrics and validation in the model folder."""
     if num_gpus > 1 or nnodes > 1:
         from spineauto.training.distributed import relaunch_with_torchrun
 
@@ -220,7 +231,8 @@ def train(
     options = TrainOptions(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters, device=device, amp=amp,
                            amp_dtype=amp_dtype, channels_last=channels_last, compile=compile, wandb=wandb, seed=seed, continue_training=continue_training, overwrite=overwrite,
                            pretrained=pretrained, num_workers=num_workers, validate=not no_validate, save_probabilities=npz,
-                           progress=TrainingBar(console))
+                           progress=TrainingBar(console), config=config, batch_size=batch_size, lr=lr,
+                           config_set=[*(config_set or []), *(overrides or [])], loggers=list(logger or []), wandb_artifacts=wandb_artifacts)
     folder = train_fold(dataset, configuration, fold, options)
     console.print(f"[green]trained[/] {folder}")
 

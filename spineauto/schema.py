@@ -27,6 +27,11 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     return _convert(cls, data, where or cls.__name__)
 
 
+def convert(tp: Any, value: Any, where: str) -> Any:
+    """``value`` as the type hint ``tp`` (dataclasses, lists, dicts, unions, literals, numbers): one line naming ``where`` otherwise."""
+    return _convert(tp, value, where)
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -109,7 +114,10 @@ def load_yaml_mapping(path, what: str, missing_hint: str) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise SpineautoError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpineautoError(f"{path}: invalid YAML{at} ({problem})") from None
     if not isinstance(data, dict):
         raise SpineautoError(f"{path}: a {what} is a mapping (key: value lines), not a {type(data).__name__}")
     return data

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "spineauto"
 
 # Lowest first; a module may import its own layer and the layers before it.
 LAYERS = [
-    {"errors", "paths", "parallel", "schema", "devices"},  # foundations, no domain knowledge
+    {"errors", "paths", "parallel", "schema", "devices", "plugins"},  # foundations, no domain knowledge
     {"io"},
     {"datasets"},
     {"planning"},

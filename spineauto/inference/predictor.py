@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from spineauto.networks.outputs import seg_probabilities
 from spineauto.planning.plans import ConfigurationPlan
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def run_networks(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: Co
                     with autocast:
                         out = net(torch.flip(xb, dims) if dims else xb)
                     if want_seg:
-                        p = torch.softmax(_seg_logits(out).float(), dim=1)
+                        p = seg_probabilities(_seg_logits(out), plan.network.output_activation)  # softmax, or sigmoid (> 0.5)
                         if dims:
                             p = torch.flip(p, dims)
                         probs = p if probs is None else probs.add_(p)

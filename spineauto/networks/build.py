@@ -16,6 +16,7 @@ from spineauto.errors import SpineautoError
 from spineauto.networks import attention_unet, resnet  # noqa: F401 (register "attention_unet", "resnet_unet", "resnet")
 from spineauto.networks.registry import REGISTRY
 from spineauto.planning.plans import ConfigurationPlan
+from spineauto.plugins import bind_kwargs
 
 class SpineNet(nn.Module):
     def __init__(self, encoder: nn.Module, decoder: nn.Module | None, heads: dict[str, int]):
@@ -41,14 +42,59 @@ class SpineNet(nn.Module):
         return out
 
 
-def build_network(plan: ConfigurationPlan, in_channels: int, num_classes: int) -> SpineNet:
+class PluginNet(nn.Module):
+    """A user's ``nn.Module`` (``network.architecture: package.module:Name``) with SpineNet's output dict."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def set_deep_supervision(self, enabled: bool) -> None:
+        if hasattr(self.net, "set_deep_supervision"):
+            self.net.set_deep_supervision(enabled)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        out = self.net(x)
+        return out if isinstance(out, dict) else {"seg": out}
+
+
+def build_network(plan: ConfigurationPlan, in_channels: int, num_classes: int) -> nn.Module:
     """The network of one configuration. ``num_classes`` counts background; ignored without segmentation."""
     p = plan.network
-    if p.architecture not in REGISTRY:
-        raise SpineautoError(f"unknown architecture {p.architecture!r}; available: {', '.join(sorted(REGISTRY))}")
-    unet = REGISTRY[p.architecture](p, in_channels, max(num_classes, 2), p.deep_supervision and plan.has_segmentation)
+    builder = REGISTRY.resolve(p.architecture, "network.architecture")
+    if isinstance(builder, type):  # a user's nn.Module class
+        kwargs = bind_kwargs(builder, p.kwargs, f"network.kwargs of {p.architecture}")
+        try:
+            net = builder(in_channels, max(num_classes, 2), **kwargs)
+        except Exception as e:  # noqa: BLE001 - a user's constructor: one line naming it
+            raise SpineautoError(f"network.architecture {p.architecture!r}: building it failed ({type(e).__name__}: {e})") from None
+        return PluginNet(net)
+    if p.kwargs and p.architecture in REGISTRY:
+        raise SpineautoError(f"network.kwargs: the built-in architecture {p.architecture!r} takes no kwargs (got {sorted(p.kwargs)})")
+    unet = builder(p, in_channels, max(num_classes, 2), p.deep_supervision and plan.has_segmentation)
     encoder = unet.encoder
     encoder.return_skips = True
     decoder = unet.decoder if plan.has_segmentation else None
     heads = {h.name: len(h.classes) for h in plan.heads} if plan.has_classification else {}
     return SpineNet(encoder, decoder, heads)
+
+
+def checkpoint_activations(net: nn.Module) -> int:
+    """Recompute every encoder and decoder stage in the backward pass instead of keeping its
+    activations (torch.utils.checkpoint): less memory for more compute. Parameter names do not
+    change (checkpoints stay interchangeable). Returns how many stages were wrapped."""
+    from torch.utils.checkpoint import checkpoint
+
+    inner = net.net if isinstance(net, PluginNet) else net
+    stages = [s for part in ("encoder", "decoder") for s in getattr(getattr(inner, part, None), "stages", None) or []]
+    if not stages:
+        raise SpineautoError(f"trainer.activation_checkpointing: {type(inner).__name__} has no encoder.stages / decoder.stages to checkpoint")
+    for stage in stages:
+        plain = stage.forward
+
+        def forward(*args, _plain=plain, _stage=stage):
+            if _stage.training and torch.is_grad_enabled():
+                return checkpoint(_plain, *args, use_reentrant=False)
+            return _plain(*args)
+        stage.forward = forward
+    return len(stages)

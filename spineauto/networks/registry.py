@@ -1,15 +1,19 @@
 """The architecture registry: a U-Net builder is recorded by name with ``@register("name")``; the
 plan's ``network.architecture`` picks it. The built-ins (``unet``, ``resenc_unet`` from
-dynamic-network-architectures) live here; ``attention_unet`` in its own module."""
+dynamic-network-architectures) live here; ``attention_unet`` in its own module.
+
+A user's network is named in the plan as ``package.module:Name`` (see networks/build.py): an
+``nn.Module`` subclass built as ``Name(in_channels, num_classes, **network.kwargs)`` whose forward
+returns segmentation logits (or SpineNet's output dict), or a builder function like the ones here."""
 from __future__ import annotations
 
-from typing import Callable
 
 from torch import nn
 
 from spineauto.planning.plans import NetworkPlan
+from spineauto.plugins import Registry, subclass_check
 
-REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+REGISTRY = Registry("network architecture", subclass_check(nn.Module, allow_function=True))  # also package.module:Name
 
 
 def register(name: str):

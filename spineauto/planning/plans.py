@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import read_json, write_json
+from spineauto.plugins import is_import_string
 from spineauto.schema import from_dict, to_dict
 
 SCHEMA_VERSION = 2  # 2: the per-channel intensity statistics moved from fingerprint.json into the plans
@@ -39,7 +40,7 @@ class IntensityStats:
 
 @dataclass
 class NetworkPlan:
-    architecture: Literal["unet", "resenc_unet", "attention_unet", "resnet_unet", "resnet"] = "unet"
+    architecture: str = "unet"  # a registered name (networks/registry.py) or a user's class as package.module:Name
     features_per_stage: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     kernel_sizes: list[list[int]] = field(default_factory=lambda: [[3, 3]] * 5)
     strides: list[list[int]] = field(default_factory=lambda: [[1, 1]] + [[2, 2]] * 4)
@@ -48,6 +49,8 @@ class NetworkPlan:
     deep_supervision: bool = True
     norm: Literal["instance", "batch"] = "instance"
     dropout: float = 0.0
+    output_activation: Literal["softmax", "sigmoid"] = "softmax"  # sigmoid: per-label probabilities thresholded at 0.5 (the loss decides)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a plug-in network class
     depth: int = 18  # resnet_unet / resnet: torchvision ResNet-18, 34 or 50 encoder (the per-stage lists above shape nothing but deep supervision's output count)
 
     @property
@@ -65,11 +68,18 @@ class HeadPlan:
 
 @dataclass
 class OptimPlan:
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: str = "sgd"  # sgd | adam | adamw (training/optim.py) or package.module:Name (a torch.optim.Optimizer)
     initial_lr: float = 0.01
     weight_decay: float = 3e-5
     momentum: float = 0.99
-    schedule: Literal["poly", "constant"] = "poly"
+    schedule: str = "poly"  # poly | cosine | constant | reduce_on_plateau or package.module:Name
+    warmup_epochs: float = 0.0  # cosine: linear warm-up from 0 over these epochs (per iteration)
+    min_lr: float = 0.0  # cosine: the rate it ends at
+    plateau_patience: int = 10  # reduce_on_plateau: epochs without improvement of plateau_monitor before the rate drops
+    plateau_factor: float = 0.5  # reduce_on_plateau: the rate is multiplied by this
+    plateau_monitor: str = "val_loss"  # reduce_on_plateau: an epoch record key (lower is better for *loss, else higher)
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)  # further keyword arguments of the optimiser (e.g. betas)
+    schedule_kwargs: dict[str, Any] = field(default_factory=dict)  # further keyword arguments of a plug-in schedule
     grad_clip: float = 12.0
     epochs: int = 100
     iters_per_epoch: int = 250
@@ -78,11 +88,17 @@ class OptimPlan:
 
 @dataclass
 class LossPlan:
+    name: str = "dice_ce"  # dice_ce | dice_focal | tversky | focal_tversky | dice_bce (training/losses.py) or package.module:Name
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     label_smoothing: float = 0.1  # classification heads
     segmentation_weight: float = 1.0  # multitask: weight of the segmentation loss
     classification_weight: float = 0.5  # multitask: weight of the summed head losses
+    focal_gamma: float = 2.0  # dice_focal: focusing exponent of the focal term
+    tversky_alpha: float = 0.3  # tversky / focal_tversky: weight of false positives
+    tversky_beta: float = 0.7  # tversky / focal_tversky: weight of false negatives (> alpha favours recall: small lesions)
+    tversky_gamma: float = 0.75  # focal_tversky: loss = (1 - Tversky index) ** gamma
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a plug-in loss class
 
 
 @dataclass
@@ -102,6 +118,7 @@ class AugmentationPlan:
     intensity_curves: float = 0.5  # per sample: a random smooth curve remaps the intensities (another contrast)
     inversion: float = 0.25  # share of those curves that also invert the contrast (T1w-like <-> T2w-like)
     bias_field: float = 0.3  # per sample: a smooth multiplicative bias field (another coil)
+    transforms: list[dict[str, Any]] = field(default_factory=list)  # extra transforms after these: {name: registered or package.module:Name, ...arguments}
 
 
 @dataclass
@@ -127,6 +144,22 @@ class RoiPlan:
     margin_mm: float = 5.0  # added on every side of the mask's bounding box, in-plane and across slices: the CSF ring and beyond
     jitter_mm: float = 2.0  # training only: each box edge moves by U(-jitter, +jitter) mm, per case, seeded: the small errors either way
     remove_outside_mm: float = 5.0  # prediction: label voxels farther than this from the mask are removed (a lesion at its edge stays)
+
+
+@dataclass
+class TrainerPlan:
+    """How the loop runs a configuration: set by a run YAML (``spineauto train --config``) or left at
+    these defaults, recorded in ``fold_k/run_config.yaml``."""
+
+    task: str | None = None  # a registered task or package.module:Name used instead of the configuration's own
+    accumulate: int = 1  # micro-batches of batch_size per optimiser step: the effective batch is batch_size * accumulate
+    activation_checkpointing: bool = False  # recompute encoder/decoder stages in the backward pass: less memory, more time
+    persistent_workers: bool = False  # keep data workers between the training and validation streams' epochs
+    pin_memory: bool | None = None  # None: on for CUDA
+    log_every: int = 0  # training iterations between step-level loss/lr logs (W&B, TensorBoard); 0: per epoch only
+    val_every: int = 1  # epochs between validation passes (the last epoch always validates)
+    loggers: list[str] = field(default_factory=list)  # beside the local files and W&B: tensorboard
+    callbacks: list[dict[str, Any]] = field(default_factory=list)  # {name: lr_monitor | model_checkpoint | segmentation_sampler | early_stopping | package.module:Name, ...arguments}
 
 
 @dataclass
@@ -160,6 +193,7 @@ class ConfigurationPlan:
     loss: LossPlan = field(default_factory=LossPlan)
     augmentation: AugmentationPlan = field(default_factory=AugmentationPlan)
     foreground_oversampling: float = 0.33
+    trainer: TrainerPlan = field(default_factory=TrainerPlan)
     roi: RoiPlan | None = None  # crop to a box around a mask (cascade stage); None: the nonzero region
     localise: LocalisePlan | None = None  # prediction: whole image, then a box around the cord found there
     reasons: dict[str, str] = field(default_factory=dict)
@@ -314,9 +348,27 @@ def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> No
             fail(f"optim.{key}", ">= 1", getattr(o, key))
     if o.val_iters < 0:
         fail("optim.val_iters", ">= 0", o.val_iters)
+    for key in ("warmup_epochs", "min_lr"):
+        positive(f"optim.{key}", getattr(o, key), strict=False)
+    positive("optim.plateau_factor", o.plateau_factor, top=1.0, top_open=True)
+    if o.plateau_patience < 0:
+        fail("optim.plateau_patience", ">= 0", o.plateau_patience)
     lo = cfg.loss
-    for key in ("dice_weight", "ce_weight", "segmentation_weight", "classification_weight"):
+    for key in ("dice_weight", "ce_weight", "segmentation_weight", "classification_weight", "focal_gamma", "tversky_alpha", "tversky_beta"):
         positive(f"loss.{key}", getattr(lo, key), strict=False)
+    positive("loss.tversky_gamma", lo.tversky_gamma)
+    for key, name in (("network.architecture", net.architecture), ("optim.optimizer", o.optimizer), ("optim.schedule", o.schedule),
+                      ("loss.name", lo.name), ("trainer.task", cfg.trainer.task)):
+        if name is not None and not (re.fullmatch(r"[A-Za-z_]\w*", name) or is_import_string(name)):
+            fail(key, "a registered name or an import string package.module:Name", name)
+    t = cfg.trainer
+    for key, low in (("accumulate", 1), ("val_every", 1), ("log_every", 0)):
+        if getattr(t, key) < low:
+            fail(f"trainer.{key}", f">= {low}", getattr(t, key))
+    for i, entry in enumerate([*t.callbacks, *cfg.augmentation.transforms]):
+        if not isinstance(entry.get("name"), str):
+            where_ = f"trainer.callbacks[{i}]" if i < len(t.callbacks) else f"augmentation.transforms[{i - len(t.callbacks)}]"
+            fail(where_, "a mapping with a name (registered or package.module:Name) and its arguments", entry)
     positive("loss.label_smoothing", lo.label_smoothing, strict=False, top=1.0, top_open=True)
     a = cfg.augmentation
     positive("augmentation.probability", a.probability, strict=False, top=1.0)

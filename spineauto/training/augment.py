@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from spineauto.planning.plans import AugmentationPlan
+from spineauto.training.transforms import build_extra_transforms
 
 
 def initial_patch_size(patch_size: list[int], aug: AugmentationPlan) -> list[int]:
@@ -119,5 +120,6 @@ def build_transforms(patch_size: list[int], aug: AugmentationPlan, with_seg: boo
         transforms.append(GammaTransform(tuple(aug.gamma_range), invert_image=False, per_channel=True, retain_stats=True, p_per_sample=0.3))
     if aug.mirror_axes:
         transforms.append(MirrorTransform(tuple(int(a) for a in aug.mirror_axes)))
+    transforms += build_extra_transforms(aug.transforms)  # augmentation.transforms: registered or package.module:Name
     return Compose(transforms)
 

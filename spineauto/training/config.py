@@ -13,7 +13,7 @@ from pathlib import Path
 
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import read_json, write_json
-from spineauto.planning.plans import ConfigurationPlan
+from spineauto.planning.plans import ConfigurationPlan, TrainerPlan
 
 CONFIG_FILE = "config.json"
 IDENTITY = ("dataset", "configuration", "fold", "plans_name", "plan_sha", "epochs", "iters_per_epoch", "val_iters",
@@ -28,7 +28,24 @@ def plan_sha(plan: ConfigurationPlan) -> str:
     data.pop("reasons", None)
     if not str(data["network"].get("architecture", "")).startswith("resnet"):
         data["network"].pop("depth", None)  # added with the ResNet encoders: the runs of other networks keep their hash
+    for section, keys in _ADDED_WITH_RUN_CONFIGS.items():  # at their defaults: earlier runs keep their hash
+        defaults = to_dict(getattr(ConfigurationPlan, "__dataclass_fields__")[section].default_factory()) if section != "network" else None
+        for key in keys:
+            default = _NETWORK_DEFAULTS[key] if section == "network" else defaults[key]
+            if data.get(section, {}).get(key) == default:
+                data[section].pop(key)
+    if data.get("trainer") == to_dict(TrainerPlan()):
+        data.pop("trainer")
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ADDED_WITH_RUN_CONFIGS = {  # plan fields added with the run configurations (spineauto train --config)
+    "network": ("output_activation", "kwargs"),
+    "optim": ("warmup_epochs", "min_lr", "plateau_patience", "plateau_factor", "plateau_monitor", "optimizer_kwargs", "schedule_kwargs"),
+    "loss": ("name", "focal_gamma", "tversky_alpha", "tversky_beta", "tversky_gamma", "kwargs"),
+    "augmentation": ("transforms",),
+}
+_NETWORK_DEFAULTS = {"output_activation": "softmax", "kwargs": {}}
 
 
 @dataclass
@@ -45,6 +62,7 @@ class RunConfig:
     seed: int
     task: str = "segmentation"
     runtime: dict = field(default_factory=dict)  # device, amp, amp_dtype, world_size, num_workers, wandb, pretrained
+    overrides: dict = field(default_factory=dict)  # the run configuration's values, inherit and sources (spineauto train --config ...)
 
     def identity(self) -> dict:
         return {k: getattr(self, k) for k in IDENTITY}

@@ -156,20 +156,25 @@ def to_tensors(batch: dict) -> dict:
 
 
 class EpochKeys(torch.utils.data.Sampler):
-    """Keys for epochs ``start..end-1``: each epoch's training iterations, then its validation ones."""
+    """Keys for epochs ``start..end-1``: each epoch's training iterations (``accumulate`` micro-batches
+    per optimiser step), then its validation ones (every ``val_every`` epochs and the last)."""
 
-    def __init__(self, start: int, end: int, iters: int, val_iters: int):
-        self.start, self.end, self.iters, self.val_iters = start, end, iters, val_iters
+    def __init__(self, start: int, end: int, iters: int, val_iters: int, accumulate: int = 1, val_every: int = 1):
+        self.start, self.end, self.iters, self.val_iters = start, end, iters * accumulate, val_iters
+        self.val_every = val_every
+
+    def validates(self, epoch: int) -> bool:
+        return self.val_iters > 0 and ((epoch + 1) % self.val_every == 0 or epoch == self.end - 1)
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         for epoch in range(self.start, self.end):
             for i in range(self.iters):
                 yield (TRAIN, epoch, i)
-            for i in range(self.val_iters):
+            for i in range(self.val_iters if self.validates(epoch) else 0):
                 yield (VAL, epoch, i)
 
     def __len__(self) -> int:
-        return (self.end - self.start) * (self.iters + self.val_iters)
+        return sum(self.iters + (self.val_iters if self.validates(e) else 0) for e in range(self.start, self.end))
 
 
 def _worker_init(_):
@@ -187,8 +192,10 @@ def default_num_workers(device: torch.device) -> int:
     return 1 if cores <= 4 else min(4, cores // 4)
 
 
-def make_loader(batches: KeyedBatches, keys: EpochKeys, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+def make_loader(batches: KeyedBatches, keys: EpochKeys, num_workers: int, pin_memory: bool,
+                persistent_workers: bool = False) -> torch.utils.data.DataLoader:
+    """One stream of batches for the whole run (its workers live as long as the run, whatever ``persistent_workers``)."""
     return torch.utils.data.DataLoader(
         batches, batch_size=None, sampler=keys, num_workers=num_workers, pin_memory=pin_memory,
         worker_init_fn=_worker_init if num_workers else None, prefetch_factor=4 if num_workers else None,
-        persistent_workers=False, multiprocessing_context="fork" if num_workers and os.name == "posix" else None)
+        persistent_workers=persistent_workers and num_workers > 0, multiprocessing_context="fork" if num_workers and os.name == "posix" else None)

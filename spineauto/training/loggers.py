@@ -96,20 +96,24 @@ class LocalLogger:
         """Image | truth | prediction PNG of one validation sample (fold_k/overlays/epoch_XXX.png)."""
         if not example:
             return None
-        panels = [_gray(example["image"])]
-        for key in ("truth", "prediction"):
-            if key in example:
-                panels.append(_color_labels(panels[0], example[key]))
-        sep = np.full((panels[0].shape[0], 2, 3), 255, np.uint8)
-        strip = np.concatenate([x for p in panels for x in (p, sep)][:-1], axis=1)
-        from PIL import Image
+        return render_overlay(example, self.folder / "overlays" / f"epoch_{epoch:03d}.png")
 
-        scale = max(1, 256 // max(strip.shape[0], 1))
-        img = Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.NEAREST)
-        path = self.folder / "overlays" / f"epoch_{epoch:03d}.png"
-        path.parent.mkdir(exist_ok=True)
-        write_atomic(path, lambda p: img.save(p, format="PNG"))
-        return path
+
+def render_overlay(example: dict, path: Path) -> Path:
+    """Image | truth | prediction side by side (labels coloured over the grey image), written atomically."""
+    panels = [_gray(example["image"])]
+    for key in ("truth", "prediction"):
+        if key in example:
+            panels.append(_color_labels(panels[0], example[key]))
+    sep = np.full((panels[0].shape[0], 2, 3), 255, np.uint8)
+    strip = np.concatenate([x for p in panels for x in (p, sep)][:-1], axis=1)
+    from PIL import Image
+
+    scale = max(1, 256 // max(strip.shape[0], 1))
+    img = Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda p: img.save(p, format="PNG"))
+    return path
 
 
 def _json_line(record: dict) -> str:
@@ -155,7 +159,12 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 class WandbLogger:
-    """A W&B run (online or offline) whose files live in the fold folder (``fold_k/wandb``)."""
+    """A W&B run (online or offline) whose files live in the fold folder (``fold_k/wandb``).
+
+    Its config is the run's full resolved configuration (plan + overrides + runtime); ``--continue``
+    resumes the same run (its id is in the checkpoint). Under a ``wandb agent`` the sweep's values
+    arrive as the command's ``key=value`` overrides, so they are part of that configuration too.
+    """
 
     def __init__(self, folder: Path, mode: str, name: str, config: dict, run_id: str | None):
         import wandb
@@ -171,7 +180,10 @@ class WandbLogger:
                 raise
             log.warning("W&B online failed (%s); logging offline to %s/wandb instead (`wandb sync` it later)", e, folder)
             self.run = wandb.init(mode="offline", **kw)
+        self.run.config.update(config, allow_val_change=True)  # a resumed run: this session's configuration
         wandb.define_metric("epoch")
+        wandb.define_metric("global_step")
+        wandb.define_metric("step/*", step_metric="global_step")
         wandb.define_metric("*", step_metric="epoch")
         self.run_id = self.run.id
 
@@ -183,8 +195,108 @@ class WandbLogger:
             data[name] = self.wandb.Image(str(path), caption=f"epoch {record['epoch']}: {name}")
         self.run.log(data)
 
+    def log_step(self, step: int, values: dict) -> None:
+        self.run.log({"global_step": step, **{f"step/{k}": v for k, v in values.items()}})
+
+    def log_images(self, epoch: int, images: dict[str, Path]) -> None:
+        self.run.log({"epoch": epoch, **{k: self.wandb.Image(str(p), caption=f"epoch {epoch}: {k}") for k, p in images.items()}})
+
+    def log_validation(self, summary: dict) -> None:
+        """The final validation: Dice per label and the per-case table (segmentation), metrics per head (classification)."""
+        values: dict = {}
+        seg = summary.get("segmentation")
+        if seg:
+            values.update({f"validation/dice_{k}": v for k, v in seg["mean"].items()})
+            values["validation/dice_foreground_mean"] = seg["foreground_mean"]
+            labels = list(seg["mean"])
+            table = self.wandb.Table(columns=["case", *[f"dice_{k}" for k in labels]],
+                                     data=[[c["case"], *[c["dice"][k] for k in labels]] for c in seg["cases"]])
+            self.run.log({"validation/per_case": table})
+        for head, metrics in (summary.get("classification") or {}).items():
+            values.update({f"validation/{head}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        self.run.summary.update(values)
+
+    def log_artifacts(self, name: str, files: list[Path]) -> None:
+        artifact = self.wandb.Artifact(name, type="model")
+        for f in files:
+            artifact.add_file(str(f), name=f.name)
+        self.run.log_artifact(artifact)
+
     def summary(self, values: dict) -> None:
         self.run.summary.update(values)
 
     def finish(self) -> None:
         self.run.finish()
+
+
+class TensorBoardLogger:
+    """Scalars (per epoch; per step with ``trainer.log_every``), overlays and the final validation
+    in ``fold_k/tensorboard`` (``tensorboard --logdir`` it); the configuration as text."""
+
+    def __init__(self, folder: Path, config: dict):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SpineautoError("--logger tensorboard needs the tensorboard package (pip install tensorboard)") from None
+        self.writer = SummaryWriter(log_dir=str(Path(folder) / "tensorboard"))
+        import yaml
+
+        self.writer.add_text("config", "```\n" + yaml.safe_dump(json.loads(json.dumps(json_safe(config), default=str)), sort_keys=False) + "```")
+
+    def log(self, record: dict, overlay: Path | None, images: dict[str, Path] | None = None) -> None:
+        epoch = int(record["epoch"])
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch" and math.isfinite(v):
+                self.writer.add_scalar(k, v, epoch)
+        self.log_images(epoch, {**({"overlay": overlay} if overlay else {}), **(images or {})})
+        self.writer.flush()
+
+    def log_step(self, step: int, values: dict) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(f"step/{k}", v, step)
+
+    def log_images(self, epoch: int, images: dict[str, Path]) -> None:
+        from PIL import Image
+
+        for name, path in images.items():
+            self.writer.add_image(name, np.asarray(Image.open(path).convert("RGB")), epoch, dataformats="HWC")
+
+    def log_validation(self, summary: dict) -> None:
+        seg = summary.get("segmentation")
+        if seg:
+            for k, v in seg["mean"].items():
+                self.writer.add_scalar(f"validation/dice_{k}", v, 0)
+        self.writer.flush()
+
+    def log_artifacts(self, name: str, files: list[Path]) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.writer.close()
+
+
+LOGGERS = ("tensorboard",)
+
+
+class Trackers:
+    """The experiment trackers of a run (W&B, TensorBoard), called together; empty when none is on."""
+
+    def __init__(self, trackers: list | None = None):
+        self.trackers = list(trackers or [])
+
+    def __bool__(self) -> bool:
+        return bool(self.trackers)
+
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
+
+        def call(*args, **kwargs):
+            for t in self.trackers:
+                getattr(t, method)(*args, **kwargs)
+        return call
+
+    def finish(self) -> None:
+        trackers, self.trackers = self.trackers, []
+        for t in trackers:
+            t.finish()

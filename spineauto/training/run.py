@@ -25,6 +25,7 @@ from spineauto.planning.plans import ConfigurationPlan, Plans
 from spineauto.training.checkpoint import LATEST, TOP_INDEX, copy_checkpoint, load_checkpoint
 from spineauto.training.config import RunConfig, check_same_run, plan_sha, resolve
 from spineauto.training.data import CaseStore
+from spineauto.training.run_config import RunSpec, resolve_run
 from spineauto.training.splits import SPLITS_FILE, cases_for_fold, load_or_create_splits, parse_fold
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class RunContext:
 @contextmanager
 def open_run(dataset: str | int, configuration: str, fold: str | int, *, seed: int | None, epochs: int | None,
              iters_per_epoch: int | None, val_iters: int | None, continue_training: bool, preprocessed: Path | None,
-             results: Path | None, is_main: bool = True) -> Iterator[RunContext]:
+             results: Path | None, is_main: bool = True, run_spec: RunSpec | None = None) -> Iterator[RunContext]:
     """The checked run, with the fold locked (main process) until the block ends; writes nothing but the lock file."""
     fold = parse_fold(fold)
     pre_dir = paths.preprocessed_dataset(dataset, preprocessed)
@@ -106,7 +107,10 @@ def open_run(dataset: str | int, configuration: str, fold: str | int, *, seed: i
     if not plans_path.is_file():
         raise SpineautoError(f"{plans_path}: no plans yet; run `spineauto plan_and_preprocess -d {dataset}` first")
     plans = Plans.load(plans_path)
-    plan = plans.configuration(configuration)
+    if not run_spec:
+        plan = plans.configuration(configuration)
+    else:  # check the run configuration before the data: its errors come first
+        plan = resolve_run(plans, configuration, run_spec, None, pre_dir.name)[0].configuration(configuration)
     store = CaseStore.load(pre_dir / plan.data_identifier)
     if not store.props:
         raise SpineautoError(f"{pre_dir / plan.data_identifier}: no preprocessed cases; run `spineauto plan_and_preprocess -d {dataset}`")
@@ -121,15 +125,20 @@ def open_run(dataset: str | int, configuration: str, fold: str | int, *, seed: i
     lock = exclusive_lock(model_dir / f".{fold_dir.name}.lock", f"training of {fold_dir}") if is_main else nullcontext()
     with lock:
         resume, resumed_from, previous = None, None, None
+        saved = {}
         if continue_training:
             resume, resumed_from = _resume_state(fold_dir)
             saved = resume["run_config"]
             previous = RunConfig(**{k: saved[k] for k in saved if k in RunConfig.__dataclass_fields__})
+        plans, overrides = resolve_run(plans, configuration, run_spec, saved.get("overrides"), pre_dir.name)
+        plan = plans.configuration(configuration)
+        if continue_training:
             if saved.get("plan_sha") != plan_sha(plan) or resume.get("configuration") != plan.name:
                 raise SpineautoError(f"{resumed_from}: was trained from another plan ({saved.get('configuration')}, plan "
                                      f"{saved.get('plan_sha')}) than {plans_path} ({plan.name}, plan {plan_sha(plan)}); "
                                      "restore that plan or start over with --overwrite")
         config = resolve(plan, pre_dir.name, str(fold), plans.plans_name, seed, epochs, iters_per_epoch, val_iters, previous)
+        config.overrides = overrides
         if previous is not None:
             check_same_run(config, previous, fold_dir)
         yield RunContext(plans, plan, store, train_cases, val_cases, pre_dir, model_dir, fold_dir, config, resume, resumed_from)

@@ -11,22 +11,30 @@ A task owns everything task-specific, so the loop never branches on the task:
 - ``example(batch, output)``: one 2D sample for the epoch's overlay image (or None);
 - ``epoch_images(folder)``: extra images the task draws after an epoch (name -> PNG path; may be empty).
 
-Register a new task with ``@register_task("name")``; classification and multitask plug in here
+Register a new task with ``@register_task("name")`` (or name your own class in a run YAML as
+``trainer.task: package.module:Name``); classification and multitask plug in here
 (multitask = a weighted sum of the segmentation and classification tasks' losses, merged metrics),
 and the trainer imports them (:func:`spineauto.training.trainer.build_task`).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from spineauto.networks.outputs import seg_labels
 from spineauto.planning.plans import ConfigurationPlan, Plans
+from spineauto.plugins import Registry, describe
 
-TASKS: dict[str, Callable[..., "Task"]] = {}
+def _task_check(obj) -> str | None:
+    missing = [m for m in ("make_sampler", "loss", "val_stats", "metrics", "example", "epoch_images") if not hasattr(obj, m)]
+    return f"{describe(obj)} without {', '.join(missing)} of the Task protocol" if missing or not callable(obj) else None
+
+
+TASKS = Registry("task", _task_check)  # name -> factory(plans, plan, ddp) -> Task; trainer.task may name package.module:Name
 
 
 class Task(Protocol):
@@ -48,46 +56,23 @@ def register_task(name: str):
     return deco
 
 
-def deep_supervision_weights(n: int, ddp: bool) -> list[float]:
-    """nnU-Net's: 1/2^i, the lowest resolution off (1e-6 under DDP so every parameter gets a gradient)."""
-    w = np.array([1 / 2 ** i for i in range(n)])
-    if n > 1:
-        w[-1] = 1e-6 if ddp else 0.0
-    return (w / w.sum()).tolist()
-
-
-def downsample_targets(seg: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Nearest-neighbour targets matching each deep-supervision output (on the device, cheap)."""
-    targets = []
-    for out in outputs:
-        size = out.shape[-2:]
-        targets.append(seg if tuple(seg.shape[-2:]) == tuple(size) else
-                       torch.nn.functional.interpolate(seg.float(), size=size, mode="nearest").to(seg.dtype))
-    return targets
-
-
 @register_task("segmentation")
 class SegmentationTask:
-    """Dice + cross-entropy (nnunetv2), deep supervision, pseudo-Dice per foreground label."""
+    """The plan's loss (training/losses.py; default nnunetv2's Dice + cross-entropy), deep supervision,
+    pseudo-Dice per foreground label."""
 
     name = "segmentation"
     monitor = "pseudo_dice"
 
     def __init__(self, plans: Plans, plan: ConfigurationPlan, ddp: bool = False):
-        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-        from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+        from spineauto.training.losses import build_segmentation_loss
 
         self.plan = plan
         self.num_classes = max(plans.num_classes, 2)
         names = {v: k for k, v in plans.labels.items()}
         self.label_names = [names.get(v, str(v)) for v in range(1, self.num_classes)]
-        base = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": ddp}, {},
-                              weight_ce=plan.loss.ce_weight, weight_dice=plan.loss.dice_weight,
-                              dice_class=MemoryEfficientSoftDiceLoss)
-        self.deep_supervision = plan.network.deep_supervision
-        n_out = plan.network.n_stages - 1
-        self.criterion: nn.Module = DeepSupervisionWrapper(base, deep_supervision_weights(n_out, ddp)) if self.deep_supervision else base
+        self.activation = plan.network.output_activation
+        self.criterion: nn.Module = build_segmentation_loss(plans, plan, ddp)  # plan.loss.name, deep supervision around it
 
     def make_sampler(self, store):
         from spineauto.training.data import SegmentationPatchSampler
@@ -95,11 +80,7 @@ class SegmentationTask:
         return SegmentationPatchSampler(store, self.plan.foreground_oversampling)
 
     def loss(self, output: dict, batch: dict) -> torch.Tensor:
-        seg = output["seg"]
-        target = batch["seg"].long()
-        if isinstance(seg, (list, tuple)):
-            return self.criterion(seg, downsample_targets(target, seg))
-        return self.criterion(seg, target)
+        return self.criterion(output["seg"], batch["seg"].long())
 
     @staticmethod
     def _top(output: dict) -> torch.Tensor:
@@ -107,7 +88,7 @@ class SegmentationTask:
         return seg[0] if isinstance(seg, (list, tuple)) else seg
 
     def val_stats(self, output: dict, batch: dict) -> dict[str, torch.Tensor]:
-        pred = self._top(output).argmax(1)
+        pred = seg_labels(self._top(output), self.activation)
         ref = batch["seg"][:, 0].long()
         stats = torch.zeros(3, self.num_classes - 1, dtype=torch.float64, device=pred.device)
         for k in range(1, self.num_classes):
@@ -130,9 +111,18 @@ class SegmentationTask:
     def example(self, batch: dict, output: dict) -> dict | None:
         seg = batch["seg"][:, 0]
         i = int((seg > 0).flatten(1).sum(1).argmax())
-        pred = self._top(output)[i].argmax(0)
+        pred = seg_labels(self._top(output)[i:i + 1], self.activation)[0]
         return {"image": batch["data"][i, 0].float().cpu().numpy(), "truth": seg[i].cpu().numpy(),
                 "prediction": pred.cpu().numpy(), "key": batch["keys"][i] if batch.get("keys") else ""}
+
+    def examples(self, batch: dict, output: dict, n: int) -> list[dict]:
+        """Up to ``n`` samples of the batch, most foreground first (the segmentation sampler's images)."""
+        seg = batch["seg"][:, 0]
+        pred = seg_labels(self._top(output), self.activation)
+        order = (seg > 0).flatten(1).sum(1).argsort(descending=True)[:n].tolist()
+        keys = batch.get("keys") or [""] * len(seg)
+        return [{"image": batch["data"][i, 0].float().cpu().numpy(), "truth": seg[i].cpu().numpy(),
+                 "prediction": pred[i].cpu().numpy(), "key": keys[i]} for i in order]
 
     def epoch_images(self, folder: Path) -> dict[str, Path]:
         return {}

@@ -21,14 +21,17 @@ import torch
 
 from spineauto.devices import cpu_native_bf16, resolve_device
 from spineauto.errors import SpineautoError
-from spineauto.networks.build import build_network
+from spineauto.networks.build import build_network, checkpoint_activations
 from spineauto.planning.plans import ConfigurationPlan, Plans
 from spineauto.training import checkpoint as ckpt
 from spineauto.training import classification, multitask  # noqa: F401 (the built-in tasks register themselves)
 from spineauto.training.augment import build_transforms, initial_patch_size
 from spineauto.training.data import EpochKeys, KeyedBatches, default_num_workers, make_loader
 from spineauto.training.distributed import DistInfo, all_reduce_sum, init_distributed, rank_batch_size, shutdown
-from spineauto.training.loggers import LocalLogger, WandbLogger, resolve_wandb_mode
+from spineauto.training.callbacks import FunctionCallback, build_callbacks, sampler_images
+from spineauto.training.loggers import LOGGERS, LocalLogger, TensorBoardLogger, Trackers, WandbLogger, resolve_wandb_mode
+from spineauto.training.optim import accumulated_backward, build_optimizer, build_schedule
+from spineauto.training.run_config import RunSpec, full_config, write_run_config
 from spineauto.training.run import RunContext, open_run
 from spineauto.training.tasks import TASKS, Task
 
@@ -47,7 +50,8 @@ class TrainOptions:
     ``continue_training`` (resume it) or ``overwrite`` (replace it). ``callbacks`` are called on rank 0
     as ``cb(trainer, record)`` after each epoch's record is logged and its checkpoints written; one that
     raises stops the run, resumable with ``--continue``. ``progress`` shows the iterations (the CLI
-    passes a rich bar).
+    passes a rich bar). ``config``, ``batch_size``, ``lr`` and ``config_set`` override the plan
+    (training/run_config.py); ``loggers`` adds trackers (tensorboard) beside W&B.
     """
 
     epochs: int | None = None
@@ -71,6 +75,12 @@ class TrainOptions:
     top_k: int = 5
     callbacks: list[Callable[["Trainer", dict], None]] = field(default_factory=list)
     progress: TrainingProgress | None = None
+    config: Path | None = None  # a run YAML or a preset of plans/
+    batch_size: int | str | None = None
+    lr: float | str | None = None
+    config_set: list[str] = field(default_factory=list)  # dotted key=value overrides
+    loggers: list[str] = field(default_factory=list)  # tensorboard
+    wandb_artifacts: bool = False  # the best and final checkpoints as a W&B artifact
 
 
 def train_fold(dataset: str | int, configuration: str = "2d", fold: str | int = 0, options: TrainOptions | None = None) -> Path:
@@ -85,7 +95,8 @@ def train_fold(dataset: str | int, configuration: str = "2d", fold: str | int = 
             dev = torch.device("cuda", info.local_rank)
         with open_run(dataset, configuration, fold, seed=o.seed, epochs=o.epochs, iters_per_epoch=o.iters_per_epoch,
                       val_iters=o.val_iters, continue_training=o.continue_training, preprocessed=o.preprocessed,
-                      results=o.results, is_main=info.is_main) as run:
+                      results=o.results, is_main=info.is_main,
+                      run_spec=RunSpec(o.config, o.batch_size, o.lr, list(o.config_set))) as run:
             return _train_run(run, o, dev, info)
     except OSError as e:  # a folder or file the run needs: one line naming it (checkpoints are written atomically)
         raise SpineautoError(f"{e.filename or 'training'}: {e.strerror or e}; training stopped (checkpoints are written atomically: "
@@ -110,20 +121,33 @@ def _train_run(run: RunContext, o: TrainOptions, dev: torch.device, info: DistIn
                           "pretrained": str(o.pretrained) if o.pretrained else None, "torch": torch.__version__}
     trainer = Trainer(run, dev, info, amp, getattr(torch, amp_dtype), workers, o.progress if info.is_main else None, o.top_k,
                       channels_last=channels_last, compile=o.compile)
-    trainer.callbacks = list(o.callbacks)
+    trainer.callbacks += [FunctionCallback(cb) for cb in o.callbacks]
+    for name in [*o.loggers, *run.plan.trainer.loggers]:
+        if name not in LOGGERS:
+            raise SpineautoError(f"logger {name!r}: choose from {', '.join(LOGGERS)} (W&B is --wandb)")
+    trainer.logger_names = sorted({*o.loggers, *run.plan.trainer.loggers})
+    trainer.wandb_artifacts = o.wandb_artifacts
     if o.pretrained and not o.continue_training:
         ckpt.load_pretrained(trainer.network, Path(o.pretrained))
     elif o.pretrained:
         log.warning("--pretrained is ignored with --continue (the run's own weights are restored)")
     if info.is_main:
         run.start(overwrite=o.overwrite)  # every input checked: now the fold folder becomes this run's
-    trainer.fit()
-    if info.is_main and o.validate:
-        trainer.final_validation(save_probabilities=o.save_probabilities)
+    try:
+        trainer.fit()
+        if info.is_main and o.validate:
+            trainer.trackers.log_validation(trainer.final_validation(save_probabilities=o.save_probabilities))
+        if info.is_main and o.wandb_artifacts:
+            trainer.log_checkpoints()
+    finally:
+        trainer.trackers.finish()
     return run.fold_dir
 
 
 def build_task(plans: Plans, plan: ConfigurationPlan, ddp: bool = False) -> Task:
+    """The configuration's task, or the one ``trainer.task`` names (registered, or package.module:Name)."""
+    if plan.trainer.task:
+        return TASKS.resolve(plan.trainer.task, "trainer.task")(plans, plan, ddp)
     if plan.task not in TASKS:
         raise SpineautoError(f"configuration {plan.name!r}: task {plan.task!r} cannot be trained yet; trainable tasks: {', '.join(sorted(TASKS))}")
     return TASKS[plan.task](plans, plan, ddp)
@@ -150,20 +174,19 @@ class Trainer:
         self.network = build_network(self.plan, self.in_channels, run.plans.num_classes).to(device, memory_format=self.memory_format)
         self.task: Task = build_task(run.plans, self.plan, ddp=info.enabled)
         o = self.plan.optim
-        if o.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(self.network.parameters(), lr=o.initial_lr, weight_decay=o.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(self.network.parameters(), lr=o.initial_lr, momentum=o.momentum,
-                                             weight_decay=o.weight_decay, nesterov=o.momentum > 0)
-        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-
-        self.scheduler = (PolyLRScheduler(self.optimizer, o.initial_lr, self.config.epochs) if o.schedule == "poly"
-                          else torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0))  # constant
+        self.optimizer = build_optimizer(self.network.parameters(), o)
+        self.schedule = build_schedule(self.optimizer, o, self.config.epochs, self.config.iters_per_epoch)
+        self.callbacks = build_callbacks(self.plan.trainer.callbacks)
+        self.trackers, self.logger_names, self.wandb_artifacts = Trackers(), [], False
+        self.last_examples: list[dict] = []
+        self.stop_reason: str | None = None
+        if self.plan.trainer.activation_checkpointing:
+            log.info("activation checkpointing: %d encoder/decoder stages recomputed in the backward pass",
+                     checkpoint_activations(self.network))
         self.scaler = torch.amp.GradScaler("cuda") if (amp and device.type == "cuda" and amp_dtype == torch.float16) else None
         self.start_epoch, self.ema, self.best = 0, None, {"epoch": None, "ema": -math.inf}
         self.topk = ckpt.TopK(top_k)
         self.logger = LocalLogger(run.fold_dir)
-        self.callbacks: list[Callable[["Trainer", dict], None]] = []
         self.wandb_id: str | None = None
         torch.manual_seed(self.config.seed * 1000 + info.rank)
         if run.resume is not None:
@@ -180,7 +203,10 @@ class Trainer:
     def _restore(self, state: dict) -> None:
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.schedule.load_state_dict(state["scheduler"])
+        for cb, cb_state in zip(self.callbacks, state.get("callbacks") or []):
+            cb.load_state_dict(cb_state)
+        self.stop_reason = state.get("stopped")
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.start_epoch = int(state["epoch"])
@@ -195,7 +221,8 @@ class Trainer:
 
     def state(self, epochs_done: int) -> dict:
         return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "grad_scaler": self.scaler.state_dict() if self.scaler else None,
+                "scheduler": self.schedule.state_dict(), "callbacks": [cb.state_dict() for cb in self.callbacks],
+                "stopped": self.stop_reason, "grad_scaler": self.scaler.state_dict() if self.scaler else None,
                 "epoch": epochs_done, "configuration": self.plan.name, "plans": self.run.plans.to_dict(),
                 "run_config": self.config.to_dict(), "task": self.plan.task, "in_channels": self.in_channels,
                 "num_classes": self.run.plans.num_classes, "rng": ckpt.rng_state(), "history": self.logger.history,
@@ -210,8 +237,10 @@ class Trainer:
         transforms = build_transforms(plan.patch_size, plan.augmentation, plan.has_segmentation, remap_contrast=not plan.has_classification)
         batches = KeyedBatches(self.task.make_sampler(self.run.store), transforms, self.run.train_cases, self.run.val_cases,
                                rank_bs, plan.patch_size, sample_size, cfg.seed, self.info.rank)
-        keys = EpochKeys(self.start_epoch, cfg.epochs, cfg.iters_per_epoch, cfg.val_iters)
-        return make_loader(batches, keys, self.num_workers, pin_memory=self.device.type == "cuda")
+        t = plan.trainer
+        self.keys = EpochKeys(self.start_epoch, cfg.epochs, cfg.iters_per_epoch, cfg.val_iters, t.accumulate, t.val_every)
+        pin = self.device.type == "cuda" if t.pin_memory is None else t.pin_memory
+        return make_loader(batches, self.keys, self.num_workers, pin_memory=pin, persistent_workers=t.persistent_workers)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp else nullcontext()
@@ -225,27 +254,26 @@ class Trainer:
             out["cls"] = {k: v.to(self.device, non_blocking=nb) for k, v in batch["cls"].items()}
         return out
 
-    def _train_step(self, batch: dict) -> torch.Tensor:
+    def _train_step(self, batch: list[dict]) -> torch.Tensor:
+        """One optimiser step on ``trainer.accumulate`` micro-batches; the schedule steps after it."""
         if self.compile_s is None and self.model is not self.eager_model:
             return self._first_compiled_step(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            output = self.model(batch["data"])
-            loss = self.task.loss(output, batch)
+        loss = accumulated_backward(self.model, batch, self.task.loss, self._autocast, self.scaler,
+                                    getattr(self.model, "no_sync", None) if self.info.enabled else None)
         clip = self.plan.optim.grad_clip
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
             self.optimizer.step()
-        return loss.detach()
+        self.schedule.step()
+        return loss
 
     def _first_compiled_step(self, batch: dict) -> torch.Tensor:
         """The first step of a ``torch.compile``d model compiles it (timed); if compiling fails, eager takes over."""
@@ -276,21 +304,20 @@ class Trainer:
                 log.info("%s: restored %s from %s (the last session stopped before copying it)", fold_dir, ", ".join(restored), ckpt.LATEST)
             self.logger.rewrite()
             self.topk.reconcile(fold_dir)
-        if self.start_epoch >= cfg.epochs:
-            log.info("%s: training already complete (%d epochs)", fold_dir, cfg.epochs)
+        if self.start_epoch >= cfg.epochs or self.stop_reason:
+            log.info("%s: training already complete (%s)", fold_dir, self.stop_reason or f"{cfg.epochs} epochs")
             return
-        wb = None
         if main:
             fold_dir.mkdir(parents=True, exist_ok=True)
             self.logger.start_log_file()
             cfg.save(fold_dir)
+            write_run_config(fold_dir, self.plan, cfg.to_dict(), cfg.overrides)
             log.info("training %s fold %s: %d epochs x %d iterations, batch %d, %s, %d worker(s), AMP %s, %d process(es)",
                      cfg.dataset, cfg.fold, cfg.epochs, cfg.iters_per_epoch, cfg.batch_size, self.device, self.num_workers,
                      cfg.runtime.get("amp_dtype") or "off", self.info.world_size)
-            mode = cfg.runtime.get("wandb")
-            if mode and mode != "disabled":
-                wb = WandbLogger(fold_dir, mode, f"{cfg.dataset}_{cfg.configuration}_fold{cfg.fold}", cfg.to_dict(), self.wandb_id)
-                self.wandb_id = wb.run_id
+            self._open_trackers()
+            for cb in self.callbacks:
+                cb.on_train_start(self)
         batches = iter(self._loader())
         if self.progress is not None:
             self.progress.start((cfg.epochs - self.start_epoch) * cfg.iters_per_epoch)
@@ -299,29 +326,72 @@ class Trainer:
                 record, example = self._epoch(epoch, batches)
                 if main:
                     is_best = self._bookkeep(epoch, record)
-                    self._report(epoch, record, example, wb, is_best)
+                    self._report(epoch, record, example, is_best)
+                    if self.stop_reason:
+                        log.info("%s; stopped after epoch %d (checkpoint_final.pt is its checkpoint)", self.stop_reason, epoch)
+                if self.info.enabled:
+                    self._share_stop()
+                if self.stop_reason:
+                    break
+            if main:
+                for cb in self.callbacks:
+                    cb.on_train_end(self)
         finally:
             if self.progress is not None:
                 self.progress.stop()
-            if wb is not None:
-                wb.finish()
             if main:
                 self.logger.plot_progress(force=True)  # also when stopped early: the plot shows every logged epoch
                 self.logger.close()
 
+    def _open_trackers(self) -> None:
+        """W&B (``--wandb``) and the ``--logger`` ones, given the full resolved configuration."""
+        cfg, fold_dir = self.config, self.run.fold_dir
+        config = {**full_config(self.plan, cfg.to_dict(), cfg.overrides),
+                  "parameters": sum(p.numel() for p in self.network.parameters()),
+                  "trainable_parameters": sum(p.numel() for p in self.network.parameters() if p.requires_grad)}
+        trackers = []
+        mode = cfg.runtime.get("wandb")
+        if mode and mode != "disabled":
+            wb = WandbLogger(fold_dir, mode, f"{cfg.dataset}_{cfg.configuration}_fold{cfg.fold}", config, self.wandb_id)
+            self.wandb_id = wb.run_id
+            trackers.append(wb)
+        if "tensorboard" in self.logger_names:
+            trackers.append(TensorBoardLogger(fold_dir, config))
+        self.trackers = Trackers(trackers)
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after this epoch (a callback's call, e.g. early stopping)."""
+        self.stop_reason = reason
+
+    def _share_stop(self) -> None:
+        flag = all_reduce_sum(torch.tensor(1.0 if self.stop_reason else 0.0, device=self.device), self.info)
+        if float(flag) > 0 and not self.stop_reason:
+            self.stop_reason = "stopped by rank 0"
+
+    def log_checkpoints(self) -> None:
+        """The best and final checkpoints as a W&B artifact (``--wandb-artifacts``)."""
+        files = [self.run.fold_dir / n for n in (ckpt.BEST, ckpt.FINAL) if (self.run.fold_dir / n).is_file()]
+        cfg = self.config
+        self.trackers.log_artifacts(f"{cfg.dataset}_{cfg.configuration}_fold{cfg.fold}", files)
+
     def _epoch(self, epoch: int, batches) -> tuple[dict, dict | None]:
         cfg = self.config
-        if self.plan.optim.schedule == "poly":
-            self.scheduler.step(epoch)
         lr = self.optimizer.param_groups[0]["lr"]
+        accumulate, log_every = self.plan.trainer.accumulate, self.plan.trainer.log_every
         self.model.train()
         started = time.time()
         t0 = time.perf_counter()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         on_cpu = self.device.type == "cpu"
         for i in range(cfg.iters_per_epoch):
-            loss = self._train_step(self._to_device(next(batches)))
+            loss = self._train_step([self._to_device(next(batches)) for _ in range(accumulate)])
             total += loss
+            step = epoch * cfg.iters_per_epoch + i + 1
+            if self.info.is_main and log_every and step % log_every == 0 and self.trackers:
+                self.trackers.log_step(step, {"train_loss": float(loss)})  # the rate per step: the lr_monitor callback
+            if self.info.is_main:
+                for cb in self.callbacks:
+                    cb.on_train_batch_end(self, step, None)
             if (on_cpu or (i + 1) % NAN_CHECK_EVERY == 0) and not torch.isfinite(total):  # free on CPU: no device sync
                 raise self._nan_stop(epoch, "training")
             if self.progress is not None:
@@ -331,12 +401,13 @@ class Trainer:
         train_loss = float(total)
         if not math.isfinite(train_loss):
             raise self._nan_stop(epoch, "training")
-        val_loss, metrics, example = self._validate(batches)
+        val_loss, metrics, example = self._validate(batches) if self.keys.validates(epoch) else (math.nan, {}, None)
         if self.compile_s is not None and epoch == self.start_epoch:
             metrics["compile_s"] = self.compile_s  # the first step's time, compiling included
         record = {"epoch": epoch, "started": started, "train_loss": train_loss, "val_loss": val_loss, **metrics, "lr": lr,
                   "epoch_time": time.perf_counter() - t0, "train_time": train_time,
-                  "samples_per_s": cfg.iters_per_epoch * cfg.batch_size / max(train_time, 1e-9)}
+                  "samples_per_s": cfg.iters_per_epoch * cfg.batch_size * accumulate / max(train_time, 1e-9)}
+        self.schedule.step_metric(record)
         return record, example
 
     def _validate(self, batches) -> tuple[float, dict, dict | None]:
@@ -346,7 +417,7 @@ class Trainer:
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         stats: dict[str, torch.Tensor] = {}
-        example = None
+        example, examples, wanted = None, [], sampler_images(self.callbacks)
         with torch.no_grad(), self._autocast():
             for i in range(cfg.val_iters):
                 batch = self._to_device(next(batches))
@@ -356,6 +427,9 @@ class Trainer:
                     stats[k] = stats[k] + v if k in stats else v
                 if i == 0 and self.info.is_main:
                     example = self.task.example(batch, output)
+                if self.info.is_main and wanted > 1 and len(examples) < wanted and hasattr(self.task, "examples"):
+                    examples += self.task.examples(batch, output, wanted - len(examples))
+        self.last_examples = examples or [example]
         total = all_reduce_sum(total, self.info) / (cfg.val_iters * self.info.world_size)
         stats = {k: all_reduce_sum(v, self.info) for k, v in stats.items()}
         return float(total), self.task.metrics(stats), example
@@ -371,6 +445,8 @@ class Trainer:
             self.best = {"epoch": epoch, "ema": float(self.ema), "monitor": monitor}
         entered, evicted = self.topk.offer(epoch, self.ema) if self.ema is not None else (False, [])
         record.update(monitor=monitor, ema=self.ema, best_epoch=self.best["epoch"])
+        for callback in self.callbacks:  # before the checkpoint: their state (and a stop they ask for) is part of it
+            callback.on_epoch_end(self, record)
         self.logger.history.append(record)  # part of the checkpoint; the file line follows in _report
         latest = ckpt.save_checkpoint(fold_dir / ckpt.LATEST, self.state(epoch + 1))
         self.logger.history.pop()
@@ -383,21 +459,20 @@ class Trainer:
             (fold_dir / e["file"]).unlink(missing_ok=True)
         if self.topk.k > 0:
             self.topk.write(fold_dir, f"ema_{monitor}")
-        if epoch + 1 == self.config.epochs:
+        if epoch + 1 == self.config.epochs or self.stop_reason:
             ckpt.copy_checkpoint(latest, fold_dir / ckpt.FINAL)
         return is_best
 
-    def _report(self, epoch: int, record: dict, example: dict | None, wb, is_best: bool) -> None:
+    def _report(self, epoch: int, record: dict, example: dict | None, is_best: bool) -> None:
         """metrics.jsonl, log, overlay and progress plot, task images, W&B, then the callbacks."""
         fold_dir, monitor = self.run.fold_dir, record["monitor"]
         self.logger.log_epoch(record)
         overlay = self.logger.overlay(epoch, example)
         self.logger.plot_progress(force=epoch + 1 == self.config.epochs)
         images = self.task.epoch_images(fold_dir)  # e.g. confusion matrices
-        if wb is not None:
-            wb.log(record, overlay, images)
-        for callback in self.callbacks:
-            callback(self, record)
+        self.trackers.log(record, overlay, images)
+        for callback in self.callbacks:  # the epoch's checkpoint is written and its record logged
+            callback.on_checkpoint(self, record, fold_dir / ckpt.LATEST)
         log.info("epoch %d: train %.4f val %.4f %s %.4f (EMA %.4f%s) lr %.2e %.1fs %.1f samples/s", epoch, record["train_loss"],
                  record["val_loss"], monitor, record.get(monitor, math.nan), self.ema if self.ema is not None else math.nan,
                  ", best" if is_best else "", record["lr"], record["epoch_time"], record["samples_per_s"])
