@@ -14,8 +14,9 @@ SMALL_FEATURES = [4, 8, 16, 32, 64]
 
 
 def make_model_folder(preprocessed: Path, results: Path, configuration: str = "2d", folds=(0,), seed: int = 0,
-                      normalization: str | None = None, features=SMALL_FEATURES) -> Path:
-    """A model folder (plans, dataset.json, fold_k/checkpoint_final.pt) with random small networks."""
+                      normalization: str | None = None, features=SMALL_FEATURES, one_pass: bool = False) -> Path:
+    """A model folder (plans, dataset.json, fold_k/checkpoint_final.pt) with random small networks;
+    ``one_pass``: without the plan's localise-then-segment second pass."""
     from spineauto.networks.build import build_network
 
     plans = Plans.load(preprocessed / "plans.json")
@@ -26,6 +27,8 @@ def make_model_folder(preprocessed: Path, results: Path, configuration: str = "2
         for other in plans.configurations.values():
             if other.data_identifier == cfg.data_identifier:
                 other.normalization = [normalization] * len(other.normalization)
+    if one_pass:
+        cfg.localise = None
     folder = results / preprocessed.name / f"spineautoTrainer__spineautoPlans__{configuration}"
     folder.mkdir(parents=True, exist_ok=True)
     plans.save(folder / "plans.json")
