@@ -33,6 +33,14 @@ PREPROCESSING_KEYS = ("name", "task", "data_identifier", "slicing", "isotropic_p
                       "use_mask_for_norm", "roi", "heads", "reasons")
 
 
+# names other frameworks' configurations use -> the plan's key
+ALIASES = {"lr": "optim.initial_lr", "learning_rate": "optim.initial_lr", "max_epochs": "optim.epochs", "epochs": "optim.epochs",
+           "optimizer": "optim.optimizer", "scheduler": "optim.schedule", "lr_scheduler": "optim.schedule", "model": "network",
+           "accumulate_grad_batches": "trainer.accumulate", "accumulate": "trainer.accumulate", "callbacks": "trainer.callbacks",
+           "loggers": "trainer.loggers", "logger": "trainer.loggers", "check_val_every_n_epoch": "trainer.val_every",
+           "log_every_n_steps": "trainer.log_every", "batch": "batch_size"}
+
+
 @dataclass
 class RunSpec:
     """What the user asked for on the command line (all optional)."""
@@ -130,7 +138,7 @@ def check_overrides(overrides: dict, source: str, dataset: str, tp=Configuration
         dotted = f"{prefix}{key}"
         if key not in names:
             candidates = [k for k in _all_keys(ConfigurationPlan) if k.split(".")[0] not in PREPROCESSING_KEYS]
-            close = (difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
+            close = ([ALIASES[str(key)]] if str(key) in ALIASES else []) or (difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
                      or [k for k in candidates if k.rsplit(".", 1)[-1] == str(key)][:1]
                      or difflib.get_close_matches(str(key), [k.rsplit(".", 1)[-1] for k in candidates], n=1))
             if close and "." not in close[0] and close[0] not in candidates:

@@ -32,6 +32,7 @@ from spineauto.training.callbacks import FunctionCallback, build_callbacks, samp
 from spineauto.training.loggers import LOGGERS, LocalLogger, TensorBoardLogger, Trackers, WandbLogger, resolve_wandb_mode
 from spineauto.training.optim import accumulated_backward, build_optimizer, build_schedule
 from spineauto.training.run_config import RunSpec, full_config, write_run_config
+from spineauto.training.transforms import build_extra_transforms
 from spineauto.training.run import RunContext, open_run
 from spineauto.training.tasks import TASKS, Task
 
@@ -177,6 +178,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.network.parameters(), o)
         self.schedule = build_schedule(self.optimizer, o, self.config.epochs, self.config.iters_per_epoch)
         self.callbacks = build_callbacks(self.plan.trainer.callbacks)
+        build_extra_transforms(self.plan.augmentation.transforms)  # checked now: the data workers build them later
         self.trackers, self.logger_names, self.wandb_artifacts = Trackers(), [], False
         self.last_examples: list[dict] = []
         self.stop_reason: str | None = None
