@@ -6,7 +6,14 @@ optimiser, LR schedule, callback, task, augmentation transform). :meth:`Registry
 registered name or an import string and checks the object is of the right kind; every failure is one
 line naming the plan key, the module or the class. Nothing here crawls packages: a plug-in is found
 only by the import string written in the plan (so a model folder records it and a copied model folder
-needs that module importable, as any Python dependency).
+needs that module importable, as any Python dependency), or by name through an installed package's
+entry point in the group ``spineauto.plugins`` named ``<kind key>.<name>``, e.g. in its pyproject.toml:
+
+```toml
+[project.entry-points."spineauto.plugins"]
+"loss.my_dice" = "my_package.losses:MyDice"
+```
+(kind keys: network, loss, optimizer, schedule, callback, task, transform).
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from typing import Any, Callable
 from spineauto.errors import SpineautoError
 
 IMPORT_STRING = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
-HINT = "or name your own as package.module:Name (importable: installed or on PYTHONPATH)"
+HINT = "or name your own as package.module:Name (importable: installed or on PYTHONPATH), or install it as a spineauto.plugins entry point"
 
 
 def is_import_string(name: str) -> bool:
@@ -54,10 +61,14 @@ class Registry(dict):
     ``check(obj) -> str | None`` says why an imported object is the wrong kind (None: it fits).
     """
 
-    def __init__(self, kind: str, check: Callable[[Any], str | None] | None = None):
+    def __init__(self, kind: str, check: Callable[[Any], str | None] | None = None, key: str = ""):
         super().__init__()
         self.kind = kind
         self.check = check
+        self.key = key  # entry point names of this kind: "<key>.<name>"
+
+    def _entry_point(self, name: str) -> str | None:
+        return _entry_points().get(f"{self.key}.{name}") if self.key else None
 
     def register(self, name: str):
         def deco(obj):
@@ -68,8 +79,9 @@ class Registry(dict):
     def resolve(self, name: str, where: str) -> Any:
         if name in self:
             return self[name]
-        if is_import_string(name):
-            obj = load_object(name, where)
+        entry = self._entry_point(name) if not is_import_string(name) else None
+        if is_import_string(name) or entry is not None:
+            obj = load_object(name, where) if entry is None else load_object(entry, f"{where} (entry point {self.key}.{name})")
             why = self.check(obj) if self.check is not None else None
             if why:
                 raise SpineautoError(f"{where}: {name!r} is {why}, not {_a(self.kind)}")
@@ -81,6 +93,13 @@ class Registry(dict):
 
 def _a(noun: str) -> str:
     return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _entry_points() -> dict[str, str]:
+    """Installed packages' ``spineauto.plugins`` entry points: name -> import string."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group="spineauto.plugins")}
 
 
 def describe(obj: Any) -> str:

@@ -353,6 +353,24 @@ def test_user_plugins_of_every_kind_train_checkpoint_and_predict(phantoms, tmp_p
     assert out.seg.shape[0] == 3 and torch.allclose(out.seg.sum(0), torch.ones(()), atol=1e-4)
 
 
+def test_entry_point_plugins_resolve_by_name(monkeypatch):
+    """An installed package's `spineauto.plugins` entry point `<kind>.<name>` is found by its bare name."""
+    from spineauto import plugins
+    from spineauto.training.callbacks import CALLBACKS
+    from spineauto.training.losses import LOSSES
+
+    assert isinstance(plugins._entry_points(), dict)  # the installed ones (none here): the real lookup runs
+    monkeypatch.setattr(plugins, "_entry_points", lambda: {"loss.plus_one": "plugins_for_tests:CrossEntropyPlusOne",
+                                                          "callback.recording": "plugins_for_tests:NotAPlugin"})
+    import plugins_for_tests
+
+    assert LOSSES.resolve("plus_one", "loss.name") is plugins_for_tests.CrossEntropyPlusOne
+    with pytest.raises(SpineautoError, match="'recording' is the class NotAPlugin .* not a callback"):
+        CALLBACKS.resolve("recording", "trainer.callbacks[0].name")
+    with pytest.raises(SpineautoError, match="unknown loss 'plus_two'"):
+        LOSSES.resolve("plus_two", "loss.name")
+
+
 def test_dice_bce_trains_sigmoid_outputs_and_prediction_thresholds_at_half(phantoms):
     from spineauto.inference.model import load_model
     from spineauto.networks.outputs import seg_labels, seg_probabilities
@@ -463,7 +481,6 @@ def test_wandb_offline_gets_the_resolved_config_validation_artifacts_and_resumes
 
 
 def test_tensorboard_logger_writes_epoch_and_step_scalars(phantoms):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     fold = _train(phantoms, "tb", loggers=["tensorboard"], config_set=["trainer.log_every=1", "trainer.callbacks=[{name: lr_monitor, logging_interval: step}, {name: segmentation_sampler, image_amount: 2}]"],

@@ -13,7 +13,7 @@ from torch import nn
 from spineauto.planning.plans import NetworkPlan
 from spineauto.plugins import Registry, subclass_check
 
-REGISTRY = Registry("network architecture", subclass_check(nn.Module, allow_function=True))  # also package.module:Name
+REGISTRY = Registry("network architecture", subclass_check(nn.Module, allow_function=True), key="network")  # also package.module:Name
 
 
 def register(name: str):

@@ -55,7 +55,7 @@ def _check(obj) -> str | None:
     return f"{describe(obj)} (a callback is a class with on_epoch_end(trainer, record); subclass spineauto.training.callbacks.Callback)"
 
 
-CALLBACKS = Registry("callback", _check)
+CALLBACKS = Registry("callback", _check, key="callback")
 
 
 def metrics(record: dict) -> dict:

@@ -25,7 +25,7 @@ from spineauto.errors import SpineautoError
 from spineauto.planning.plans import ConfigurationPlan, Plans
 from spineauto.plugins import Registry, bind_kwargs, subclass_check
 
-LOSSES = Registry("loss", subclass_check(nn.Module))
+LOSSES = Registry("loss", subclass_check(nn.Module), key="loss")
 SMOOTH = 1e-5
 
 

@@ -22,8 +22,8 @@ from spineauto.errors import SpineautoError
 from spineauto.planning.plans import OptimPlan
 from spineauto.plugins import Registry, bind_kwargs, subclass_check
 
-OPTIMIZERS = Registry("optimiser", subclass_check(torch.optim.Optimizer))
-SCHEDULES = Registry("LR schedule", subclass_check(torch.optim.lr_scheduler.LRScheduler))
+OPTIMIZERS = Registry("optimiser", subclass_check(torch.optim.Optimizer), key="optimizer")
+SCHEDULES = Registry("LR schedule", subclass_check(torch.optim.lr_scheduler.LRScheduler), key="schedule")
 
 
 @OPTIMIZERS.register("sgd")

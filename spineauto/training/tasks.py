@@ -34,7 +34,7 @@ def _task_check(obj) -> str | None:
     return f"{describe(obj)} without {', '.join(missing)} of the Task protocol" if missing or not callable(obj) else None
 
 
-TASKS = Registry("task", _task_check)  # name -> factory(plans, plan, ddp) -> Task; trainer.task may name package.module:Name
+TASKS = Registry("task", _task_check, key="task")  # name -> factory(plans, plan, ddp) -> Task; trainer.task may name package.module:Name
 
 
 class Task(Protocol):

@@ -26,7 +26,7 @@ def _check(obj) -> str | None:
     return f"{describe(obj)} (a transform is a class whose instances are called as t(**batch) -> batch)"
 
 
-TRANSFORMS = Registry("augmentation transform", _check)
+TRANSFORMS = Registry("augmentation transform", _check, key="transform")
 
 
 def _builtins() -> None:
