@@ -139,8 +139,8 @@ def _tube_scene(tmp_path, with_tube: bool = True):
     img = 1.0 + 0.05 * rng.standard_normal((96, 96, 12))
     tube = np.zeros(img.shape, bool)
     yy, xx = np.mgrid[:96, :96]
-    if with_tube:
-        tube[((yy - 48) ** 2 + (xx - 50) ** 2) <= 25] = True
+    if with_tube:  # on slices 2-9 of 12: the box of the second pass must still span them all
+        tube[((yy - 48) ** 2 + (xx - 50) ** 2) <= 25, 2:10] = True
     img[tube] = 4.0
     img[4:30, 4:30, 4:8] = 4.0
     path = tmp_path / "scene_0000.nii.gz"
@@ -163,7 +163,7 @@ def test_localise_then_segment_keeps_the_tube_and_segments_around_it(bright_mode
 
     def spy(self, model, mask, margin_mm):
         layout, props = around(self, model, mask, margin_mm)
-        boxes.append((layout.shape, int(mask.sum())))
+        boxes.append((layout.shape, int(mask.sum()), bool(mask.any(axis=(0, 1)).all())))
         return layout, props
 
     monkeypatch.setattr(InputCase, "preprocessed_around", spy)
@@ -172,8 +172,9 @@ def test_localise_then_segment_keeps_the_tube_and_segments_around_it(bright_mode
     if not localise:  # one pass: the block is cord too
         assert not boxes and labels[4:30, 4:30, 4:8].all()
         return
-    (shape, first_pass_cord), = boxes
-    assert first_pass_cord == pytest.approx(tube.sum(), rel=0.15)  # the first pass's cord component is the tube
+    (shape, box_mask, every_slice), = boxes
+    assert box_mask == pytest.approx(tube[..., 5].sum() * 12, rel=0.15)  # the tube's cross-section, on every slice
+    assert every_slice and shape[1] == 12
     assert shape[2] * shape[3] < 0.25 * (96 * 0.6 / bright_model.plan.target_spacing[0]) ** 2  # the second pass saw a box
     assert not labels[4:30, 4:30, 4:8].any()
     assert (labels == 1).sum() == pytest.approx(tube.sum(), rel=0.15) and (labels[tube] == 1).mean() > 0.9
@@ -190,3 +191,26 @@ def test_localise_on_a_scene_without_a_tube_keeps_what_the_first_pass_found(brig
     pred = predict_case(bright_model, InputCase("scene", [path]), tmp_path / "out", tta=False)
     labels = np.asarray(nib.load(str(pred.files[0])).dataobj)
     assert labels[4:30, 4:30, 4:8].all()  # the block is the only component: localised on it, kept
+
+
+def test_find_best_postprocessing_chooses_the_cord_component_where_the_largest_is_a_blob(tmp_path):
+    from spineauto.evaluation.best_configuration import decide_postprocessing
+    from spineauto.inference.postprocessing import apply_postprocessing, load_postprocessing
+    from spineauto.io.atomic import write_json
+
+    seg, affine = _tube_and_blob(False)
+    ref = np.zeros_like(seg)
+    ref[18:21, 18:21, :] = 1
+    pp = decide_postprocessing({"a": seg}, {"a": ref}, {"background": 0, "cord": 1}, {"a": affine})
+    assert pp["cord_component_labels"] == [1] and pp["largest_component_labels"] == []
+    assert pp["per_label"]["cord"]["dice_cord_component"] == 1.0 > pp["per_label"]["cord"]["dice_largest_component"]
+    without_affines = decide_postprocessing({"a": seg}, {"a": ref}, {"background": 0, "cord": 1})
+    assert without_affines["cord_component_labels"] == [] and without_affines["largest_component_labels"] == []  # the blob: worse
+    write_json(tmp_path / "postprocessing.json", pp)
+    loaded = load_postprocessing(tmp_path / "postprocessing.json", [0, 1])
+    np.testing.assert_array_equal(apply_postprocessing(seg, loaded, affine), ref)
+    with pytest.raises(ValueError, match="affine"):
+        apply_postprocessing(seg, loaded)
+    write_json(tmp_path / "bad.json", {"largest_component_labels": [], "cord_component_labels": [3]})
+    with pytest.raises(Exception, match="not labels of the model"):
+        load_postprocessing(tmp_path / "bad.json", [0, 1])

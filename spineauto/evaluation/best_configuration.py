@@ -29,7 +29,7 @@ from spineauto import paths
 from spineauto.errors import SpineautoError
 from spineauto.evaluation.files import check_writable, read_json_file, writing
 from spineauto.evaluation.metrics import dice
-from spineauto.inference.postprocessing import POSTPROCESSING_FILE, apply_postprocessing, keep_largest_component
+from spineauto.inference.postprocessing import POSTPROCESSING_FILE, apply_postprocessing, keep_cord_component, keep_largest_component
 from spineauto.io.atomic import write_atomic, write_json
 from spineauto.io.images import read_volume
 
@@ -116,31 +116,43 @@ def _mean_fg_dice(preds: dict[str, np.ndarray], refs: dict[str, np.ndarray], lab
 
 
 def _score(name: str, members: list[str], preds: dict[str, np.ndarray], refs: dict[str, np.ndarray],
-           labels: dict[str, int], pp_file: Path, outputs: dict[Path, dict]) -> Candidate:
-    pp = decide_postprocessing(preds, refs, labels)
+           labels: dict[str, int], pp_file: Path, outputs: dict[Path, dict], affines: dict[str, np.ndarray]) -> Candidate:
+    pp = decide_postprocessing(preds, refs, labels, affines)
     outputs[pp_file] = pp
-    post = {c: apply_postprocessing(p, pp) for c, p in preds.items()}
+    post = {c: apply_postprocessing(p, pp, affines.get(c)) for c, p in preds.items()}
     return Candidate(name, members, _mean_fg_dice(preds, refs, labels), _mean_fg_dice(post, refs, labels), pp, str(pp_file), len(refs))
 
 
-def decide_postprocessing(preds: dict[str, np.ndarray], refs: dict[str, np.ndarray], labels: dict[str, int]) -> dict:
-    """nnU-Net's rule: a label keeps only its largest component if that raises its mean Dice over the cases."""
+def decide_postprocessing(preds: dict[str, np.ndarray], refs: dict[str, np.ndarray], labels: dict[str, int],
+                          affines: dict[str, np.ndarray] | None = None) -> dict:
+    """nnU-Net's rule, with a spine-aware option: per label, keep only its largest component, or
+    (with ``affines``, the cases' voxel-to-world matrices) only its cord component (a tube along
+    S-I: :func:`~spineauto.inference.postprocessing.keep_cord_component`), whichever raises the
+    label's mean Dice over the cases most; neither when none raises it."""
     def mean(values: list[float]) -> float:
         vals = [v for v in values if np.isfinite(v)]
         return float(np.mean(vals)) if vals else float("nan")
 
-    chosen, report = [], {}
+    options = {"largest_component": lambda seg, v, c: keep_largest_component(seg, v)}
+    if affines is not None and all(c in affines for c in refs):
+        options["cord_component"] = lambda seg, v, c: keep_cord_component(seg, v, affines[c])
+    chosen: dict[str, list[int]] = {k: [] for k in options}
+    report = {}
     for name, v in labels.items():
         if v == 0:
             continue
         b = mean([dice(preds[c] == v, refs[c] == v) for c in refs])
-        a = mean([dice(keep_largest_component(preds[c], v) == v, refs[c] == v) for c in refs])
-        use = bool(np.isfinite(a) and np.isfinite(b) and a > b)
-        report[name] = {"dice_before": b, "dice_after": a, "largest_component": use}
+        after = {k: mean([dice(fn(preds[c], v, c) == v, refs[c] == v) for c in refs]) for k, fn in options.items()}
+        best = max(after, key=lambda k: np.nan_to_num(after[k], nan=-1.0))
+        use = bool(np.isfinite(after[best]) and np.isfinite(b) and after[best] > b)
+        report[name] = {"dice_before": b, **{f"dice_{k}": a for k, a in after.items()}, "dice_after": after["largest_component"],
+                        "largest_component": use and best == "largest_component", "chosen": best if use else "none"}
         if use:
-            chosen.append(v)
-    return {"largest_component_labels": chosen, "cases": len(refs), "per_label": report,
-            "rule": "keep the largest 26-connected component of a label if it raises the label's mean cross-validation Dice"}
+            chosen[best].append(v)
+    return {"largest_component_labels": chosen["largest_component"], "cord_component_labels": chosen.get("cord_component", []),
+            "cases": len(refs), "per_label": report,
+            "rule": "per label: keep its largest 26-connected component, or its cord component (the tube along S-I), whichever "
+                    "raises the label's mean cross-validation Dice most; neither if none raises it"}
 
 
 def find_best_configuration(dataset: str | int, configurations: Sequence[str] | None = None, ensembles: bool = True,
@@ -273,13 +285,14 @@ def _segmentation_candidates(name: str, results: Path, trained: dict[str, Path],
     ref_dir = Path(reference_dir) if reference_dir else paths.raw_dataset(name) / "labelsTr"
     first = next(iter(trained.values()))
     labels = _model_labels(first / "dataset.json")
-    preds = {cfg: {c: read_volume(p)[0].round().astype(np.int16) for c, p in _validation_files(folder, ".nii.gz").items()}
-             for cfg, folder in trained.items()}
+    volumes = {cfg: {c: read_volume(p) for c, p in _validation_files(folder, ".nii.gz").items()} for cfg, folder in trained.items()}
+    preds = {cfg: {c: v[0].round().astype(np.int16) for c, v in vols.items()} for cfg, vols in volumes.items()}
+    affines = {c: v[1] for vols in volumes.values() for c, v in vols.items()}
     cases = sorted(set.intersection(*(set(p) for p in preds.values())))
     if not cases:
         raise SpineautoError(f"{results}: the configurations share no validation case; compare them one at a time with -c")
     refs = {c: load_reference(c, ref_dir, name, first) for c in cases}
-    candidates = [_score(cfg, [cfg], {c: preds[cfg][c] for c in cases}, refs, labels, folder / POSTPROCESSING_FILE, outputs)
+    candidates = [_score(cfg, [cfg], {c: preds[cfg][c] for c in cases}, refs, labels, folder / POSTPROCESSING_FILE, outputs, affines)
                   for cfg, folder in trained.items()]
     if ensembles and len(trained) > 1:
         probs = {cfg: _validation_files(folder, ".npz") for cfg, folder in trained.items()}
@@ -290,7 +303,7 @@ def _segmentation_candidates(name: str, results: Path, trained: dict[str, Path],
                     notes.append(f"ensemble {'+'.join(combo)} skipped: {', '.join(lacking)} saved no validation probabilities "
                                  "(train with `spineauto train --npz` to compare ensembles)")
                     continue
-                candidates.append(_score_ensemble(combo, probs, cases, refs, labels, results, outputs))
+                candidates.append(_score_ensemble(combo, probs, cases, refs, labels, results, outputs, affines))
     return candidates
 
 
@@ -342,12 +355,12 @@ def load_reference(case: str, ref_dir: Path, dataset: str, model_folder: Path) -
     return restore_label_map(np.load(seg_file), read_json_file(props_file, "the preprocessed case's properties"))
 
 
-def _score_ensemble(combo, probs, cases, refs, labels, results: Path, outputs: dict[Path, dict]) -> Candidate:
+def _score_ensemble(combo, probs, cases, refs, labels, results: Path, outputs: dict[Path, dict], affines: dict) -> Candidate:
     from spineauto.inference.ensemble import average_probabilities
 
     preds = {c: average_probabilities([probs[cfg][c] for cfg in combo])[0].argmax(0).astype(np.int16) for c in cases}
     name = "+".join(combo)
-    return _score(name, list(combo), preds, refs, labels, results / f"ensemble__{name}__{POSTPROCESSING_FILE}", outputs)
+    return _score(name, list(combo), preds, refs, labels, results / f"ensemble__{name}__{POSTPROCESSING_FILE}", outputs, affines)
 
 
 def inference_commands(dataset: str, best: Candidate, trained: dict[str, Path]) -> list[str]:

@@ -32,7 +32,7 @@ from spineauto.inference.classify import CaseClassification, aggregate_slices, w
 from spineauto.inference.export import (check_writable, error_message, failures_error, remove_case_outputs, remove_temporaries,
                                         warn_undeclared_labels, write_probabilities, writing)
 from spineauto.inference.model import TrainedModel
-from spineauto.inference.postprocessing import apply_postprocessing, keep_cord_component
+from spineauto.inference.postprocessing import apply_postprocessing, keep_cord_component, superior_axis
 from spineauto.inference.predictor import run_networks
 from spineauto.inference.restore import restore_labels, restore_probabilities
 
@@ -82,7 +82,7 @@ def infer(model: TrainedModel, layout: np.ndarray, props: dict, case: str, tta: 
     out = run_networks(model.networks, layout, model.plan, model.device, tta=tta, batch_slices=batch_slices)
     result = CaseInference(None, None, None)
     if out.seg is not None:
-        result.labels = apply_postprocessing(restore_labels(out.seg, props), model.postprocessing)
+        result.labels = apply_postprocessing(restore_labels(out.seg, props), model.postprocessing, np.asarray(props["geometry"]["affine"], float))
         if probabilities:
             result.probabilities = restore_probabilities(out.seg, props)
     if out.cls is not None:
@@ -95,7 +95,8 @@ def infer(model: TrainedModel, layout: np.ndarray, props: dict, case: str, tta: 
 def localise(model: TrainedModel, case: CaseSource, first: CaseInference, props: dict, tta: bool = True,
              batch_slices: int | None = None, probabilities: bool = False) -> CaseInference:
     """The configuration's localise-then-segment second pass (:class:`~spineauto.planning.plans.LocalisePlan`):
-    the cord component of ``first`` (the whole image), then the networks again on a box around it.
+    the cord component of ``first`` (the whole image), then the networks again on a box around it
+    (in-plane: around the cord wherever it was found; along S-I: the whole scan).
     A first pass without a cord is returned as it is."""
     loc = model.plan.localise
     value = model.plans.labels[loc.label]
@@ -103,7 +104,10 @@ def localise(model: TrainedModel, case: CaseSource, first: CaseInference, props:
     cord = keep_cord_component(first.labels, value, affine) == value
     if not cord.any():
         return first
-    layout, box_props = case.preprocessed_around(model, cord, loc.margin_mm)
+    # the cord runs through the whole scan along S-I: the box spans it there, even where the first pass missed the cord
+    si = superior_axis(affine)
+    along = np.broadcast_to(cord.any(axis=si, keepdims=True), cord.shape)
+    layout, box_props = case.preprocessed_around(model, along, loc.margin_mm)
     second = infer(model, layout, box_props, case.name, tta, batch_slices, probabilities)
     second.labels = keep_cord_component(second.labels, value, affine)
     second.classification = first.classification

@@ -66,7 +66,7 @@ def ensemble_case(folders: Sequence[Path], case: str, output: Path, save_probabi
     probs, header, shape, labels = average_probabilities([f / f"{case}.npz" for f in folders])
     if labels is None:  # a file without declared labels: channel k is label k
         labels = list(range(probs.shape[0]))
-    mask = apply_postprocessing(probs.argmax(0).astype(np.uint8), postprocessing)  # channel k is label value k
+    mask = apply_postprocessing(probs.argmax(0).astype(np.uint8), postprocessing, header.get_best_affine())  # channel k is label value k
     warn_undeclared_labels(case, mask, labels)
     target = write_mask(output / f"{case}.nii.gz", mask, header=header, shape=shape)
     if save_probabilities:

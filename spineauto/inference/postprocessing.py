@@ -1,4 +1,5 @@
-"""Postprocessing: keep only the largest connected component of a label, when that helps.
+"""Postprocessing: keep only the largest connected component of a label, or the component that is a
+cord (a tube along the superior-inferior axis), when that helps.
 
 find_best_configuration decides it on the cross-validation (nnU-Net's rule, in
 :mod:`spineauto.evaluation.best_configuration`) and stores it as ``postprocessing.json``; predict and
@@ -91,9 +92,15 @@ def keep_cord_component(seg: np.ndarray, label: int, affine: np.ndarray) -> np.n
     return out
 
 
-def apply_postprocessing(seg: np.ndarray, postprocessing: dict) -> np.ndarray:
+def apply_postprocessing(seg: np.ndarray, postprocessing: dict, affine: np.ndarray | None = None) -> np.ndarray:
+    """The decided postprocessing; ``cord_component_labels`` need the mask's ``affine`` (where S-I is)."""
     for label in postprocessing.get("largest_component_labels", []):
         seg = keep_largest_component(seg, int(label))
+    cord = postprocessing.get("cord_component_labels", [])
+    if cord and affine is None:
+        raise ValueError("apply_postprocessing: cord_component_labels need the mask's affine")
+    for label in cord:
+        seg = keep_cord_component(seg, int(label), affine)
     return seg
 
 
@@ -116,6 +123,11 @@ def load_postprocessing(path: Path, label_values: Sequence[int] | None = None) -
     if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in labels):
         raise SpineautoError(f"{path}: not a postprocessing file (expected {{\"largest_component_labels\": [positive label "
                              "values]}}); rerun `spineauto find_best_configuration` or delete it")
+    cord = data.get("cord_component_labels", [])
+    if not isinstance(cord, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in cord):
+        raise SpineautoError(f"{path}: cord_component_labels must be a list of positive label values, got {cord!r}; "
+                             "rerun `spineauto find_best_configuration` or delete it")
+    labels = labels + [v for v in cord if v not in labels]
     if label_values is not None:
         unknown = sorted(set(labels) - {int(v) for v in label_values if int(v) > 0})
         if unknown:
