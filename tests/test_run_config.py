@@ -394,6 +394,36 @@ def test_loss_that_does_not_fit_the_task_is_refused(phantoms):
         resolve_run(plans, "cls", RunSpec(sets=["loss.name=tversky"]), None, DATASET)
 
 
+def test_ddp_accumulates_and_stops_early_on_every_rank(phantoms, tmp_path):
+    """Two CPU processes: accumulate 2 (no_sync before the last micro-batch) and early stopping decided on
+    rank 0 end the run on both ranks after the same epoch, with identical weights."""
+    import os
+    import subprocess
+
+    script = tmp_path / "ddp_train.py"
+    script.write_text(f"""
+import torch
+from spineauto.training import trainer as T
+fit = T.Trainer.fit
+def fit_and_dump(self):
+    fit(self)
+    torch.save(self.network.state_dict(), r"{tmp_path}/rank%d.pt" % self.info.rank)
+T.Trainer.fit = fit_and_dump
+torch.set_num_threads(1)
+T.train_fold(1, "2d", 0, T.TrainOptions(epochs=4, iters_per_epoch=2, val_iters=1, device="cpu", wandb="disabled", num_workers=0,
+             results=r"{phantoms / 'ddp'}", validate=False, config_set=["trainer.accumulate=2",
+             "trainer.callbacks=[{{name: early_stopping, monitor: val_loss, patience: 1, min_delta: 10.0}}]"]))
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    fold = phantoms / "ddp" / DATASET / MODEL / "fold_0"
+    assert len(_history(fold)) == 2 and "early stopping" in torch.load(fold / "checkpoint_final.pt", weights_only=False)["stopped"]
+
+
 # -- experiment tracking ----------------------------------------------------------------------------------
 def _wandb_records(path: Path):
     """The protobuf records of an offline W&B run's transaction log (``run-<id>.wandb``): LevelDB-log
@@ -447,8 +477,10 @@ def _wandb_run(run_dir: Path) -> dict:
     return out
 
 
-def test_wandb_offline_gets_the_resolved_config_validation_artifacts_and_resumes(phantoms, monkeypatch):
+def test_wandb_offline_gets_the_resolved_config_validation_artifacts_and_resumes(phantoms, monkeypatch, capsys):
     """The sweep path too: a wandb agent's values arrive as key=value overrides, and W&B's config holds them."""
+    from conftest import run_cli
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     from spineauto.training.trainer import TrainOptions, train_fold
 
@@ -462,7 +494,12 @@ def test_wandb_offline_gets_the_resolved_config_validation_artifacts_and_resumes
         train_fold(1, "2d", 0, TrainOptions(results=phantoms / "wandb", callbacks=[stop], **opts))
     fold = phantoms / "wandb" / DATASET / MODEL / "fold_0"
     first_id = torch.load(fold / "checkpoint_latest.pt", weights_only=False)["wandb_run_id"]
-    train_fold(1, "2d", 0, TrainOptions(results=phantoms / "wandb", continue_training=True, **opts))
+    # the rest as a wandb agent runs it: the command line with the values as bare KEY=VALUE arguments
+    monkeypatch.setenv("SPINEAUTO_RESULTS", str(phantoms / "wandb"))
+    code, out, err = run_cli(capsys, "train", "-d", "1", "-f", "0", "--continue", "--epochs", "2", "--iters-per-epoch", "2",
+                             "--val-iters", "1", "--num-workers", "0", "--device", "cpu", "--wandb", "offline", "--wandb-artifacts",
+                             "optim.initial_lr=0.0025", "loss.name=tversky")
+    assert code == 0, err[-3000:]
     runs = sorted((fold / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)  # --continue resumed the same W&B run
     first, last = _wandb_run(runs[0]), _wandb_run(runs[-1])
