@@ -278,6 +278,22 @@ class TensorBoardLogger:
 LOGGERS = ("tensorboard",)
 
 
+def open_trackers(folder: Path, config: dict, network, wandb_mode: str | None, wandb_id: str | None,
+                  names: list[str]) -> tuple["Trackers", str | None]:
+    """W&B (``--wandb``) and the ``--logger`` ones, given the full resolved configuration and the network's
+    parameter counts; returns them and the W&B run id (kept in checkpoints: ``--continue`` resumes that run)."""
+    config = {**config, "parameters": sum(p.numel() for p in network.parameters()),
+              "trainable_parameters": sum(p.numel() for p in network.parameters() if p.requires_grad)}
+    trackers = []
+    if wandb_mode and wandb_mode != "disabled":
+        wb = WandbLogger(folder, wandb_mode, f"{config['dataset']}_{config['configuration']}_fold{config['fold']}", config, wandb_id)
+        wandb_id = wb.run_id
+        trackers.append(wb)
+    if "tensorboard" in names:
+        trackers.append(TensorBoardLogger(folder, config))
+    return Trackers(trackers), wandb_id
+
+
 class Trackers:
     """The experiment trackers of a run (W&B, TensorBoard), called together; empty when none is on."""
 

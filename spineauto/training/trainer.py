@@ -29,7 +29,7 @@ from spineauto.training.augment import build_transforms, initial_patch_size
 from spineauto.training.data import EpochKeys, KeyedBatches, default_num_workers, make_loader
 from spineauto.training.distributed import DistInfo, all_reduce_sum, init_distributed, rank_batch_size, shutdown
 from spineauto.training.callbacks import FunctionCallback, build_callbacks, sampler_images
-from spineauto.training.loggers import LOGGERS, LocalLogger, TensorBoardLogger, Trackers, WandbLogger, resolve_wandb_mode
+from spineauto.training.loggers import LOGGERS, LocalLogger, Trackers, open_trackers, resolve_wandb_mode
 from spineauto.training.optim import accumulated_backward, build_optimizer, build_schedule
 from spineauto.training.run_config import RunSpec, full_config, write_run_config
 from spineauto.training.transforms import build_extra_transforms
@@ -317,7 +317,8 @@ class Trainer:
             log.info("training %s fold %s: %d epochs x %d iterations, batch %d, %s, %d worker(s), AMP %s, %d process(es)",
                      cfg.dataset, cfg.fold, cfg.epochs, cfg.iters_per_epoch, cfg.batch_size, self.device, self.num_workers,
                      cfg.runtime.get("amp_dtype") or "off", self.info.world_size)
-            self._open_trackers()
+            self.trackers, self.wandb_id = open_trackers(fold_dir, full_config(self.plan, cfg.to_dict(), cfg.overrides), self.network,
+                                                         cfg.runtime.get("wandb"), self.wandb_id, self.logger_names)
             for cb in self.callbacks:
                 cb.on_train_start(self)
         batches = iter(self._loader())
@@ -344,22 +345,6 @@ class Trainer:
             if main:
                 self.logger.plot_progress(force=True)  # also when stopped early: the plot shows every logged epoch
                 self.logger.close()
-
-    def _open_trackers(self) -> None:
-        """W&B (``--wandb``) and the ``--logger`` ones, given the full resolved configuration."""
-        cfg, fold_dir = self.config, self.run.fold_dir
-        config = {**full_config(self.plan, cfg.to_dict(), cfg.overrides),
-                  "parameters": sum(p.numel() for p in self.network.parameters()),
-                  "trainable_parameters": sum(p.numel() for p in self.network.parameters() if p.requires_grad)}
-        trackers = []
-        mode = cfg.runtime.get("wandb")
-        if mode and mode != "disabled":
-            wb = WandbLogger(fold_dir, mode, f"{cfg.dataset}_{cfg.configuration}_fold{cfg.fold}", config, self.wandb_id)
-            self.wandb_id = wb.run_id
-            trackers.append(wb)
-        if "tensorboard" in self.logger_names:
-            trackers.append(TensorBoardLogger(fold_dir, config))
-        self.trackers = Trackers(trackers)
 
     def request_stop(self, reason: str) -> None:
         """Stop after this epoch (a callback's call, e.g. early stopping)."""
