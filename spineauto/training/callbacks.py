@@ -22,6 +22,7 @@ built with the entry's other keys as keyword arguments. A callback that raises s
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import string
@@ -255,6 +256,48 @@ def build_callbacks(entries: list[dict[str, Any]]) -> list:
         except TypeError as e:
             raise SpineautoError(f"{where} ({entry['name']}): {e}") from None
     return out
+
+
+RECORD_KEYS = ("epoch", "train_loss", "val_loss", "lr", "epoch_time", "train_time", "samples_per_s", "ema", "best_epoch")
+
+
+def record_names(plans, plan) -> tuple[set[str], tuple[str, ...]]:
+    """The epoch record's keys for this configuration's built-in task (and the prefixes of per-head keys)."""
+    names = set(RECORD_KEYS)
+    if plan.has_segmentation:
+        names |= {"pseudo_dice", "val_dice"} | {f"pseudo_dice_{k}" for k, v in plans.labels.items() if v > 0}
+    if plan.has_classification:
+        names |= {"accuracy", "balanced_accuracy", "macro_f1"}
+    if plan.task == "multitask":
+        names.add("multitask_score")
+    return names, tuple(f"{h.name}/" for h in plan.heads) if plan.has_classification else ()
+
+
+def check_monitors(callbacks: list, plans, plan) -> None:
+    """Monitors and filename fields of the built-in callbacks (and reduce_on_plateau's) name keys the
+    epoch record will have: checked before anything is written (not for a plug-in task, whose metrics are its own)."""
+    if plan.trainer.task:
+        return
+    names, prefixes = record_names(plans, plan)
+
+    def check(value: str, where: str) -> None:
+        if value not in names and not value.startswith(prefixes):
+            close = difflib.get_close_matches(value, sorted(names), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpineautoError(f"{where}: {value!r} is not a key of this run's epoch record{hint}; it has {', '.join(sorted(names))}"
+                                 + (f" and per-head keys {', '.join(p + '...' for p in prefixes)}" if prefixes else ""))
+
+    entries = plan.trainer.callbacks
+    for i, cb in enumerate(callbacks[:len(entries)]):
+        where = f"trainer.callbacks[{i}] ({entries[i]['name']})"
+        if isinstance(cb, (ModelCheckpoint, EarlyStopping)):
+            check(cb.monitor, f"{where}.monitor")
+        if isinstance(cb, ModelCheckpoint):
+            for _, field_, _, _ in string.Formatter().parse(cb.filename):
+                if field_:
+                    check(field_.split(".")[0].split("[")[0], f"{where}.filename")
+    if plan.optim.schedule == "reduce_on_plateau":
+        check(plan.optim.plateau_monitor, "optim.plateau_monitor")
 
 
 def sampler_images(callbacks: list) -> int:

@@ -28,7 +28,7 @@ from spineauto.training import classification, multitask  # noqa: F401 (the buil
 from spineauto.training.augment import build_transforms, initial_patch_size
 from spineauto.training.data import EpochKeys, KeyedBatches, default_num_workers, make_loader
 from spineauto.training.distributed import DistInfo, all_reduce_sum, init_distributed, rank_batch_size, shutdown
-from spineauto.training.callbacks import FunctionCallback, build_callbacks, sampler_images
+from spineauto.training.callbacks import FunctionCallback, build_callbacks, check_monitors, sampler_images
 from spineauto.training.loggers import LOGGERS, LocalLogger, Trackers, open_trackers, resolve_wandb_mode
 from spineauto.training.optim import accumulated_backward, build_optimizer, build_schedule
 from spineauto.training.run_config import RunSpec, full_config, write_run_config
@@ -178,6 +178,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.network.parameters(), o)
         self.schedule = build_schedule(self.optimizer, o, self.config.epochs, self.config.iters_per_epoch)
         self.callbacks = build_callbacks(self.plan.trainer.callbacks)
+        check_monitors(self.callbacks, run.plans, self.plan)
         build_extra_transforms(self.plan.augmentation.transforms)  # checked now: the data workers build them later
         self.trackers, self.logger_names, self.wandb_artifacts = Trackers(), [], False
         self.last_examples: list[dict] = []

@@ -78,6 +78,12 @@ YAML_CASES = {  # run YAML text -> words of the error
     "builtin_loss_with_kwargs": ("loss: {name: tversky, kwargs: {alpha: 0.2}}\n", ("loss.kwargs", "built-in loss 'tversky'")),
     "optimizer_kwargs_unknown": ("optim: {optimizer: adamw, optimizer_kwargs: {betaz: [0.9, 0.99]}}\n",
                                  ("optim.optimizer_kwargs", "unknown argument 'betaz'", "did you mean 'betas'?")),
+    "monitor_unknown": ("trainer: {callbacks: [{name: early_stopping, monitor: val_dise}]}\n",
+                        ("trainer.callbacks[0] (early_stopping).monitor", "'val_dise' is not a key", "did you mean 'val_dice'?")),
+    "filename_field_unknown": ("trainer: {callbacks: [{name: model_checkpoint, monitor: val_dice, filename: '{epoch}-{dice:.3f}'}]}\n",
+                               ("model_checkpoint).filename", "'dice' is not a key")),
+    "plateau_monitor_unknown": ("optim: {schedule: reduce_on_plateau, plateau_monitor: validation_loss}\n",
+                                ("optim.plateau_monitor", "'validation_loss' is not a key", "did you mean 'val_loss'?")),
     "preset_without_configuration": ("configurations:\n  cls: {batch_size: 4}\n", ("this preset has no configuration '2d'", "has: cls")),
 }
 
