@@ -130,7 +130,7 @@ def pretrain(
     channels: int = typer.Option(1, "--channels", help="1 (grey: colour -> luminance) or 3 (grey repeated); the downstream plan's channels."),
     epochs: int = typer.Option(10, "--epochs"),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per step (SimCLR contrasts 2 views of each)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate (one-cycle schedule)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate (linear warm-up over 5 % of the steps, then cosine decay)."),
     max_iters: Optional[int] = typer.Option(None, "--iters-per-epoch", help="Cap the iterations of an epoch (default: every image once)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (default: on for CUDA)."),

@@ -182,7 +182,9 @@ def _run(shards: ShardSet, out: Path, o: PretrainOptions, dev: torch.device, inf
     if o.max_iters_per_epoch:
         iters = min(iters, o.max_iters_per_epoch)
     opt = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o.lr, total_steps=o.epochs * iters, pct_start=0.1)
+    total_steps, warmup = o.epochs * iters, max(1, o.epochs * iters // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up over 5 % of the steps, then cosine to 0
+        opt, lambda t: (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total_steps - warmup))))
     amp = (dev.type == "cuda") if o.amp is None else bool(o.amp)
     amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda") if amp and dev.type == "cuda" else None
@@ -202,7 +204,7 @@ def _run(shards: ShardSet, out: Path, o: PretrainOptions, dev: torch.device, inf
         net.load_state_dict({**{k: v for k, v in state["network"].items()}, **{f"head.{k}": v for k, v in state["head"].items()}})
         opt.load_state_dict(state["optimizer"])
         start, history = int(state["epoch"]), list(saved.get("history", []))
-        sched.last_epoch = start * iters  # the one-cycle schedule of this run's --epochs, at the step reached
+        sched.last_epoch = start * iters  # the schedule of this run's --epochs, at the step reached
     model = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None) if info.enabled else net
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
