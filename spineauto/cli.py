@@ -129,7 +129,7 @@ def pretrain(
     size: int = typer.Option(128, "--size", help="Images are stored SIZE x SIZE: the longer side resized to SIZE, the other zero-padded."),
     channels: int = typer.Option(1, "--channels", help="1 (grey: colour -> luminance) or 3 (grey repeated); the downstream plan's channels."),
     epochs: int = typer.Option(10, "--epochs"),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per step (SimCLR contrasts 2 views of each)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per step and process (SimCLR contrasts 2 views of each, across all processes)."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate (linear warm-up over 5 % of the steps, then cosine decay)."),
     max_iters: Optional[int] = typer.Option(None, "--iters-per-epoch", help="Cap the iterations of an epoch (default: every image once)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -174,6 +174,8 @@ def pretrain(
         index, checkpoint = run_pretrain(sources, output, options, self_supervised=self_supervised, class_depth=class_depth, size=size,
                                          channels=channels, shard_size=shard_size, workers=num_processes, strict=strict,
                                          convert_only=convert_only, convert_progress=case_progress(progress, "converting"))
+    if os.environ.get("RANK", "0") != "0":  # DDP: rank 0 reports
+        return
     console.print(f"[green]shards[/] {output / 'shards'}: {describe(index)}")
     if checkpoint is not None:
         console.print(f"[green]pretrained[/] {checkpoint}; use it with `spineauto train ... --pretrained {checkpoint}` on a plan "

@@ -169,3 +169,19 @@ def test_self_supervised_and_supervised_pretraining_transfer(raw_phantoms, tmp_p
     load_pretrained(net, sup / "checkpoint_final.pt")
     assert torch.allclose(net.state_dict()["encoder.conv1.weight"], state["network"]["encoder.conv1.weight"].sum(1, keepdim=True))
     assert os.path.getsize(sup / "shards" / "shard_00000.npy") == 128 + 17 * 3 * 32 * 32  # one file for 17 images (the truncated one a zero row, label -1): header + uint8 pixels
+
+
+def test_ddp_two_cpu_processes_pretrain(raw_phantoms, tmp_path):
+    """--num-gpus 2 on CPU: torchrun, gloo; rank 0 converts, both train on their half of each batch, NT-Xent gathers negatives."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "spineauto", "pretrain", str(raw_phantoms), "-o", str(out), "--self-supervised",
+                           "--epochs", "1", "--batch-size", "4", "--size", "32", "-np", "1", "--iters-per-epoch", "2",
+                           "--num-workers", "0", "--device", "cpu", "--num-gpus", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    history = json.loads((out / "pretrain_history.json").read_text())
+    assert len(history) == 1 and history[0]["images"] == 8 and np.isfinite(history[0]["loss"])  # 2 steps x 4 images on rank 0
+    assert sum(line.startswith("pretrained ") for line in proc.stderr.splitlines()) == 1  # rank 0 reports
