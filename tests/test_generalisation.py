@@ -80,6 +80,19 @@ def test_cord_component_is_the_tube_where_the_largest_is_the_blob(sagittal):
     np.testing.assert_array_equal(keep_cord_component(seg, 1, affine), tube)
 
 
+def test_of_two_long_tubes_the_cord_component_is_the_one_on_the_midline():
+    """A vessel-like tube alongside, larger and as long: the cord is the one nearer the field of
+    view's centre (left-right offsets count double), also when it misses an end level."""
+    seg = np.zeros((80, 80, 12), np.uint8)
+    seg[38:43, 46:51, 1:12] = 1  # cord: on the midline (x ~ 40 of 80), behind the centre, misses level 0
+    seg[8:16, 36:44, :] = 1  # vessel: 30 voxels to the side, nearer the centre front-back, larger, every level
+    affine = np.diag([0.5, 0.5, 4.0, 1.0])
+    out = keep_cord_component(seg, 1, affine)
+    assert out[40, 48, 5] == 1 and not out[8:16, 36:44, :].any()
+    seg[60:80, 0:20, 3:5] = 1  # a wide blob: not a tube, not long
+    np.testing.assert_array_equal(keep_cord_component(seg, 1, affine), out)
+
+
 def test_cord_component_leaves_other_labels_and_single_components_alone():
     seg, affine = _tube_and_blob(False)
     seg[30:32, 30:32, 0:2] = 2

@@ -43,17 +43,26 @@ def superior_axis(affine: np.ndarray) -> int:
 
 MAX_CORD_RADIUS_MM = 8.0  # RMS in-plane radius of a cord cross-section, at most: twice an adult cervical cord's ~4 mm
 # (a filled ellipse of about 13 x 8 mm), so an enlargement or a cord with some CSF still counts as a tube
+LONG_FRACTION = 0.75  # tubes crossing at least this share of the most levels any tube crosses are candidates
+MIDLINE_WEIGHT = 2.0  # left-right offset from the field of view's centre counts this much more than front-back
 
 
 def keep_cord_component(seg: np.ndarray, label: int, affine: np.ndarray) -> np.ndarray:
     """``seg`` with every component of ``label`` but the one that is most a cord set to background.
 
-    The cord is a tube along the superior-inferior axis: at every axial level its cross-section is
-    one compact disc (RMS radius at most :data:`MAX_CORD_RADIUS_MM`), and it crosses more levels
-    than any false island (fat, vessels and muscle give short, round or sheet-like components).
-    Levels are the voxel planes across the axis closest to world S-I. Among the tube-shaped
-    components (all of them when none is), the one crossing the most levels is kept; on a tie, the
-    larger.
+    The cord is a long tube on the body's midline:
+
+    1. *tube*: at every axial level its cross-section is one compact disc (mean RMS radius at most
+       :data:`MAX_CORD_RADIUS_MM`); sheets of fat, muscle outlines and merged islands are wider;
+    2. *long*: it crosses more axial levels (voxel planes across the axis closest to world S-I) than
+       false islands; every tube crossing at least :data:`LONG_FRACTION` of the most levels any tube
+       crosses is a candidate (a cord the network missed on an end slice still counts);
+    3. *midline*: spine scans are centred on the spine, so of the candidates the one nearest the
+       field of view's centre is kept, left-right offsets weighted :data:`MIDLINE_WEIGHT` x (the cord
+       lies on the mid-sagittal plane; its front-back place varies with the field of view), which
+       sets it apart from vessels and fat that run alongside.
+
+    When no component is a tube, all count as tubes.
     """
     import cc3d
 
@@ -64,8 +73,9 @@ def keep_cord_component(seg: np.ndarray, label: int, affine: np.ndarray) -> np.n
     n = int(comps.max())
     if n <= 1:
         return seg
+    affine = np.asarray(affine, dtype=float)
     axis = superior_axis(affine)
-    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
     where = np.nonzero(comps)
     lab, level = comps[where].astype(np.int64), where[axis].astype(np.int64)
     key = lab * seg.shape[axis] + level
@@ -79,14 +89,17 @@ def keep_cord_component(seg: np.ndarray, label: int, affine: np.ndarray) -> np.n
     present = (count > 0).reshape(n + 1, -1)
     levels = present.sum(axis=1)
     radius = np.where(present, np.sqrt(np.maximum(var, 0)).reshape(n + 1, -1), 0).sum(axis=1) / np.maximum(levels, 1)
-    volume = np.bincount(lab, minlength=n + 1)
     tube = radius <= MAX_CORD_RADIUS_MM
     tube[0] = False
     if not tube.any():
         tube[1:] = True
-    levels[~tube], volume[~tube] = -1, -1
-    levels[0], volume[0] = -1, -1
-    best = int(np.lexsort((volume, levels))[-1])
+    candidates = tube & (levels >= LONG_FRACTION * levels[tube].max())
+    voxels = np.bincount(lab, minlength=n + 1).astype(float)
+    centroid = np.stack([np.bincount(lab, where[a], minlength=n + 1) for a in range(3)], axis=1) / np.maximum(voxels, 1)[:, None]
+    world = centroid @ affine[:3, :3].T + affine[:3, 3]
+    centre = affine[:3, :3] @ ((np.array(seg.shape[:3]) - 1) / 2.0) + affine[:3, 3]
+    offset = MIDLINE_WEIGHT * np.abs(world[:, 0] - centre[0]) + np.abs(world[:, 1] - centre[1])
+    best = int(np.argmin(np.where(candidates, offset, np.inf)))
     out = seg.copy()
     out[mask & (comps != best)] = 0
     return out
