@@ -4,11 +4,12 @@ The network, loss and optimiser of a spineauto plan (default: the real data of .
 as ``spineauto plan_and_preprocess`` plans them; ``--plans`` for another plans.json), one training
 step (forward, nnunetv2's Dice + CE with deep supervision, backward, gradient clipping, optimiser
 step) on batches of the plan's patch and batch size, in this process. Every lever is a variant of
-the baseline (float32, contiguous, the plan's optimiser with torch's CPU default for-loop); the
-variants run interleaved, ``--rounds`` rounds of ``--steps`` steps each (the order shuffled per
-round), so that the load of a shared machine falls on all of them alike; reported: median ms per
-step over the rounds, the spread (min-max of the round medians), and the speed-up over the
-baseline's median. A torch.compile variant reports its compile time (the first step).
+the baseline (float32, contiguous, the plan's optimiser with torch's CPU default for-loop). A shared
+machine's load changes by the minute, so every lever is timed in pairs with the baseline, right
+beside it (``--steps`` steps each, which one goes first alternating), ``--rounds`` times (the
+levers' order shuffled per round); reported: the median ms per step, the median over the pairs of
+baseline time / lever time (the speed-up) and its range. A torch.compile variant reports its
+compile time (the first step).
 
     nice -n 15 .venv/bin/python bench/bench_levers.py                 # about 5 minutes on 2 CPU cores
     .venv/bin/python bench/bench_levers.py --quick                    # script check
@@ -75,11 +76,17 @@ class Variant:
         seg, target = output["seg"], batch["seg"].long()
         if not isinstance(seg, (list, tuple)):
             return self.task.criterion(seg, target)
-        targets = []
-        for out in seg:
+        crit = self.task.criterion
+        base = getattr(crit, "loss")
+        weights = getattr(crit, "weights", None) or getattr(crit, "weight_factors")
+        total = None
+        for out, w in zip(seg, weights):
+            if w == 0:
+                continue
             f = target.shape[-1] // out.shape[-1]
-            targets.append(target[..., ::f, ::f] if f > 1 else target)
-        return self.task.criterion(seg, targets)
+            term = w * base(out, target[..., ::f, ::f] if f > 1 else target)
+            total = term if total is None else total + term
+        return total
 
     def step(self) -> None:
         import torch
@@ -93,7 +100,7 @@ class Variant:
         self.opt.step()
         self.total += loss.detach()
         if self.name != "no_item":  # the trainer's per-step host work: the progress bar's float(loss), a finiteness check
-            float(loss)
+            float(loss.detach())
             bool(torch.isfinite(self.total))
 
 
@@ -128,28 +135,40 @@ def main(argv: list[str] | None = None) -> int:
         if v.name == "compile":
             v.compile_s = time.perf_counter() - t0
     rounds: dict[str, list[float]] = {n: [] for n in levers}
+    ratios: dict[str, list[float]] = {n: [] for n in levers}
     rng = random.Random(0)
+
+    def timed(name: str) -> float:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            variants[name].step()
+        return (time.perf_counter() - t0) / args.steps
+
     for r in range(args.rounds):
-        order = list(levers)
+        order = [n for n in levers if n != "baseline"]
         rng.shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                variants[name].step()
-            rounds[name].append((time.perf_counter() - t0) / args.steps)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {rounds[n][-1] * 1000:.0f}" for n in levers), flush=True)
+        for i, name in enumerate(order):  # each lever right beside a baseline run, which one first alternating
+            if (r + i) % 2:
+                lever, base_t = timed(name), timed("baseline")
+            else:
+                base_t, lever = timed("baseline"), timed(name)
+            rounds[name].append(lever)
+            rounds["baseline"].append(base_t)
+            ratios[name].append(base_t / lever)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {ratios[n][-1]:.2f}x" for n in order), flush=True)
     base = statistics.median(rounds["baseline"])
     rows, result = [], {"command": command_line(), "patch_size": plan.patch_size, "batch": batch,
                         "features": plan.network.features_per_stage, "optimizer": plan.optim.optimizer,
                         "threads": torch.get_num_threads(), "native_bf16": cpu_native_bf16(), "levers": {}}
     for name in levers:
         med = statistics.median(rounds[name])
-        result["levers"][name] = {"ms_per_step": med * 1000, "round_medians_ms": [t * 1000 for t in rounds[name]],
-                                  "speedup": base / med, "compile_s": variants[name].compile_s}
+        speed = statistics.median(ratios[name]) if ratios[name] else 1.0
+        spread = f"{min(ratios[name]):.2f}-{max(ratios[name]):.2f}x" if ratios[name] else "-"
+        result["levers"][name] = {"ms_per_step": med * 1000, "step_ms": [t * 1000 for t in rounds[name]],
+                                  "speedup_median": speed, "speedups": ratios[name], "compile_s": variants[name].compile_s}
         note = f"compile {variants[name].compile_s:.0f} s" if variants[name].compile_s else ""
-        rows.append([name, f"{med * 1000:.0f}", f"{min(rounds[name]) * 1000:.0f}-{max(rounds[name]) * 1000:.0f}",
-                     f"{base / med:.2f}x", f"{batch / med:.1f}", note])
-    print(format_table(["lever", "ms/step (median)", "spread ms", "vs baseline", "samples/s", "note"], rows))
+        rows.append([name, f"{med * 1000:.0f}", f"{speed:.2f}x", spread, f"{batch / med:.1f}", note])
+    print(format_table(["lever", "ms/step (median)", "speed-up (median of pairs)", "min-max of pairs", "samples/s", "note"], rows))
     print(f"\npatch {plan.patch_size}, batch {batch}, features {plan.network.features_per_stage}, {plan.optim.optimizer}, "
           f"{torch.get_num_threads()} threads, native bf16 {cpu_native_bf16()}, {args.rounds} rounds x {args.steps} steps")
     print(f"command: {result['command']}")

@@ -6,8 +6,8 @@
    time means a flat s/case; memory should not grow with the number of cases.
 2. **Volume size**: ``spineauto predict`` of one synthetic volume (a bright cord-like tube in noise, at
    the plan's in-plane spacing and twice that across slices, so the volume is cut into its last-axis
-   slices unresampled) of each size in ``--volumes`` (default 64^3 up to 256x256x200; ``--large`` adds
-   512x512x400), with a model of the phantoms' plan trained for a few iterations (speed only), TTA off:
+   slices unresampled) of each size in ``--volumes`` (default 64^3 up to 128x128x128; ``--large`` adds
+   256x256x200 and 512x512x400), with a model of the phantoms' plan trained for a few iterations (speed only), TTA off:
    wall time (the process start, model load and writing included, so the smallest volumes carry a
    fixed cost) and peak memory. Linear time means a flat µs per voxel for the large volumes.
 3. **Patch size**: one training step (forward, Dice + CE with deep supervision, backward, SGD step) of
@@ -171,9 +171,20 @@ def bench_patches(model: Path, patches: list[int], batch: int, repeats: int) -> 
 
 # -- report ----------------------------------------------------------------------------------------
 
-def growth(xs: list[float], ys: list[float]) -> float:
-    """The exponent b of y ~ x^b between the two largest sizes (1: linear)."""
-    return float(np.log(ys[-1] / ys[-2]) / np.log(xs[-1] / xs[-2])) if len(xs) > 1 else float("nan")
+def marginal(xs: list[float], ys: list[float], scale: float = 1.0) -> list[str]:
+    """Cost of each step up in size per unit of size: (y_i - y_(i-1)) / (x_i - x_(i-1)); fixed costs (process start,
+    imports, model load) cancel out, so a linear cost shows as a constant."""
+    return ["-"] + [f"{(b - a) / (xb - xa) * scale:.3g}" for xa, xb, a, b in zip(xs, xs[1:], ys, ys[1:])]
+
+
+def fit_line(xs: list[float], ys: list[float], unit: str, scale: float = 1.0) -> str:
+    """Least-squares y = a + b x over the sizes: the fixed part, the part per unit, and how far the worst
+    point is from the line (a cost growing faster than linearly leaves the largest sizes above it)."""
+    if len(xs) < 2:
+        return ""
+    b, a = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+    worst = max(abs(y - (a + b * x)) / y for x, y in zip(xs, ys))
+    return f"least-squares line: {a:.3g} s fixed + {b * scale:.3g} s per {unit}; the farthest point is {worst:.0%} off it"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -209,22 +220,25 @@ def tables(result: dict) -> str:
     out = []
     d = result.get("datasets") or []
     if d:
-        out.append(format_table(["cases", "voxels", "wall s", "s/case", "peak RSS MB", "peak anon MB"],
-                                [[r["cases"], f"{r['voxels']:.3g}", f"{r['wall_s']:.1f}", f"{r['s_per_case']:.3f}",
-                                  f"{r['peak_rss_mb']:.0f}", f"{r['peak_anon_mb']:.0f}"] for r in d]))
-        out.append(f"time growth between the two largest: x^{growth([r['cases'] for r in d], [r['wall_s'] for r in d]):.2f}")
+        extra = marginal([r["cases"] for r in d], [r["wall_s"] for r in d])
+        out.append(format_table(["cases", "voxels", "wall s", "s/case", "marginal s/case", "peak RSS MB", "peak anon MB"],
+                                [[r["cases"], f"{r['voxels']:.3g}", f"{r['wall_s']:.1f}", f"{r['s_per_case']:.3f}", m,
+                                  f"{r['peak_rss_mb']:.0f}", f"{r['peak_anon_mb']:.0f}"] for r, m in zip(d, extra)]))
+        out.append(fit_line([r["cases"] for r in d], [r["wall_s"] for r in d], "case"))
     v = result.get("volumes") or []
     if v:
-        out.append(format_table(["volume", "voxels", "wall s", "µs/voxel", "peak RSS MB", "peak anon MB", "input float32 MB"],
-                                [[r["shape"], f"{r['voxels']:.3g}", f"{r['wall_s']:.1f}", f"{r['us_per_voxel']:.2f}",
-                                  f"{r['peak_rss_mb']:.0f}", f"{r['peak_anon_mb']:.0f}", f"{r['input_mb']:.0f}"] for r in v]))
-        out.append(f"time growth between the two largest: x^{growth([r['voxels'] for r in v], [r['wall_s'] for r in v]):.2f}")
+        extra = marginal([r["voxels"] for r in v], [r["wall_s"] for r in v], 1e6)
+        out.append(format_table(["volume", "voxels", "wall s", "µs/voxel", "marginal µs/voxel", "peak RSS MB", "peak anon MB",
+                                 "input float32 MB"],
+                                [[r["shape"], f"{r['voxels']:.3g}", f"{r['wall_s']:.1f}", f"{r['us_per_voxel']:.2f}", m,
+                                  f"{r['peak_rss_mb']:.0f}", f"{r['peak_anon_mb']:.0f}", f"{r['input_mb']:.0f}"] for r, m in zip(v, extra)]))
+        out.append(fit_line([r["voxels"] for r in v], [r["wall_s"] for r in v], "million voxels", 1e6))
     p = result.get("patches") or []
     if p:
         out.append(format_table(["patch", "batch", "ms/step (median)", "min-max ms", "µs/pixel"],
                                 [[f"{r['patch']}x{r['patch']}", r["batch"], f"{r['step_s'] * 1000:.0f}",
                                   f"{r['spread_s'][0] * 1000:.0f}-{r['spread_s'][1] * 1000:.0f}", f"{r['us_per_pixel']:.2f}"] for r in p]))
-        out.append(f"time growth between the two largest: x^{growth([r['pixels'] for r in p], [r['step_s'] for r in p]):.2f}")
+        out.append(fit_line([r["pixels"] for r in p], [r["step_s"] for r in p], "1000 patch pixels", 1e3))
     return "\n\n".join(out)
 
 
@@ -239,12 +253,12 @@ def _shape_arg(text: str) -> tuple[int, int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", type=int, nargs="*", default=[10, 100], help="dataset sizes for plan_and_preprocess")
-    ap.add_argument("--volumes", type=_shape_arg, nargs="*", default=[(64, 64, 64), (128, 128, 100), (256, 256, 100), (256, 256, 200)],
-                    help="volumes to predict, N or XxYxZ (the last axis is the slice axis)")
-    ap.add_argument("--patches", type=int, nargs="*", default=[32, 64, 128, 256], help="square training patch edges")
-    ap.add_argument("--large", action="store_true", help="also 1,000 cases and a 512x512x400 volume")
-    ap.add_argument("--quick", action="store_true", help="script check: 4 and 8 cases, 32^3 and 48^3 volumes, patches 32 and 64")
+    ap.add_argument("--cases", type=int, nargs="*", default=None, help="dataset sizes for plan_and_preprocess (default 10 100)")
+    ap.add_argument("--volumes", type=_shape_arg, nargs="*", default=None,
+                    help="volumes to predict, N or XxYxZ (the last axis is the slice axis; default 64 96x96x64 128x128x64 128x128x128)")
+    ap.add_argument("--patches", type=int, nargs="*", default=None, help="square training patch edges (default 32 64 128 256)")
+    ap.add_argument("--large", action="store_true", help="also 1,000 cases and 256x256x200 and 512x512x400 volumes")
+    ap.add_argument("--quick", action="store_true", help="script check: 4 and 8 cases, 32^3 and 48^3 volumes, patches 32 and 64 (unless given)")
     ap.add_argument("--batch", type=int, default=2, help="training batch for the patch-size part")
     ap.add_argument("--repeats", type=int, default=5, help="timed training steps per patch size")
     ap.add_argument("--train-iters", type=int, default=5, help="training iterations of the model used for prediction")
@@ -253,28 +267,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, default=Path("bench_scaling.png"), help="PNG to write")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
+    quick = {"cases": [4, 8], "volumes": [(32, 32, 32), (48, 48, 48)], "patches": [32, 64]}
+    full = {"cases": [10, 100], "volumes": [(64, 64, 64), (96, 96, 64), (128, 128, 64), (128, 128, 128)], "patches": [32, 64, 128, 256]}
+    for key, value in (quick if args.quick else full).items():  # what the command line leaves out
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.quick:
-        args.cases, args.volumes, args.patches, args.repeats, args.train_iters = [4, 8], [(32, 32, 32), (48, 48, 48)], [32, 64], 2, 2
+        args.repeats, args.train_iters = min(args.repeats, 2), min(args.train_iters, 2)
     if args.large:
         args.cases = sorted(set(args.cases) | {1000})
-        args.volumes = list(dict.fromkeys([*args.volumes, (512, 512, 400)]))
+        args.volumes = list(dict.fromkeys([*args.volumes, (256, 256, 200), (512, 512, 400)]))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_scaling_"))
     work.mkdir(parents=True, exist_ok=True)
     import torch
 
     result: dict = {"command": command_line(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_average": os.getloadavg()}
+    def save() -> None:  # after every part: a long run stopped half-way keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2, default=str))
+
     result["datasets"] = bench_dataset_sizes(work, sorted(args.cases), args.workers) if args.cases else []
+    save()
     model = train_model(work, args.workers, args.train_iters) if (args.volumes or args.patches) else None
-    result["volumes"] = bench_volumes(work, model, sorted(args.volumes, key=np.prod)) if args.volumes else []
     result["patches"] = bench_patches(model, sorted(args.patches), args.batch, args.repeats) if args.patches else []
+    save()
+    result["volumes"] = bench_volumes(work, model, sorted(args.volumes, key=np.prod)) if args.volumes else []
+    save()
     text = tables(result)
     print("\n" + text + f"\n\ncommand: {result['command']}")
     png = args.plot
     plot(result, png)
     print(f"plot: {png}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

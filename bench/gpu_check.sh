@@ -36,8 +36,9 @@ trap 'rm -rf "$WORK"' EXIT
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu
   export CUDA_VISIBLE_DEVICES=""
+  export OMP_WAIT_POLICY=PASSIVE  # both tools: nnU-Net's spinning OpenMP threads take minutes per volume on a busy CPU
   TRAIN_ARGS="${GPU_CHECK_TRAIN_ARGS:---tp-epochs 2 --iters 2 --budget 0}"
-  PREDICT_ARGS="${GPU_CHECK_PREDICT_ARGS:---quick}"
+  PREDICT_ARGS="${GPU_CHECK_PREDICT_ARGS:---quick --test mt0 --nnunet-processes 1}"
   TEST_S="${GPU_CHECK_TEST_S:-120}"; TRAIN_S="${GPU_CHECK_TRAIN_S:-600}"; PREDICT_S="${GPU_CHECK_PREDICT_S:-600}"
 else
   DEVICE=cuda

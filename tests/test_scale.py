@@ -206,7 +206,7 @@ def test_gpu_check_dry_run_writes_its_results(tmp_path):
     require_real_data()
     out = tmp_path / "results.md"
     env = dict(os.environ, GPU_CHECK_TRAIN_ARGS="--tp-epochs 2 --iters 2 --budget 0",
-               GPU_CHECK_PREDICT_ARGS="--quick", PYTHON=sys.executable)
+               GPU_CHECK_PREDICT_ARGS="--quick --test mt0 --nnunet-processes 1", PYTHON=sys.executable)
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run", "--out", str(out)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -215,3 +215,19 @@ def test_gpu_check_dry_run_writes_its_results(tmp_path):
     assert text.count("| ok |") == 3
     assert "SKIPPED" in text and "no CUDA device visible" in text  # the CUDA tests skip here, with their reason
     assert "| spineauto |" in text and "| nnunet |" in text and "samples/s:" in text and "time per volume:" in text
+
+
+def test_bench_scaling_quick_run(tmp_path):
+    """bench/bench_scaling.py end to end at toy sizes: a row per size, growth exponents, the plot."""
+    out = tmp_path / "scaling.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_scaling.py"), "--quick", "--cases", "3", "6", "--volumes", "24", "32x32x40",
+                           "--patches", "32", "48", "--repeats", "2", "--train-iters", "1", "--workers", "1", "--workdir", str(tmp_path / "w"),
+                           "--plot", str(tmp_path / "scaling.png"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["cases"] for r in result["datasets"]] == [3, 6] and all(r["wall_s"] > 0 and r["peak_rss_mb"] > 0 for r in result["datasets"])
+    assert [r["shape"] for r in result["volumes"]] == ["24x24x24", "32x32x40"]
+    assert [r["patch"] for r in result["patches"]] == [32, 48] and all(r["step_s"] > 0 for r in result["patches"])
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
+    assert done.stdout.count("least-squares line:") == 3
