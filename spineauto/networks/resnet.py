@@ -183,7 +183,8 @@ def adapt_pretrained(state: dict, target: dict[str, torch.Tensor]) -> tuple[dict
     out = {f"encoder.{_strip(k)}": v for k, v in state.items() if not _strip(k).startswith("fc.")}
     src = resnet_depth_of(state)
     dst = resnet_depth_of({k: v for k, v in target.items() if k.startswith("encoder.")})
-    notes = [f"a torchvision-style ResNet-{src or '?'} state dict" + (f" for a ResNet-{dst} encoder" if dst else "")]
+    kind = "spineauto pretrain" if all(k.startswith("encoder.") for k in state) else "torchvision-style"
+    notes = [f"a {kind} ResNet-{src or '?'} state dict" + (f" for a ResNet-{dst} encoder" if dst else "")]
     first, want = out.get("encoder.conv1.weight"), target.get("encoder.conv1.weight")
     if first is not None and want is not None and first.ndim == want.ndim == 4 and first.shape[1] == 3 != want.shape[1]:
         out["encoder.conv1.weight"] = adapt_input_conv(want.shape[1], first)
