@@ -329,11 +329,11 @@ def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> No
         if len(st) != 2 or any(x < 1 for x in st):
             fail(f"network.strides[{i}]", "2 strides >= 1", st)
     positive("network.dropout", net.dropout, strict=False, top=1.0, top_open=True)
-    if net.architecture.startswith("resnet") and net.depth not in (18, 34, 50):
+    if net.architecture in ("resnet", "resnet_unet") and net.depth not in (18, 34, 50):
         fail("network.depth", "18, 34 or 50 (the ResNet encoder)", net.depth)
     if net.architecture == "resnet" and cfg.has_segmentation:
         fail("network.architecture", "resnet_unet for a segmentation task (resnet is the encoder alone)", net.architecture)
-    if cfg.has_segmentation and not net.architecture.startswith("resnet"):  # the decoder joins each stage to its skip: every stage's size must halve exactly (resnet_unet pads to 32 itself)
+    if cfg.has_segmentation and net.architecture != "resnet_unet":  # the decoder joins each stage to its skip: every stage's size must halve exactly (resnet_unet pads to 32 itself)
         factor = [int(np.prod([st[a] for st in net.strides])) for a in range(2)]
         if any(p % f for p, f in zip(cfg.patch_size, factor)):
             fail("patch_size", f"divisible by {'x'.join(map(str, factor))} (the product of network.strides, for the U-Net decoder)",

@@ -26,7 +26,7 @@ def plan_sha(plan: ConfigurationPlan) -> str:
 
     data = to_dict(plan)
     data.pop("reasons", None)
-    if not str(data["network"].get("architecture", "")).startswith("resnet"):
+    if data["network"].get("architecture") not in ("resnet", "resnet_unet"):
         data["network"].pop("depth", None)  # added with the ResNet encoders: the runs of other networks keep their hash
     for section, keys in _ADDED_WITH_RUN_CONFIGS.items():  # at their defaults: earlier runs keep their hash
         defaults = to_dict(getattr(ConfigurationPlan, "__dataclass_fields__")[section].default_factory()) if section != "network" else None
