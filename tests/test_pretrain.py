@@ -185,3 +185,35 @@ def test_ddp_two_cpu_processes_pretrain(raw_phantoms, tmp_path):
     history = json.loads((out / "pretrain_history.json").read_text())
     assert len(history) == 1 and history[0]["images"] == 8 and np.isfinite(history[0]["loss"])  # 2 steps x 4 images on rank 0
     assert sum(line.startswith("pretrained ") for line in proc.stderr.splitlines()) == 1  # rank 0 reports
+
+
+def test_sigkill_mid_conversion_then_rerun_resumes(tmp_path):
+    """A conversion killed after its first shards: the rerun converts only the rest; every image once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(5)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(150):
+            Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8)).save(root / c / f"{i:03d}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "spineauto", "pretrain", str(root), "-o", str(out), "--convert-only", "--size", "32",
+           "--shard-size", "10", "-np", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "shards").glob("*.done.json"))) < 3 and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted((out / "shards").glob("*.done.json"))
+    assert 3 <= len(done) < 30, "the kill came too late to interrupt the conversion"
+    first = {p.name: p.stat().st_mtime_ns for p in done}
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    assert {p.name: p.stat().st_mtime_ns for p in done} == first  # the finished shards were not redone
+    data = sh.ShardSet(out / "shards")
+    assert len(data) == 300 and np.bincount(data.labels).tolist() == [150, 150]
+    assert len(list((out / "shards").glob("shard_*.npy"))) == 60 and not list((out / "shards").glob(".*"))
