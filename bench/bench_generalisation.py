@@ -197,8 +197,64 @@ def write_preset(path: Path, override: dict) -> Path:
     return path
 
 
+def _model_folder(run_dir: Path) -> Path:
+    return next((run_dir / "sa_results").glob("Dataset*/spineautoTrainer__spineautoPlans__2d"))
+
+
+def localising(run_dir: Path) -> bool:
+    return json.loads((_model_folder(run_dir) / "plans.json").read_text())["configurations"]["2d"].get("localise") is not None
+
+
+def one_pass_model(run_dir: Path) -> Path:
+    """A copy of the run's model folder whose plan does not localise (one pass over the whole image)."""
+    src, dst = _model_folder(run_dir), run_dir / "one_pass_model"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    plans = json.loads((dst / "plans.json").read_text())
+    plans["configurations"]["2d"]["localise"] = None
+    (dst / "plans.json").write_text(json.dumps(plans, indent=1))
+    return dst
+
+
+def _with_output(cmd: list[str], out: Path) -> list[str]:
+    cmd = list(cmd)
+    cmd[cmd.index("-o") + 1] = str(out)
+    return cmd
+
+
+def train_model(run_dir: Path, tool: str, variant: str, train_cases: list[str], dataset_id: int, samples: int, seed: int) -> dict:
+    """Plan, preprocess and train one model on fold ``all`` for ``samples`` samples; what it took."""
+    write_real_dataset(run_dir / "raw", dataset_id, cases=train_cases)
+    batch = 4
+    env = bench_env(run_dir, "cpu", 1, 1)
+    if tool == "spineauto":
+        cmd = [str(VENV_BIN / "python"), "-m", "spineauto", "plan_and_preprocess", "-d", str(dataset_id), "-np", "2"]
+        if VARIANTS[variant]:
+            cmd += ["--preset", str(write_preset(run_dir / "preset.yaml", VARIANTS[variant]))]
+        check_run(run_measured(cmd, env), f"{variant}: plan_and_preprocess")
+        plans = json.loads(next((run_dir / "sa_preprocessed").glob("Dataset*/plans.json")).read_text())
+        batch = int(plans["configurations"]["2d"]["batch_size"])
+    else:
+        check_run(run_measured([str(VENV_BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "2d",
+                                "-np", "2", "-npfp", "2"], env), "nnU-Net plan_and_preprocess")
+    iters = max(1, round(samples / batch))
+    epochs = max(1, min(30, iters // 50))
+    per_epoch = max(1, round(iters / epochs))
+    env = bench_env(run_dir, "cpu", epochs, per_epoch)
+    env["nnUNet_def_n_proc"] = "2"
+    if tool == "spineauto":
+        train = [str(VENV_BIN / "python"), "-m", "spineauto", "train", "-d", str(dataset_id), "-c", "2d", "-f", "all",
+                 "--epochs", str(epochs), "--iters-per-epoch", str(per_epoch), "--val-iters", "2", "--wandb", "disabled",
+                 "--device", "cpu", "--seed", str(seed), "--no-validate"]
+    else:
+        train = [str(VENV_BIN / "nnUNetv2_train"), str(dataset_id), "2d", "all", "-tr", "nnUNetTrainerBench", "-device", "cpu"]
+    t = run_measured(train, env, timeout_s=7200)
+    check_run(t, f"{tool} {variant} train")
+    return {"batch": batch, "iters": epochs * per_epoch, "train_s": round(t.wall_s, 1)}
+
+
 def run_scenario(work: Path, scenario: str, variants: list[str], tools: list[str], seed: int, samples: int, phantoms: int,
-                 dataset_id: int) -> list[dict]:
+                 dataset_id: int, reuse: bool = False) -> list[dict]:
     held_out = () if scenario == "full" else GROUPS[scenario.split("-", 1)[1]]
     train_cases = [c for c in REAL_CASES if c not in held_out]
     work.mkdir(parents=True, exist_ok=True)
@@ -207,44 +263,35 @@ def run_scenario(work: Path, scenario: str, variants: list[str], tools: list[str
     for tool in tools:
         for variant in (variants if tool == "spineauto" else ["nnU-Net default"]):
             run_dir = work / f"{tool}_{variant}_seed{seed}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            write_real_dataset(run_dir / "raw", dataset_id, cases=train_cases)
-            batch = 4 if tool == "nnunet" else None
+            info_file = run_dir / "trained.json"
+            if not (reuse and info_file.is_file()):
+                shutil.rmtree(run_dir, ignore_errors=True)
+                info = train_model(run_dir, tool, variant, train_cases, dataset_id, samples, seed)
+                info_file.write_text(json.dumps(info))
+            info = json.loads(info_file.read_text())
             env = bench_env(run_dir, "cpu", 1, 1)
+            env["nnUNet_def_n_proc"] = "2"
             if tool == "spineauto":
-                cmd = [str(VENV_BIN / "python"), "-m", "spineauto", "plan_and_preprocess", "-d", str(dataset_id), "-np", "2"]
-                if VARIANTS[variant]:
-                    cmd += ["--preset", str(write_preset(run_dir / "preset.yaml", VARIANTS[variant]))]
-                check_run(run_measured(cmd, env), f"{variant}: plan_and_preprocess")
-                plans = json.loads(next((run_dir / "sa_preprocessed").glob("Dataset*/plans.json")).read_text())
-                batch = int(plans["configurations"]["2d"]["batch_size"])
-            else:
-                check_run(run_measured([str(VENV_BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "2d",
-                                        "-np", "2", "-npfp", "2"], env), "nnU-Net plan_and_preprocess")
-            iters = max(1, round(samples / batch))
-            epochs = max(1, min(30, iters // 50))
-            per_epoch = max(1, round(iters / epochs))
-            env = bench_env(run_dir, "cpu", epochs, per_epoch)
-            if tool == "spineauto":
-                train = [str(VENV_BIN / "python"), "-m", "spineauto", "train", "-d", str(dataset_id), "-c", "2d", "-f", "all",
-                         "--epochs", str(epochs), "--iters-per-epoch", str(per_epoch), "--val-iters", "2", "--wandb", "disabled",
-                         "--device", "cpu", "--seed", str(seed), "--no-validate"]
                 predict = [str(VENV_BIN / "python"), "-m", "spineauto", "predict", "-d", str(dataset_id), "-c", "2d", "-f", "all",
                            "-i", str(images), "-o", str(run_dir / "pred"), "--device", "cpu"]
             else:
-                env["nnUNet_def_n_proc"] = "2"
-                train = [str(VENV_BIN / "nnUNetv2_train"), str(dataset_id), "2d", "all", "-tr", "nnUNetTrainerBench", "-device", "cpu"]
                 predict = [str(VENV_BIN / "nnUNetv2_predict"), "-d", str(dataset_id), "-c", "2d", "-f", "all", "-tr",
                            "nnUNetTrainerBench", "-i", str(images), "-o", str(run_dir / "pred"), "-device", "cpu",
                            "-npp", "1", "-nps", "1"]
-            t = run_measured(train, env, timeout_s=7200)
-            check_run(t, f"{tool} {variant} train")
-            check_run(run_measured(predict, env), f"{tool} {variant} predict")
-            for r in score_folder(run_dir / "pred", tests):
-                rows.append({**r, "scenario": scenario, "tool": tool, "variant": variant, "seed": seed, "train_s": t.wall_s,
-                             "batch": batch, "iters": epochs * per_epoch})
-            print(f"  {scenario} {tool} {variant} seed {seed}: batch {batch} x {epochs * per_epoch} iterations, "
-                  f"train {t.wall_s:.0f} s", flush=True)
+            todo = [(run_dir / "pred", predict)]
+            preds = {"one pass" if tool == "nnunet" else "as planned": run_dir / "pred"}
+            if tool == "spineauto" and localising(run_dir):  # the same model without its second pass
+                todo.append((run_dir / "pred_one_pass", _with_output(predict, run_dir / "pred_one_pass") + ["-m", str(one_pass_model(run_dir))]))
+                preds = {"localised": run_dir / "pred", "one pass": run_dir / "pred_one_pass"}
+            for folder, cmd in todo:
+                if not (reuse and all((folder / f"{c}.nii.gz").is_file() for c in tests)):
+                    shutil.rmtree(folder, ignore_errors=True)
+                    check_run(run_measured(cmd, env), f"{tool} {variant} predict into {folder.name}")
+            for inference, folder in preds.items():
+                for r in score_folder(folder, tests):
+                        rows.append({**r, "scenario": scenario, "tool": tool, "variant": variant, "inference": inference, "seed": seed, **info})
+            print(f"  {scenario} {tool} {variant} seed {seed}: batch {info['batch']} x {info['iters']} iterations, "
+                  f"train {info['train_s']:.0f} s", flush=True)
     return rows
 
 
@@ -259,13 +306,14 @@ def _fmt(values: list[float], digits: int = 2) -> str:
 
 def tables(rows: list[dict]) -> str:
     out = []
-    keys = sorted({(r["tool"], r["variant"], r["pp"]) for r in rows if "missing" not in r}, key=lambda k: (k[0] != "spineauto", k))
-    header = ["tool", "variant", "postprocessing"]
+    keys = sorted({(r["tool"], r["variant"], r["inference"], r["pp"]) for r in rows if "missing" not in r},
+                  key=lambda k: (k[0] != "spineauto", k))
+    header = ["tool", "variant", "inference", "postprocessing"]
     dice_cols = sorted({(r["scenario"], r["case"].split("_")[1] if r["case"].startswith("phantom") else r["case"])
                         for r in rows if r.get("kind") == "dice"})
     body = []
     for key in keys:
-        sel = [r for r in rows if (r["tool"], r["variant"], r["pp"]) == key and "missing" not in r]
+        sel = [r for r in rows if (r["tool"], r["variant"], r["inference"], r["pp"]) == key and "missing" not in r]
         line = list(key)
         for scen, col in dice_cols:
             vals = {}
@@ -303,6 +351,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_generalisation"))
     ap.add_argument("--quick", action="store_true", help="1 seed, the full scenario, 3,000 samples")
     ap.add_argument("--json", type=Path, help="also write every row here")
+    ap.add_argument("--reuse", action="store_true", help="keep models and predictions already in --work (rescore them)")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.scenarios, args.samples = [0], ["full"], 3000
@@ -312,7 +361,7 @@ def main() -> None:
     for seed in args.seeds:
         for i, scenario in enumerate(args.scenarios):
             rows += run_scenario(args.work / f"{scenario}_seed{seed}", scenario, args.variants, args.tools, seed, args.samples,
-                                 args.phantoms, 930 + i)
+                                 args.phantoms, 930 + i, args.reuse)
     if args.json:
         args.json.write_text(json.dumps([{k: v for k, v in r.items()} for r in rows], indent=1, default=str))
     print(f"\n{command_line()}\n{args.samples} training samples per model; seeds {args.seeds}\n")

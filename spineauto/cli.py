@@ -370,10 +370,13 @@ def demo(
     epochs: int = typer.Option(10, "--epochs", help="Training epochs of the demo model."),
     iters_per_epoch: int = typer.Option(25, "--iters-per-epoch", help="Training iterations per epoch."),
     seed: int = typer.Option(0, "--seed"),
+    lesion_iters: int = typer.Option(300, "--lesion-iters", min=0, help="Training iterations of the lesion stage (2d_cord_roi: "
+                                     "lesions in boxes around the predicted cord); 0 skips it."),
     pipeline: bool = typer.Option(False, "--pipeline", help="The whole product: train a small model per pipeline stage, "
                                   "write the pipeline YAML and run `spineauto pipeline` with its HTML report (about 10-15 min on 2 CPU cores)."),
 ):
-    """Generate synthetic spine phantoms, then plan, train fold 0, predict the held-out phantoms and evaluate."""
+    """Generate synthetic spine phantoms, then plan, train fold 0, predict the held-out phantoms and evaluate;
+    then the lesion stage of the cord -> lesion cascade the same way."""
     from spineauto.demo import run_demo, run_pipeline_demo
 
     def run(*args: str) -> None:
@@ -383,7 +386,8 @@ def demo(
     if pipeline:
         run_pipeline_demo(run, workdir, seed=seed, console=console)
     else:
-        run_demo(run, workdir, n_train=cases, seed=seed, epochs=epochs, iters_per_epoch=iters_per_epoch, console=console)
+        run_demo(run, workdir, n_train=cases, seed=seed, epochs=epochs, iters_per_epoch=iters_per_epoch, lesion_iters=lesion_iters,
+                 console=console)
 
 
 @_command("pipeline")

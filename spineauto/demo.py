@@ -1,7 +1,9 @@
 """`spineauto demo`: the whole main job on synthetic spine phantoms, with no data of your own.
 
 Writes a phantom dataset, then runs the same commands a user would: plan_and_preprocess, a short
-training of fold 0, predict on the held-out phantoms, evaluate against their masks.
+training of fold 0, predict on the held-out phantoms, evaluate against their masks; then the
+lesion stage: ``2d_cord_roi`` trained on crops around the cord and predicted around the cord the
+first model found (``predict --roi``), evaluated the same way.
 ``--pipeline``: the whole product instead: phantoms of spines (with lesions) and of a non-spine
 anatomy, small models for every stage (anatomy, location/view and sequence heads, cord, lesions),
 a pipeline YAML, and ``spineauto pipeline`` on the held-out phantoms with its HTML report.
@@ -25,9 +27,11 @@ PIPELINE_PRESET = Path(__file__).resolve().parents[1] / "plans" / "demo_pipeline
 
 
 def run_demo(run: Callable[..., None], workdir: Path, n_train: int = 16, n_test: int = 6, seed: int = 0, epochs: int = 10,
-             iters_per_epoch: int = 25, console: Console | None = None) -> Path:
+             iters_per_epoch: int = 25, lesion_iters: int = 300, console: Console | None = None) -> Path:
     """``run(*args)`` runs one ``spineauto`` command (the CLI passes its own app: the demo runs
-    exactly what a user would type)."""
+    exactly what a user would type). With ``lesion_iters``, the lesion stage of the cord -> lesion
+    cascade (``2d_cord_roi``) trains that many iterations and predicts in boxes around the cord
+    the ``2d`` model found."""
     from spineauto.datasets.phantoms import write_phantom_dataset
 
     console = console or Console(stderr=True)
@@ -43,6 +47,15 @@ def run_demo(run: Callable[..., None], workdir: Path, n_train: int = 16, n_test:
     run("predict", "-d", str(DATASET_ID), "-i", str(raw / "imagesTs"), "-o", str(predictions), "-f", "0")
     run("evaluate", str(predictions), str(raw / "labelsTs"), "-d", str(DATASET_ID),
         "-o", str(workdir / "evaluation" / "summary.json"))
+    if lesion_iters:  # lesions are a few voxels of a whole slice: the cascade's second stage finds them in crops around the cord
+        lesions = workdir / "lesion_predictions"
+        run("train", "-d", str(DATASET_ID), "-f", "0", "-c", "2d_cord_roi", "--epochs", str(epochs),
+            "--iters-per-epoch", str(max(1, lesion_iters // epochs)), "--wandb", "disabled", "--seed", str(seed), "--overwrite")
+        run("predict", "-d", str(DATASET_ID), "-c", "2d_cord_roi", "-i", str(raw / "imagesTs"), "-o", str(lesions), "-f", "0",
+            "--roi", str(predictions))
+        run("evaluate", str(lesions), str(raw / "labelsTs"), "-d", str(DATASET_ID),
+            "-o", str(workdir / "evaluation" / "summary_lesions.json"))
+        console.print(f"cord: {predictions} (the 2d model on whole slices); lesions: {lesions} (2d_cord_roi in boxes around that cord)")
     console.print(f"[green]demo finished[/]: predictions in {predictions}, metrics in {workdir / 'evaluation'}")
     return workdir
 
