@@ -53,6 +53,7 @@ VARIANTS: dict[str, dict] = {
     "plan": {},
     "no-intensity-aug": {"augmentation": {"intensity_curves": 0.0, "bias_field": 0.0, "inversion": 0.0}},
     "batch4": {"batch_size": 4},
+    "strong-remap": {"augmentation": {"intensity_curves": 0.8, "inversion": 0.5}},
 }
 POSTPROCESSINGS = {"as written": None, "largest": keep_largest_component, "cord": keep_cord_component}
 
