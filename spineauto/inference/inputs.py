@@ -76,16 +76,9 @@ class InputCase:
         return layout, props
 
     def preprocessed_around(self, model, mask: np.ndarray, margin_mm: float) -> tuple[np.ndarray, dict]:
-        """As :meth:`preprocessed`, cropped to the box around ``mask`` widened by ``margin_mm`` and
-        normalised inside it (the localise-then-segment second pass)."""
-        from spineauto.planning.plans import RoiPlan
-        from spineauto.preprocessing.preprocess import preprocess_array
-
+        """As :meth:`preprocessed`, cropped to the box around ``mask`` (the localise-then-segment second pass)."""
         data, affine = self.read()
-        plan = replace(model.plan, roi=RoiPlan(label=model.plan.localise.label, margin_mm=margin_mm, jitter_mm=0.0,
-                                               remove_outside_mm=0.0))
-        layout, _, props = preprocess_array(data, affine, plan, model.intensity, roi=mask, name=self.source)
-        return layout, props
+        return preprocess_around(model, data, affine, mask, margin_mm, self.source)
 
     def write_mask(self, target: Path, labels: np.ndarray) -> Path:
         """The mask with the first channel's NIfTI header, or the DICOM series' geometry.
@@ -104,6 +97,18 @@ class InputCase:
             reference = load_nifti(self.files[0])
             return write_mask(target, labels, header=reference.header, shape=tuple(reference.shape))
         return write_mask(target, labels, sitk_reference=self.dicom)
+
+
+def preprocess_around(model, data: np.ndarray, affine: np.ndarray, mask: np.ndarray, margin_mm: float,
+                      name: str) -> tuple[np.ndarray, dict]:
+    """``data`` (C, X, Y, Z) preprocessed per the model's plan, cropped to the box around ``mask``
+    ((X, Y, Z) bool) widened by ``margin_mm`` and normalised inside it: ((C, S, H, W), restore properties)."""
+    from spineauto.planning.plans import RoiPlan
+    from spineauto.preprocessing.preprocess import preprocess_array
+
+    plan = replace(model.plan, roi=RoiPlan(label=model.plan.localise.label, margin_mm=margin_mm, jitter_mm=0.0, remove_outside_mm=0.0))
+    layout, _, props = preprocess_array(data, affine, plan, model.intensity, roi=mask, name=name)
+    return layout, props
 
 
 def check_scan(case: str, data: np.ndarray, affine: np.ndarray, sources: list[str]) -> None:

@@ -23,7 +23,8 @@ from spineauto import paths
 from spineauto.devices import resolve_device
 from spineauto.errors import SpineautoError
 from spineauto.inference.bundle import model_folder_of
-from spineauto.inference.driver import infer
+from spineauto.inference.driver import infer, localise
+from spineauto.inference.inputs import preprocess_around
 from spineauto.inference.model import TrainedModel, load_model
 from spineauto.inference.roi import restrict_to_roi
 from spineauto.pipeline.config import CLASSIFICATION_STAGES, STAGE_HEADS, ClassifyStage, ModelRef, PipelineConfig, load_pipeline_config
@@ -192,6 +193,8 @@ class Pipeline:
         else:
             layout, props = self._prepared(model, scan, cache, roi)
             out = infer(model, layout, props, scan.name, tta=self.config.tta)
+            if roi is None and out.labels is not None and model.plan.localise is not None:  # as `spineauto predict` does
+                out = localise(model, _Around(scan), out, props, tta=self.config.tta)
             if roi is None:
                 cache[done] = out
         record = {"stage": key.split(":")[0], "kind": "classification" if out.labels is None else "segmentation",
@@ -283,6 +286,20 @@ def _label_value(model: TrainedModel, words: tuple[str, ...], default: int) -> i
         if value > 0 and any(w in name.lower() for w in words):
             return int(value)
     return default
+
+
+@dataclass
+class _Around:
+    """A scan as the case driver's second (localised) pass needs it."""
+
+    scan: ScanInput
+
+    @property
+    def name(self) -> str:
+        return self.scan.name
+
+    def preprocessed_around(self, model: TrainedModel, mask: np.ndarray, margin_mm: float):
+        return preprocess_around(model, self.scan.data, self.scan.affine, mask, margin_mm, self.scan.source or self.scan.name)
 
 
 def as_scan(image, name: str = "case") -> ScanInput:
