@@ -54,6 +54,7 @@ VARIANTS: dict[str, dict] = {
     "no-intensity-aug": {"augmentation": {"intensity_curves": 0.0, "bias_field": 0.0, "inversion": 0.0}},
     "batch4": {"batch_size": 4},
     "strong-remap": {"augmentation": {"intensity_curves": 0.8, "inversion": 0.5}},
+    "second-pass": {"localise": {"second_pass": True}},
 }
 POSTPROCESSINGS = {"as written": None, "largest": keep_largest_component, "cord": keep_cord_component}
 
@@ -207,7 +208,7 @@ def localising(run_dir: Path) -> bool:
 
 
 def one_pass_model(run_dir: Path) -> Path:
-    """A copy of the run's model folder whose plan does not localise (one pass over the whole image)."""
+    """A copy of the run's model folder without its localise plan (one pass, no cord component)."""
     src, dst = _model_folder(run_dir), run_dir / "one_pass_model"
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
@@ -281,9 +282,9 @@ def run_scenario(work: Path, scenario: str, variants: list[str], tools: list[str
                            "-npp", "1", "-nps", "1"]
             todo = [(run_dir / "pred", predict)]
             preds = {"one pass" if tool == "nnunet" else "as planned": run_dir / "pred"}
-            if tool == "spineauto" and localising(run_dir):  # the same model without its second pass
+            if tool == "spineauto" and localising(run_dir):  # the same model without its localise plan (no cord component)
                 todo.append((run_dir / "pred_one_pass", _with_output(predict, run_dir / "pred_one_pass") + ["-m", str(one_pass_model(run_dir))]))
-                preds = {"localised": run_dir / "pred", "one pass": run_dir / "pred_one_pass"}
+                preds = {"as planned": run_dir / "pred", "one pass": run_dir / "pred_one_pass"}
             for folder, cmd in todo:
                 if not (reuse and all((folder / f"{c}.nii.gz").is_file() for c in tests)):
                     shutil.rmtree(folder, ignore_errors=True)

@@ -161,7 +161,7 @@ def _tube_scene(tmp_path, with_tube: bool = True):
     return path, tube
 
 
-@pytest.mark.parametrize("localise", [True, False])
+@pytest.mark.parametrize("localise", ["second pass", "cord component", None])
 def test_localise_then_segment_keeps_the_tube_and_segments_around_it(bright_model, tmp_path, monkeypatch, localise):
     import nibabel as nib
 
@@ -170,7 +170,8 @@ def test_localise_then_segment_keeps_the_tube_and_segments_around_it(bright_mode
     from spineauto.planning.plans import LocalisePlan
 
     path, tube = _tube_scene(tmp_path)
-    monkeypatch.setattr(bright_model.plan, "localise", LocalisePlan(margin_mm=5.0) if localise else None)
+    plan = {"second pass": LocalisePlan(margin_mm=5.0, second_pass=True), "cord component": LocalisePlan(margin_mm=5.0)}.get(localise)
+    monkeypatch.setattr(bright_model.plan, "localise", plan)
     boxes = []
     around = InputCase.preprocessed_around
 
@@ -182,8 +183,12 @@ def test_localise_then_segment_keeps_the_tube_and_segments_around_it(bright_mode
     monkeypatch.setattr(InputCase, "preprocessed_around", spy)
     pred = predict_case(bright_model, InputCase("scene", [path]), tmp_path / "out", tta=False)
     labels = np.asarray(nib.load(str(pred.files[0])).dataobj)
-    if not localise:  # one pass: the block is cord too
+    if localise is None:  # one pass: the block is cord too
         assert not boxes and labels[4:30, 4:30, 4:8].all()
+        return
+    if localise == "cord component":  # one pass, then the tube only
+        assert not boxes and not labels[4:30, 4:30, 4:8].any()
+        assert (labels == 1).sum() == pytest.approx(tube.sum(), rel=0.15)
         return
     (shape, box_mask, every_slice), = boxes
     assert box_mask == pytest.approx(tube[..., 5].sum() * 12, rel=0.15)  # the tube's cross-section, on every slice

@@ -94,15 +94,16 @@ def infer(model: TrainedModel, layout: np.ndarray, props: dict, case: str, tta: 
 
 def localise(model: TrainedModel, case: CaseSource, first: CaseInference, props: dict, tta: bool = True,
              batch_slices: int | None = None, probabilities: bool = False) -> CaseInference:
-    """The configuration's localise-then-segment second pass (:class:`~spineauto.planning.plans.LocalisePlan`):
-    the cord component of ``first`` (the whole image), then the networks again on a box around it
-    (in-plane: around the cord wherever it was found; along S-I: the whole scan).
-    A first pass without a cord is returned as it is."""
+    """The configuration's :class:`~spineauto.planning.plans.LocalisePlan`: the cord component of
+    ``first`` (the whole image); with ``second_pass``, the networks again on a box around it
+    (in-plane: around the cord wherever it was found; along S-I: the whole scan) and the cord
+    component of that. A first pass without a cord is returned as it is."""
     loc = model.plan.localise
     value = model.plans.labels[loc.label]
     affine = np.asarray(props["geometry"]["affine"], dtype=float)
-    cord = keep_cord_component(first.labels, value, affine) == value
-    if not cord.any():
+    first.labels = keep_cord_component(first.labels, value, affine)
+    cord = first.labels == value
+    if not loc.second_pass or not cord.any():
         return first
     # the cord runs through the whole scan along S-I: the box spans it there, even where the first pass missed the cord
     si = superior_axis(affine)
@@ -116,8 +117,9 @@ def localise(model: TrainedModel, case: CaseSource, first: CaseInference, props:
 
 def predict_case(model: TrainedModel, case: CaseSource, output: Path, tta: bool = True, save_probabilities: bool = False,
                  batch_slices: int | None = None) -> CasePrediction:
-    """Preprocess once, run the networks once (twice for a configuration that localises first: on
-    the whole image, then around the cord found there), write every output of one case into ``output``."""
+    """Preprocess once, run the networks once (twice for a configuration whose localise plan has a
+    second pass: on the whole image, then around the cord found there), write every output of one
+    case into ``output``."""
     layout, props = case.preprocessed(model)
     res = infer(model, layout, props, case.name, tta, batch_slices, probabilities=save_probabilities)
     del layout

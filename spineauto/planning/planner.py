@@ -129,8 +129,10 @@ def _localise(fp: Fingerprint, cord: str) -> tuple[LocalisePlan, str]:
         return plan, f"no {cord!r} extents in the fingerprint: default margin {plan.margin_mm:g} mm"
     margin = max(MIN_LOCALISE_MARGIN_MM, round(float(np.median(margins)), 1))
     return LocalisePlan(label=cord, margin_mm=margin), (
-        f"prediction finds the {cord} on the whole image, then segments a box around it {margin:g} mm wider on each side: the median "
-        f"over {len(margins)} training cases of half (in-plane field of view - {cord} extent), at least {MIN_LOCALISE_MARGIN_MM:g} mm")
+        f"prediction keeps the {cord} component (a long tube on the midline), not every island; second pass (a box "
+        f"around it, {margin:g} mm wider on each side: the median over {len(margins)} training cases of half (in-plane field "
+        f"of view - {cord} extent), at least {MIN_LOCALISE_MARGIN_MM:g} mm) off: it lowered whole-neck false positives "
+        "but lost T1w Dice in bench_generalisation; localise.second_pass: true in a preset turns it on")
 
 
 def _roi_shapes(fp: Fingerprint, value: int, margin_mm: float, target: float) -> tuple[np.ndarray, np.ndarray]:

@@ -164,15 +164,18 @@ class TrainerPlan:
 
 @dataclass
 class LocalisePlan:
-    """Localise, then segment (as Spinal Cord Toolbox's ``sct_deepseg_sc``): prediction runs the
-    network over the whole image, keeps the component of ``label`` that is a cord (a tube along the
-    superior-inferior axis: :func:`spineauto.inference.postprocessing.keep_cord_component`), then
-    runs it again on a box around that cord widened by ``margin_mm`` (normalised inside the box) and
-    keeps the cord component of that second pass. The box makes a whole-neck field of view look like
-    the training cases; the planner sets the margin so that the box is as wide as they are."""
+    """Prediction keeps the component of ``label`` that is a cord (a tube along the superior-inferior
+    axis, on the midline: :func:`spineauto.inference.postprocessing.keep_cord_component`) instead of
+    every island a network marks on a field of view it never saw. With ``second_pass``, localise
+    then segment (as Spinal Cord Toolbox's ``sct_deepseg_sc``): the network runs again on a box
+    around that cord widened by ``margin_mm`` (normalised inside the box; the whole scan along S-I)
+    and the cord component of that pass is kept. The planner sets the margin so that the box is as
+    wide as the training cases are, and leaves the second pass off (measured: README, "A scanner it
+    never saw")."""
 
     label: str = "cord"
     margin_mm: float = 15.0
+    second_pass: bool = False
 
 
 @dataclass
