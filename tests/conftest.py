@@ -111,3 +111,21 @@ def remove_tree(root: Path) -> None:
         with contextlib.suppress(OSError):
             p.chmod(0o755)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def tiny_phantom_env(root: Path, n_train: int, n_test: int, seed: int):
+    """For a module fixture (``yield from``): Dataset001_Ph planned under ``root`` with test_training's
+    tiny plan, the SPINEAUTO_* variables set (W&B off) while the fixture lives, the tree removed after."""
+    from test_training import tiny_plan
+
+    env = planned_phantoms(root, n_train=n_train, n_test=n_test, seed=seed)
+    tiny_plan(env["preprocessed"] / "Dataset001_Ph" / "plans.json")
+    mp = pytest.MonkeyPatch()
+    for k, p in env.items():
+        mp.setenv(f"SPINEAUTO_{k.upper()}", str(p))
+    mp.setenv("WANDB_MODE", "disabled")
+    try:
+        yield root
+    finally:
+        mp.undo()
+        remove_tree(root)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import planned_phantoms, remove_tree, run_cli
+from conftest import run_cli, tiny_phantom_env
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible: the CUDA paths run where torch sees a GPU "
@@ -28,29 +28,9 @@ DATASET = "Dataset001_Ph"
 FAST = dict(val_iters=1, wandb="disabled", num_workers=0, validate=False, device="cuda")
 
 
-def tiny_plan(plans_path: Path) -> None:
-    data = json.loads(plans_path.read_text())
-    cfg = data["configurations"]["2d"]
-    n = 4
-    cfg["network"].update(features_per_stage=[8, 16, 32, 64], kernel_sizes=[[3, 3]] * n, strides=[[1, 1]] + [[2, 2]] * (n - 1),
-                          n_conv_per_stage=[2] * n, n_conv_per_stage_decoder=[2] * (n - 1))
-    cfg["batch_size"] = 8
-    cfg["optim"].update(optimizer="adam", initial_lr=0.003)
-    plans_path.write_text(json.dumps(data, indent=1))
-
-
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cuda")
-    env = planned_phantoms(root, n_train=6, n_test=2, seed=3)
-    tiny_plan(env["preprocessed"] / DATASET / "plans.json")
-    mp = pytest.MonkeyPatch()
-    for k, p in env.items():
-        mp.setenv(f"SPINEAUTO_{k.upper()}", str(p))
-    mp.setenv("WANDB_MODE", "disabled")
-    yield root
-    mp.undo()
-    remove_tree(root)
+    yield from tiny_phantom_env(tmp_path_factory.mktemp("cuda"), 6, 2, 3)
 
 
 def _train(root: Path, results: str, **kw) -> Path:

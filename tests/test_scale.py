@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import planned_phantoms, remove_tree, require_real_data, run_cli
+from conftest import require_real_data, run_cli, tiny_phantom_env
+from test_training import tiny_plan
 from spineauto.errors import SpineautoError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,31 +25,10 @@ DATASET = "Dataset001_Ph"
 FAST = dict(val_iters=1, wandb="disabled", num_workers=0, validate=False, device="cpu")
 
 
-def tiny_plan(plans_path: Path) -> None:
-    data = json.loads(plans_path.read_text())
-    cfg = data["configurations"]["2d"]
-    n = 3
-    cfg["network"].update(features_per_stage=[4, 8, 16], kernel_sizes=[[3, 3]] * n, strides=[[1, 1]] + [[2, 2]] * (n - 1),
-                          n_conv_per_stage=[1] * n, n_conv_per_stage_decoder=[1] * (n - 1))
-    cfg["patch_size"] = [32, 32]
-    cfg["batch_size"] = 4
-    cfg["optim"].update(optimizer="adam", initial_lr=0.003)
-    plans_path.write_text(json.dumps(data, indent=1))
-
-
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("scale")
-    env = planned_phantoms(root, n_train=4, n_test=5, seed=5)
-    tiny_plan(env["preprocessed"] / DATASET / "plans.json")
-    mp = pytest.MonkeyPatch()
-    for k, p in env.items():
-        mp.setenv(f"SPINEAUTO_{k.upper()}", str(p))
-    mp.setenv("WANDB_MODE", "disabled")
-    yield root
-    mp.undo()
-    remove_tree(root)
+    yield from tiny_phantom_env(tmp_path_factory.mktemp("scale"), 4, 5, 5)
 
 
 def _train(root: Path, results: str, **kw) -> Path:
