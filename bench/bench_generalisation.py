@@ -56,7 +56,11 @@ VARIANTS: dict[str, dict] = {
     "strong-remap": {"augmentation": {"intensity_curves": 0.8, "inversion": 0.5}},
     "second-pass": {"localise": {"second_pass": True}},
 }
-POSTPROCESSINGS = {"as written": None, "largest": keep_largest_component, "cord": keep_cord_component}
+POSTPROCESSINGS = {  # (mask, affine) -> mask
+    "as written": lambda m, affine: m,
+    "largest": lambda m, affine: keep_largest_component(m.astype(np.uint8), 1) > 0,
+    "cord": lambda m, affine: keep_cord_component(m.astype(np.uint8), 1, affine) > 0,
+}
 
 
 # ----------------------------------------------------------------------------------------------- test data
@@ -149,8 +153,7 @@ def score_folder(pred: Path, tests: dict) -> list[dict]:
         img = nib.load(str(f))
         written = np.asanyarray(img.dataobj) > 0
         for pp, fn in POSTPROCESSINGS.items():
-            mask = written if fn is None else fn(written.astype(np.uint8), 1, img.affine) > 0 if fn is keep_cord_component \
-                else fn(written.astype(np.uint8), 1) > 0
+            mask = fn(written, img.affine)
             row = {"case": case, "kind": info["kind"], "pp": pp}
             if info["kind"] == "dice":
                 row["dice"] = dice(mask, info["ref"])
