@@ -4,12 +4,17 @@
    spine phantoms (datasets/phantoms.py: 10-16 slices of about 50-100 x 50-100 voxels each), in a new
    process each time: wall time and peak RSS / RssAnon of the process tree (bench/common.py). Linear
    time means a flat s/case; memory should not grow with the number of cases.
-2. **Volume size**: ``spineauto predict`` of one synthetic volume (a bright cord-like tube in noise, at
-   the plan's in-plane spacing and twice that across slices, so the volume is cut into its last-axis
-   slices unresampled) of each size in ``--volumes`` (default 64^3 up to 128x128x128; ``--large`` adds
-   256x256x200 and 512x512x400), with a model of the phantoms' plan trained for a few iterations (speed only), TTA off:
-   wall time (the process start, model load and writing included, so the smallest volumes carry a
-   fixed cost) and peak memory. Linear time means a flat µs per voxel for the large volumes.
+2. **Volume size**: spineauto's predict (``predict_folder``, what ``spineauto predict`` runs after loading
+   the model) of one synthetic volume (a bright cord-like tube in noise, at ``--spacing-factor`` x the
+   plan's in-plane spacing, default 1: no resampling, and twice that across slices, so the volume is
+   cut into its last-axis slices) of each size in ``--volumes`` (default 64^3 up to 128x128x128;
+   ``--large`` adds 256x256x200 and 512x512x400), with a model of the phantoms' plan trained for a few
+   iterations (speed only), TTA off, in a new process each: wall time of the process (start, model
+   load and writing included, so the smallest volumes carry a fixed cost), predict's own time, and
+   memory: the process tree's peak RSS (polled) and, exactly, the peak above the loaded model (the
+   process's VmHWM, reset through /proc/self/clear_refs once the model is loaded). Linear time means
+   a flat µs per voxel; memory bounded by chunking means a peak above the model that grows only by
+   what a case must hold (its input and its output mask, a few bytes per voxel).
 3. **Patch size**: one training step (forward, Dice + CE with deep supervision, backward, SGD step) of
    the phantoms' planned U-Net for square patches of ``--patches`` pixels, batch ``--batch``, in this
    process: median of ``--repeats`` steps after a warm-up. The network is the same for every patch
@@ -113,27 +118,45 @@ def write_volume(path: Path, shape: tuple[int, int, int], spacing: float, seed: 
     nib.save(nib.Nifti1Image(img, affine), str(path))
 
 
-def bench_volumes(work: Path, model: Path, volumes: list[tuple[int, int, int]]) -> list[dict]:
+def _status_mb(key: str) -> float:
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def predict_one(model_dir: Path, src: Path, out: Path) -> None:
+    """In a process of its own: load the model, reset the peak RSS, predict ``src``; print what it cost as JSON."""
+    import torch
+
+    from spineauto.inference.model import load_model
+    from spineauto.inference.predict import predict_folder
+
+    model = load_model(model_dir, ["all"], "final", torch.device("cpu"))
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    loaded = _status_mb("VmRSS")
+    t0 = time.perf_counter()
+    predict_folder(model, src, out, tta=False)
+    print("PREDICT_ONE " + json.dumps({"case_s": time.perf_counter() - t0, "model_loaded_mb": loaded,
+                                       "peak_above_model_mb": _status_mb("VmHWM") - loaded}), flush=True)
+
+
+def bench_volumes(work: Path, model: Path, volumes: list[tuple[int, int, int]], spacing_factor: float = 1.0) -> list[dict]:
     plans = json.loads((model / "plans.json").read_text())["configurations"]["2d"]
-    spacing = float(plans["target_spacing"][0])
+    spacing = float(plans["target_spacing"][0]) * spacing_factor
     rows = []
     for shape in volumes:
         name = "x".join(map(str, shape))
         src, out = work / "volumes" / name, work / "predicted" / name
         src.mkdir(parents=True, exist_ok=True)
         write_volume(src / f"vol_{name}_0000.nii.gz", shape, spacing)
-        run = run_measured(_spineauto("predict", "-d", str(MODEL_DATASET_ID), "-m", str(model), "-f", "all", "-i", str(src), "-o", str(out),
-                                      "--device", "cpu", "--no-tta"), env=_env(work))
+        run = run_measured([str(VENV_BIN / "python"), __file__, "--predict-one", str(model), str(src), str(out)], env=_env(work))
         check_run(run, f"predict {name}")
         voxels = int(np.prod(shape))
-        case_s = re.search(r"([0-9.]+)\s+s/case", run.output)  # predict's own time for the case: no process start, no model load
-        rows.append({"shape": name, "voxels": voxels, "wall_s": run.wall_s, "case_s": float(case_s.group(1)) if case_s else None,
-                     "us_per_voxel": run.wall_s / voxels * 1e6,
+        one = json.loads(run.output.split("PREDICT_ONE ", 1)[1].splitlines()[0])
+        rows.append({"shape": name, "voxels": voxels, "wall_s": run.wall_s, **one, "us_per_voxel": one["case_s"] / voxels * 1e6,
                      "peak_rss_mb": run.peak_rss_mb, "peak_anon_mb": run.peak_anon_mb,
-                     "input_mb": voxels * 4 / 2**20})
+                     "input_mb": voxels * 4 / 2**20, "spacing_factor": spacing_factor})
         shutil.rmtree(src, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
-        print(f"predict {name}: {run.wall_s:.1f} s, peak RSS {run.peak_rss_mb:.0f} MB", flush=True)
+        print(f"predict {name}: {one['case_s']:.1f} s, {one['peak_above_model_mb']:.0f} MB above the loaded model", flush=True)
     return rows
 
 
@@ -233,10 +256,11 @@ def tables(result: dict) -> str:
     v = result.get("volumes") or []
     if v:
         case = [r.get("case_s") or r["wall_s"] for r in v]
-        out.append(format_table(["volume", "voxels", "wall s (process)", "s in predict's case loop", "µs/voxel in the loop", "peak RSS MB",
-                                 "peak anon MB", "input float32 MB"],
+        out.append(format_table(["volume", "voxels", "wall s (process)", "s in predict", "µs/voxel in predict", "peak RSS MB (tree)",
+                                 "peak MB above the loaded model", "input float32 MB"],
                                 [[r["shape"], f"{r['voxels']:.3g}", f"{r['wall_s']:.1f}", f"{c:.1f}", f"{c / r['voxels'] * 1e6:.1f}",
-                                  f"{r['peak_rss_mb']:.0f}", f"{r['peak_anon_mb']:.0f}", f"{r['input_mb']:.0f}"] for r, c in zip(v, case)]))
+                                  f"{r['peak_rss_mb']:.0f}", f"{r['peak_above_model_mb']:.0f}" if "peak_above_model_mb" in r else "-",
+                                  f"{r['input_mb']:.0f}"] for r, c in zip(v, case)]))
         out.append(fit_line([r["voxels"] for r in v], [r.get("case_s") or r["wall_s"] for r in v], "million voxels", 1e6))
     p = result.get("patches") or []
     if p:
@@ -264,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patches", type=int, nargs="*", default=None, help="square training patch edges (default 32 64 128 256)")
     ap.add_argument("--large", action="store_true", help="also 1,000 cases and 256x256x200 and 512x512x400 volumes")
     ap.add_argument("--quick", action="store_true", help="script check: 4 and 8 cases, 32^3 and 48^3 volumes, patches 32 and 64 (unless given)")
+    ap.add_argument("--spacing-factor", type=float, default=1.0,
+                    help="volumes at this x the plan's in-plane spacing (not 1: preprocessing resamples them)")
+    ap.add_argument("--predict-one", nargs=3, type=Path, metavar=("MODEL", "SRC", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=2, help="training batch for the patch-size part")
     ap.add_argument("--repeats", type=int, default=5, help="timed training steps per patch size")
     ap.add_argument("--train-iters", type=int, default=5, help="training iterations of the model used for prediction")
@@ -272,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, default=Path("bench_scaling.png"), help="PNG to write")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
+    if args.predict_one:
+        predict_one(*args.predict_one)
+        return 0
     quick = {"cases": [4, 8], "volumes": [(32, 32, 32), (48, 48, 48)], "patches": [32, 64]}
     full = {"cases": [10, 100], "volumes": [(64, 64, 64), (96, 96, 64), (128, 128, 64), (128, 128, 128)], "patches": [32, 64, 128, 256]}
     for key, value in (quick if args.quick else full).items():  # what the command line leaves out
@@ -297,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     model = train_model(work, args.workers, args.train_iters) if (args.volumes or args.patches) else None
     result["patches"] = bench_patches(model, sorted(args.patches), args.batch, args.repeats) if args.patches else []
     save()
-    result["volumes"] = bench_volumes(work, model, sorted(args.volumes, key=np.prod)) if args.volumes else []
+    result["volumes"] = bench_volumes(work, model, sorted(args.volumes, key=np.prod), args.spacing_factor) if args.volumes else []
     save()
     text = tables(result)
     print("\n" + text + f"\n\ncommand: {result['command']}")

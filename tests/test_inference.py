@@ -2,6 +2,7 @@
 model that proves the restore path exact, DICOM input, a self-contained model folder, bad input."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -379,3 +380,41 @@ def test_find_best_configuration_without_raw_labels_uses_the_preprocessed_ones(e
     assert best["best"]["name"] == "2d" and best["best"]["cases"] == 2
     assert best["best"]["dice"] > 0.9  # restored from the target spacing: close to, not exactly, the raw masks
     assert (model / "postprocessing.json").is_file()
+
+
+def test_slabs_stream_the_same_probabilities_as_one_pass(planned, env, monkeypatch):
+    """run_networks cut into slabs of a few slices gives the one-pass probabilities; with a sink it keeps
+    none of them, each slice reaches the sink once and in order, and the labels restored slab by slab
+    are those restored from the whole case."""
+    from spineauto.inference import predictor
+    from spineauto.inference.restore import Restoration, restore_labels
+
+    model = _networks(planned[1], ("fold_0",))
+    data = _case_layout(env)[:, :7]
+    plan = model.plan
+    whole = predictor.run_networks(model.networks, data, plan, torch.device("cpu"), tta=True).seg
+    h, w = (max(s, p) for s, p in zip(data.shape[2:], plan.patch_size))
+    monkeypatch.setattr(predictor, "SLAB_PIXELS", 3 * h * w)  # slabs of 3, 3 and 1 slices
+    seen = []
+    sliced = predictor.run_networks(model.networks, data, plan, torch.device("cpu"), tta=True).seg
+    np.testing.assert_allclose(sliced.numpy(), whole.numpy(), atol=1e-6)
+    out = predictor.run_networks(model.networks, data, plan, torch.device("cpu"), tta=True,
+                                 seg_sink=lambda first, p: seen.append((first, p.clone())))
+    assert out.seg is None
+    assert [(first, p.shape[1]) for first, p in seen] == [(0, 3), (3, 3), (6, 1)]
+    np.testing.assert_allclose(torch.cat([p for _, p in seen], 1).numpy(), whole.numpy(), atol=1e-6)
+    # restored in the case's own grid: slab by slab == whole (a preprocessed case's geometry, cut to its 7 slices)
+    props = json.loads((env["preprocessed"] / "Dataset001_Ph" / "2d" / "phantom_000.json").read_text())
+    from spineauto.io.geometry import CaseGeometry
+
+    geom = CaseGeometry.from_dict(props["geometry"])
+    assert geom.bbox[0][1] - geom.bbox[0][0] >= 7
+    geom.bbox[0][1] = geom.bbox[0][0] + 7
+    props = dict(props, geometry=geom.to_dict(), cropped_shape=[7, *props["cropped_shape"][1:]])
+    streamed = Restoration(props, probabilities=True)
+    for first, p in seen:
+        streamed.add(first, p)
+    ref = restore_labels(whole, props)
+    np.testing.assert_array_equal(streamed.labels(), ref)
+    assert ref.max() > 0 and streamed.probabilities().shape == (3, *ref.shape)
+    np.testing.assert_allclose(streamed.probabilities().argmax(0), ref)

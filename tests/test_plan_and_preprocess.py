@@ -139,3 +139,26 @@ def test_cli_plans_and_prints_a_summary(spineauto_env, capsys):
     assert code == 0, err
     assert "configuration 2d" in err and "per_case" in err
     assert (spineauto_env["preprocessed"] / "Dataset001_RealCord" / "plans.json").is_file()
+
+
+def test_in_plane_resampling_by_slabs_equals_nnunet_on_the_whole_case():
+    """resample_in_plane (RESAMPLE_SLAB slices at a time, in the input's dtype) gives exactly nnunetv2's values for
+    the whole case, for images (cubic) and label maps, over slabs that do not divide the slices evenly."""
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
+
+    from spineauto.preprocessing.preprocess import RESAMPLE_SLAB, resample_in_plane
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(2, 2 * RESAMPLE_SLAB + 5, 20, 30)).astype(np.float32)
+    seg = rng.integers(0, 3, size=(1, *data.shape[1:])).astype(np.int8)
+    new_shape = [data.shape[1], 33, 41]
+    ours = resample_in_plane(data, new_shape, is_seg=False, order=3)
+    ref = resample_data_or_seg(data, new_shape, is_seg=False, axis=0, order=3, do_separate_z=True, order_z=0)
+    assert ours.dtype == np.float32 and ours.shape == (2, *new_shape)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+    assert np.abs(ours[:, :, ::2, ::2]).mean() > 0.1  # not zeros
+    ours = resample_in_plane(seg, new_shape, is_seg=True, order=1)
+    ref = resample_data_or_seg(seg, new_shape, is_seg=True, axis=0, order=1, do_separate_z=True, order_z=0)
+    assert ours.dtype == np.int8
+    np.testing.assert_array_equal(ours, ref)
+    assert set(np.unique(ours)) == {0, 1, 2}

@@ -202,12 +202,16 @@ def test_bench_scaling_quick_run(tmp_path):
     out = tmp_path / "scaling.json"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_scaling.py"), "--quick", "--cases", "3", "6", "--volumes", "24", "32x32x40",
                            "--patches", "32", "48", "--repeats", "2", "--train-iters", "1", "--workers", "1", "--workdir", str(tmp_path / "w"),
+                           "--spacing-factor", "1.5",
                            "--plot", str(tmp_path / "scaling.png"), "--json", str(out)],
                           capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [r["cases"] for r in result["datasets"]] == [3, 6] and all(r["wall_s"] > 0 and r["peak_rss_mb"] > 0 for r in result["datasets"])
     assert [r["shape"] for r in result["volumes"]] == ["24x24x24", "32x32x40"]
+    # predict's own time and its exact peak above the loaded model, on volumes it resamples (1.5 x the plan's spacing)
+    assert all(r["case_s"] > 0 and r["peak_above_model_mb"] > 0 and r["model_loaded_mb"] > 100 for r in result["volumes"])
+    assert all(r["spacing_factor"] == 1.5 for r in result["volumes"])
     assert [r["patch"] for r in result["patches"]] == [32, 48] and all(r["step_s"] > 0 for r in result["patches"])
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
     assert done.stdout.count("least-squares line:") == 3

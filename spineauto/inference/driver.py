@@ -34,7 +34,7 @@ from spineauto.inference.export import (check_writable, error_message, failures_
 from spineauto.inference.model import TrainedModel
 from spineauto.inference.postprocessing import apply_postprocessing, keep_cord_component, superior_axis
 from spineauto.inference.predictor import run_networks
-from spineauto.inference.restore import restore_labels, restore_probabilities
+from spineauto.inference.restore import Restoration
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,14 @@ class CaseInference:
 def infer(model: TrainedModel, layout: np.ndarray, props: dict, case: str, tta: bool = True, batch_slices: int | None = None,
           probabilities: bool = False) -> CaseInference:
     """Run the networks once over a preprocessed case and restore what the configuration outputs."""
-    out = run_networks(model.networks, layout, model.plan, model.device, tta=tta, batch_slices=batch_slices)
+    restoration = Restoration(props, probabilities) if model.plan.has_segmentation else None  # fed slab by slab
+    out = run_networks(model.networks, layout, model.plan, model.device, tta=tta, batch_slices=batch_slices,
+                       seg_sink=restoration.add if restoration else None)
     result = CaseInference(None, None, None)
-    if out.seg is not None:
-        result.labels = apply_postprocessing(restore_labels(out.seg, props), model.postprocessing, np.asarray(props["geometry"]["affine"], float))
+    if restoration is not None:
+        result.labels = apply_postprocessing(restoration.labels(), model.postprocessing, np.asarray(props["geometry"]["affine"], float))
         if probabilities:
-            result.probabilities = restore_probabilities(out.seg, props)
+            result.probabilities = restoration.probabilities()
     if out.cls is not None:
         classes = {h.name: list(h.classes) for h in model.plan.heads}
         result.classification = CaseClassification(case=case, probabilities={h: aggregate_slices(out.cls[h]) for h in classes},

@@ -20,7 +20,7 @@ import itertools
 import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,10 @@ from spineauto.planning.plans import ConfigurationPlan
 
 log = logging.getLogger(__name__)
 STEP_SIZE = 0.5  # tile overlap, as nnU-Net (segmentation and classification windows alike)
-TILE_PIXELS_PER_BATCH = {"cuda": 2 ** 22, "cpu": 2 ** 19}  # batch size = this / patch pixels
+# tiles per forward pass = this / patch pixels. CPU: 8 tiles of 80x96 (the phantom plan, 256x256x40 volume,
+# TTA off, 2 cores): 31 s and 186 MB above the loaded model at its peak; 68 tiles (2 ** 19): 37 s and 753 MB
+TILE_PIXELS_PER_BATCH = {"cuda": 2 ** 22, "cpu": 2 ** 16}
+SLAB_PIXELS = 2 ** 22  # padded slice pixels run (and held as probabilities) at a time
 
 
 def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -79,51 +82,100 @@ class NetworkOutput:
 
 
 def run_networks(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: ConfigurationPlan, device: torch.device,
-                 tta: bool = True, batch_slices: int | None = None, amp: bool = True) -> NetworkOutput:
+                 tta: bool = True, batch_slices: int | None = None, amp: bool = True,
+                 seg_sink: Callable[[int, torch.Tensor], None] | None = None) -> NetworkOutput:
     """One sliding-window pass over a preprocessed case (C, S, H, W): segmentation probabilities
     and/or slice probabilities per classification head, as the plan's task has them.
 
     Averaged over ``networks`` (folds, on ``device``) and, with ``tta``, over all mirror
     combinations. ``batch_slices``: tiles per forward pass (default from the patch size and device).
     ``amp``: float16 autocast on CUDA.
+
+    The case runs in slabs of whole slices (about ``SLAB_PIXELS`` padded pixels each): one slab at a
+    time is padded and accumulated. With ``seg_sink``, each finished slab's probabilities
+    ``(K, n, H, W)`` go to ``seg_sink(first_slice, probabilities)`` and are not kept, so the memory
+    the pass needs does not grow with the number of slices (``NetworkOutput.seg`` is then None);
+    without it they are joined into the whole case's.
     """
-    from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
     if not networks:
         raise ValueError("run_networks needs at least one network")
-    want_seg, want_cls = plan.has_segmentation, plan.has_classification
     patch = tuple(int(p) for p in plan.patch_size)
     device = torch.device(device)
-    batch = batch_slices or default_batch(patch, device)
     mirrors = [()] + (mirror_combinations(plan.augmentation.mirror_axes) if tta else [])
-    autocast = torch.autocast("cuda", dtype=torch.float16) if (amp and device.type == "cuda") else nullcontext()
-
+    height, width = (max(s, p) for s, p in zip(data.shape[2:], patch))  # the padded slice
+    steps = compute_steps_for_sliding_window((height, width), patch, STEP_SIZE)
+    tiles = _TilePass(list(networks), plan, patch, list(itertools.product(steps[0], steps[1])), batch_slices or default_batch(patch, device),
+                      mirrors, 1.0 / (len(networks) * len(mirrors)),
+                      torch.autocast("cuda", dtype=torch.float16) if (amp and device.type == "cuda") else nullcontext())
+    per_slab = max(1, SLAB_PIXELS // (height * width))
+    slabs: list[torch.Tensor] = []
+    heads: dict[str, list[torch.Tensor]] = {}
     with torch.inference_mode(), eval_mode(networks):
-        x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(device)
-        x, slicer = pad_nd_image(x, patch, "constant", {"value": 0}, True)  # centred, as the training sampler pads
-        _, n_slices, height, width = x.shape
-        steps = compute_steps_for_sliding_window((height, width), patch, STEP_SIZE)
-        offsets = list(itertools.product(steps[0], steps[1]))
-        tiles = [(s, y, z) for s in range(n_slices) for y, z in offsets]
-        scale = 1.0 / (len(networks) * len(mirrors))
-        acc = weight = gauss = None
-        if want_seg:
-            gauss = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=device, dtype=torch.float32)
+        weight = None
+        if plan.has_segmentation:
+            tiles.gauss = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=device, dtype=torch.float32)
             weight = torch.zeros((height, width), device=device)
-            for y, z in offsets:
-                weight[y:y + patch[0], z:z + patch[1]] += gauss
-        cls_sum: dict[str, torch.Tensor] = {}
-        for start in range(0, len(tiles), batch):
-            chunk = tiles[start:start + batch]
-            xb = torch.stack([x[:, s, y:y + patch[0], z:z + patch[1]] for s, y, z in chunk])
+            for y, z in tiles.offsets:
+                weight[y:y + patch[0], z:z + patch[1]] += tiles.gauss
+        for first in range(0, data.shape[1], per_slab):
+            x, crop = _padded_slab(data[:, first:first + per_slab], patch, device)
+            acc, slab_heads = tiles(x)
+            for head, p in slab_heads.items():
+                heads.setdefault(head, []).append(p)
+            if acc is not None:
+                probs = acc.div_(weight)[(slice(None), slice(None), *crop)]
+                if seg_sink is not None:
+                    seg_sink(first, probs)
+                else:
+                    slabs.append(probs)
+        seg = (slabs[0] if len(slabs) == 1 else torch.cat(slabs, dim=1)) if slabs else None
+        cls = {h: (torch.cat(v) / len(tiles.offsets)).float().cpu().numpy() for h, v in heads.items()} if plan.has_classification else None
+    return NetworkOutput(seg=seg, cls=cls)
+
+
+def _padded_slab(part: np.ndarray, patch: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """(C, n, h, w) -> float32 on ``device``, zero-padded (centred) in-plane to at least ``patch``, and the in-plane crop back."""
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+
+    x = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32)).to(device)
+    x, slicer = pad_nd_image(x, patch, "constant", {"value": 0}, True)  # centred, as the training sampler pads
+    return x, tuple(slicer[2:])
+
+
+@dataclass
+class _TilePass:
+    """Every tile of a padded slab through every network and mirror, ``batch`` tiles at a time."""
+
+    networks: list[torch.nn.Module]
+    plan: ConfigurationPlan
+    patch: tuple[int, ...]
+    offsets: list[tuple[int, int]]  # in-plane tile corners, the same for every slice
+    batch: int
+    mirrors: list[tuple[int, ...]]
+    scale: float  # 1 / (networks x mirrors)
+    autocast: Any
+    gauss: torch.Tensor | None = None  # the importance map (segmentation)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(C, n, H, W) -> the Gaussian-weighted probability sum (K, n, H, W) (None without segmentation)
+        and, per classification head, the sum of its tiles' probabilities per slice (n, K)."""
+        ph, pw = self.patch
+        want_seg, want_cls = self.plan.has_segmentation, self.plan.has_classification
+        n = x.shape[1]
+        tiles = [(s, y, z) for s in range(n) for y, z in self.offsets]
+        acc, cls_sum = None, {}
+        for start in range(0, len(tiles), self.batch):
+            chunk = tiles[start:start + self.batch]
+            xb = torch.stack([x[:, s, y:y + ph, z:z + pw] for s, y, z in chunk])
             probs, heads = None, {}
-            for net in networks:
-                for dims in mirrors:
-                    with autocast:
+            for net in self.networks:
+                for dims in self.mirrors:
+                    with self.autocast:
                         out = net(torch.flip(xb, dims) if dims else xb)
                     if want_seg:
-                        p = seg_probabilities(_seg_logits(out), plan.network.output_activation)  # softmax, or sigmoid (> 0.5)
+                        p = seg_probabilities(_seg_logits(out), self.plan.network.output_activation)  # softmax, or sigmoid (> 0.5)
                         if dims:
                             p = torch.flip(p, dims)
                         probs = p if probs is None else probs.add_(p)
@@ -132,26 +184,21 @@ def run_networks(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: Co
                             p = torch.softmax(logits.float(), dim=1)
                             heads[head] = p if head not in heads else heads[head].add_(p)
             if want_seg:
-                probs.mul_(scale).mul_(gauss)
+                probs.mul_(self.scale).mul_(self.gauss)
                 if acc is None:
-                    acc = torch.zeros((probs.shape[1], n_slices, height, width), device=device)
-                if len(offsets) == 1:  # one tile per slice: a single strided add
-                    first = chunk[0][0]
-                    acc[:, first:first + len(chunk)] += probs.transpose(0, 1)
+                    acc = torch.zeros((probs.shape[1], n, *x.shape[2:]), device=x.device)
+                if len(self.offsets) == 1:  # one tile per slice: a single strided add
+                    s0 = chunk[0][0]
+                    acc[:, s0:s0 + len(chunk)] += probs.transpose(0, 1)
                 else:
                     for i, (s, y, z) in enumerate(chunk):
-                        acc[:, s, y:y + patch[0], z:z + patch[1]] += probs[i]
+                        acc[:, s, y:y + ph, z:z + pw] += probs[i]
+            index = torch.tensor([s for s, _, _ in chunk], device=x.device)
             for head, p in heads.items():
                 if head not in cls_sum:
-                    cls_sum[head] = torch.zeros((n_slices, p.shape[1]), dtype=torch.float64, device=device)
-                index = torch.tensor([s for s, _, _ in chunk], device=device)
-                cls_sum[head].index_add_(0, index, p.double() * scale)
-        seg = None
-        if want_seg:
-            acc /= weight
-            seg = acc[(slice(None), *slicer[1:])]
-        cls = {h: (v / len(offsets)).float().cpu().numpy() for h, v in cls_sum.items()} if want_cls else None
-    return NetworkOutput(seg=seg, cls=cls)
+                    cls_sum[head] = torch.zeros((n, p.shape[1]), dtype=torch.float64, device=x.device)
+                cls_sum[head].index_add_(0, index, p.double() * self.scale)
+        return acc, cls_sum
 
 
 def predict_layout(networks: list[torch.nn.Module], data: np.ndarray, plan: ConfigurationPlan, device: torch.device,

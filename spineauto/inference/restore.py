@@ -3,8 +3,10 @@
 The inverse of :func:`spineauto.preprocessing.preprocess.preprocess_array`, done without the memory
 blow-up nnU-Net users report (its issue #2912: every channel of the whole volume resampled at once in
 float64): slices are resampled in-plane in small chunks with bilinear interpolation on the device the
-probabilities already live on, argmax is taken per chunk, and only uint8 labels are kept. Full
-probabilities in the input grid are built only when asked (``--save-probabilities``).
+probabilities already live on, argmax is taken per chunk, and only uint8 labels are kept. The
+probabilities can arrive slab by slab as the networks finish them (:class:`Restoration`), so a
+case's whole probability volume never exists. Full probabilities in the input grid are built only
+when asked (``--save-probabilities``).
 A stored label map (a preprocessed training case's reference) goes back the same way, as one-hot
 probabilities (:func:`restore_label_map`).
 """
@@ -30,31 +32,48 @@ def _chunks(probs: torch.Tensor, cropped: list[int]):
         yield s0, part
 
 
+class Restoration:
+    """Probabilities at the target spacing, given slab by slab (:func:`spineauto.inference.predictor.run_networks`'s
+    ``seg_sink``) -> uint8 labels, and with ``probabilities`` the probabilities too, in the input's grid."""
+
+    def __init__(self, props: dict, probabilities: bool = False, dtype=np.float32):
+        self.geom = CaseGeometry.from_dict(props["geometry"])
+        self.cropped = list(props["cropped_shape"])
+        self._labels = np.zeros(self.geom.layout_shape, dtype=np.uint8)
+        self._probs: np.ndarray | None = None
+        self.keep_probabilities, self.dtype = probabilities, dtype
+
+    def add(self, first: int, probs: torch.Tensor) -> None:
+        """(K, n, h, w) probabilities of the preprocessed slices ``first`` .. ``first + n``."""
+        (s0_, _), (h0, h1), (w0, w1) = self.geom.bbox
+        with torch.inference_mode():
+            for s0, part in _chunks(probs, self.cropped):
+                at = s0_ + first + s0
+                lab = part.argmax(1).to(torch.uint8).cpu().numpy()
+                self._labels[at:at + lab.shape[0], h0:h1, w0:w1] = lab
+                if self.keep_probabilities:
+                    if self._probs is None:  # background is 1 outside the crop
+                        self._probs = np.zeros((part.shape[1], *self.geom.layout_shape), dtype=self.dtype)
+                        self._probs[0] = 1
+                    arr = part.transpose(0, 1).cpu().numpy()
+                    self._probs[:, at:at + arr.shape[1], h0:h1, w0:w1] = arr
+
+    def labels(self) -> np.ndarray:
+        """uint8 (X, Y, Z) in the input's voxel grid."""
+        return self.geom.from_layout(self._labels[None])[0]
+
+    def probabilities(self) -> np.ndarray:
+        """(K, X, Y, Z) in the input's grid (``probabilities=True``)."""
+        if self._probs is None:
+            raise ValueError("Restoration: probabilities were not kept (probabilities=False) or none were added")
+        return self.geom.from_layout(self._probs)
+
+
 def restore_labels(probs: torch.Tensor, props: dict) -> np.ndarray:
-    """(K, S, h, w) probabilities -> uint8 labels (X, Y, Z) in the input's voxel grid."""
-    geom = CaseGeometry.from_dict(props["geometry"])
-    cropped = list(props["cropped_shape"])
-    labels = np.zeros(geom.layout_shape, dtype=np.uint8)
-    (s0_, s1_), (h0, h1), (w0, w1) = geom.bbox
-    with torch.inference_mode():
-        for s0, part in _chunks(probs, cropped):
-            lab = part.argmax(1).to(torch.uint8).cpu().numpy()
-            labels[s0_ + s0:s0_ + s0 + lab.shape[0], h0:h1, w0:w1] = lab
-    return geom.from_layout(labels[None])[0]
-
-
-def restore_probabilities(probs: torch.Tensor, props: dict, dtype=np.float32) -> np.ndarray:
-    """(K, S, h, w) probabilities -> (K, X, Y, Z) in the input's grid; background is 1 outside the crop."""
-    geom = CaseGeometry.from_dict(props["geometry"])
-    cropped = list(props["cropped_shape"])
-    full = np.zeros((probs.shape[0], *geom.layout_shape), dtype=dtype)
-    full[0] = 1
-    (s0_, _), (h0, h1), (w0, w1) = geom.bbox
-    with torch.inference_mode():
-        for s0, part in _chunks(probs, cropped):
-            arr = part.transpose(0, 1).cpu().numpy()
-            full[:, s0_ + s0:s0_ + s0 + arr.shape[1], h0:h1, w0:w1] = arr
-    return geom.from_layout(full)
+    """(K, S, h, w) probabilities of a whole case -> uint8 labels (X, Y, Z) in the input's voxel grid."""
+    restoration = Restoration(props)
+    restoration.add(0, probs)
+    return restoration.labels()
 
 
 def restore_label_map(seg: np.ndarray, props: dict) -> np.ndarray:

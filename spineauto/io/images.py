@@ -59,7 +59,7 @@ def read_channels(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
             if problem:
                 raise SpineautoError(f"{p}: channel grid differs from {paths[0].name}: {problem}")
         arrays.append(data)
-    return np.stack(arrays), affine
+    return (arrays[0][None] if len(arrays) == 1 else np.stack(arrays)), affine  # one channel: no copy
 
 
 def grid_mismatch(shape_a, affine_a, shape_b, affine_b) -> str | None:

@@ -81,14 +81,29 @@ def preprocess_array(data: np.ndarray, affine: np.ndarray, plan: ConfigurationPl
     cropped_shape = list(data.shape[1:])
     new_shape = [cropped_shape[0]] + [max(1, int(round(s * sp / t))) for s, sp, t in zip(cropped_shape[1:], spacing[1:], plan.target_spacing)]
     if new_shape != cropped_shape:
-        data = resample_data_or_seg(data, new_shape, is_seg=False, axis=0, order=3, do_separate_z=True, order_z=0)
+        data = resample_in_plane(data, new_shape, is_seg=False, order=3)
         if seg is not None:
-            seg_c = resample_data_or_seg(seg_c, new_shape, is_seg=True, axis=0, order=1, do_separate_z=True, order_z=0)
+            seg_c = resample_in_plane(seg_c, new_shape, is_seg=True, order=1)
     props = {"geometry": geom.to_dict(), "spacing": spacing, "cropped_shape": cropped_shape, "shape": new_shape}
     out_seg = None
     if seg is not None:
         out_seg = np.where(seg_c < 0, 0, seg_c).astype(np.int8)
-    return data.astype(np.float32), out_seg, props
+    return data.astype(np.float32, copy=False), out_seg, props
+
+
+RESAMPLE_SLAB = 8  # slices resampled at a time (nnunetv2 works in float64: 8 x a slice x 8 bytes, in and out)
+
+
+def resample_in_plane(data: np.ndarray, new_shape: list[int], is_seg: bool, order: int) -> np.ndarray:
+    """(C, S, h, w) -> (C, S, H, W) (``new_shape`` keeps S): nnunetv2's per-slice resampling, run on
+    ``RESAMPLE_SLAB`` slices at a time into a result of the input's dtype. The same values as one
+    call on the whole case, whose float64 copies of the case would grow with it."""
+    out = np.empty((data.shape[0], *new_shape), dtype=data.dtype)
+    for s in range(0, data.shape[1], RESAMPLE_SLAB):
+        part = data[:, s:s + RESAMPLE_SLAB]
+        out[:, s:s + part.shape[1]] = resample_data_or_seg(part, [part.shape[1], *new_shape[1:]], is_seg=is_seg, axis=0, order=order,
+                                                          do_separate_z=True, order_z=0)
+    return out
 
 
 def roi_box(mask: np.ndarray, spacing: list[float], margin_mm: float, jitter_mm: float = 0.0,
