@@ -93,6 +93,23 @@ def test_of_two_long_tubes_the_cord_component_is_the_one_on_the_midline():
     np.testing.assert_array_equal(keep_cord_component(seg, 1, affine), out)
 
 
+@pytest.mark.parametrize("sagittal", [False, True])
+def test_cord_component_read_in_chunks_of_levels_gives_the_same_mask(sagittal, monkeypatch):
+    """The cross-section statistics read a few levels at a time (memory bounded by the chunk) pick the
+    same component as in one read: the tube among a crowd of noise islands, S-I on either array axis."""
+    from spineauto.inference import postprocessing
+
+    seg, affine = _tube_and_blob(sagittal)
+    rng = np.random.default_rng(3)
+    seg = np.where(rng.random(seg.shape) < 0.08, 1, seg).astype(np.uint8)  # islands everywhere
+    whole = keep_cord_component(seg, 1, affine)
+    assert 0 < whole.sum() < seg.sum()
+    monkeypatch.setattr(postprocessing, "CHUNK_VOXELS", 2 * seg.size // seg.shape[superior_axis(affine)])  # 2 levels a chunk
+    np.testing.assert_array_equal(keep_cord_component(seg, 1, affine), whole)
+    monkeypatch.setattr(postprocessing, "CHUNK_VOXELS", 1)  # one level a chunk
+    np.testing.assert_array_equal(keep_cord_component(seg, 1, affine), whole)
+
+
 def test_cord_component_leaves_other_labels_and_single_components_alone():
     seg, affine = _tube_and_blob(False)
     seg[30:32, 30:32, 0:2] = 2

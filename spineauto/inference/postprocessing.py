@@ -74,28 +74,13 @@ def keep_cord_component(seg: np.ndarray, label: int, affine: np.ndarray) -> np.n
     if n <= 1:
         return seg
     affine = np.asarray(affine, dtype=float)
-    axis = superior_axis(affine)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    where = np.nonzero(comps)
-    lab, level = comps[where].astype(np.int64), where[axis].astype(np.int64)
-    key = lab * seg.shape[axis] + level
-    size = (n + 1) * seg.shape[axis]
-    count = np.bincount(key, minlength=size).astype(float)
-    var = np.zeros(size)
-    for a in (a for a in range(3) if a != axis):
-        x = where[a] * spacing[a]
-        mean = np.bincount(key, x, minlength=size) / np.maximum(count, 1)
-        var += np.bincount(key, x * x, minlength=size) / np.maximum(count, 1) - mean**2
-    present = (count > 0).reshape(n + 1, -1)
-    levels = present.sum(axis=1)
-    radius = np.where(present, np.sqrt(np.maximum(var, 0)).reshape(n + 1, -1), 0).sum(axis=1) / np.maximum(levels, 1)
+    levels, radius, voxels, coords = _cross_sections(comps, n, superior_axis(affine), np.linalg.norm(affine[:3, :3], axis=0))
     tube = radius <= MAX_CORD_RADIUS_MM
     tube[0] = False
     if not tube.any():
         tube[1:] = True
     candidates = tube & (levels >= LONG_FRACTION * levels[tube].max())
-    voxels = np.bincount(lab, minlength=n + 1).astype(float)
-    centroid = np.stack([np.bincount(lab, where[a], minlength=n + 1) for a in range(3)], axis=1) / np.maximum(voxels, 1)[:, None]
+    centroid = coords / np.maximum(voxels, 1)[:, None]
     world = centroid @ affine[:3, :3].T + affine[:3, 3]
     centre = affine[:3, :3] @ ((np.array(seg.shape[:3]) - 1) / 2.0) + affine[:3, 3]
     offset = MIDLINE_WEIGHT * np.abs(world[:, 0] - centre[0]) + np.abs(world[:, 1] - centre[1])
@@ -103,6 +88,38 @@ def keep_cord_component(seg: np.ndarray, label: int, affine: np.ndarray) -> np.n
     out = seg.copy()
     out[mask & (comps != best)] = 0
     return out
+
+
+CHUNK_VOXELS = 2 ** 22  # voxels of the component map read at a time by _cross_sections
+
+
+def _cross_sections(comps: np.ndarray, n: int, axis: int, spacing: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per component 0..n of a label map: the levels along ``axis`` it crosses, the mean over them of
+    its cross-section's RMS radius (mm), its voxel count and its voxel-coordinate sums (n + 1, 3).
+    Read a chunk of levels at a time (a cross-section lies in one level), so memory follows the chunk."""
+    n_levels = comps.shape[axis]
+    per = max(1, CHUNK_VOXELS // max(1, comps.size // n_levels))
+    levels, radius_sum, voxels, coords = np.zeros(n + 1), np.zeros(n + 1), np.zeros(n + 1), np.zeros((n + 1, 3))
+    for l0 in range(0, n_levels, per):
+        index = [slice(None)] * 3
+        index[axis] = slice(l0, l0 + per)
+        part = comps[tuple(index)]
+        where = np.nonzero(part)
+        if not where[0].size:
+            continue
+        lab = part[where].astype(np.int64)
+        cells, cell_of, count = np.unique(lab * n_levels + where[axis], return_inverse=True, return_counts=True)
+        var = np.zeros(len(cells))
+        for a in (a for a in range(3) if a != axis):
+            x = where[a] * spacing[a]
+            var += np.bincount(cell_of, x * x) / count - (np.bincount(cell_of, x) / count) ** 2
+        owner = cells // n_levels
+        levels += np.bincount(owner, minlength=n + 1)
+        radius_sum += np.bincount(owner, np.sqrt(np.maximum(var, 0)), minlength=n + 1)
+        voxels += np.bincount(lab, minlength=n + 1)
+        for a in range(3):
+            coords[:, a] += np.bincount(lab, where[a] + (l0 if a == axis else 0), minlength=n + 1)
+    return levels, radius_sum / np.maximum(levels, 1), voxels, coords
 
 
 def apply_postprocessing(seg: np.ndarray, postprocessing: dict, affine: np.ndarray | None = None) -> np.ndarray:

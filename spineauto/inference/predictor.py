@@ -12,7 +12,10 @@ augmentation over ``plan.augmentation.mirror_axes``) together, once; from that o
 - classification heads: each tile's softmax, averaged over the slice's tiles, giving ``(S, K)``
   slice probabilities per head (each slice seen as in training: patch-sized windows).
 
-Networks (folds) and mirrors are averaged for both.
+Networks (folds) and mirrors are averaged for both. The case runs in slabs of whole slices, so a
+caller that takes the probabilities slab by slab (the case driver restores each into the mask at
+once) never holds a whole case's probabilities: beyond the case itself, memory is bounded by the
+slab and the tile batch, whatever the number of slices.
 """
 from __future__ import annotations
 
