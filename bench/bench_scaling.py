@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="script check: 4 and 8 cases, 32^3 and 48^3 volumes, patches 32 and 64 (unless given)")
     ap.add_argument("--spacing-factor", type=float, default=1.0,
                     help="volumes at this x the plan's in-plane spacing (not 1: preprocessing resamples them)")
+    ap.add_argument("--from-json", type=Path, nargs="+", metavar="JSON",
+                    help="measure nothing: print the tables and draw the plot of earlier --json results, a part taken from the last file that has it")
     ap.add_argument("--predict-one", nargs=3, type=Path, metavar=("MODEL", "SRC", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=2, help="training batch for the patch-size part")
     ap.add_argument("--repeats", type=int, default=5, help="timed training steps per patch size")
@@ -301,6 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.predict_one:
         predict_one(*args.predict_one)
+        return 0
+    if args.from_json:
+        result = {}
+        for path in args.from_json:
+            result.update({k: v for k, v in json.loads(path.read_text()).items() if v or k not in result})
+        print(tables(result))
+        plot(result, args.plot)
+        print(f"plot: {args.plot}")
         return 0
     quick = {"cases": [4, 8], "volumes": [(32, 32, 32), (48, 48, 48)], "patches": [32, 64]}
     full = {"cases": [10, 100], "volumes": [(64, 64, 64), (96, 96, 64), (128, 128, 64), (128, 128, 128)], "patches": [32, 64, 128, 256]}

@@ -13,6 +13,10 @@ spineauto through ``spineauto train --no-validate``; both fold ``all``, same dev
    (training and validation iterations, checkpoints, plots: the same for both; spineauto's
    metrics.jsonl, nnU-Net's checkpoint logging timestamps), the warm-up epoch 0 left out. Peak RSS / RssAnon of the whole process tree (bench/common.py)
    and peak GPU memory (nvidia-smi) of that run.
+   The compute floor: the same network's forward, deep-supervised Dice+CE loss, backward, gradient
+   clipping and SGD step alone, on a batch already in memory (``--floor-steps`` timed steps, in this
+   process, torch's default threads): no data loading, augmentation or logging. No trainer of this
+   network at this precision can pass it, so floor / nnU-Net is the most any trainer can gain here.
 2. Equal wall-clock budget: each tool gets ``--budget`` seconds of training at its own measured
    throughput (epochs = budget x samples/s / samples per epoch, so each schedule runs to its end),
    then predicts the held-out cases with its own CLI (no mirroring for either); cord Dice of each.
@@ -28,6 +32,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,6 +86,47 @@ def train(tool: str, work: Path, env: dict, dev: str, epochs: int, iters: int, t
             "peak_gpu_mb": gpu.peak if gpu.available else None, "processes": run.max_processes}
 
 
+def compute_floor(plans_json: Path, batch: int, steps: int) -> dict:
+    """samples/s of the planned 2d network's training step alone, on an in-memory batch (median of ``steps``)."""
+    import torch
+
+    from spineauto.networks.build import build_network
+    from spineauto.planning.plans import Plans
+    from spineauto.training.losses import build_segmentation_loss
+    from spineauto.training.optim import build_optimizer
+
+    plans = Plans.load(plans_json)
+    plan = plans.configurations["2d"]
+    torch.manual_seed(0)
+    net = build_network(plan, len(plans.channel_names), plans.num_classes)
+    loss_fn = build_segmentation_loss(plans, plan, False)
+    opt = build_optimizer(net.parameters(), plan.optim)
+    x = torch.randn(batch, len(plans.channel_names), *plan.patch_size)
+    y = torch.randint(0, plans.num_classes, (batch, 1, *plan.patch_size))
+
+    def step() -> None:
+        loss = loss_fn(net(x)["seg"], y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), plan.optim.grad_clip)
+        opt.step()
+
+    times = []
+    for i in range(steps + 3):  # 3 warm-up steps
+        t0 = time.perf_counter()
+        step()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:  # where a step's time goes
+        for _ in range(3):
+            step()
+    ops = prof.key_averages()
+    conv = sum(e.self_cpu_time_total for e in ops if "convolution" in e.key) / max(1e-9, sum(e.self_cpu_time_total for e in ops))
+    median = statistics.median(times)
+    return {"step_s": median, "samples_per_s": batch / median, "spread_s": [min(times), max(times)], "steps": steps,
+            "convolution_share": conv}
+
+
 def predict_dice(tool: str, work: Path, run: dict, dev: str, test: list[str]) -> float:
     out = work / f"pred_{tool.replace(' --', '_')}"
     shutil.rmtree(out, ignore_errors=True)
@@ -97,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tp-epochs", type=int, default=5, help="epochs of the throughput runs (the first is warm-up, the last has no end mark)")
     ap.add_argument("--iters", type=int, default=50, help="iterations per epoch (both tools)")
     ap.add_argument("--budget", type=float, default=600.0, help="training seconds each tool gets for the Dice comparison (0: skip)")
+    ap.add_argument("--floor-steps", type=int, default=20, help="timed steps of the compute floor (0: skip; CPU only)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--test", nargs="*", default=list(TEST_CASES), help="held-out cases (not trained on)")
     ap.add_argument("--workers", type=int, default=2, help="worker processes for planning/preprocessing")
@@ -141,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         info["tools"][tool] = r
     t = info["tools"]
     ratio = t["spineauto"]["samples_per_s"] / t["nnunet"]["samples_per_s"]
+    if args.floor_steps > 0 and dev == "cpu":
+        info["floor"] = compute_floor(work / "sa_preprocessed" / DATASET / "plans.json", matched["batch_size"], args.floor_steps)
     if args.budget > 0:
         for tool in tools:
             epochs = max(1, round(args.budget * t[tool]["samples_per_s"] / per_epoch))
@@ -156,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nspineauto / nnU-Net training throughput: {ratio:.2f}x (device {dev}, patch {matched['patch_size']}, "
           f"batch {matched['batch_size']}, features {matched['features_per_stage']}, {args.iters} iterations/epoch, "
           f"nnU-Net OMP_WAIT_POLICY {info['nnunet_omp_wait_policy']})")
+    if "floor" in info:
+        f = info["floor"]
+        share = {tool: r["samples_per_s"] / f["samples_per_s"] for tool, r in t.items()}
+        print(f"compute floor (the network's step alone, in memory): {f['samples_per_s']:.1f} samples/s, {1000 * f['step_s']:.0f} ms/step "
+              f"(min-max {1000 * f['spread_s'][0]:.0f}-{1000 * f['spread_s'][1]:.0f}; {100 * f['convolution_share']:.0f}% of it in convolutions); "
+              + ", ".join(f"{tool} runs at {100 * v:.0f}% of it" for tool, v in share.items())
+              + f"; no trainer at this precision can exceed {f['samples_per_s'] / t['nnunet']['samples_per_s']:.2f}x nnU-Net here")
     print(f"command: {info['command']}")
     info["throughput_ratio"] = ratio
     if args.classification:

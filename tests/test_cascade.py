@@ -97,6 +97,25 @@ def test_roi_crop_is_the_box_plus_margin_and_restores_to_the_input_grid(plans):
     np.testing.assert_array_equal(restored, np.where(box, labels, 0))
 
 
+@pytest.mark.parametrize("slice_axis", [0, 2])
+def test_preprocessing_normalises_its_own_copy_never_the_callers_array(plans, slice_axis):
+    """Slices along the first axis in RAS order: the layout is the input itself (no copy), so the
+    normalised array must be a copy; along the last axis the layout is already a reoriented copy,
+    normalised in place. Either way the caller's array is left as it was."""
+    from spineauto.preprocessing.preprocess import preprocess_array
+
+    cfg = copy.deepcopy(plans.configuration("2d"))
+    cfg.normalization, cfg.use_mask_for_norm = ["ZScoreNormalization"], [False]
+    cfg.target_spacing = [0.8, 0.8]
+    spacing = [0.8, 0.8, 0.8]
+    spacing[slice_axis] = 3.0
+    image = np.random.default_rng(0).normal(100.0, 10.0, size=(1, 12, 16, 20)).astype(np.float32)
+    before = image.copy()
+    data, _, props = preprocess_array(image, np.diag([*spacing, 1.0]), cfg, plans.intensity)
+    np.testing.assert_array_equal(image, before)
+    assert data.shape[1] == image.shape[1 + slice_axis] and abs(float(data.mean())) < 0.05 and abs(float(data.std()) - 1) < 0.05
+
+
 def test_roi_errors_name_the_case(plans):
     from spineauto.errors import SpineautoError
     from spineauto.preprocessing.preprocess import preprocess_array

@@ -63,7 +63,9 @@ def preprocess_array(data: np.ndarray, affine: np.ndarray, plan: ConfigurationPl
     box = None
     if plan.roi is not None:
         box = _roi_layout_box(geom, plan, roi, data.shape[1:], jitter_seed, name)
-    data = geom.to_layout(data)
+    source, data = data, geom.to_layout(data)
+    owned = not np.may_share_memory(data, source)  # to_layout copied it: normalise that copy in place, no second copy
+    del source
     seg_l = geom.to_layout(seg[None]).astype(np.int8) if seg is not None else None
     data, seg_c, bbox = crop_to_nonzero(data, seg_l)
     if box is not None:
@@ -73,7 +75,7 @@ def preprocess_array(data: np.ndarray, affine: np.ndarray, plan: ConfigurationPl
         inside = (slice(None),) + tuple(slice(lo - c, hi - c) for (lo, hi), (c, _) in zip(inner, bbox))
         data, seg_c, bbox = data[inside], seg_c[inside], inner
     geom.bbox = [[int(a), int(b)] for a, b in bbox]
-    data = data.astype(np.float32)
+    data = data.astype(np.float32, copy=not owned)  # never the caller's array
     for c in range(data.shape[0]):
         norm = _normalizer(plan.normalization[c], plan.use_mask_for_norm[c], intensity[c] if intensity else None)
         data[c] = norm.run(data[c], seg_c[0])
