@@ -185,6 +185,16 @@ def test_slice_probabilities_average_windows_and_folds():
     steps_mean = np.mean([1 / (1 + np.exp(-v)) for v in (1.0, 0.5, 0.0)])  # windows fully, half, not inside the bright part
     assert cls.shape == (3, 2) and cls[:, 0] == pytest.approx([steps_mean] * 3, abs=1e-5)
     assert one.windows == 3 * 2 * 3  # 3 slices x 2 x 3 windows
+    # run a slice at a time (slabs of one slice): the same slice probabilities, in slice order
+    from spineauto.inference import predictor
+
+    big[0, 1] *= 2  # slice 1 differs from the others
+    whole = run_networks([one], big, plan, "cpu", tta=False).cls["view"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(predictor, "SLAB_PIXELS", 40 * 64)
+        sliced = run_networks([one], big, plan, "cpu", tta=False, batch_slices=4).cls["view"]
+    np.testing.assert_allclose(sliced, whole, atol=1e-6)
+    assert whole[1, 0] > whole[0, 0] + 0.05 and whole[0, 0] == pytest.approx(whole[2, 0], abs=1e-6)
 
 
 def test_multitask_runs_each_window_through_the_networks_once():

@@ -196,7 +196,8 @@ class _TilePass:
                 else:
                     for i, (s, y, z) in enumerate(chunk):
                         acc[:, s, y:y + ph, z:z + pw] += probs[i]
-            index = torch.tensor([s for s, _, _ in chunk], device=x.device)
+            if heads:
+                index = torch.tensor([s for s, _, _ in chunk], device=x.device)
             for head, p in heads.items():
                 if head not in cls_sum:
                     cls_sum[head] = torch.zeros((n, p.shape[1]), dtype=torch.float64, device=x.device)
