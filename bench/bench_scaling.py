@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, default=Path("bench_scaling.png"), help="PNG to write")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
+    if args.spacing_factor <= 0:
+        ap.error(f"--spacing-factor {args.spacing_factor}: give a positive factor (1: the plan's spacing)")
     if args.predict_one:
         predict_one(*args.predict_one)
         return 0

@@ -36,12 +36,12 @@ class Restoration:
     """Probabilities at the target spacing, given slab by slab (:func:`spineauto.inference.predictor.run_networks`'s
     ``seg_sink``) -> uint8 labels, and with ``probabilities`` the probabilities too, in the input's grid."""
 
-    def __init__(self, props: dict, probabilities: bool = False, dtype=np.float32):
+    def __init__(self, props: dict, probabilities: bool = False):
         self.geom = CaseGeometry.from_dict(props["geometry"])
         self.cropped = list(props["cropped_shape"])
         self._labels = np.zeros(self.geom.layout_shape, dtype=np.uint8)
         self._probs: np.ndarray | None = None
-        self.keep_probabilities, self.dtype = probabilities, dtype
+        self.keep_probabilities = probabilities
 
     def add(self, first: int, probs: torch.Tensor) -> None:
         """(K, n, h, w) probabilities of the preprocessed slices ``first`` .. ``first + n``."""
@@ -53,7 +53,7 @@ class Restoration:
                 self._labels[at:at + lab.shape[0], h0:h1, w0:w1] = lab
                 if self.keep_probabilities:
                     if self._probs is None:  # background is 1 outside the crop
-                        self._probs = np.zeros((part.shape[1], *self.geom.layout_shape), dtype=self.dtype)
+                        self._probs = np.zeros((part.shape[1], *self.geom.layout_shape), dtype=np.float32)
                         self._probs[0] = 1
                     arr = part.transpose(0, 1).cpu().numpy()
                     self._probs[:, at:at + arr.shape[1], h0:h1, w0:w1] = arr
