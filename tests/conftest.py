@@ -129,3 +129,37 @@ def tiny_phantom_env(root: Path, n_train: int, n_test: int, seed: int):
     finally:
         mp.undo()
         remove_tree(root)
+
+
+def fold_history(fold: Path) -> list[dict]:
+    """A trained fold's per-epoch rows (metrics.jsonl)."""
+    import json
+
+    return [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
+
+
+def torchrun_training(tmp_path: Path, n: int, fold, options: str) -> list[dict]:
+    """``torchrun --standalone --nproc_per_node=n`` of ``train_fold(1, "2d", fold, TrainOptions(<options>))``
+    (one OpenMP thread per process, tests/ importable for plug-ins); each rank's final weights on the CPU."""
+    import subprocess
+    import sys
+
+    import torch
+
+    script = tmp_path / "ddp_train.py"
+    script.write_text(f"""
+import torch
+from spineauto.training import trainer as T
+fit = T.Trainer.fit
+def fit_and_dump(self):
+    fit(self)
+    torch.save({{k: v.cpu() for k, v in self.network.state_dict().items()}}, r"{tmp_path}/rank%d.pt" % self.info.rank)
+T.Trainer.fit = fit_and_dump
+torch.set_num_threads(1)
+T.train_fold(1, "2d", {fold!r}, T.TrainOptions({options}))
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(script)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(n)]

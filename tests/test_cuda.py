@@ -9,9 +9,6 @@ takes about a minute on a GPU (most of it torch.compile's first step).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, tiny_phantom_env
+from conftest import fold_history, run_cli, tiny_phantom_env, torchrun_training
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible: the CUDA paths run where torch sees a GPU "
@@ -41,10 +38,6 @@ def _train(root: Path, results: str, **kw) -> Path:
     return train_fold(1, "2d", fold, TrainOptions(results=root / results, **args))
 
 
-def _history(fold: Path) -> list[dict]:
-    return [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def fp16_fold(phantoms) -> Path:
     """The CUDA default: fp16 autocast with a GradScaler, channels-last, pinned batches from a worker."""
@@ -57,7 +50,7 @@ def test_fp16_with_grad_scaler_is_the_cuda_default(fp16_fold):
     assert runtime["channels_last"] is True
     state = torch.load(fp16_fold / "checkpoint_final.pt", map_location="cpu", weights_only=False)
     assert state["grad_scaler"] is not None and state["grad_scaler"]["scale"] > 0  # the scaler stepped the optimiser
-    losses = [r["train_loss"] for r in _history(fp16_fold)]
+    losses = [r["train_loss"] for r in fold_history(fp16_fold)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
@@ -67,7 +60,7 @@ def test_bf16_on_cuda_needs_no_scaler(phantoms):
     runtime = json.loads((fold / "config.json").read_text())["runtime"]
     assert runtime["amp_dtype"] == "bfloat16"
     state = torch.load(fold / "checkpoint_final.pt", map_location="cpu", weights_only=False)
-    assert state["grad_scaler"] is None and np.isfinite(_history(fold)[0]["train_loss"])
+    assert state["grad_scaler"] is None and np.isfinite(fold_history(fold)[0]["train_loss"])
 
 
 def _top(out) -> torch.Tensor:
@@ -96,7 +89,7 @@ def test_channels_last_gives_the_same_outputs_and_gradients(phantoms):
 
 def test_compile_trains_and_reports_its_time(phantoms):
     fold = _train(phantoms, "compiled", epochs=2, iters_per_epoch=3, compile=True)
-    history = _history(fold)
+    history = fold_history(fold)
     assert json.loads((fold / "config.json").read_text())["runtime"]["compile"] is True
     assert history[0]["compile_s"] > 0 and "compile_s" not in history[1]
     assert all(np.isfinite(r["train_loss"]) for r in history)
@@ -117,41 +110,20 @@ def test_pinned_batches_reach_the_gpu(phantoms, monkeypatch):
     assert seen and all(seen)
 
 
-def _torchrun(script: Path, n: int, tmp_path: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(script)],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-def _ddp_script(tmp_path: Path, results: Path) -> Path:
-    script = tmp_path / "ddp_train.py"
-    script.write_text(f"""
-import torch
-from spineauto.training import trainer as T
-fit = T.Trainer.fit
-def fit_and_dump(self):
-    fit(self)
-    torch.save({{k: v.cpu() for k, v in self.network.state_dict().items()}}, r"{tmp_path}/rank%d.pt" % self.info.rank)
-T.Trainer.fit = fit_and_dump
-T.train_fold(1, "2d", "all", T.TrainOptions(epochs=2, iters_per_epoch=3, val_iters=1, device="cuda", wandb="disabled", num_workers=0,
-             results=r"{results}", validate=False))
-""")
-    return script
+_NCCL_OPTIONS = 'epochs=2, iters_per_epoch=3, val_iters=1, device="cuda", wandb="disabled", num_workers=0, results=r"{results}", validate=False'
 
 
 def test_nccl_ddp_with_one_process(phantoms, tmp_path):
-    _torchrun(_ddp_script(tmp_path, phantoms / "nccl1"), 1, tmp_path)
+    torchrun_training(tmp_path, 1, "all", _NCCL_OPTIONS.format(results=phantoms / "nccl1"))
     fold = phantoms / "nccl1" / DATASET / "spineautoTrainer__spineautoPlans__2d" / "fold_all"
     runtime = json.loads((fold / "config.json").read_text())["runtime"]
     assert runtime["ddp_backend"] == "nccl" and runtime["world_size"] == 1
-    assert len(_history(fold)) == 2
+    assert len(fold_history(fold)) == 2
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than 2 CUDA devices visible")
 def test_nccl_ddp_with_two_gpus_keeps_weights_identical(phantoms, tmp_path):
-    _torchrun(_ddp_script(tmp_path, phantoms / "nccl2"), 2, tmp_path)
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    r0, r1 = torchrun_training(tmp_path, 2, "all", _NCCL_OPTIONS.format(results=phantoms / "nccl2"))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     fold = phantoms / "nccl2" / DATASET / "spineautoTrainer__spineautoPlans__2d" / "fold_all"
     runtime = json.loads((fold / "config.json").read_text())["runtime"]

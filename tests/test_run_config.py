@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import fold_history, torchrun_training
 from spineauto.errors import SpineautoError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,10 +57,6 @@ def _yaml(tmp_path: Path, data: dict, name: str = "run.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def _history(fold: Path) -> list[dict]:
-    return [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
 
 
 def _plans(phantoms: Path, planned: bool = False):
@@ -234,7 +231,7 @@ def test_run_yaml_and_flags_override_the_plan_and_are_written_beside_the_checkpo
     assert (c["optim"]["initial_lr"], c["batch_size"], c["foreground_oversampling"], c["trainer"]["accumulate"]) == (0.002, 4, 0.5, 2)
     assert c["augmentation"]["rotation_degrees"] == 10.0 and c["network"]["features_per_stage"] == [8, 16, 32, 64]  # the plan's, kept
     assert resolved["run"]["batch_size"] == 4 and resolved["overrides"]["sources"][0] == str(config)
-    hist = _history(fold)
+    hist = fold_history(fold)
     assert [r["val_loss"] is None for r in hist] == [True, False, False]  # val_every 2, and the last epoch (NaN is null)
     assert hist[0]["samples_per_s"] > 0
     # the checkpoint, the model folder and prediction see the resolved plan
@@ -294,7 +291,7 @@ def test_focal_tversky_example_run_yaml_with_a_user_network_trains_resumes_and_p
     code, out, err = run_cli(capsys, *args)
     assert code == 0, err[-3000:]
     fold = tmp_path / "results" / DATASET / MODEL / "fold_0"
-    hist = _history(fold)
+    hist = fold_history(fold)
     assert "early stopping" in err and len(hist) == 2 and (fold / "checkpoint_final.pt").is_file()
     assert sorted(p.name for p in (fold / "checkpoints").iterdir()) == sorted(f"{r['epoch']:03d}-{r['pseudo_dice']:.6f}.pt" for r in hist)
     assert len(list((fold / "samples").glob("epoch_001_*.png"))) == 4
@@ -338,7 +335,7 @@ def test_user_plugins_of_every_kind_train_checkpoint_and_predict(phantoms, tmp_p
     })
     fold = _train(phantoms, "plugins", config=config, epochs=2, iters_per_epoch=2)
     assert plug.CALLS["optimizer"] == 4 and plug.CALLS["task"] >= 4 and plug.CALLS["loss"] >= 4
-    hist = _history(fold)
+    hist = fold_history(fold)
     assert [r["lr"] for r in hist] == pytest.approx([0.05, 0.025])  # halved every 2 steps
     assert all(r["train_loss"] > 1.0 for r in hist)  # the offset loss was the one optimised
     assert [json.loads(line)["epoch"] for line in (fold / "plugin_callback.jsonl").read_text().splitlines()] == [0, 1]
@@ -397,31 +394,12 @@ def test_loss_that_does_not_fit_the_task_is_refused(phantoms):
 def test_ddp_accumulates_and_stops_early_on_every_rank(phantoms, tmp_path):
     """Two CPU processes: accumulate 2 (no_sync before the last micro-batch) and early stopping decided on
     rank 0 end the run on both ranks after the same epoch, with identical weights."""
-    import os
-    import subprocess
-
-    script = tmp_path / "ddp_train.py"
-    script.write_text(f"""
-import torch
-from spineauto.training import trainer as T
-fit = T.Trainer.fit
-def fit_and_dump(self):
-    fit(self)
-    torch.save(self.network.state_dict(), r"{tmp_path}/rank%d.pt" % self.info.rank)
-T.Trainer.fit = fit_and_dump
-torch.set_num_threads(1)
-T.train_fold(1, "2d", 0, T.TrainOptions(epochs=4, iters_per_epoch=2, val_iters=1, device="cpu", wandb="disabled", num_workers=0,
-             results=r"{phantoms / 'ddp'}", validate=False, config_set=["trainer.accumulate=2",
-             "trainer.callbacks=[{{name: early_stopping, monitor: val_loss, patience: 1, min_delta: 10.0}}]"]))
-""")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    r0, r1 = torchrun_training(tmp_path, 2, 0, f"""epochs=4, iters_per_epoch=2, val_iters=1, device="cpu", wandb="disabled",
+             num_workers=0, results=r"{phantoms / 'ddp'}", validate=False, config_set=["trainer.accumulate=2",
+             "trainer.callbacks=[{{name: early_stopping, monitor: val_loss, patience: 1, min_delta: 10.0}}]"]""")
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     fold = phantoms / "ddp" / DATASET / MODEL / "fold_0"
-    assert len(_history(fold)) == 2 and "early stopping" in torch.load(fold / "checkpoint_final.pt", weights_only=False)["stopped"]
+    assert len(fold_history(fold)) == 2 and "early stopping" in torch.load(fold / "checkpoint_final.pt", weights_only=False)["stopped"]
 
 
 # -- experiment tracking ----------------------------------------------------------------------------------
@@ -508,7 +486,7 @@ def test_wandb_offline_gets_the_resolved_config_validation_artifacts_and_resumes
     assert config["plan"]["network"]["features_per_stage"] == [8, 16, 32, 64]  # the whole plan, not only the overrides
     assert config["overrides"] == {"optim": {"initial_lr": 0.0025}, "loss": {"name": "tversky"}}
     assert config["parameters"] > 1000 and config["epochs"] == 2 and config["runtime"]["device"] == "cpu"
-    hist = _history(fold)
+    hist = fold_history(fold)
     logged = [h for run in (first, last) for h in run["history"] if "train_loss" in h]
     assert [h["epoch"] for h in logged] == [0, 1] and [h["train_loss"] for h in logged] == pytest.approx([r["train_loss"] for r in hist])
     summary = json.loads((fold / "validation" / "summary.json").read_text())
@@ -525,7 +503,7 @@ def test_tensorboard_logger_writes_epoch_and_step_scalars(phantoms):
     acc = EventAccumulator(str(fold / "tensorboard"))
     acc.Reload()
     tags = acc.Tags()
-    hist = _history(fold)
+    hist = fold_history(fold)
     assert [e.value for e in acc.Scalars("train_loss")] == pytest.approx([r["train_loss"] for r in hist], rel=1e-6)
     assert [e.step for e in acc.Scalars("step/train_loss")] == list(range(1, 7))
     assert [e.step for e in acc.Scalars("step/lr")] == list(range(1, 7))

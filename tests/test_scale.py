@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_real_data, run_cli, tiny_phantom_env
+from conftest import fold_history, require_real_data, run_cli, tiny_phantom_env
 from test_training import tiny_plan
 from spineauto.errors import SpineautoError
 
@@ -36,10 +36,6 @@ def _train(root: Path, results: str, **kw) -> Path:
 
     args = {**FAST, **kw}
     return train_fold(1, "2d", args.pop("fold", "all"), TrainOptions(results=root / results, **args))
-
-
-def _history(fold: Path) -> list[dict]:
-    return [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +128,7 @@ def test_two_nodes_through_the_rendezvous(phantoms, tmp_path):
     fold = tmp_path / "results" / DATASET / "spineautoTrainer__spineautoPlans__2d" / "fold_all"
     runtime = json.loads((fold / "config.json").read_text())["runtime"]
     assert runtime["world_size"] == 2 and runtime["ddp_backend"] == "gloo"
-    assert [r["epoch"] for r in _history(fold)] == [0, 1] and (fold / "checkpoint_final.pt").is_file()
+    assert [r["epoch"] for r in fold_history(fold)] == [0, 1] and (fold / "checkpoint_final.pt").is_file()
 
 
 def test_launch_commands():
@@ -164,7 +160,7 @@ def test_channels_last_and_compile_fallback_on_cpu(phantoms, monkeypatch):
     fold = _train(phantoms, "channels_last", epochs=1, iters_per_epoch=2, channels_last=True)
     runtime = json.loads((fold / "config.json").read_text())["runtime"]
     assert runtime["channels_last"] is True and runtime["compile"] is False and runtime["ddp_backend"] is None
-    assert np.isfinite(_history(fold)[0]["train_loss"])
+    assert np.isfinite(fold_history(fold)[0]["train_loss"])
 
     class Broken(torch.nn.Module):  # a compiled model that fails at its first call, as one without a C++ toolchain does
         def forward(self, *args, **kwargs):
@@ -175,7 +171,7 @@ def test_channels_last_and_compile_fallback_on_cpu(phantoms, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     fold = _train(phantoms, "compile_fallback", epochs=2, iters_per_epoch=2, compile=True)
-    history = _history(fold)
+    history = fold_history(fold)
     assert history[0]["compile_s"] >= 0 and "compile_s" not in history[1]
     assert all(np.isfinite(r["train_loss"]) for r in history)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import fold_history, run_cli, torchrun_training
 from spineauto.errors import SpineautoError
 
 DATASET = "Dataset001_Phantoms"
@@ -62,10 +62,6 @@ def _train(phantoms: Path, results: str, **kw) -> Path:
     args = {**FAST, **kw}
     configuration, fold = args.pop("configuration", "2d"), args.pop("fold", 0)
     return train_fold(1, configuration, fold, TrainOptions(results=phantoms / results, **args))
-
-
-def _history(fold_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (fold_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +109,7 @@ def test_short_run_learns_and_writes_everything(trained):
     summary = json.loads((trained / "validation" / "summary.json").read_text())
     assert summary["mean"]["cord"] > 0.6, summary["mean"]
     assert summary["cases"] and all((trained / "validation" / f"{c['case']}.nii.gz").is_file() for c in summary["cases"])
-    hist = _history(trained)
+    hist = fold_history(trained)
     assert [r["epoch"] for r in hist] == [0, 1, 2, 3, 4, 5]
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
     for key in ("val_loss", "pseudo_dice", "pseudo_dice_cord", "lr", "epoch_time", "samples_per_s", "ema"):
@@ -147,7 +143,7 @@ def test_resume_equals_uninterrupted(phantoms):
     b = torch.load(resumed / "checkpoint_final.pt", weights_only=False)
     for k, v in a["network"].items():
         torch.testing.assert_close(b["network"][k], v, atol=1e-6, rtol=1e-5, msg=k)
-    assert [r["train_loss"] for r in _history(resumed)] == pytest.approx([r["train_loss"] for r in _history(straight)], abs=1e-6)
+    assert [r["train_loss"] for r in fold_history(resumed)] == pytest.approx([r["train_loss"] for r in fold_history(straight)], abs=1e-6)
 
 
 def test_sigkill_mid_epoch_then_continue_completes(phantoms):
@@ -168,35 +164,18 @@ def test_sigkill_mid_epoch_then_continue_completes(phantoms):
     assert torch.load(fold / "checkpoint_latest.pt", weights_only=False)["epoch"] in (1, 2)
     done = subprocess.run(cmd + ["--continue"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert [r["epoch"] for r in _history(fold)] == [0, 1, 2]
+    assert [r["epoch"] for r in fold_history(fold)] == [0, 1, 2]
     assert (fold / "checkpoint_final.pt").is_file()
     assert not list(fold.glob(".*tmp*"))
 
 
 def test_ddp_two_cpu_processes_keep_weights_identical(phantoms, tmp_path):
-    script = tmp_path / "ddp_train.py"
-    script.write_text(f"""
-import torch
-from spineauto.training import trainer as T
-fit = T.Trainer.fit
-def fit_and_dump(self):
-    fit(self)
-    torch.save(self.network.state_dict(), r"{tmp_path}/rank%d.pt" % self.info.rank)
-    torch.save(self.logger.history, r"{tmp_path}/history%d.pt" % self.info.rank)
-T.Trainer.fit = fit_and_dump
-torch.set_num_threads(1)
-T.train_fold(1, "2d", 0, T.TrainOptions(epochs=2, iters_per_epoch=3, val_iters=1, device="cpu", wandb="disabled", num_workers=0,
-             results=r"{phantoms / 'ddp'}", validate=False))
-""")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    r0, r1 = torchrun_training(tmp_path, 2, 0, f"""epochs=2, iters_per_epoch=3, val_iters=1, device="cpu", wandb="disabled",
+             num_workers=0, results=r"{phantoms / 'ddp'}", validate=False""")
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     fold = phantoms / "ddp" / DATASET / "spineautoTrainer__spineautoPlans__2d" / "fold_0"
     cfg = json.loads((fold / "config.json").read_text())
-    assert cfg["runtime"]["world_size"] == 2 and len(_history(fold)) == 2
+    assert cfg["runtime"]["world_size"] == 2 and len(fold_history(fold)) == 2
     start = torch.load(fold / "checkpoint_latest.pt", weights_only=False)
     assert all(torch.equal(start["network"][k], r0[k]) for k in r0)
 
@@ -206,7 +185,7 @@ def test_amp_bf16_on_cpu_and_fold_all(phantoms):
     assert fold.name == "fold_all"
     cfg = json.loads((fold / "config.json").read_text())
     assert cfg["runtime"]["amp"] is True and cfg["runtime"]["amp_dtype"] == "bfloat16"
-    assert np.isfinite(_history(fold)[0]["train_loss"])
+    assert np.isfinite(fold_history(fold)[0]["train_loss"])
 
 
 def test_wandb_offline_writes_run_files(phantoms, monkeypatch):
