@@ -51,6 +51,20 @@ def test_contrast_remap_runs_per_sample_and_only_where_asked():
     assert "ContrastRemapTransform" not in [type(t).__name__ for t in build_transforms([40, 48], off, True).transforms]
 
 
+def test_non_monotone_curves_reorder_tissues_and_keep_mean_and_spread():
+    ramp = _ramp()
+    batch = {"data": np.stack([ramp[None]] * 8).copy(), "seg": np.zeros((8, 1, 40, 48), np.int16)}
+    np.random.seed(1)
+    out = ContrastRemapTransform(p_curve=1.0, p_invert=0.0, p_bias=0.0, p_non_monotone=1.0)(**batch)["data"][:, 0]
+    rho = [abs(spearmanr(ramp.ravel(), out[b].ravel())[0]) for b in range(8)]
+    assert sum(r < 0.95 for r in rho) >= 4  # most curves rise and fall: no monotone map gives |rho| < 1 on a ramp
+    for b in range(8):  # still one value per input value (a curve, not noise), and the plan's normalisation kept
+        values = {}
+        for a, y in zip(ramp.ravel().round(6), out[b].ravel()):
+            assert values.setdefault(a, y) == y
+        assert abs(out[b].mean() - ramp.mean()) < 1e-4 and abs(out[b].std() - ramp.std()) < 1e-4
+
+
 def _tube_and_blob(sagittal: bool) -> tuple[np.ndarray, np.ndarray]:
     """A thin tube through every level along S-I and a bigger blob on three levels; the affine
     puts S-I on the last voxel axis (axial stack) or on the second (sagittal stack)."""

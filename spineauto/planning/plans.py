@@ -117,6 +117,7 @@ class AugmentationPlan:
     # contrast- and site-agnostic training (training/augment.py; bench/bench_generalisation.py measures them):
     intensity_curves: float = 0.5  # per sample: a random smooth curve remaps the intensities (another contrast)
     inversion: float = 0.25  # share of those curves that also invert the contrast (T1w-like <-> T2w-like)
+    non_monotone: float = 0.0  # share of the curves drawn through random knots: tissues change their order
     bias_field: float = 0.3  # per sample: a smooth multiplicative bias field (another coil)
     transforms: list[dict[str, Any]] = field(default_factory=list)  # extra transforms after these: {name: registered or package.module:Name, ...arguments}
 
@@ -375,7 +376,7 @@ def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> No
     positive("loss.label_smoothing", lo.label_smoothing, strict=False, top=1.0, top_open=True)
     a = cfg.augmentation
     positive("augmentation.probability", a.probability, strict=False, top=1.0)
-    for key in ("intensity_curves", "inversion", "bias_field"):
+    for key in ("intensity_curves", "inversion", "non_monotone", "bias_field"):
         positive(f"augmentation.{key}", getattr(a, key), strict=False, top=1.0)
     positive("augmentation.rotation_degrees", a.rotation_degrees, strict=False)
     positive("augmentation.noise_variance", a.noise_variance, strict=False)

@@ -35,16 +35,26 @@ def _unit_range(x: np.ndarray) -> np.ndarray:
     return np.clip((x - lo) / max(float(hi - lo), 1e-8), 0.0, 1.0)
 
 
-def random_intensity_curve(x: np.ndarray, invert: bool) -> np.ndarray:
-    """``x`` through a random smooth curve: the cubic Bezier intensity mapping of Models Genesis
-    (Zhou et al., Medical Image Analysis 2021), on the 0.5-99.5 percentile range; inverted when
-    ``invert`` (dark cord in bright CSF becomes bright cord in dark CSF). Mean and spread kept."""
-    p1, p2 = np.random.uniform(0, 1, 2), np.random.uniform(0, 1, 2)
-    t = np.linspace(0.0, 1.0, 256)[:, None]
-    curve = (3 * (1 - t) ** 2 * t) * p1 + (3 * (1 - t) * t**2) * p2 + t**3  # end points (0, 0) and (1, 1)
-    order = np.argsort(curve[:, 0])
-    y = np.interp(_unit_range(x), curve[order, 0], curve[order, 1])
-    return _restandardise(1.0 - y if invert else y, x)
+def random_intensity_curve(x: np.ndarray, invert: bool, monotone: bool = True) -> np.ndarray:
+    """``x`` through a random smooth curve on its 0.5-99.5 percentile range. Monotone: the cubic Bezier
+    intensity mapping of Models Genesis (Zhou et al., Medical Image Analysis 2021), inverted when
+    ``invert`` (dark cord in bright CSF becomes bright cord in dark CSF). Not monotone: a shape-
+    preserving cubic through 3-6 random knots, so tissues can change their order (T2w: CSF > cord >
+    fat and muscle; T1w: fat > cord > CSF), which no monotone curve can do. Mean and spread kept."""
+    u = _unit_range(x)
+    if monotone:
+        p1, p2 = np.random.uniform(0, 1, 2), np.random.uniform(0, 1, 2)
+        t = np.linspace(0.0, 1.0, 256)[:, None]
+        curve = (3 * (1 - t) ** 2 * t) * p1 + (3 * (1 - t) * t**2) * p2 + t**3  # end points (0, 0) and (1, 1)
+        order = np.argsort(curve[:, 0])
+        y = np.interp(u, curve[order, 0], curve[order, 1])
+        y = 1.0 - y if invert else y
+    else:
+        from scipy.interpolate import PchipInterpolator
+
+        knots = np.random.randint(3, 7)
+        y = PchipInterpolator(np.linspace(0.0, 1.0, knots), np.random.uniform(0, 1, knots))(u)
+    return _restandardise(y, x)
 
 
 def random_bias_field(x: np.ndarray, max_coefficient: float = 0.5, order: int = 3) -> np.ndarray:
@@ -59,12 +69,13 @@ def random_bias_field(x: np.ndarray, max_coefficient: float = 0.5, order: int = 
 
 
 class ContrastRemapTransform:
-    """Per sample and channel: a random intensity curve (probability ``p_curve``; a share ``p_invert``
-    of them inverted) and a random bias field (``p_bias``), so that a contrast, coil or site the
-    training cases lack looks like one they have. Numpy's global generator (seeded per batch)."""
+    """Per sample and channel: a random intensity curve (probability ``p_curve``; a share
+    ``p_non_monotone`` of them not monotone, and of the monotone ones a share ``p_invert`` inverted)
+    and a random bias field (``p_bias``), so that a contrast, coil or site the training cases lack
+    looks like one they have. Numpy's global generator (seeded per batch)."""
 
-    def __init__(self, p_curve: float, p_invert: float, p_bias: float):
-        self.p_curve, self.p_invert, self.p_bias = p_curve, p_invert, p_bias
+    def __init__(self, p_curve: float, p_invert: float, p_bias: float, p_non_monotone: float = 0.0):
+        self.p_curve, self.p_invert, self.p_bias, self.p_non_monotone = p_curve, p_invert, p_bias, p_non_monotone
 
     def __call__(self, **batch):
         data = batch["data"]
@@ -74,7 +85,8 @@ class ContrastRemapTransform:
                 if np.random.uniform() < self.p_bias:
                     x = random_bias_field(x)
                 if np.random.uniform() < self.p_curve:
-                    x = random_intensity_curve(x, invert=np.random.uniform() < self.p_invert)
+                    monotone = self.p_non_monotone == 0 or np.random.uniform() >= self.p_non_monotone  # no draw when off: same stream as before
+                    x = random_intensity_curve(x, invert=monotone and np.random.uniform() < self.p_invert, monotone=monotone)
                 data[b, c] = x
         return batch
 
@@ -103,7 +115,7 @@ def build_transforms(patch_size: list[int], aug: AugmentationPlan, with_seg: boo
             independent_scale_for_each_axis=False),
     ]
     if remap_contrast and (aug.intensity_curves > 0 or aug.bias_field > 0):
-        transforms.append(ContrastRemapTransform(aug.intensity_curves, aug.inversion, aug.bias_field))
+        transforms.append(ContrastRemapTransform(aug.intensity_curves, aug.inversion, aug.bias_field, aug.non_monotone))
     if aug.noise_variance > 0:
         transforms.append(GaussianNoiseTransform(noise_variance=(0, aug.noise_variance), p_per_sample=0.1))
     if max(aug.blur_sigma) > 0:
