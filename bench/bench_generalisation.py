@@ -54,7 +54,7 @@ VARIANTS: dict[str, dict] = {
     "no-intensity-aug": {"augmentation": {"intensity_curves": 0.0, "bias_field": 0.0, "inversion": 0.0}},
     "batch4": {"batch_size": 4},
     "strong-remap": {"augmentation": {"intensity_curves": 0.8, "inversion": 0.5}},
-    "non-monotone": {"augmentation": {"non_monotone": 0.5}},
+    "monotone-curves": {"augmentation": {"non_monotone": 0.0}},
     "second-pass": {"localise": {"second_pass": True}},
 }
 POSTPROCESSINGS = {  # (mask, affine) -> mask

@@ -118,6 +118,13 @@ def test_plans_round_trip_and_reject_bad_files(real_planned, tmp_path):
     bad["schema_version"] = 0
     with pytest.raises(SpineautoError, match="schema_version"):
         Plans.from_dict(bad)
+    # a plan written before non-monotone intensity curves existed keeps training (and resuming) without them
+    assert plans.configurations["2d"].augmentation.non_monotone == 0.5
+    older = plans.to_dict()
+    for cfg in older["configurations"].values():
+        del cfg["augmentation"]["non_monotone"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert {c.augmentation.non_monotone for c in Plans.load(tmp_path / "older.json").configurations.values()} == {0.0}
 
 
 def test_preset_overrides_by_name_and_adds_configurations(spineauto_env, tmp_path):

@@ -117,7 +117,7 @@ class AugmentationPlan:
     # contrast- and site-agnostic training (training/augment.py; bench/bench_generalisation.py measures them):
     intensity_curves: float = 0.5  # per sample: a random smooth curve remaps the intensities (another contrast)
     inversion: float = 0.25  # share of those curves that also invert the contrast (T1w-like <-> T2w-like)
-    non_monotone: float = 0.0  # share of the curves drawn through random knots: tissues change their order
+    non_monotone: float = 0.5  # share of the curves drawn through random knots: tissues change their order (T2w <-> T1w-like)
     bias_field: float = 0.3  # per sample: a smooth multiplicative bias field (another coil)
     transforms: list[dict[str, Any]] = field(default_factory=list)  # extra transforms after these: {name: registered or package.module:Name, ...arguments}
 
@@ -278,6 +278,10 @@ class Plans:
             raise SpineautoError(f"{path}: invalid JSON ({e})") from None
         if isinstance(data, dict) and data.get("schema_version") == 1:
             data = migrate_v1(data, Path(path))
+        for cfg in (data.get("configurations") or {}).values() if isinstance(data, dict) else ():
+            aug = cfg.get("augmentation") if isinstance(cfg, dict) else None
+            if isinstance(aug, dict):  # planned before non-monotone curves existed: trained (and resumed) without them
+                aug.setdefault("non_monotone", 0.0)
         return cls.from_dict(data, where=str(path))
 
 
