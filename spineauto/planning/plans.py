@@ -116,7 +116,7 @@ class AugmentationPlan:
     probability: float = 0.2
     # contrast- and site-agnostic training (training/augment.py; bench/bench_generalisation.py measures them):
     intensity_curves: float = 0.5  # per sample: a random smooth curve remaps the intensities (another contrast)
-    inversion: float = 0.25  # share of those curves that also invert the contrast (T1w-like <-> T2w-like)
+    inversion: float = 0.25  # share of the monotone curves that also invert the contrast (T1w-like <-> T2w-like)
     non_monotone: float = 0.5  # share of the curves drawn through random knots: tissues change their order (T2w <-> T1w-like)
     bias_field: float = 0.3  # per sample: a smooth multiplicative bias field (another coil)
     transforms: list[dict[str, Any]] = field(default_factory=list)  # extra transforms after these: {name: registered or package.module:Name, ...arguments}
