@@ -326,10 +326,11 @@ def evaluate(
         from spineauto.evaluation.classification import evaluate_prediction_folder, print_report
 
         out_dir = Path(output).parent if output else Path(pred_dir)
+        check_summary_target(out_dir / "summary_classification.json", gt_dir)
         print_report(console, evaluate_prediction_folder(pred_dir, gt_dir, out_dir=out_dir), out_dir / "summary_classification.json")
         return
     labels = dataset_labels(dataset) if dataset else None
-    check_summary_target(output or Path(pred_dir) / "summary.json")
+    check_summary_target(output or Path(pred_dir) / "summary.json", gt_dir)
     with make_progress(console) as progress:
         summary = evaluate_folders(pred_dir, gt_dir, labels, progress=case_progress(progress, "evaluate"))
     json_path, csv_path = write_summary(summary, output or Path(pred_dir) / "summary.json")

@@ -62,12 +62,12 @@ def convert_dicom(root: Path, dataset_dir: Path, label_name: str = "cord", overw
     root = Path(root).expanduser().resolve()
     dataset_dir = Path(dataset_dir).expanduser().resolve()
     try:
-        check_output_free(dataset_dir, overwrite)
+        check_output_free(dataset_dir, overwrite, root)
     except OSError as err:
         raise _output_error(err, dataset_dir) from None
     stacks = find_dicom_stacks(root)
     try:
-        with staged_dataset_dir(dataset_dir, overwrite) as stage:
+        with staged_dataset_dir(dataset_dir, overwrite, root) as stage:
             cases: dict[str, dict[str, Any]] = {}
             for index, (stack, image) in enumerate(_read_stacks(stacks)):
                 case_id = f"series_{index:03d}"

@@ -109,7 +109,7 @@ def convert_image_folder(root: Path, dataset_dir: Path, head: str = "class", rgb
         raise SpineautoError(f"{root}: only one class folder ({classes[0]}); a classifier needs at least two class folders")
     _case_ids(images)
     channels = {"0": "R", "1": "G", "2": "B"} if rgb else {"0": "image"}
-    with staged_dataset_dir(Path(dataset_dir), overwrite) as stage:
+    with staged_dataset_dir(Path(dataset_dir), overwrite, root) as stage:
         for im in images:
             pixels = read_picture(im.path, rgb)
             for c in range(pixels.shape[0]):

@@ -26,8 +26,10 @@ from spineauto.errors import SpineautoError
 from spineauto.evaluation import metrics as M
 from spineauto.evaluation.files import check_writable, read_json_file, writing
 from spineauto.io.atomic import write_atomic, write_json
+from spineauto.io.csv_cells import escape_row
 from spineauto.io.geometry import voxel_sizes
 from spineauto.io.images import grid_mismatch, read_volume
+from spineauto.io.outputs import check_output_apart
 
 log = logging.getLogger(__name__)
 NIFTI = ".nii.gz"
@@ -138,9 +140,19 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
 SUMMARY_HINT = "choose another summary file with -o"
 
 
-def check_summary_target(json_path: Path) -> None:
-    """Before evaluating: ``summary.json`` and the CSV beside it can be written at ``json_path``."""
+def check_summary_target(json_path: Path, gt_dir: Path | None = None) -> None:
+    """Before evaluating: ``summary.json`` and the CSV beside it can be written at ``json_path``: a
+    ``.json`` file that is no case's file (a mask's or classification's), outside the reference
+    ``gt_dir`` and any raw dataset (:func:`~spineauto.io.outputs.check_output_apart`)."""
     json_path = Path(json_path)
+    if json_path.suffix.lower() != ".json":
+        raise SpineautoError(f"{json_path}: the summary is a .json file (a .csv is written beside it); {SUMMARY_HINT}")
+    case_files = [json_path.with_name(f"{json_path.stem}{e}") for e in (".nii.gz", ".nii", ".npz")]
+    if any(f.exists() for f in case_files):
+        raise SpineautoError(f"{json_path}: is the JSON of the case {json_path.stem} (its mask lies beside it), not a summary; {SUMMARY_HINT}")
+    check_output_apart([], json_path, references=[gt_dir], protect=("raw dataset",), what="the summary", hint=SUMMARY_HINT)
+    check_output_apart([], json_path.with_suffix(".csv"), references=[gt_dir], protect=("raw dataset",), what="the per-case CSV",
+                       hint=SUMMARY_HINT)
     check_writable(json_path, "the summary", SUMMARY_HINT)
     check_writable(json_path.with_suffix(".csv"), "the per-case CSV", SUMMARY_HINT)
 
@@ -155,9 +167,9 @@ def write_summary(summary: dict, json_path: Path) -> tuple[Path, Path]:
     writer.writeheader()
     for case, by_label in summary["metric_per_case"].items():
         for name, row in by_label.items():
-            writer.writerow({"case": case, "label": name, **row})
+            writer.writerow(escape_row({"case": case, "label": name, **row}))
     for name, row in summary["mean"].items():
-        writer.writerow({"case": "mean", "label": name, **row})
+        writer.writerow(escape_row({"case": "mean", "label": name, **row}))
     csv_path = json_path.with_suffix(".csv")
     with writing(json_path, "the summary", SUMMARY_HINT):
         write_json(json_path, summary)

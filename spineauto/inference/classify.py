@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from spineauto.io.atomic import write_atomic, write_json
+from spineauto.io.csv_cells import escape_row, unescape
 
 PREDICTION_KIND = "spineauto.classification"
 
@@ -69,7 +70,7 @@ def write_classification_csv(out_dir: Path, results: Sequence[CaseClassification
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames == header:
-                rows = {r["case"]: r for r in reader}
+                rows = {unescape(r["case"]): {k: unescape(v) for k, v in r.items()} for r in reader}
     for r in results:
         row = {"case": r.case}
         for h, cs in r.classes.items():
@@ -80,6 +81,6 @@ def write_classification_csv(out_dir: Path, results: Sequence[CaseClassification
     writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
     writer.writeheader()
     for case in sorted(rows):
-        writer.writerow(rows[case])
+        writer.writerow(escape_row(rows[case]))
     text = buf.getvalue()
     return write_atomic(path, lambda p: p.write_text(text))

@@ -34,7 +34,10 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
+from spineauto.inference.export import writing
 from spineauto.io.atomic import write_atomic
+from spineauto.io.csv_cells import escape_row
+from spineauto.io.outputs import check_output_apart
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +51,11 @@ CSV_MEASURES = (("cord_volume_mm3", ("cord", "volume_mm3")), ("cord_csa_mean_mm2
 def build_report(out_dir: Path) -> Path:
     """Write ``out_dir/report.html`` and ``out_dir/pipeline.csv`` from the case JSONs; return the page."""
     out_dir = Path(out_dir)
+    check_output_apart([], out_dir, what="the report's folder", hint="pass the -o folder of `spineauto pipeline`")
     cases, malformed = load_cases(out_dir)
-    write_atomic(out_dir / "pipeline.csv", lambda p: p.write_text(_csv(cases), encoding="utf-8", newline=""))
-    page = write_atomic(out_dir / "report.html", lambda p: p.write_text(_html(out_dir, cases, malformed), encoding="utf-8"))
+    with writing(out_dir / "report.html"):
+        write_atomic(out_dir / "pipeline.csv", lambda p: p.write_text(_csv(cases), encoding="utf-8", newline=""))
+        page = write_atomic(out_dir / "report.html", lambda p: p.write_text(_html(out_dir, cases, malformed), encoding="utf-8"))
     logger.info("report of %d cases (%d files skipped): %s", len(cases), len(malformed), page)
     return page
 
@@ -132,12 +137,12 @@ def _csv(cases) -> str:
     stages = _classifications(cases)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["case", "status", "reason", *[f"{s}_{h}_{x}" if h != s else f"{s}_{x}" for s, h in stages for x in ("class", "probability")],
-                *[name for name, _ in CSV_MEASURES]])
+    w.writerow(escape_row(["case", "status", "reason", *[f"{s}_{h}_{x}" if h != s else f"{s}_{x}" for s, h in stages for x in ("class", "probability")],
+                *[name for name, _ in CSV_MEASURES]]))
     for _, d in cases:
         ms = _dict(d.get("measurements"))
-        w.writerow([d["case"], d["status"], str(d.get("reason") or ""), *[v if v is not None else "" for s, h in stages for v in _decision(d, s, h)],
-                    *[_get(ms, *keys) if _get(ms, *keys) is not None else "" for _, keys in CSV_MEASURES]])
+        w.writerow(escape_row([d["case"], d["status"], str(d.get("reason") or ""), *[v if v is not None else "" for s, h in stages for v in _decision(d, s, h)],
+                    *[_get(ms, *keys) if _get(ms, *keys) is not None else "" for _, keys in CSV_MEASURES]]))
     return buf.getvalue()
 
 

@@ -1,0 +1,42 @@
+"""CSV cells a spreadsheet will not run: every CSV we write passes its cells through :func:`escape`.
+
+A cell beginning with ``= + - @`` (or a tab / carriage return) is a formula to Excel and LibreOffice:
+a case named ``=HYPERLINK("http://...")`` would become a live link (or worse) in a colleague's
+spreadsheet. Such a text cell is written with a leading ``'`` (OWASP's advice), which spreadsheets
+show as text; numbers (``-0.5``) are left as they are. Readers of our own CSVs undo it with
+:func:`unescape`.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def escape(value: Any) -> Any:
+    """``value``, with a ``'`` before a text that a spreadsheet would take for a formula."""
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not _is_number(value):
+        return "'" + value
+    return value
+
+
+def escape_row(row: Iterable[Any] | dict) -> list | dict:
+    """A row (a sequence, or a dict for ``csv.DictWriter``) with every cell escaped."""
+    if isinstance(row, dict):
+        return {k: escape(v) for k, v in row.items()}
+    return [escape(v) for v in row]
+
+
+def unescape(value: str) -> str:
+    """A cell as :func:`escape` found it."""
+    if isinstance(value, str) and value.startswith("'") and value[1:].startswith(FORMULA_START):
+        return value[1:]
+    return value
