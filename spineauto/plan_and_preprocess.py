@@ -29,7 +29,7 @@ from spineauto.planning.fingerprint import Fingerprint, fingerprint_dataset
 from spineauto.planning.planner import memory_target, plan_dataset
 from spineauto.planning.plans import ConfigurationPlan, Plans
 from spineauto.planning.resources import check_memory
-from spineauto.preprocessing.manifest import MANIFEST, write_manifest
+from spineauto.preprocessing.manifest import MANIFEST, raw_entries, write_manifest
 from spineauto.preprocessing.preprocess import preprocess_dataset
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _run(info: DatasetInfo, raw_dir: Path, out: Path, verify: bool, preset: Path
     _check_splits(out, {case for d in data.values() for case in d["cases"]})
     fp.save(out / "fingerprint.json")
     write_json(out / "dataset.json", read_json(raw_dir / "dataset.json"))
-    write_manifest(out, data)
+    write_manifest(out, data, raw_entries(info))
     plans.save(out / PLANS)  # the last file: its presence says the run finished
     log.info("plans written to %s", out / PLANS)
     return PlanResult(plans=plans, fingerprint=fp, folder=out, written=written)
