@@ -469,6 +469,11 @@ def main() -> None:
     except SpineautoError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    except OSError as e:  # what no command turned into its own line: the path and the cause
+        from spineauto.errors import os_error_line
+
+        console.print(f"[bold red]error:[/] {os_error_line(e)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)

@@ -161,11 +161,11 @@ def _check_splits(out: Path, cases: set[str]) -> None:
 def _os_line(e: OSError) -> str:
     """One line naming the path of an OS error (a worker's too: its errors are re-raised here)."""
     where = e.filename2 or e.filename or "(unknown path)"  # os.replace(temporary, target): the target
-    reason = e.strerror or type(e).__name__
+    reason = e.strerror or str(e) or type(e).__name__
     if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
         return f"{where}: {reason}: a file and a folder are in each other's place; move the one in the way"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{where}: {reason}; make it writable (or readable), or set SPINEAUTO_PREPROCESSED to another folder"
     if e.errno == errno.ENOSPC:
-        return f"{where}: {reason}; free some space and rerun (cases already preprocessed are kept)"
+        return f"{where}: no space left on the device; free some space and rerun (cases already preprocessed are kept)"
     return f"{where}: {reason}; fix it and rerun plan_and_preprocess"

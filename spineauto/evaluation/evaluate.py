@@ -78,6 +78,20 @@ def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], l
     return out
 
 
+def check_label_mask(path: Path, mask: np.ndarray) -> None:
+    """A mask to score holds finite whole numbers (label values): NaN would score as background (a Dice
+    of 1.0 against an empty reference), 0.5 is a probability map, not a label."""
+    finite = np.isfinite(mask)
+    if not finite.all():
+        raise SpineautoError(f"{path}: {int(np.count_nonzero(~finite))} NaN/Inf voxel(s); a mask to evaluate holds label values "
+                             "0, 1, 2 ...; write it with `spineauto predict`")
+    fractional = mask != np.round(mask)
+    if fractional.any():
+        raise SpineautoError(f"{path}: {int(np.count_nonzero(fractional))} voxel(s) that are not whole label values (e.g. "
+                             f"{float(mask[fractional].flat[0]):g}): a probability map, not a mask; threshold it (or write it with "
+                             "`spineauto predict`) before evaluating")
+
+
 def _nanmean(values: list[float]) -> float:
     vals = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(vals)) if vals else float("nan")
@@ -114,7 +128,9 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
         if problem:
             raise SpineautoError(f"{pred_dir / (case + NIFTI)}: grid differs from the ground truth (prediction vs ground truth: {problem}); "
                                  "predict with `spineauto predict` so masks keep the input geometry")
-        pred, ref = pred.round().astype(np.int16), ref.round().astype(np.int16)
+        for path, mask in ((pred_dir / f"{case}{NIFTI}", pred), (gt_dir / f"{case}{NIFTI}", ref)):
+            check_label_mask(path, mask)
+        pred, ref = pred.astype(np.int16), ref.astype(np.int16)
         values = {int(v) for v in np.union1d(np.unique(pred), np.unique(ref))}
         found |= values
         per_case[case] = evaluate_case(pred, ref, voxel_sizes(aff_r), with_values(declared, values))

@@ -90,6 +90,10 @@ def train_fold(dataset: str | int, configuration: str = "2d", fold: str | int = 
     o = options or TrainOptions()
     if o.continue_training and o.overwrite:
         raise SpineautoError("--continue resumes the fold's run and --overwrite replaces it: give one of them")
+    if o.seed is not None and not 0 <= o.seed < 2**32:
+        raise SpineautoError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {o.seed}")
+    if o.num_workers is not None and o.num_workers < 0:
+        raise SpineautoError(f"--num-workers must be >= 0 (0: load data in the training process), got {o.num_workers}")
     dev = resolve_device(o.device)
     info = init_distributed(dev.type)
     try:
