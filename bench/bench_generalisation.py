@@ -56,6 +56,9 @@ VARIANTS: dict[str, dict] = {
     "strong-remap": {"augmentation": {"intensity_curves": 0.8, "inversion": 0.5}},
     "monotone-curves": {"augmentation": {"non_monotone": 0.0}},
     "second-pass": {"localise": {"second_pass": True}},
+    "no-whole-neck": {"augmentation": {"whole_neck": 0.0}},
+    "whole-neck": {"augmentation": {"whole_neck": 0.25}},
+    "whole-neck-half": {"augmentation": {"whole_neck": 0.5}},
 }
 POSTPROCESSINGS = {  # (mask, affine) -> mask
     "as written": lambda m, affine: m,
