@@ -483,12 +483,15 @@ class Trainer:
                 pass
         model = TrainedModel(folder=self.run.model_dir, plans=self.run.plans, plan=self.plan, networks=[self.network],
                              folds=[self.run.fold_dir.name], device=self.device)
-        log.info("validating %d held-out case(s) with the sliding window", len(self.run.val_cases))
+        seen = set(self.run.val_cases) & set(self.run.train_cases)  # -f all (or a fold without its own): trained on
+        cases = "held-out case(s)" if not seen else f"case(s), {len(seen)} of them training cases (not held out: no estimate of unseen data)"
+        which = "" if not seen else " (training cases, not held out)"
+        log.info("validating %d %s with the sliding window", len(self.run.val_cases), cases)
         summary = validate_fold(model, self.run.store, self.run.val_cases, self.run.fold_dir / "validation", raw_labels,
                                 save_probabilities=save_probabilities)
         if "segmentation" in summary:
-            log.info("validation Dice: %s", ", ".join(f"{k} {v:.4f}" for k, v in summary["segmentation"]["mean"].items()))
+            log.info("validation Dice%s: %s", which, ", ".join(f"{k} {v:.4f}" for k, v in summary["segmentation"]["mean"].items()))
         if "classification" in summary:
-            log.info("validation balanced accuracy: %s",
+            log.info("validation balanced accuracy%s: %s", which,
                      ", ".join(f"{h} {m['balanced_accuracy']:.4f}" for h, m in summary["classification"].items()))
         return summary
