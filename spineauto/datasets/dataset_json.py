@@ -1,8 +1,9 @@
 """The raw dataset description: nnU-Net v2's dataset.json plus per-case classification labels.
 
-Any nnU-Net v2 raw dataset works unchanged. spineauto adds two optional keys:
-``heads`` (head name -> its class names) and ``cases`` (case id -> subject, classes, metadata).
-See raw_data_templates/README.md.
+Any nnU-Net v2 raw dataset works unchanged, in any ``file_ending`` :mod:`spineauto.io.formats`
+reads. spineauto adds optional keys: ``heads`` (head name -> its class names), ``cases`` (case id ->
+subject, classes, metadata) and ``pixel_spacing`` (mm per pixel of 2D pictures, which carry no
+geometry: a number or [row, column]; 1 mm when absent). See raw_data_templates/README.md.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class DatasetInfo:
     heads: dict[str, list[str]] = field(default_factory=dict)
     cases: dict[str, CaseInfo] = field(default_factory=dict)
     lesion_labels: list[str] = field(default_factory=list)
+    pixel_spacing: tuple[float, float] | None = None
 
     @property
     def num_channels(self) -> int:
@@ -52,7 +54,11 @@ class DatasetInfo:
         return _cases_in(self.folder / "imagesTs", self.file_ending)
 
     def image_files(self, case: str, split: str = "Tr") -> list[Path]:
-        return [self.folder / f"images{split}" / f"{case}_{int(c):04d}{self.file_ending}" for c in sorted(self.channel_names, key=int)]
+        """The channel files up to the last one present: one RGB picture (or vector image) holds
+        several declared channels (nnU-Net's PNG datasets declare R, G, B with one ``_0000`` file)."""
+        files = [self.folder / f"images{split}" / f"{case}_{int(c):04d}{self.file_ending}" for c in sorted(self.channel_names, key=int)]
+        present = [i for i, f in enumerate(files) if f.is_file()]
+        return files[: present[-1] + 1] if present else files
 
     def label_file(self, case: str, split: str = "Tr") -> Path:
         return self.folder / f"labels{split}" / f"{case}{self.file_ending}"
@@ -120,6 +126,14 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
             problems.append(f"cases[{case!r}] must be an object")
             continue
         cases[case] = CaseInfo(subject=info.get("subject"), classes=dict(info.get("classes") or {}), metadata=dict(info.get("metadata") or {}))
+    pixel_spacing = raw.get("pixel_spacing")
+    if pixel_spacing is not None:
+        pair = pixel_spacing if isinstance(pixel_spacing, list) else [pixel_spacing, pixel_spacing]
+        if len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in pair):
+            problems.append(f"'pixel_spacing' must be a number of mm > 0 or [row, column] mm, not {pixel_spacing!r}")
+            pixel_spacing = None
+        else:
+            pixel_spacing = (float(pair[0]), float(pair[1]))
     try:
         num_training = int(raw.get("numTraining", -1))
     except (TypeError, ValueError):
@@ -131,4 +145,5 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
         folder=folder, name=raw.get("name", folder.name), channel_names={str(k): v for k, v in channels.items()},
         labels={"background": 0, **labels} if labels else {}, num_training=num_training, file_ending=raw["file_ending"],
         heads={k: list(v) for k, v in heads.items()}, cases=cases, lesion_labels=lesion_labels(labels, raw.get("lesion_labels")),
+        pixel_spacing=pixel_spacing,
     )

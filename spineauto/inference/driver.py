@@ -46,6 +46,7 @@ class CaseSource(Protocol):
     def source(self) -> str: ...  # what to name in a message (a file, a series)
     def preprocessed(self, model: TrainedModel) -> tuple[np.ndarray, dict]: ...  # (C, S, H, W) + restore properties
     def write_mask(self, target: Path, labels: np.ndarray) -> Path: ...  # uint8 (X, Y, Z) in the case's own geometry
+    mask_ending: str  # the mask file's ending: the case's own format (".nii.gz", ".png", ".nrrd" ...)
     # optional, for configurations that localise first: preprocessed(model) cropped to a box around
     # ``mask`` ((X, Y, Z) bool in the case's grid) widened by margin_mm; sources without it predict in one pass
     # def preprocessed_around(self, model, mask, margin_mm) -> tuple[np.ndarray, dict]: ...
@@ -131,7 +132,7 @@ def predict_case(model: TrainedModel, case: CaseSource, output: Path, tta: bool 
         warn_undeclared_labels(case.name, res.labels, model.label_values)
     pred = CasePrediction(case.name, res.labels, res.classification)
     if res.labels is not None:
-        mask = case.write_mask(output / f"{case.name}.nii.gz", res.labels)
+        mask = case.write_mask(output / f"{case.name}{case.mask_ending}", res.labels)
         pred.files.append(mask)
         if save_probabilities:
             pred.files.append(write_probabilities(output / f"{case.name}.npz", res.probabilities, mask, model.label_values))

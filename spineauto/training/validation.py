@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 
 class StoredCase:
-    """A preprocessed training case as a case source of the driver."""
+    """A preprocessed training case as a case source of the driver (its mask: NIfTI, whatever the raw format)."""
+
+    mask_ending = ".nii.gz"
 
     def __init__(self, store: CaseStore, name: str):
         self.store, self.name = store, name
@@ -48,10 +50,11 @@ class StoredCase:
         return save_nifti(target, nib.Nifti1Image(labels.astype(np.uint8), affine))
 
     def reference(self, raw_labels: Path | None) -> np.ndarray:
-        if raw_labels is not None and (raw_labels / f"{self.name}.nii.gz").is_file():
-            from spineauto.io.images import read_volume
+        from spineauto.io.images import find_image, read_volume
 
-            return np.rint(read_volume(raw_labels / f"{self.name}.nii.gz")[0]).astype(np.int16)
+        raw = find_image(raw_labels, self.name) if raw_labels is not None else None
+        if raw is not None:
+            return np.rint(read_volume(raw)[0]).astype(np.int16)
         return restore_label_map(np.asarray(self.store.seg(self.name)), self.props)
 
 
