@@ -159,6 +159,7 @@ class TrainerPlan:
     pin_memory: bool | None = None  # None: on for CUDA
     log_every: int = 0  # training iterations between step-level loss/lr logs (W&B, TensorBoard); 0: per epoch only
     val_every: int = 1  # epochs between validation passes (the last epoch always validates)
+    sync_batchnorm: bool = True  # under DDP, BatchNorm layers normalise over the global batch (SyncBatchNorm); false: each rank its own
     loggers: list[str] = field(default_factory=list)  # beside the local files and W&B: tensorboard
     callbacks: list[dict[str, Any]] = field(default_factory=list)  # {name: lr_monitor | model_checkpoint | segmentation_sampler | early_stopping | package.module:Name, ...arguments}
 
