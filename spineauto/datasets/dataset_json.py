@@ -34,6 +34,7 @@ class DatasetInfo:
     cases: dict[str, CaseInfo] = field(default_factory=dict)
     lesion_labels: list[str] = field(default_factory=list)
     pixel_spacing: tuple[float, float] | None = None
+    regions: dict[str, list[int]] = field(default_factory=dict)  # region name -> label-map values (region-based labels)
 
     @property
     def num_channels(self) -> int:
@@ -45,7 +46,8 @@ class DatasetInfo:
 
     @property
     def label_values(self) -> list[int]:
-        return sorted(self.labels.values())
+        """The values a label map may hold (of a region dataset: every value of a region)."""
+        return sorted(set(self.labels.values()) | {v for values in self.regions.values() for v in values})
 
     def training_cases(self) -> list[str]:
         return _cases_in(self.folder / "imagesTr", self.file_ending)
@@ -106,8 +108,13 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
         problems.append("'channel_names' must map channel numbers to names, e.g. {\"0\": \"MRI\"}")
         channels = {}
     labels = raw.get("labels", {})
-    if not isinstance(labels, dict) or (labels and not all(isinstance(v, int) for v in labels.values())):
-        problems.append("'labels' must map label names to integer values (region-based labels are not supported)")
+    regions: dict[str, list[int]] = {}
+    if isinstance(labels, dict) and any(isinstance(v, list) for v in labels.values()):
+        labels, regions = _regions(labels, raw.get("regions_class_order"), problems)
+    elif isinstance(labels, dict) and "regions_class_order" in raw:
+        problems.append("'regions_class_order' is given but no label is a region (a list of values, e.g. \"cord\": [1, 2])")
+    if not isinstance(labels, dict) or (labels and not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values())):
+        problems.append("'labels' must map label names to integer values, or to lists of values for regions (with 'regions_class_order')")
         labels = {}
     if labels and labels.get("background", 0) != 0:
         problems.append("'labels' must have background = 0")
@@ -145,5 +152,28 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
         folder=folder, name=raw.get("name", folder.name), channel_names={str(k): v for k, v in channels.items()},
         labels={"background": 0, **labels} if labels else {}, num_training=num_training, file_ending=raw["file_ending"],
         heads={k: list(v) for k, v in heads.items()}, cases=cases, lesion_labels=lesion_labels(labels, raw.get("lesion_labels")),
-        pixel_spacing=pixel_spacing,
+        pixel_spacing=pixel_spacing, regions=regions,
     )
+
+
+def _regions(labels: dict, order, problems: list[str]) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """nnU-Net's region labels: ``{"background": 0, "cord": [1, 2], "lesion": 2}`` with
+    ``regions_class_order`` (the label value each region is written as, in the order they are painted:
+    a later region overwrites an earlier one) -> (name -> written value, name -> label-map values).
+    spineauto needs the written values to be 1..R (one output channel each)."""
+    names = [k for k in labels if k != "background"]
+    regions = {}
+    for name in names:
+        v = labels[name]
+        values = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+        if not (isinstance(values, list) and values and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in values)):
+            problems.append(f"region {name!r} must be a value > 0 or a list of them, not {v!r}")
+            return {}, {}
+        regions[name] = sorted(set(values))
+    if labels.get("background", 0) not in (0, [0]):
+        problems.append("'labels' must have background = 0")
+    if not (isinstance(order, list) and sorted(order) == list(range(1, len(names) + 1))):
+        problems.append(f"'regions_class_order' must list the value each of the {len(names)} region(s) {names} is written as, "
+                        f"in their order, each of 1..{len(names)} once (e.g. {list(range(1, len(names) + 1))}), not {order!r}")
+        return {}, {}
+    return {"background": 0, **{name: int(o) for name, o in zip(names, order)}}, regions

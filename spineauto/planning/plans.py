@@ -224,6 +224,9 @@ class Plans:
     schema_version: int = SCHEMA_VERSION
     plans_name: str = "spineautoPlans"
     preset: str | None = None
+    # region-based labels (nnU-Net's): region name -> the label-map values it covers, in painting order; the
+    # region is output channel labels[name] (sigmoid) and written as that value, a later region over an earlier
+    regions: dict[str, list[int]] = field(default_factory=dict)
 
     def configuration(self, name: str) -> ConfigurationPlan:
         if name not in self.configurations:
@@ -235,6 +238,18 @@ class Plans:
         """Per-channel statistics in channel order (what CT-style normalisation reads)."""
         props = self.foreground_intensity_properties_per_channel
         return [props[str(c)] for c in range(len(props))]
+
+    @property
+    def region_order(self) -> list[int] | None:
+        """The output channels (= written label values) of the regions in painting order, or None."""
+        return [self.labels[name] for name in self.regions] if self.regions else None
+
+    def members(self, value: int) -> list[int]:
+        """The label-map values that output channel ``value`` stands for: its region's, else just itself."""
+        for name, values in self.regions.items():
+            if self.labels[name] == value:
+                return list(values)
+        return [value]
 
     @property
     def num_classes(self) -> int:

@@ -5,6 +5,7 @@ validates through its own predictor.
 Written to ``fold_k/validation/``: ``<case>.nii.gz`` masks in each case's own voxel grid (with the
 raw image's affine), ``<case>.npz`` probabilities when asked (``train --npz``: what
 ``find_best_configuration`` ensembles from), ``summary.json`` with per-case and mean Dice per label
+(per region for region-based labels: a region's Dice counts every value it covers)
 (against the raw label file when the raw dataset is at hand, else against the preprocessed labels
 restored to the input grid); for classification heads ``<case>.json``, ``classification.csv``,
 ``summary_classification.json`` and confusion matrices.
@@ -73,7 +74,8 @@ def validate_fold(model: TrainedModel, store: CaseStore, cases: list[str], out_d
             if ref.shape != pred.labels.shape:
                 log.warning("%s: reference shape %s differs from the prediction %s; Dice skipped", case.name, ref.shape, pred.labels.shape)
             else:
-                per_case.append({"case": case.name, "dice": {names[v]: dice(pred.labels == v, ref == v) for v in sorted(names)}})
+                per_case.append({"case": case.name, "dice": {names[v]: dice(np.isin(pred.labels, model.plans.members(v)),
+                                                                            np.isin(ref, model.plans.members(v))) for v in sorted(names)}})
         if progress:
             progress(case.name)
 
