@@ -32,7 +32,8 @@ def make_model_folder(preprocessed: Path, results: Path, configuration: str = "2
     folder = results / preprocessed.name / f"spineautoTrainer__spineautoPlans__{configuration}"
     folder.mkdir(parents=True, exist_ok=True)
     plans.save(folder / "plans.json")
-    shutil.copy(preprocessed / "dataset.json", folder / "dataset.json")
+    for name in ("dataset.json", "fingerprint.json"):  # as training writes them
+        shutil.copy(preprocessed / name, folder / name)
     for k in folds:
         torch.manual_seed(seed + (k if isinstance(k, int) else 99))
         net = build_network(cfg, len(plans.channel_names), plans.num_classes)

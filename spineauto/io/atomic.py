@@ -23,7 +23,7 @@ def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; results get the usual permissions
+    os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600; results get the usual permissions
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -36,7 +36,7 @@ def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -9,7 +9,8 @@ folder still moves as a whole. Files that cannot be read are skipped with a warn
 Per-case JSON (``kind`` must be ``"spineauto.pipeline_case"``; other JSON files are ignored)::
 
     {"kind": "spineauto.pipeline_case", "case": str, "source": str,
-     "status": "done"|"stopped"|"failed", "reason": str|null,
+     "status": "done"|"check"|"stopped"|"failed", "reason": str|null,
+     "flags": [{"stage": str, "code": str, "reason": str}],  # quality flags: "check" when any (spineauto.pipeline.qc)
      "stages": [{"stage": "anatomy", "kind": "classification", "model": str, "folds": [str], "head": str,
                  "class": str, "probabilities": {cls: float}, "passed": bool, "seconds": float},
                 {"stage": "cord", "kind": "segmentation", "model": str, "folds": [str],
@@ -42,7 +43,7 @@ from spineauto.io.outputs import check_output_apart
 logger = logging.getLogger(__name__)
 
 KIND = "spineauto.pipeline_case"
-STATUSES = ("done", "stopped", "failed")
+STATUSES = ("done", "check", "stopped", "failed")
 CSV_MEASURES = (("cord_volume_mm3", ("cord", "volume_mm3")), ("cord_csa_mean_mm2", ("cord", "csa_mm2", "mean")),
                 ("cord_length_mm", ("cord", "length_mm")), ("lesion_count", ("lesions", "count")),
                 ("lesion_total_volume_mm3", ("lesions", "total_volume_mm3")))
@@ -133,15 +134,24 @@ def _decision(d: dict, stage: str, head: str) -> tuple[str | None, float | None]
     return None, None
 
 
+def _flags(d: dict) -> list[dict]:
+    return [f for f in d.get("flags") or [] if isinstance(f, dict)]
+
+
+def _flag_codes(d: dict) -> list[str]:
+    """The distinct flag codes of a case, in order."""
+    return list(dict.fromkeys(str(f.get("code", "?")) for f in _flags(d)))
+
+
 def _csv(cases) -> str:
     stages = _classifications(cases)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(escape_row(["case", "status", "reason", *[f"{s}_{h}_{x}" if h != s else f"{s}_{x}" for s, h in stages for x in ("class", "probability")],
+    w.writerow(escape_row(["case", "status", "reason", "flags", *[f"{s}_{h}_{x}" if h != s else f"{s}_{x}" for s, h in stages for x in ("class", "probability")],
                 *[name for name, _ in CSV_MEASURES]]))
     for _, d in cases:
         ms = _dict(d.get("measurements"))
-        w.writerow(escape_row([d["case"], d["status"], str(d.get("reason") or ""), *[v if v is not None else "" for s, h in stages for v in _decision(d, s, h)],
+        w.writerow(escape_row([d["case"], d["status"], str(d.get("reason") or ""), " ".join(_flag_codes(d)), *[v if v is not None else "" for s, h in stages for v in _decision(d, s, h)],
                     *[_get(ms, *keys) if _get(ms, *keys) is not None else "" for _, keys in CSV_MEASURES]]))
     return buf.getvalue()
 

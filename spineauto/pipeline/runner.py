@@ -4,7 +4,10 @@ Every model is loaded once (:meth:`Pipeline.load`); each case is read once and p
 per distinct preprocessing (stages whose plans preprocess alike share it); every stage runs its
 networks once through the case driver's :func:`~spineauto.inference.driver.infer`. Stages run in
 the order anatomy -> location_view -> sequence -> cord -> lesion; a gate may stop a case, a case
-without a cord skips the lesion stage, and the result records why. The lesion stage of a
+without a cord skips the lesion stage, and the result records why. Every stage adds its quality
+flags (:mod:`spineauto.pipeline.qc`): a case that ran through is ``done`` only when nothing is
+flagged, else ``check`` with the flags as its reasons. A stage that raises fails the case but
+keeps what the stages before it found (classes, masks, flags). The lesion stage of a
 cord-ROI model (``plan.roi``) is cropped around the predicted cord; lesion voxels farther than
 ``remove_outside_mm`` from the cord are removed.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from spineauto.inference.driver import infer, localise
 from spineauto.inference.inputs import preprocess_around
 from spineauto.inference.model import TrainedModel, load_model
 from spineauto.inference.roi import restrict_to_roi
+from spineauto.pipeline import qc
 from spineauto.pipeline.config import CLASSIFICATION_STAGES, STAGE_HEADS, ClassifyStage, ModelRef, PipelineConfig, load_pipeline_config
 from spineauto.schema import to_dict
 
@@ -49,8 +54,9 @@ class ScanInput:
 class CaseResult:
     case: str
     source: str
-    status: str = "done"  # done | stopped | failed
+    status: str = "done"  # done | check | stopped | failed
     reason: str | None = None
+    flags: list[dict] = field(default_factory=list)  # {"stage", "code", "reason"}: why a finished case is "check"
     stages: list[dict] = field(default_factory=list)
     classes: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> head -> class
     cord: np.ndarray | None = None  # uint8 (X, Y, Z) in the input grid
@@ -58,10 +64,15 @@ class CaseResult:
     measurements: dict = field(default_factory=dict)
     seconds: float = 0.0
 
+    def flag(self, stage: str, code: str, reason: str) -> None:
+        """One more reason to check this case (any stage may add one: see :mod:`spineauto.pipeline.qc`)."""
+        self.flags.append(qc.flag(stage, code, reason))
+
     def to_dict(self, masks: dict[str, str] | None = None, images: dict[str, str] | None = None) -> dict:
         from spineauto import __version__
 
         return {"kind": CASE_KIND, "case": self.case, "source": self.source, "status": self.status, "reason": self.reason,
+                "flags": self.flags,
                 "stages": [dict(s, mask=(masks or {}).get(s["stage"])) if s["kind"] == "segmentation" else s for s in self.stages],
                 "measurements": self.measurements, "images": images or {},
                 "versions": {"spineauto": __version__, "torch": torch.__version__}, "seconds": round(self.seconds, 3)}
@@ -87,16 +98,20 @@ def _head(model: TrainedModel, head: str | None, where: str) -> str:
 
 
 class Pipeline:
-    def __init__(self, config: PipelineConfig, models: dict[str, TrainedModel], device: torch.device):
+    def __init__(self, config: PipelineConfig, models: dict[str, TrainedModel], device: torch.device,
+                 labels: dict[str, str] | None = None):
         self.config, self.models, self.device = config, models, device
+        self.labels = labels or {}  # stage key -> the model as the case JSON names it (never a temporary folder)
 
     @classmethod
     def load(cls, config: PipelineConfig | Path | str, device: str | torch.device = "auto") -> "Pipeline":
         """From a pipeline YAML, a pipeline bundle (.zip from ``spineauto export --pipeline``) or a config object."""
+        bundle = None
         if not isinstance(config, PipelineConfig):
             path = Path(config)
             if path.suffix == ".zip":
-                path = model_folder_of(path) / "pipeline.yaml"
+                bundle = (path.resolve(), model_folder_of(path))
+                path = bundle[1] / "pipeline.yaml"
             config = load_pipeline_config(path)
         device = device if isinstance(device, torch.device) else resolve_device(device)
         models: dict[str, TrainedModel] = {}
@@ -106,7 +121,7 @@ class Pipeline:
             if identity not in opened:
                 opened[identity] = _open_model(ref, device)
             models[key] = opened[identity]
-        pipeline = cls(config, models, device)
+        pipeline = cls(config, models, device, {key: _model_label(ref, models[key], bundle) for key, ref in config.model_refs().items()})
         pipeline._check_models()
         return pipeline
 
@@ -153,20 +168,41 @@ class Pipeline:
         scan = as_scan(image, name)
         t0 = time.perf_counter()
         result = CaseResult(scan.name, scan.source)
+        result.flags += qc.anatomy_flags(self.config.qc, self._anatomy_classes())
         cache: dict = {}  # preprocessed layouts by preprocessing, inferences by model: this case only
+        stage = "input"
         try:
             for stage in CLASSIFICATION_STAGES:
                 if getattr(self.config, stage) is not None and not self._classify(stage, scan, cache, result):
                     break
             else:
                 if self.config.cord is not None:
+                    stage = "cord"
                     self._segment_cord(scan, cache, result)
                 if self.config.lesion is not None:
+                    stage = "lesion"
                     self._segment_lesion(scan, cache, result)
+                stage = "measurements"
                 self._measure(scan, result)
+        except Exception as e:  # noqa: BLE001 - the case fails; what the stages before found is kept
+            message = str(e) if isinstance(e, SpineautoError) else f"{type(e).__name__}: {e}"
+            log.error("%s: %s failed: %s", scan.name, stage, message)
+            log.debug("%s", traceback.format_exc())
+            result.status, result.reason = "failed", f"{stage}: {message}"
         finally:
             result.seconds = time.perf_counter() - t0
+        if result.status == "done" and result.flags:
+            result.status, result.reason = "check", "; ".join(f["reason"] for f in result.flags)
         return result
+
+    def _anatomy_classes(self) -> list[str] | None:
+        """The classes of the anatomy gate's head (None without a gate)."""
+        stage = self.config.anatomy
+        if stage is None or stage.gate is None:
+            return None
+        model = self.models["anatomy"]
+        head = _head(model, stage.gate.head, "pipeline.anatomy.gate")
+        return list(next(h.classes for h in model.plan.heads if h.name == head))
 
     def _prepared(self, model: TrainedModel, scan: ScanInput, cache: dict, roi: np.ndarray | None = None):
         from spineauto.preprocessing.preprocess import preprocess_array
@@ -178,19 +214,23 @@ class Pipeline:
             return cache[key]
         if scan.data.shape[0] != model.num_channels:
             raise SpineautoError(f"{scan.source or scan.name}: {scan.data.shape[0]} channel(s) but {model.folder.name} expects {model.num_channels}")
-        kwargs = {"roi": roi} if roi is not None else {}
+        kwargs = {"roi": roi} if roi is not None else {"name": scan.source or scan.name}
         layout, _, props = preprocess_array(scan.data, scan.affine, plan, model.intensity, **kwargs)
         if roi is None:
             cache[key] = (layout, props)
         return layout, props
 
-    def _infer(self, key: str, scan: ScanInput, cache: dict, roi: np.ndarray | None = None):
+    def _infer(self, key: str, scan: ScanInput, cache: dict, result: CaseResult, roi: np.ndarray | None = None):
         model = self.models[key]
         t0 = time.perf_counter()
         done = ("inference", id(model))  # one model serving several stages runs once per case
         if roi is None and done in cache:
             out = cache[done]
         else:
+            if ("checked", id(model)) not in cache:  # the scan against the model's training data, once per model
+                cache[("checked", id(model))] = True
+                for f in qc.input_flags(self.config.qc, key.split(":")[0], model, scan.affine, scan.data.shape):
+                    result.flags.append(f)
             layout, props = self._prepared(model, scan, cache, roi)
             out = infer(model, layout, props, scan.name, tta=self.config.tta)
             if roi is None and out.labels is not None and model.plan.localise is not None:  # as `spineauto predict` does
@@ -198,11 +238,11 @@ class Pipeline:
             if roi is None:
                 cache[done] = out
         record = {"stage": key.split(":")[0], "kind": "classification" if out.labels is None else "segmentation",
-                  "model": str(model.folder), "folds": list(model.folds), "seconds": 0.0}
+                  "model": self.labels.get(key, str(model.folder)), "folds": list(model.folds), "seconds": 0.0}
         return model, out, record, t0
 
     def _classify(self, stage: str, scan: ScanInput, cache: dict, result: CaseResult) -> bool:
-        model, out, record, t0 = self._infer(stage, scan, cache)
+        model, out, record, t0 = self._infer(stage, scan, cache, result)
         cls = out.classification
         config = getattr(self.config, stage)
         gate = config.gate
@@ -215,6 +255,8 @@ class Pipeline:
         if head is not None:
             record.update(head=head, **{"class": cls.predicted(head)}, probabilities=record["heads"][head]["probabilities"])
         result.classes[stage] = {h: v["class"] for h, v in record["heads"].items()}
+        result.flags += qc.confidence_flags(self.config.qc, stage, {
+            h: (v["class"], max(v["probabilities"].values())) for h, v in record["heads"].items()})
         passed = True
         if gate is not None:
             p = float(cls.probabilities[head].max())
@@ -243,25 +285,27 @@ class Pipeline:
 
     def _segment_cord(self, scan: ScanInput, cache: dict, result: CaseResult) -> None:
         key = self._cord_model_key(result)
-        model, out, record, t0 = self._infer(key, scan, cache)
+        model, out, record, t0 = self._infer(key, scan, cache, result)
         value = _label_value(model, ("cord", "spinal"), default=1)
         result.cord = (out.labels == value).astype(np.uint8)
         voxels = int(result.cord.sum())
-        record.update(voxels=voxels, skipped=None, seconds=round(time.perf_counter() - t0, 3))
+        record.update(voxels=voxels, skipped=None, seconds=round(time.perf_counter() - t0, 3), qc=list(out.qc))  # e.g. "uncertain cord: ..."
         if voxels < self.config.cord.min_voxels:
             record["note"] = f"no cord found ({voxels} voxel(s) < min_voxels {self.config.cord.min_voxels})"
+            result.flag("cord", "no_cord", record["note"])
         result.stages.append(record)
 
     def _segment_lesion(self, scan: ScanInput, cache: dict, result: CaseResult) -> None:
         stage = self.config.lesion
         model = self.models["lesion"]
         if result.cord is None or int(result.cord.sum()) < self.config.cord.min_voxels:
-            result.stages.append({"stage": "lesion", "kind": "segmentation", "model": str(model.folder), "folds": list(model.folds),
+            result.stages.append({"stage": "lesion", "kind": "segmentation", "model": self.labels.get("lesion", str(model.folder)),
+                                  "folds": list(model.folds),
                                   "skipped": "no cord found: the lesion stage needs the cord", "seconds": 0.0})
             return
         cord = result.cord.astype(bool)
         roi = cord if model.plan.roi is not None else None
-        model, out, record, t0 = self._infer("lesion", scan, cache, roi)
+        model, out, record, t0 = self._infer("lesion", scan, cache, result, roi)
         values = [model.plans.labels[n] for n in model.plans.lesion_labels] or [_label_value(model, ("lesion",), default=1)]
         lesion = np.isin(out.labels, values)
         distance = stage.remove_outside_mm if stage.remove_outside_mm is not None else (
@@ -275,10 +319,23 @@ class Pipeline:
     def _measure(self, scan: ScanInput, result: CaseResult) -> None:
         from spineauto.pipeline.measurements import measure_cord, measure_lesions
 
-        if result.cord is not None and result.cord.any():
-            result.measurements["cord"] = measure_cord(result.cord, scan.affine)
+        if result.cord is not None and result.cord.sum() >= self.config.cord.min_voxels:  # fewer: flagged, not measured
+            cord = measure_cord(result.cord, scan.affine)
+            if cord.get("unmeasurable"):
+                result.flag("cord", "no_cord", f"no measurable cord ({cord['unmeasurable']})")
+            else:
+                result.measurements["cord"] = cord
+                level = result.classes.get("location_view", {}).get("location")
+                result.flags += qc.cord_flags(self.config.qc, result.cord, scan.affine, cord, level)
         if result.lesion is not None:
             result.measurements["lesions"] = measure_lesions(result.lesion, scan.affine)
+
+
+def _model_label(ref: ModelRef, model: TrainedModel, bundle: tuple[Path, Path] | None) -> str:
+    """A model folder's path; inside a pipeline bundle ``<bundle.zip>:models/...``; a model bundle: its zip."""
+    if bundle is not None and model.folder.resolve().is_relative_to(bundle[1].resolve()):
+        return f"{bundle[0]}:{model.folder.resolve().relative_to(bundle[1].resolve()).as_posix()}"
+    return str(ref.bundle) if ref.bundle is not None else str(model.folder)
 
 
 def _label_value(model: TrainedModel, words: tuple[str, ...], default: int) -> int:
