@@ -117,6 +117,28 @@ def convert_images(
     console.print(f"[green]wrote[/] {out}")
 
 
+@convert_app.command("pairs")
+def convert_pairs(
+    images: Path = typer.Argument(..., help="Folder of images (.nii.gz, .nii, .nrrd, .mha, .png, .bmp, .tif; one format)."),
+    masks: Path = typer.Argument(..., help="Folder of masks named as their images (any of those formats; written in the image's)."),
+    dataset: int = typer.Option(..., "-d", "--dataset", help="New dataset id (1-999)."),
+    name: str = typer.Option(..., "--name", help="Dataset name."),
+    label: Optional[List[str]] = typer.Option(None, "--label", help="NAME=VALUE, repeatable, e.g. --label cord=1 --label lesion=2 "
+                                              "(default: the values found, one of them 'foreground')."),
+    mask_suffix: str = typer.Option("", "--mask-suffix", help="Masks are named <image stem><SUFFIX>, e.g. _mask."),
+    spacing: Optional[float] = typer.Option(None, "--spacing", help="Pixel size in mm of 2D pictures (.png/.bmp/.tif; default 1)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset of that name."),
+):
+    """Pair IMAGES/x with MASKS/x by name into Dataset<ID>_<NAME>: pairs to imagesTr/labelsTr, images without a mask to imagesTs."""
+    from spineauto import paths
+    from spineauto.cli_views import pairs_summary
+    from spineauto.datasets.pairs import convert_pairs as run, parse_labels
+
+    report = run(images, masks, paths.root("raw") / paths.dataset_name(dataset, name), labels=parse_labels(label),
+                 mask_suffix=mask_suffix, pixel_spacing=spacing, overwrite=overwrite)
+    pairs_summary(console, report)
+
+
 @app.command("pretrain")
 def pretrain(
     sources: List[Path] = typer.Argument(..., help="Supervised: one class-folder tree (ROOT/<class>/.../<image>). Self-supervised: any "

@@ -124,3 +124,18 @@ def plan_summary(console: Console, result) -> None:
             t.add_row(label, value, cfg.reasons.get(key, ""))
         console.print(t)
     console.print(f"plans: {result.folder / 'plans.json'}  ({result.written} case(s) preprocessed, others up to date)")
+
+
+def pairs_summary(console: Console, report) -> None:
+    """What ``convert pairs`` matched: the pairs, the images without a mask (test cases), the labels."""
+    table = Table(title=f"{len(report.pairs)} image/mask pair(s)")
+    for col in ("case", "image", "mask"):
+        table.add_column(col)
+    for case, (image, mask) in report.pairs.items():
+        table.add_row(case, image.name, mask.name)
+    console.print(table)
+    if report.images_without_mask:
+        console.print(f"[yellow]{len(report.images_without_mask)} image(s) without a mask[/] (imagesTs): "
+                      + ", ".join(p.name for p in report.images_without_mask))
+    console.print("labels: " + ", ".join(f"{k}={v}" for k, v in report.labels.items()))
+    console.print(f"[green]wrote[/] {report.dataset}")

@@ -107,6 +107,60 @@ def test_of_two_long_tubes_the_cord_component_is_the_one_on_the_midline():
     np.testing.assert_array_equal(keep_cord_component(seg, 1, affine), out)
 
 
+def _neck_centred_on_the_vertebral_body(seed: int):
+    """A whole-neck axial phantom (2.5x field of view) whose network output marks the cord, the
+    vertebral bodies and discs (a tube on the midline 15 mm in front of the cord, as a network that
+    never saw a neck marks them) and the vessels, cropped so that the field of view is centred on
+    the vertebral body, as a whole-neck scan is. Returns (output, cord, body, affine)."""
+    from spineauto.datasets.phantoms import BONE, DISC, GM, VESSEL, WM, PhantomSpec, render_phantom
+
+    p = render_phantom(PhantomSpec("T2w", "axial", "cervical", 0, seed, fov_scale=2.5))
+    codes, affine = p.tissues, p.label.affine
+    cord = np.isin(codes, (WM, GM))
+    body = np.isin(codes, (BONE, DISC))
+    centre = np.round(np.argwhere(body).mean(0)).astype(int)
+    half = np.minimum(centre, np.array(codes.shape) - 1 - centre)
+    crop = (slice(centre[0] - half[0], centre[0] + half[0] + 1), slice(centre[1] - half[1], centre[1] + half[1] + 1), slice(None))
+    out = (cord | body | (codes == VESSEL)).astype(np.uint8)[crop]
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, :3] @ np.array([crop[0].start, crop[1].start, 0]) + affine[:3, 3]
+    return out, cord[crop], body[crop], shifted
+
+
+@pytest.mark.parametrize("seed", range(4))  # LAS and LPS grids among them: posterior is read from the affine
+def test_cord_component_is_the_tube_behind_the_vertebral_body_and_says_it_was_uncertain(seed):
+    """The vertebral body / disc column is the tube nearest a whole-neck field of view's centre, on
+    the midline and larger than the cord: the cord lies behind it, and the choice is flagged."""
+    from spineauto.inference.postprocessing import UNCERTAIN_CORD, choose_cord_component
+
+    out, cord, body, affine = _neck_centred_on_the_vertebral_body(seed)
+    choice = choose_cord_component(out, 1, affine)
+    np.testing.assert_array_equal(choice.seg == 1, cord)
+    (reason,) = choice.reasons
+    assert reason.startswith(f"{UNCERTAIN_CORD}: 2 tubes on the midline") and "mm behind one of" in reason
+    behind = float(reason.split(" mm behind")[0].rsplit(" ", 1)[1])
+    assert 12 <= behind <= 20  # the cervical body's centre: canal + cortex + half the body in front of the cord's
+    plain = choose_cord_component(np.where(body, 0, out), 1, affine)
+    assert plain.reasons == [] and (plain.seg == 1).sum() == cord.sum()  # the cord and the vessels alone: a clear choice
+
+
+def test_cord_component_does_not_reach_past_the_spinal_canal():
+    """A tube on the midline 45 mm behind the most central one (the neck muscles, past the spinous
+    processes) is not the cord; one 15 mm behind is."""
+    from spineauto.inference.postprocessing import CANAL_DEPTH_MM, choose_cord_component
+
+    seg = np.zeros((60, 120, 10), np.uint8)
+    seg[28:33, 58:63, :] = 1  # the most central tube: x 30, y 60 (RAS: larger y is anterior)
+    seg[28:33, 13:18, :] = 1  # 45 voxels = 45 mm behind it
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    assert 45 > CANAL_DEPTH_MM
+    choice = choose_cord_component(seg, 1, affine)
+    assert choice.seg[30, 60, 5] == 1 and choice.seg[30, 15, 5] == 0 and choice.reasons == []
+    seg[28:33, 43:48, :] = 1  # 15 mm behind: the cord behind a vertebral body
+    choice = choose_cord_component(seg, 1, affine)
+    assert choice.seg[30, 45, 5] == 1 and (choice.seg == 1).sum() == 250 and len(choice.reasons) == 1
+
+
 @pytest.mark.parametrize("sagittal", [False, True])
 def test_cord_component_read_in_chunks_of_levels_gives_the_same_mask(sagittal, monkeypatch):
     """The cross-section statistics read a few levels at a time (memory bounded by the chunk) pick the
@@ -240,6 +294,41 @@ def test_localise_on_a_scene_without_a_tube_keeps_what_the_first_pass_found(brig
     pred = predict_case(bright_model, InputCase("scene", [path]), tmp_path / "out", tta=False)
     labels = np.asarray(nib.load(str(pred.files[0])).dataobj)
     assert labels[4:30, 4:30, 4:8].all()  # the block is the only component: localised on it, kept
+
+
+def test_predict_keeps_the_tube_behind_and_writes_why_the_cord_was_uncertain(bright_model, tmp_path, monkeypatch):
+    """Two bright tubes on the midline, the front one (a vertebral body) at the field of view's
+    centre: predict keeps the one behind, and ``<case>.json`` says "uncertain cord" with the reason;
+    a rerun on a scan with one tube removes that file."""
+    import json
+
+    import nibabel as nib
+
+    from spineauto.inference.driver import SEGMENTATION_KIND, predict_case
+    from spineauto.inference.inputs import InputCase
+    from spineauto.planning.plans import LocalisePlan
+
+    monkeypatch.setattr(bright_model.plan, "localise", LocalisePlan(margin_mm=5.0))
+    rng = np.random.default_rng(1)
+    img = 1.0 + 0.01 * rng.standard_normal((96, 96, 12))  # no island brighter than the mean
+    xx, yy = np.mgrid[:96, :96]  # RAS grid: larger y (second axis) is anterior
+    body = ((xx - 48) ** 2 + (yy - 48) ** 2) <= 64
+    cord = ((xx - 48) ** 2 + (yy - 23) ** 2) <= 25  # 25 voxels = 15 mm behind the body's centre
+    img[body] = img[cord] = 4.0
+    path = tmp_path / "scene_0000.nii.gz"
+    nib.save(nib.Nifti1Image(img.astype(np.float32), np.diag([0.6, 0.6, 4.0, 1.0])), str(path))
+    out = tmp_path / "out"
+    pred = predict_case(bright_model, InputCase("scene", [path]), out, tta=False)
+    labels = np.asarray(nib.load(str(pred.files[0])).dataobj)
+    assert labels[48, 23].all() and not labels[48, 48].any()
+    record = json.loads((out / "scene.json").read_text())
+    assert record["kind"] == SEGMENTATION_KIND and record["mask"] == "scene.nii.gz"
+    (reason,) = record["qc"]
+    assert reason.startswith("uncertain cord: 2 tubes on the midline") and " 15 mm behind" in reason
+    img[body] = 1.0
+    nib.save(nib.Nifti1Image(img.astype(np.float32), np.diag([0.6, 0.6, 4.0, 1.0])), str(path))
+    pred = predict_case(bright_model, InputCase("scene", [path]), out, tta=False)
+    assert pred.qc == [] and not (out / "scene.json").exists()
 
 
 def test_find_best_postprocessing_chooses_the_cord_component_where_the_largest_is_a_blob(tmp_path):

@@ -180,6 +180,20 @@ def test_ddp_two_cpu_processes_keep_weights_identical(phantoms, tmp_path):
     assert all(torch.equal(start["network"][k], r0[k]) for k in r0)
 
 
+def test_ddp_batchnorm_layers_normalise_over_the_global_batch_on_both_ranks(phantoms, tmp_path):
+    """A BatchNorm U-Net under two gloo processes: SyncBatchNorm (the default) leaves both ranks with the
+    same running statistics (each rank's own BatchNorm would end with its own last batch's)."""
+    r0, r1 = torchrun_training(tmp_path, 2, 0, f"""epochs=1, iters_per_epoch=3, val_iters=1, device="cpu", wandb="disabled",
+             num_workers=0, results=r"{phantoms / 'syncbn'}", validate=False, config_set=["network.norm=batch"]""")
+    stats = [k for k in r0 if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert any(r0[k].abs().sum() > 0 for k in stats if k.endswith("running_mean"))  # they moved from their initial zeros
+    fold = phantoms / "syncbn" / DATASET / "spineautoTrainer__spineautoPlans__2d" / "fold_0"
+    net = json.loads((phantoms / "preprocessed" / DATASET / "plans.json").read_text())["configurations"]["2d"]["network"]
+    convs = sum(net["n_conv_per_stage"]) + sum(net["n_conv_per_stage_decoder"])  # one norm after each
+    assert json.loads((fold / "config.json").read_text())["runtime"]["sync_batchnorm_layers"] == convs
+
+
 def test_amp_bf16_on_cpu_and_fold_all(phantoms, caplog):
     """-f all validates on its training cases and says so (never "held-out")."""
     with caplog.at_level("INFO", logger="spineauto"):

@@ -314,8 +314,8 @@ def _place_lesions(rng: np.random.Generator, a: _Anatomy, pts: np.ndarray, cord:
     return lesions
 
 
-def render_phantom(spec: PhantomSpec) -> Phantom:
-    """The phantom of ``spec`` with its tissue map (for tests and for checking contrasts)."""
+def _sampled_anatomy(spec: PhantomSpec):
+    """The anatomy, generator, table position, grid, sample points, tissue codes and cord radii of ``spec``."""
     spec.validate()
     anat_seed = spec.seed if spec.subject_seed is None else spec.subject_seed
     anatomy = _draw_anatomy(np.random.default_rng([anat_seed, 0]), spec.location, spec.anatomy)
@@ -324,6 +324,19 @@ def render_phantom(spec: PhantomSpec) -> Phantom:
     grid = _draw_grid(rng, spec.view, origin, float(spec.fov_scale))
     pts = _local_points(grid, origin)
     codes, rnorm = _tissue_map(anatomy, pts)
+    return anatomy, rng, origin, grid, pts, codes, rnorm
+
+
+def phantom_tissues(spec: PhantomSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The tissue map (uint8 codes of TISSUES at each voxel centre, no lesions) and the affine of
+    ``spec``'s phantom, without rendering an image: a label map to draw intensities on."""
+    _, _, _, grid, _, codes, _ = _sampled_anatomy(spec)
+    return codes.reshape(grid.shape), grid.affine
+
+
+def render_phantom(spec: PhantomSpec) -> Phantom:
+    """The phantom of ``spec`` with its tissue map (for tests and for checking contrasts)."""
+    anatomy, rng, origin, grid, pts, codes, rnorm = _sampled_anatomy(spec)
     cord = (codes == WM) | (codes == GM)
     try:
         lesions = _place_lesions(rng, anatomy, pts, cord, rnorm, grid.shape, int(spec.lesions)) if spec.lesions else []

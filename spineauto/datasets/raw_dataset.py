@@ -69,10 +69,13 @@ def write_dataset_json(
     channel_names: dict[str, str] | None = None,
     class_order: dict[str, Sequence[str]] | None = None,
     lesion_labels: Sequence[str] | None = None,
+    file_ending: str = ".nii.gz",
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``folder/dataset.json``: nnU-Net v2's keys plus ``heads`` and ``cases``.
 
-    ``lesion_labels`` (label names), when given and not empty, is written after ``labels``.
+    ``lesion_labels`` (label names), when given and not empty, is written after ``labels``;
+    ``extra`` keys (e.g. ``pixel_spacing``) after ``file_ending``.
 
     A head is declared only when at least two classes of it occur in ``cases``; the per-case classes
     of a head that is dropped are removed too (``cases[id]['classes']`` is edited in place). Heads and
@@ -98,7 +101,8 @@ def write_dataset_json(
         "labels": labels,
         **({"lesion_labels": list(lesion_labels)} if lesion_labels else {}),
         "numTraining": num_training,
-        "file_ending": ".nii.gz",
+        "file_ending": file_ending,
+        **(extra or {}),
         "heads": heads,
         "cases": cases,
     })

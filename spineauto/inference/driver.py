@@ -9,7 +9,10 @@ output the driver writes, as the configuration has them:
 
 - ``<case>.nii.gz``: labels restored to the input's exact grid, postprocessed;
 - ``<case>.npz``: probabilities in the input's grid (``save_probabilities``), for ensembles;
-- ``<case>.json`` and ``classification.csv``: each head's class and probabilities.
+- ``<case>.json`` and ``classification.csv``: each head's class and probabilities;
+- ``<case>.json`` of a segmentation whose output may be wrong: ``qc``, a list of reasons (today the cord
+  choice's "uncertain cord: ...", :func:`~spineauto.inference.postprocessing.choose_cord_component`);
+  a classification's ``<case>.json`` carries the same ``qc`` list (empty when nothing was doubtful).
 
 Every write is atomic; a failing case (a :class:`~spineauto.errors.SpineautoError`, an OS error
 while reading or writing, or any other error of that case) leaves none of its files behind, the
@@ -32,11 +35,13 @@ from spineauto.inference.classify import CaseClassification, aggregate_slices, w
 from spineauto.inference.export import (check_writable, error_message, failures_error, remove_case_outputs, remove_temporaries,
                                         warn_undeclared_labels, write_probabilities, writing)
 from spineauto.inference.model import TrainedModel
-from spineauto.inference.postprocessing import apply_postprocessing, keep_cord_component, superior_axis
+from spineauto.inference.postprocessing import apply_postprocessing, choose_cord_component, superior_axis
 from spineauto.inference.predictor import run_networks
 from spineauto.inference.restore import Restoration
+from spineauto.io.atomic import write_json
 
 log = logging.getLogger(__name__)
+SEGMENTATION_KIND = "spineauto.segmentation"  # <case>.json of a segmentation with quality-control reasons
 
 
 class CaseSource(Protocol):
@@ -46,6 +51,7 @@ class CaseSource(Protocol):
     def source(self) -> str: ...  # what to name in a message (a file, a series)
     def preprocessed(self, model: TrainedModel) -> tuple[np.ndarray, dict]: ...  # (C, S, H, W) + restore properties
     def write_mask(self, target: Path, labels: np.ndarray) -> Path: ...  # uint8 (X, Y, Z) in the case's own geometry
+    mask_ending: str  # the mask file's ending: the case's own format (".nii.gz", ".png", ".nrrd" ...)
     # optional, for configurations that localise first: preprocessed(model) cropped to a box around
     # ``mask`` ((X, Y, Z) bool in the case's grid) widened by margin_mm; sources without it predict in one pass
     # def preprocessed_around(self, model, mask, margin_mm) -> tuple[np.ndarray, dict]: ...
@@ -57,6 +63,7 @@ class CasePrediction:
     labels: np.ndarray | None  # (X, Y, Z) uint8 in the input's grid, postprocessed; None without segmentation
     classification: CaseClassification | None
     files: list[Path] = field(default_factory=list)
+    qc: list[str] = field(default_factory=list)  # quality-control reasons, e.g. "uncertain cord: ..."
 
 
 @dataclass
@@ -74,6 +81,7 @@ class CaseInference:
     labels: np.ndarray | None  # (X, Y, Z) uint8, postprocessed; None without segmentation
     probabilities: np.ndarray | None  # (K, X, Y, Z) float32 when asked
     classification: CaseClassification | None
+    qc: list[str] = field(default_factory=list)  # why the output may be wrong (the cord choice's "uncertain cord: ...")
 
 
 def infer(model: TrainedModel, layout: np.ndarray, props: dict, case: str, tta: bool = True, batch_slices: int | None = None,
@@ -81,10 +89,11 @@ def infer(model: TrainedModel, layout: np.ndarray, props: dict, case: str, tta: 
     """Run the networks once over a preprocessed case and restore what the configuration outputs."""
     restoration = Restoration(props, probabilities) if model.plan.has_segmentation else None  # fed slab by slab
     out = run_networks(model.networks, layout, model.plan, model.device, tta=tta, batch_slices=batch_slices,
-                       seg_sink=restoration.add if restoration else None)
+                       seg_sink=restoration.add if restoration else None, region_order=model.plans.region_order)
     result = CaseInference(None, None, None)
     if restoration is not None:
-        result.labels = apply_postprocessing(restoration.labels(), model.postprocessing, np.asarray(props["geometry"]["affine"], float))
+        result.labels = apply_postprocessing(restoration.labels(), model.postprocessing, np.asarray(props["geometry"]["affine"], float),
+                                             qc=result.qc)
         if probabilities:
             result.probabilities = restoration.probabilities()
     if out.cls is not None:
@@ -103,7 +112,8 @@ def localise(model: TrainedModel, case: CaseSource, first: CaseInference, props:
     loc = model.plan.localise
     value = model.plans.labels[loc.label]
     affine = np.asarray(props["geometry"]["affine"], dtype=float)
-    first.labels = keep_cord_component(first.labels, value, affine)
+    choice = choose_cord_component(first.labels, value, affine)
+    first.labels, first.qc = choice.seg, _merge(first.qc, choice.reasons)
     cord = first.labels == value
     if not loc.second_pass or not cord.any():
         return first
@@ -112,9 +122,14 @@ def localise(model: TrainedModel, case: CaseSource, first: CaseInference, props:
     along = np.broadcast_to(cord.any(axis=si, keepdims=True), cord.shape)
     layout, box_props = case.preprocessed_around(model, along, loc.margin_mm)
     second = infer(model, layout, box_props, case.name, tta, batch_slices, probabilities)
-    second.labels = keep_cord_component(second.labels, value, affine)
+    choice = choose_cord_component(second.labels, value, affine)
+    second.labels, second.qc = choice.seg, _merge(second.qc, choice.reasons)
     second.classification = first.classification
     return second
+
+
+def _merge(a: list[str], b: list[str]) -> list[str]:
+    return a + [r for r in b if r not in a]
 
 
 def predict_case(model: TrainedModel, case: CaseSource, output: Path, tta: bool = True, save_probabilities: bool = False,
@@ -129,17 +144,23 @@ def predict_case(model: TrainedModel, case: CaseSource, output: Path, tta: bool 
         res = localise(model, case, res, props, tta, batch_slices, save_probabilities)
     if res.labels is not None:
         warn_undeclared_labels(case.name, res.labels, model.label_values)
-    pred = CasePrediction(case.name, res.labels, res.classification)
+    pred = CasePrediction(case.name, res.labels, res.classification, qc=list(res.qc))
+    for reason in pred.qc:
+        log.warning("%s: %s", case.name, reason)
     if res.labels is not None:
-        mask = case.write_mask(output / f"{case.name}.nii.gz", res.labels)
+        mask = case.write_mask(output / f"{case.name}{case.mask_ending}", res.labels)
         pred.files.append(mask)
         if save_probabilities:
             pred.files.append(write_probabilities(output / f"{case.name}.npz", res.probabilities, mask, model.label_values))
+    extra = {"source": case.source, "folds": list(model.folds), "configuration": model.plan.name}
+    if pred.files:
+        extra["mask"] = pred.files[0].name
     if res.classification is not None:
-        extra = {"source": case.source, "folds": list(model.folds), "configuration": model.plan.name}
-        if pred.files:
-            extra["mask"] = pred.files[0].name
-        pred.files.append(write_case_json(output, res.classification, extra))
+        pred.files.append(write_case_json(output, res.classification, {**extra, "qc": pred.qc}))
+    elif pred.qc:  # a segmentation says why it may be wrong in <case>.json
+        pred.files.append(write_json(output / f"{case.name}.json", {"kind": SEGMENTATION_KIND, "case": case.name, **extra, "qc": pred.qc}))
+    else:
+        (output / f"{case.name}.json").unlink(missing_ok=True)  # an earlier run's reasons no longer hold
     return pred
 
 

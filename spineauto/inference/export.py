@@ -25,22 +25,11 @@ import numpy as np
 
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import save_nifti, write_atomic
-from spineauto.io.images import load_nifti
+from spineauto.io.formats import IMAGE_ENDINGS
+from spineauto.io.images import load_nifti, mask_image
 
 log = logging.getLogger(__name__)
-CASE_ENDINGS = (".nii.gz", ".npz", ".json")  # the files a case may have in an output folder
-
-
-def mask_image(labels: np.ndarray, header: nib.Nifti1Header, shape: tuple[int, ...]) -> nib.Nifti1Image:
-    hdr = header.copy()
-    hdr.set_data_dtype(np.uint8)
-    hdr["cal_min"], hdr["cal_max"] = 0, 0  # the image's display window would hide a 0..K mask
-    hdr["intent_code"] = 0
-    img = nib.Nifti1Image(labels.astype(np.uint8).reshape(shape), None, hdr)
-    img.set_sform(header.get_sform(), int(header["sform_code"]))
-    img.set_qform(header.get_qform(), int(header["qform_code"]))
-    img.header.set_slope_inter(1.0, 0.0)
-    return img
+CASE_ENDINGS = (*IMAGE_ENDINGS, ".npz", ".json")  # the files a case may have in an output folder (a mask in its input's format)
 
 
 def write_mask(target: Path, labels: np.ndarray, header: nib.Nifti1Header | None = None, shape=None, sitk_reference=None) -> Path:

@@ -44,6 +44,19 @@ class TrainedModel:
         return len(self.plans.channel_names)
 
     @property
+    def pixel_spacing(self) -> tuple[float, float] | None:
+        """The mm per pixel its dataset declares for 2D pictures (``dataset.json`` ``pixel_spacing``), or None."""
+        from spineauto.io.atomic import read_json
+
+        try:
+            value = read_json(self.folder / "dataset.json").get("pixel_spacing")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if value is None:
+            return None
+        return (float(value[0]), float(value[1])) if isinstance(value, list) else (float(value), float(value))
+
+    @property
     def label_values(self) -> list[int]:
         return sorted(set(self.plans.labels.values()))
 

@@ -7,6 +7,7 @@ ensemble apply it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -45,49 +46,91 @@ MAX_CORD_RADIUS_MM = 8.0  # RMS in-plane radius of a cord cross-section, at most
 # (a filled ellipse of about 13 x 8 mm), so an enlargement or a cord with some CSF still counts as a tube
 LONG_FRACTION = 0.75  # tubes crossing at least this share of the most levels any tube crosses are candidates
 MIDLINE_WEIGHT = 2.0  # left-right offset from the field of view's centre counts this much more than front-back
+MIDLINE_TOLERANCE_MM = 10.0  # tubes within this left-right distance of the most central one lie on the same midline
+CANAL_DEPTH_MM = 25.0  # how far behind the most central tube the cord may lie: the vertebral body's centre is ~15 mm
+# (cervical) to ~20 mm (thoracic) in front of the cord's (half the canal, the cortex, half a body 15-25 mm deep), a
+# disc's the same; farther back lie the spinous processes, the fat between them and the neck muscles
+UNCERTAIN_CORD = "uncertain cord"  # how every cord-choice QC reason begins
+
+
+@dataclass
+class CordChoice:
+    """What :func:`choose_cord_component` kept and why it may be wrong."""
+
+    seg: np.ndarray  # the label map with every other component of the label set to background
+    reasons: list[str] = field(default_factory=list)  # "uncertain cord: ..." lines; empty when the choice was clear
 
 
 def keep_cord_component(seg: np.ndarray, label: int, affine: np.ndarray) -> np.ndarray:
-    """``seg`` with every component of ``label`` but the one that is most a cord set to background.
+    """``seg`` with every component of ``label`` but the one that is most a cord set to background
+    (:func:`choose_cord_component`)."""
+    return choose_cord_component(seg, label, affine).seg
 
-    The cord is a long tube on the body's midline:
+
+def choose_cord_component(seg: np.ndarray, label: int, affine: np.ndarray) -> CordChoice:
+    """Keep the component of ``label`` that is most a cord, and say when that choice is uncertain.
+
+    The cord is a long tube on the body's midline, behind the vertebral bodies:
 
     1. *tube*: at every axial level its cross-section is one compact disc (mean RMS radius at most
        :data:`MAX_CORD_RADIUS_MM`); sheets of fat, muscle outlines and merged islands are wider;
     2. *long*: it crosses more axial levels (voxel planes across the axis closest to world S-I) than
        false islands; every tube crossing at least :data:`LONG_FRACTION` of the most levels any tube
        crosses is a candidate (a cord the network missed on an end slice still counts);
-    3. *midline*: spine scans are centred on the spine, so of the candidates the one nearest the
-       field of view's centre is kept, left-right offsets weighted :data:`MIDLINE_WEIGHT` x (the cord
-       lies on the mid-sagittal plane; its front-back place varies with the field of view), which
-       sets it apart from vessels and fat that run alongside.
+    3. *midline*: spine scans are centred on the spine, so the candidate nearest the field of view's
+       centre, left-right offsets weighted :data:`MIDLINE_WEIGHT` x (the cord lies on the
+       mid-sagittal plane), sets the midline; this rules out vessels and fat that run alongside;
+    4. *posterior*: on that midline, the vertebral bodies, discs, oesophagus and trachea lie in front
+       of the cord, and a network that never saw a whole neck marks them as tubes too (a whole-neck
+       field of view is centred on the vertebral body, not on the cord). Of the candidates within
+       :data:`MIDLINE_TOLERANCE_MM` left-right of the most central one and at most
+       :data:`CANAL_DEPTH_MM` behind it, the most posterior (world RAS y) is kept.
 
-    When no component is a tube, all count as tubes.
+    ``reasons`` says "uncertain cord: ..." when the choice rested on rule 4 (another tube on the
+    midline in front of or behind the kept one), when two tubes off each other's midline are about
+    as central, or when no component is a tube. When no component is a tube, all count as tubes.
     """
     import cc3d
 
     mask = seg == label
     if not mask.any():
-        return seg
+        return CordChoice(seg)
     comps = cc3d.connected_components(mask.astype(np.uint8), connectivity=26)
     n = int(comps.max())
     if n <= 1:
-        return seg
+        return CordChoice(seg)
     affine = np.asarray(affine, dtype=float)
     levels, radius, voxels, coords = _cross_sections(comps, n, superior_axis(affine), np.linalg.norm(affine[:3, :3], axis=0))
+    reasons = []
     tube = radius <= MAX_CORD_RADIUS_MM
     tube[0] = False
     if not tube.any():
         tube[1:] = True
+        reasons.append(f"{UNCERTAIN_CORD}: none of the {n} components is a tube (mean cross-section radius > "
+                       f"{MAX_CORD_RADIUS_MM:g} mm); kept the most central of the longest")
     candidates = tube & (levels >= LONG_FRACTION * levels[tube].max())
-    centroid = coords / np.maximum(voxels, 1)[:, None]
-    world = centroid @ affine[:3, :3].T + affine[:3, 3]
+    world = (coords / np.maximum(voxels, 1)[:, None]) @ affine[:3, :3].T + affine[:3, 3]
     centre = affine[:3, :3] @ ((np.array(seg.shape[:3]) - 1) / 2.0) + affine[:3, 3]
-    offset = MIDLINE_WEIGHT * np.abs(world[:, 0] - centre[0]) + np.abs(world[:, 1] - centre[1])
-    best = int(np.argmin(np.where(candidates, offset, np.inf)))
+    offset = np.where(candidates, MIDLINE_WEIGHT * np.abs(world[:, 0] - centre[0]) + np.abs(world[:, 1] - centre[1]), np.inf)
+    central = int(np.argmin(offset))
+    lr = np.abs(world[:, 0] - world[central, 0])
+    behind = world[central, 1] - world[:, 1]  # mm posterior of the most central candidate (RAS: y is anterior)
+    midline = candidates & (lr <= MIDLINE_TOLERANCE_MM) & (behind <= CANAL_DEPTH_MM)
+    best = int(np.argmax(np.where(midline, behind, -np.inf)))
+    others = [int(c) for c in np.flatnonzero(midline) if c != best]
+    if others:
+        front = max(others, key=lambda c: world[c, 1])
+        reasons.append(f"{UNCERTAIN_CORD}: {len(others) + 1} tubes on the midline; kept the most posterior "
+                       f"({int(voxels[best])} voxels on {int(levels[best])} levels), "
+                       f"{world[front, 1] - world[best, 1]:.0f} mm behind one of {int(voxels[front])} voxels on "
+                       f"{int(levels[front])} levels (the cord lies behind the vertebral bodies)")
+    rival = [int(c) for c in np.flatnonzero(candidates & ~midline) if offset[c] <= offset[central] + MIDLINE_TOLERANCE_MM]
+    if rival:
+        reasons.append(f"{UNCERTAIN_CORD}: a tube {lr[rival[0]]:.0f} mm to the side is about as central "
+                       f"({int(voxels[rival[0]])} voxels on {int(levels[rival[0]])} levels)")
     out = seg.copy()
     out[mask & (comps != best)] = 0
-    return out
+    return CordChoice(out, reasons)
 
 
 CHUNK_VOXELS = 2 ** 22  # voxels of the component map read at a time by _cross_sections
@@ -122,15 +165,20 @@ def _cross_sections(comps: np.ndarray, n: int, axis: int, spacing: np.ndarray) -
     return levels, radius_sum / np.maximum(levels, 1), voxels, coords
 
 
-def apply_postprocessing(seg: np.ndarray, postprocessing: dict, affine: np.ndarray | None = None) -> np.ndarray:
-    """The decided postprocessing; ``cord_component_labels`` need the mask's ``affine`` (where S-I is)."""
+def apply_postprocessing(seg: np.ndarray, postprocessing: dict, affine: np.ndarray | None = None,
+                         qc: list[str] | None = None) -> np.ndarray:
+    """The decided postprocessing; ``cord_component_labels`` need the mask's ``affine`` (where S-I is).
+    ``qc``, when given, receives the cord choice's "uncertain cord: ..." reasons."""
     for label in postprocessing.get("largest_component_labels", []):
         seg = keep_largest_component(seg, int(label))
     cord = postprocessing.get("cord_component_labels", [])
     if cord and affine is None:
         raise ValueError("apply_postprocessing: cord_component_labels need the mask's affine")
     for label in cord:
-        seg = keep_cord_component(seg, int(label), affine)
+        choice = choose_cord_component(seg, int(label), affine)
+        seg = choice.seg
+        if qc is not None:
+            qc.extend(choice.reasons)
     return seg
 
 

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 def predict_folder(model: TrainedModel, source: Path, output: Path, tta: bool = True, save_probabilities: bool = False,
                    batch_slices: int | None = None, progress: Callable[[str, int, int], None] | None = None,
                    roi: Path | None = None, num_parts: int = 1, part_id: int = 0) -> PredictResult:
-    """Predict every case found in ``source`` (NIfTI file or folder, DICOM series) into ``output``.
+    """Predict every case found in ``source`` (an image file or folder of any format spineauto reads, DICOM
+    series) into ``output``; masks are written in each input's own format.
 
     ``roi``: a folder of ``<case>.nii.gz`` masks (value > 0), required by a configuration with an
     roi (``2d_cord_roi``: the cord predicted by another model) and refused by the others.
@@ -34,7 +35,7 @@ def predict_folder(model: TrainedModel, source: Path, output: Path, tta: bool = 
     """
     shard([], num_parts, part_id)  # the options checked before any case is read
     check_output_apart([source, roi], output, within=[model.folder])
-    cases = discover_cases(source, model.num_channels)
+    cases = discover_cases(source, model.num_channels, model.pixel_spacing)
     if not cases:
         raise SpineautoError(f"{source}: no input cases found")
     found, cases = len(cases), shard(cases, num_parts, part_id)

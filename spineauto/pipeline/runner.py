@@ -289,7 +289,7 @@ class Pipeline:
         value = _label_value(model, ("cord", "spinal"), default=1)
         result.cord = (out.labels == value).astype(np.uint8)
         voxels = int(result.cord.sum())
-        record.update(voxels=voxels, skipped=None, seconds=round(time.perf_counter() - t0, 3))
+        record.update(voxels=voxels, skipped=None, seconds=round(time.perf_counter() - t0, 3), qc=list(out.qc))  # e.g. "uncertain cord: ..."
         if voxels < self.config.cord.min_voxels:
             record["note"] = f"no cord found ({voxels} voxel(s) < min_voxels {self.config.cord.min_voxels})"
             result.flag("cord", "no_cord", record["note"])

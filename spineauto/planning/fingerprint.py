@@ -60,6 +60,7 @@ class Fingerprint:
     class_counts: dict[str, dict[str, int]]
     isotropic_plane: str = "sagittal"  # slicing plane for near-isotropic blocks (see choose_slice_axis)
     lesion_labels: list[str] = field(default_factory=list)  # declared in dataset.json (else found by name)
+    regions: dict[str, list[int]] = field(default_factory=dict)  # region-based labels (dataset.json): name -> label-map values
     schema_version: int = SCHEMA_VERSION
 
     def save(self, path: Path) -> Path:
@@ -164,7 +165,7 @@ def fingerprint_dataset(info: DatasetInfo, verify: bool = True, workers: int = 2
         counts[h] = {k: counts[h].get(k, 0) for k in classes}
     return Fingerprint(dataset_name=info.folder.name, channel_names=info.channel_names, labels=info.labels,
                        heads=info.heads, cases=fps, intensity=pooled, class_counts=counts, isotropic_plane=isotropic_plane,
-                       lesion_labels=list(info.lesion_labels))
+                       lesion_labels=list(info.lesion_labels), regions=dict(info.regions))
 
 
 def _isotropic_plane(fps: list[CaseFingerprint]) -> str:

@@ -119,6 +119,8 @@ class AugmentationPlan:
     inversion: float = 0.25  # share of the monotone curves that also invert the contrast (T1w-like <-> T2w-like)
     non_monotone: float = 0.5  # share of the curves drawn through random knots: tissues change their order (T2w <-> T1w-like)
     bias_field: float = 0.3  # per sample: a smooth multiplicative bias field (another coil)
+    whole_neck: float = 0.0  # per sample of a cord model: a whole-neck phantom patch, tissues at random intensities,
+    # instead of a real crop (training/synthetic.py); the planner sets it for a `2d` cord configuration
     transforms: list[dict[str, Any]] = field(default_factory=list)  # extra transforms after these: {name: registered or package.module:Name, ...arguments}
 
 
@@ -159,6 +161,7 @@ class TrainerPlan:
     pin_memory: bool | None = None  # None: on for CUDA
     log_every: int = 0  # training iterations between step-level loss/lr logs (W&B, TensorBoard); 0: per epoch only
     val_every: int = 1  # epochs between validation passes (the last epoch always validates)
+    sync_batchnorm: bool = True  # under DDP, BatchNorm layers normalise over the global batch (SyncBatchNorm); false: each rank its own
     loggers: list[str] = field(default_factory=list)  # beside the local files and W&B: tensorboard
     callbacks: list[dict[str, Any]] = field(default_factory=list)  # {name: lr_monitor | model_checkpoint | segmentation_sampler | early_stopping | package.module:Name, ...arguments}
 
@@ -223,6 +226,9 @@ class Plans:
     schema_version: int = SCHEMA_VERSION
     plans_name: str = "spineautoPlans"
     preset: str | None = None
+    # region-based labels (nnU-Net's): region name -> the label-map values it covers, in painting order; the
+    # region is output channel labels[name] (sigmoid) and written as that value, a later region over an earlier
+    regions: dict[str, list[int]] = field(default_factory=dict)
 
     def configuration(self, name: str) -> ConfigurationPlan:
         if name not in self.configurations:
@@ -234,6 +240,18 @@ class Plans:
         """Per-channel statistics in channel order (what CT-style normalisation reads)."""
         props = self.foreground_intensity_properties_per_channel
         return [props[str(c)] for c in range(len(props))]
+
+    @property
+    def region_order(self) -> list[int] | None:
+        """The output channels (= written label values) of the regions in painting order, or None."""
+        return [self.labels[name] for name in self.regions] if self.regions else None
+
+    def members(self, value: int) -> list[int]:
+        """The label-map values that output channel ``value`` stands for: its region's, else just itself."""
+        for name, values in self.regions.items():
+            if self.labels[name] == value:
+                return list(values)
+        return [value]
 
     @property
     def num_classes(self) -> int:
@@ -380,7 +398,7 @@ def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> No
     positive("loss.label_smoothing", lo.label_smoothing, strict=False, top=1.0, top_open=True)
     a = cfg.augmentation
     positive("augmentation.probability", a.probability, strict=False, top=1.0)
-    for key in ("intensity_curves", "inversion", "non_monotone", "bias_field"):
+    for key in ("intensity_curves", "inversion", "non_monotone", "bias_field", "whole_neck"):
         positive(f"augmentation.{key}", getattr(a, key), strict=False, top=1.0)
     positive("augmentation.rotation_degrees", a.rotation_degrees, strict=False)
     positive("augmentation.noise_variance", a.noise_variance, strict=False)

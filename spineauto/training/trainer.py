@@ -27,7 +27,8 @@ from spineauto.training import checkpoint as ckpt
 from spineauto.training import classification, multitask  # noqa: F401 (the built-in tasks register themselves)
 from spineauto.training.augment import build_transforms, initial_patch_size
 from spineauto.training.data import EpochKeys, KeyedBatches, default_num_workers, make_loader
-from spineauto.training.distributed import DistInfo, all_reduce_sum, init_distributed, rank_batch_size, shutdown
+from spineauto.training.synthetic import neck_context
+from spineauto.training.distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed, rank_batch_size, shutdown
 from spineauto.training.callbacks import FunctionCallback, build_callbacks, check_monitors, sampler_images
 from spineauto.training.loggers import LOGGERS, LocalLogger, Trackers, open_trackers, resolve_wandb_mode
 from spineauto.training.optim import accumulated_backward, build_optimizer, build_schedule
@@ -173,6 +174,8 @@ class Trainer:
         self.in_channels = len(run.plans.channel_names)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.network = build_network(self.plan, self.in_channels, run.plans.num_classes).to(device, memory_format=self.memory_format)
+        if info.enabled and self.plan.trainer.sync_batchnorm:  # BatchNorm over the global batch, not each rank's share
+            run.config.runtime["sync_batchnorm_layers"] = convert_sync_batchnorm(self.network)
         self.task: Task = build_task(run.plans, self.plan, ddp=info.enabled)
         o = self.plan.optim
         self.optimizer = build_optimizer(self.network.parameters(), o)
@@ -239,7 +242,7 @@ class Trainer:
         sample_size = initial_patch_size(plan.patch_size, plan.augmentation)
         transforms = build_transforms(plan.patch_size, plan.augmentation, plan.has_segmentation, remap_contrast=not plan.has_classification)
         batches = KeyedBatches(self.task.make_sampler(self.run.store), transforms, self.run.train_cases, self.run.val_cases,
-                               rank_bs, plan.patch_size, sample_size, cfg.seed, self.info.rank)
+                               rank_bs, plan.patch_size, sample_size, cfg.seed, self.info.rank, context=neck_context(self.run.plans, plan))
         t = plan.trainer
         self.keys = EpochKeys(self.start_epoch, cfg.epochs, cfg.iters_per_epoch, cfg.val_iters, t.accumulate, t.val_every)
         pin = self.device.type == "cuda" if t.pin_memory is None else t.pin_memory
