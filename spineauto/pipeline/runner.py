@@ -30,6 +30,7 @@ from spineauto.inference.bundle import model_folder_of
 from spineauto.inference.driver import infer, localise
 from spineauto.inference.inputs import preprocess_around
 from spineauto.inference.model import TrainedModel, load_model
+from spineauto.inference.postprocessing import UNCERTAIN_CORD
 from spineauto.inference.roi import restrict_to_roi
 from spineauto.pipeline import qc
 from spineauto.pipeline.config import CLASSIFICATION_STAGES, STAGE_HEADS, ClassifyStage, ModelRef, PipelineConfig, load_pipeline_config
@@ -290,6 +291,8 @@ class Pipeline:
         result.cord = (out.labels == value).astype(np.uint8)
         voxels = int(result.cord.sum())
         record.update(voxels=voxels, skipped=None, seconds=round(time.perf_counter() - t0, 3), qc=list(out.qc))  # e.g. "uncertain cord: ..."
+        for reason in out.qc:  # the cord choice's doubts (inference/postprocessing.py) are flags like any other
+            result.flag("cord", "uncertain_cord" if reason.startswith(UNCERTAIN_CORD) else "cord_qc", reason)
         if voxels < self.config.cord.min_voxels:
             record["note"] = f"no cord found ({voxels} voxel(s) < min_voxels {self.config.cord.min_voxels})"
             result.flag("cord", "no_cord", record["note"])
