@@ -93,7 +93,7 @@ def run_pipeline(pipeline: Pipeline, source: Path, output: Path, num_parts: int 
 
 def run_case(pipeline: Pipeline, case: InputCase, output: Path) -> CaseResult:
     """One case, written to ``output/<case>/`` only when every file of it is written."""
-    from spineauto.pipeline.overlays import write_overlays
+    from spineauto.pipeline.overlays import sagittal_left_out, write_overlays
 
     data, affine = case.read()
     scan = ScanInput(case.name, data, affine, case.source)
@@ -105,7 +105,8 @@ def run_case(pipeline: Pipeline, case: InputCase, output: Path) -> CaseResult:
             if mask is not None:
                 masks[name] = case.write_mask(stage / f"{case.name}_{name}.nii.gz", mask).name
         images = write_overlays(data[0], affine, res.cord, res.lesion, stage, case.name)
-        write_json(stage / f"{case.name}.json", res.to_dict(masks, images))
+        left_out = sagittal_left_out(affine, data.shape[1:])
+        write_json(stage / f"{case.name}.json", res.to_dict(masks, images, {"sagittal": left_out} if left_out else None))
     _publish(output, case.name, write)
     return res
 

@@ -69,13 +69,14 @@ class CaseResult:
         """One more reason to check this case (any stage may add one: see :mod:`spineauto.pipeline.qc`)."""
         self.flags.append(qc.flag(stage, code, reason))
 
-    def to_dict(self, masks: dict[str, str] | None = None, images: dict[str, str] | None = None) -> dict:
+    def to_dict(self, masks: dict[str, str] | None = None, images: dict[str, str] | None = None,
+                image_notes: dict[str, str] | None = None) -> dict:
         from spineauto import __version__
 
         return {"kind": CASE_KIND, "case": self.case, "source": self.source, "status": self.status, "reason": self.reason,
                 "flags": self.flags,
                 "stages": [dict(s, mask=(masks or {}).get(s["stage"])) if s["kind"] == "segmentation" else s for s in self.stages],
-                "measurements": self.measurements, "images": images or {},
+                "measurements": self.measurements, "images": images or {}, "image_notes": image_notes or {},
                 "versions": {"spineauto": __version__, "torch": torch.__version__}, "seconds": round(self.seconds, 3)}
 
 
@@ -330,6 +331,8 @@ class Pipeline:
                 result.measurements["cord"] = cord
                 level = result.classes.get("location_view", {}).get("location")
                 result.flags += qc.cord_flags(self.config.qc, result.cord, scan.affine, cord, level)
+                low, high, what = qc.csa_range(self.config.qc, level)
+                cord["plausible_csa_mm2"] = {"low": low, "high": high, "level": what}  # the report shades it
         if result.lesion is not None:
             result.measurements["lesions"] = measure_lesions(result.lesion, scan.affine)
 
