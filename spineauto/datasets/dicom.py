@@ -6,7 +6,9 @@ when that volume has a geometry: slices that share one orientation, each at its 
 series whose slices have several orientations (a three-plane localizer, radial projections) is split
 into one stack per orientation, and repeated positions (several echoes or time points in one series)
 into one stack per repetition; ``metadata['stack']`` tells the stacks of one series apart. Every stack
-becomes a case ``series_000``, ``series_001``, ... written as NIfTI by SimpleITK, geometry preserved.
+becomes a case named after its series (:func:`case_names`: the SeriesDescription, else the folder name,
+made filesystem-safe and unique), written as NIfTI by SimpleITK, geometry preserved. Segmentation
+objects (DICOM-SEG, RTSTRUCT) are no image series: they are left to :mod:`spineauto.datasets.dicom_masks`.
 
 A series with a slice missing or unreadable is refused, never spaced evenly over the hole: a file in a
 series folder that looks like a DICOM image (``DICM`` preamble or a DICOM file ending) but that GDCM
@@ -38,7 +40,13 @@ TAGS = {
     "SeriesDescription": "0008|103e",
     "SeriesInstanceUID": "0020|000e",
     "PatientID": "0010|0020",
+    "ProtocolName": "0018|1030",
+    "ScanningSequence": "0018|0020",
+    "SequenceName": "0018|0024",
+    "BodyPartExamined": "0018|0015",
 }
+NOT_IMAGES = ("SEG", "RTSTRUCT", "SR", "PR")  # modalities of series that hold no image to train on
+_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
 ORIENTATION, POSITION, INSTANCE = "0020|0037", "0020|0032", "0020|0013"
 POSITION_TOLERANCE_MM = 1e-3
 SPACING_TOLERANCE = 0.01  # relative deviation of a slice gap from the mean before we warn
@@ -55,6 +63,7 @@ class DicomStack:
     directory: Path
     files: list[str]
     metadata: dict[str, Any] = field(default_factory=dict)
+    name: str = ""  # the case name (:func:`case_names`), set by :func:`find_dicom_stacks`
 
 
 def convert_dicom(root: Path, dataset_dir: Path, label_name: str = "cord", overwrite: bool = False) -> Path:
@@ -69,8 +78,8 @@ def convert_dicom(root: Path, dataset_dir: Path, label_name: str = "cord", overw
     try:
         with staged_dataset_dir(dataset_dir, overwrite) as stage:
             cases: dict[str, dict[str, Any]] = {}
-            for index, (stack, image) in enumerate(_read_stacks(stacks)):
-                case_id = f"series_{index:03d}"
+            for stack, image in _read_stacks(stacks):
+                case_id = stack.name
                 metadata = dict(stack.metadata, source=_relative(stack.directory, root))
                 target = Path("imagesTs") / f"{case_id}_0000.nii.gz"
                 try:
@@ -97,6 +106,24 @@ def convert_dicom(root: Path, dataset_dir: Path, label_name: str = "cord", overw
     return dataset_dir
 
 
+def case_names(stacks: list[DicomStack]) -> list[str]:
+    """One case name per stack: its SeriesDescription (else its folder's name), ``_stack<k>`` for the
+    stacks split from one series, made filesystem-safe (letters, digits, ``.``, ``-``, ``_``) and
+    unique (``_2``, ``_3`` ... in stack order)."""
+    names, taken = [], set()
+    for stack in stacks:
+        base = stack.metadata.get("SeriesDescription") or stack.directory.name
+        base = _UNSAFE.sub("_", base).strip("_.") or "series"
+        if "stack" in stack.metadata:
+            base += f"_stack{stack.metadata['stack']}"
+        name, k = base, 2
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        names.append(name)
+    return names
+
+
 def _output_error(err: OSError, dataset_dir: Path) -> SpineautoError:
     """One line for an OS error while making ``dataset_dir``: the folder it names (never the staging one)."""
     where = Path(err.filename) if isinstance(err.filename, str) and err.filename else dataset_dir.parent
@@ -107,8 +134,9 @@ def _output_error(err: OSError, dataset_dir: Path) -> SpineautoError:
                           "point SPINEAUTO_RAW at a writable folder")
 
 
-def read_dicom_series(directory: Path, recursive: bool = True) -> list[tuple[str, sitk.Image, dict[str, Any]]]:
-    """``(SeriesInstanceUID, image, metadata)`` for every series (stack) under ``directory``.
+def read_dicom_series(directory: Path, recursive: bool = True) -> list[tuple[DicomStack, sitk.Image]]:
+    """``(stack, image)`` for every series (stack) under ``directory``: the stack names its case, uid and
+    files (in slice order: the image's slice order).
 
     Images are 3D (a single slice gives a depth of one). Stacks split from one series share the uid
     and differ in ``metadata['stack']``. ``metadata['source']`` is the directory relative to
@@ -116,10 +144,9 @@ def read_dicom_series(directory: Path, recursive: bool = True) -> list[tuple[str
     """
     directory = Path(directory).expanduser().resolve()
     stacks = find_dicom_stacks(directory, recursive=recursive)
-    return [
-        (stack.series_uid, image, dict(stack.metadata, source=_relative(stack.directory, directory)))
-        for stack, image in _read_stacks(stacks)
-    ]
+    for stack in stacks:
+        stack.metadata["source"] = _relative(stack.directory, directory)
+    return list(_read_stacks(stacks))
 
 
 # --------------------------------------------------------------------------------------- discovery
@@ -144,7 +171,11 @@ def find_dicom_stacks(root: Path, recursive: bool = True) -> list[DicomStack]:
                 series[uid] = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(directory, uid))
         _check_left_out_files(Path(directory), {os.path.basename(f) for files in series.values() for f in files}, root)
         for uid, files in series.items():
+            if _tag(_information_reader(files[0]), TAGS["Modality"]).upper() in NOT_IMAGES:
+                continue  # a segmentation or report object of another series
             stacks.extend(split_series(uid, Path(directory), files))
+    for stack, name in zip(stacks, case_names(stacks)):
+        stack.name = name
     if not stacks:
         where = "or its subfolders " if recursive else ""
         raise SpineautoError(
