@@ -12,7 +12,10 @@ cropped near the cord). Every model trains on fold ``all`` for the same number o
   * ``dwi_mean`` and ``fmri_tsnr`` (no masks): components, the share of slices with cord, and
     whether the result is one tube through every slice;
   * axial phantoms (``spineauto.datasets.phantoms``) of T1w, T2w and T2*w rendered with 2.5x the
-    field of view (the whole neck outline), a stronger bias field and more noise: Dice.
+    field of view (the whole neck outline), a stronger bias field and more noise: Dice;
+  * whole-neck phantoms (``neck_*``): cervical, 3x the field of view, centred on the vertebral body as
+    a whole-neck scan is (the cord ~15 mm behind the centre): Dice, false-positive mm^3 farther than
+    5 mm from the cord and components.
 - ``loco-<contrast>``: leave one contrast out (T2w: t2 + t2_fake_lesion, T1w, T2starw, MT: mt0 + mt1):
   train on the rest, Dice on the left-out cases (and, for T2starw, the uncropped metrics above).
 
@@ -56,6 +59,9 @@ VARIANTS: dict[str, dict] = {
     "strong-remap": {"augmentation": {"intensity_curves": 0.8, "inversion": 0.5}},
     "monotone-curves": {"augmentation": {"non_monotone": 0.0}},
     "second-pass": {"localise": {"second_pass": True}},
+    "no-whole-neck": {"augmentation": {"whole_neck": 0.0}},
+    "whole-neck": {"augmentation": {"whole_neck": 0.25}},
+    "whole-neck-half": {"augmentation": {"whole_neck": 0.5}},
 }
 POSTPROCESSINGS = {  # (mask, affine) -> mask
     "as written": lambda m, affine: m,
@@ -77,26 +83,35 @@ def carried_mask(mask_path: Path, target: nib.Nifti1Image) -> np.ndarray:
     return m > 0.5
 
 
-def shifted_phantoms(folder: Path, n_per_contrast: int, seed: int) -> list[str]:
-    """Axial phantoms unlike any training case: 2.5x field of view, stronger bias, 2x noise."""
-    from spineauto.datasets.phantoms import PhantomSpec, render_phantom
+def shifted_phantoms(folder: Path, n_per_contrast: int, seed: int, neck: bool = False) -> list[str]:
+    """Axial phantoms unlike any training case: 2.5x field of view, stronger bias, 2x noise. With
+    ``neck``: 3x field of view, cervical, cropped so that the field of view is centred on the vertebral
+    body, as a whole-neck scan is (the cord lies ~15 mm behind the centre; cases ``neck_<contrast>_<i>``)."""
+    from spineauto.datasets.phantoms import BONE, DISC, PhantomSpec, render_phantom
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     cases = []
     for contrast in PHANTOM_CONTRASTS:
         for i in range(n_per_contrast):
-            spec = PhantomSpec(contrast, "axial", str(rng.choice(["cervical", "thoracic"])), 0, int(rng.integers(2**31 - 1)),
-                               fov_scale=2.5)
+            location = "cervical" if neck else str(rng.choice(["cervical", "thoracic"]))
+            spec = PhantomSpec(contrast, "axial", location, 0, int(rng.integers(2**31 - 1)), fov_scale=3.0 if neck else 2.5)
             p = render_phantom(spec)
             img = np.asarray(p.image.dataobj, dtype=np.float32)
             u, v = np.meshgrid(np.linspace(-1, 1, img.shape[0]), np.linspace(-1, 1, img.shape[1]), indexing="ij")
             bias = np.exp(rng.uniform(-0.6, 0.6) * u + rng.uniform(-0.6, 0.6) * v)[..., None]
             img = img * bias
             img = np.hypot(img + rng.normal(0, 0.05 * img.max(), img.shape), rng.normal(0, 0.05 * img.max(), img.shape))
-            name = f"phantom_{contrast}_{i}"
-            nib.save(nib.Nifti1Image(img.astype(np.float32), p.image.affine), str(folder / f"{name}_0000.nii.gz"))
-            nib.save(nib.Nifti1Image((np.asarray(p.label.dataobj) > 0).astype(np.uint8), p.label.affine), str(folder / f"{name}_ref.nii.gz"))
+            label, affine = (np.asarray(p.label.dataobj) > 0).astype(np.uint8), p.image.affine.copy()
+            if neck:  # centre the in-plane field of view on the vertebral body
+                c = np.round(np.argwhere(np.isin(p.tissues, (BONE, DISC))).mean(0)).astype(int)
+                half = np.minimum(c, np.array(img.shape) - 1 - c)
+                box = (slice(c[0] - half[0], c[0] + half[0] + 1), slice(c[1] - half[1], c[1] + half[1] + 1), slice(None))
+                img, label = img[box], label[box]
+                affine[:3, 3] = affine[:3, :3] @ np.array([box[0].start, box[1].start, 0]) + affine[:3, 3]
+            name = f"{'neck' if neck else 'phantom'}_{contrast}_{i}"
+            nib.save(nib.Nifti1Image(img.astype(np.float32), affine), str(folder / f"{name}_0000.nii.gz"))
+            nib.save(nib.Nifti1Image(label, affine), str(folder / f"{name}_ref.nii.gz"))
             cases.append(name)
     return cases
 
@@ -112,6 +127,15 @@ def components(mask: np.ndarray) -> int:
     import cc3d
 
     return int(cc3d.connected_components(mask.astype(np.uint8), connectivity=26).max()) if mask.any() else 0
+
+
+def csa_error(mask: np.ndarray, ref: np.ndarray, affine: np.ndarray) -> float:
+    """Mean cross-sectional area of ``mask`` over the slices where ``ref`` has cord, relative to ``ref``'s
+    (-0.1: 10% too small); slices along the thickest axis, as the CSA of an axial scan."""
+    ax = through_axis(affine)
+    other = tuple(i for i in range(3) if i != ax)
+    on = ref.any(axis=other)
+    return float(mask.sum(axis=other)[on].sum() / max(1, ref.sum(axis=other)[on].sum()) - 1.0)
 
 
 def through_axis(affine: np.ndarray) -> int:
@@ -156,8 +180,11 @@ def score_folder(pred: Path, tests: dict) -> list[dict]:
         for pp, fn in POSTPROCESSINGS.items():
             mask = fn(written, img.affine)
             row = {"case": case, "kind": info["kind"], "pp": pp}
-            if info["kind"] == "dice":
+            if info["kind"] in ("dice", "neck"):
                 row["dice"] = dice(mask, info["ref"])
+                row["csa_error"] = csa_error(mask, info["ref"], img.affine)
+                if info["kind"] == "neck":  # and what lies outside the cord in a whole neck
+                    row.update({f"neck_{k}": v for k, v in uncropped_stats(mask, info["ref"], img.affine).items()})
             elif info["kind"] == "uncropped":
                 row.update(uncropped_stats(mask, info["ref"], img.affine))
             else:
@@ -190,9 +217,10 @@ def build_tests(work: Path, held_out: tuple[str, ...], phantoms: int, seed: int)
             tests[case] = {"kind": "tube"}
         if phantoms:
             pdir = work / "phantoms"
-            for case in shifted_phantoms(pdir, phantoms, seed=1000):
+            for case in shifted_phantoms(pdir, phantoms, seed=1000) + shifted_phantoms(pdir, phantoms, seed=2000, neck=True):
                 shutil.copy(pdir / f"{case}_0000.nii.gz", images / f"{case}_0000.nii.gz")
-                tests[case] = {"kind": "dice", "ref": np.asanyarray(nib.load(str(pdir / f"{case}_ref.nii.gz")).dataobj) > 0}
+                tests[case] = {"kind": "neck" if case.startswith("neck") else "dice",
+                               "ref": np.asanyarray(nib.load(str(pdir / f"{case}_ref.nii.gz")).dataobj) > 0}
     return images, tests
 
 
@@ -310,13 +338,18 @@ def _fmt(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f}" + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
 
+def _column(case: str) -> str:
+    """phantom_T1w_0 -> T1w, neck_T1w_0 -> neck T1w, a real case -> its name."""
+    kind, _, rest = case.partition("_")
+    return {"phantom": rest.split("_")[0], "neck": f"neck {rest.split('_')[0]}"}.get(kind, case)
+
+
 def tables(rows: list[dict]) -> str:
     out = []
     keys = sorted({(r["tool"], r["variant"], r["inference"], r["pp"]) for r in rows if "missing" not in r},
                   key=lambda k: (k[0] != "spineauto", k))
     header = ["tool", "variant", "inference", "postprocessing"]
-    dice_cols = sorted({(r["scenario"], r["case"].split("_")[1] if r["case"].startswith("phantom") else r["case"])
-                        for r in rows if r.get("kind") == "dice"})
+    dice_cols = sorted({(r["scenario"], _column(r["case"])) for r in rows if r.get("kind") in ("dice", "neck")})
     body = []
     for key in keys:
         sel = [r for r in rows if (r["tool"], r["variant"], r["inference"], r["pp"]) == key and "missing" not in r]
@@ -324,13 +357,23 @@ def tables(rows: list[dict]) -> str:
         for scen, col in dice_cols:
             vals = {}
             for r in sel:
-                if r.get("kind") == "dice" and r["scenario"] == scen and (r["case"] == col or r["case"].startswith(f"phantom_{col}_")):
+                if r.get("kind") in ("dice", "neck") and r["scenario"] == scen and _column(r["case"]) == col:
                     vals.setdefault(r["seed"], []).append(r["dice"])
             line.append(_fmt([statistics.mean(v) for v in vals.values()]))
+        for scen, col in dice_cols:  # mean CSA error, in %, per contrast of the phantoms
+            if col.split(" ")[-1] in PHANTOM_CONTRASTS:
+                vals = {}
+                for r in sel:
+                    if r.get("kind") in ("dice", "neck") and r["scenario"] == scen and _column(r["case"]) == col:
+                        vals.setdefault(r["seed"], []).append(100 * r["csa_error"])
+                line.append(_fmt([statistics.mean(v) for v in vals.values()], 0))
         for case in ("t2s_uncropped",):
             for scen in sorted({r["scenario"] for r in sel if r["case"] == case}):
                 u = [r for r in sel if r["case"] == case and r["scenario"] == scen]
                 line += [_fmt([r["recall"] for r in u]), _fmt([r["fp_mm3"] for r in u], 0), _fmt([r["components"] for r in u], 1)]
+        u = [r for r in sel if r.get("kind") == "neck"]
+        if u:
+            line += [_fmt([r["neck_fp_mm3"] for r in u], 0), _fmt([r["neck_components"] for r in u], 1)]
         for case in ("dwi_mean", "fmri_tsnr"):
             u = [r for r in sel if r["case"] == case]
             if u:
@@ -338,8 +381,11 @@ def tables(rows: list[dict]) -> str:
                          f"{sum(r['one_tube'] for r in u)}/{len(u)}"]
         body.append(line)
     header += [f"{s}: {c} Dice" for s, c in dice_cols]
+    header += [f"{c} CSA error %" for _, c in dice_cols if c.split(" ")[-1] in PHANTOM_CONTRASTS]
     for scen in sorted({r["scenario"] for r in rows if r["case"] == "t2s_uncropped"}):
         header += [f"{scen}: uncropped recall", f"{scen}: FP mm³ > {FP_DISTANCE_MM:g} mm", f"{scen}: components"]
+    if any(r.get("kind") == "neck" for r in rows):
+        header += [f"neck phantoms: FP mm³ > {FP_DISTANCE_MM:g} mm", "neck phantoms: components"]
     header += [f"{c}: components / slice share / one tube" for c in ("dwi_mean", "fmri_tsnr") if any(r["case"] == c for r in rows)]
     width = max(len(b) for b in body) if body else 0
     out.append(format_table(header[:width], [b + ["-"] * (width - len(b)) for b in body]))

@@ -194,9 +194,15 @@ def test_ddp_batchnorm_layers_normalise_over_the_global_batch_on_both_ranks(phan
     assert json.loads((fold / "config.json").read_text())["runtime"]["sync_batchnorm_layers"] == convs
 
 
-def test_amp_bf16_on_cpu_and_fold_all(phantoms):
-    fold = _train(phantoms, "amp", fold="all", epochs=1, iters_per_epoch=2, amp=True)
+def test_amp_bf16_on_cpu_and_fold_all(phantoms, caplog):
+    """-f all validates on its training cases and says so (never "held-out")."""
+    with caplog.at_level("INFO", logger="spineauto"):
+        fold = _train(phantoms, "amp", fold="all", epochs=1, iters_per_epoch=2, amp=True, validate=True)
     assert fold.name == "fold_all"
+    said = [r.getMessage() for r in caplog.records if "validat" in r.getMessage()]
+    assert not any("held-out" in m for m in said), said
+    assert any(m.endswith("training cases (not held out: no estimate of unseen data) with the sliding window") for m in said), said
+    assert any(m.startswith("validation Dice (training cases, not held out): ") for m in said), said
     cfg = json.loads((fold / "config.json").read_text())
     assert cfg["runtime"]["amp"] is True and cfg["runtime"]["amp_dtype"] == "bfloat16"
     assert np.isfinite(fold_history(fold)[0]["train_loss"])

@@ -47,9 +47,9 @@ MAX_CORD_RADIUS_MM = 8.0  # RMS in-plane radius of a cord cross-section, at most
 LONG_FRACTION = 0.75  # tubes crossing at least this share of the most levels any tube crosses are candidates
 MIDLINE_WEIGHT = 2.0  # left-right offset from the field of view's centre counts this much more than front-back
 MIDLINE_TOLERANCE_MM = 10.0  # tubes within this left-right distance of the most central one lie on the same midline
-CANAL_DEPTH_MM = 30.0  # how far behind the most central tube the cord may lie: the vertebral body's centre is 10-25 mm
-# in front of the cord's (canal, 1.5 mm of cortex, a body 15-24 mm deep), a disc's the same; farther back lie the
-# spinous processes and the neck muscles
+CANAL_DEPTH_MM = 25.0  # how far behind the most central tube the cord may lie: the vertebral body's centre is ~15 mm
+# (cervical) to ~20 mm (thoracic) in front of the cord's (half the canal, the cortex, half a body 15-25 mm deep), a
+# disc's the same; farther back lie the spinous processes, the fat between them and the neck muscles
 UNCERTAIN_CORD = "uncertain cord"  # how every cord-choice QC reason begins
 
 

@@ -1,7 +1,8 @@
 """`spineauto export`: a trained model, or a whole pipeline with its models, as one zip.
 
 A model bundle is ``<model folder name>/`` with ``plans.json``, ``dataset.json``,
-``postprocessing.json`` (when decided) and the chosen checkpoint of the chosen folds. A pipeline
+``postprocessing.json`` (when decided), the training ``fingerprint.json`` and the chosen checkpoint
+of the chosen folds with their ``run_config.yaml`` (the plan each fold was trained with). A pipeline
 bundle is ``pipeline/`` with ``pipeline.yaml`` (its models rewritten to the bundled folders) and
 ``models/<stage>/<model folder name>/`` for every model it names (a model that serves several
 stages with the same folds and checkpoint is stored once, under the first). Both open directly in
@@ -19,7 +20,7 @@ import yaml
 from spineauto import paths
 from spineauto.errors import SpineautoError
 from spineauto.inference.bundle import model_folder_of, write_zip
-from spineauto.inference.model import CHECKPOINTS, select_folds
+from spineauto.inference.model import CHECKPOINTS, RUN_CONFIG_FILE, select_folds
 from spineauto.inference.postprocessing import POSTPROCESSING_FILE
 from spineauto.pipeline.config import ModelRef, load_pipeline_config
 from spineauto.schema import to_dict
@@ -33,7 +34,9 @@ def model_files(folder: Path, folds: Sequence[str] | None, checkpoint: str, pref
         raise SpineautoError(f"--checkpoint {checkpoint!r} is not one of {', '.join(CHECKPOINTS)}")
     if not (folder / "plans.json").is_file():
         raise SpineautoError(f"{folder}: not a model folder (no plans.json); pass a <trainer>__<plans>__<configuration> folder")
-    files = [folder / n for n in MODEL_FILES if (folder / n).is_file()] + select_folds(folder, folds, checkpoint)
+    checkpoints = select_folds(folder, folds, checkpoint)
+    own_plans = [c.parent / RUN_CONFIG_FILE for c in checkpoints if (c.parent / RUN_CONFIG_FILE).is_file()]  # each fold's plan
+    files = [folder / n for n in MODEL_FILES if (folder / n).is_file()] + checkpoints + own_plans
     return [(f, f"{prefix}{folder.name}/{f.relative_to(folder).as_posix()}") for f in files]
 
 

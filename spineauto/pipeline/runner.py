@@ -214,7 +214,7 @@ class Pipeline:
             return cache[key]
         if scan.data.shape[0] != model.num_channels:
             raise SpineautoError(f"{scan.source or scan.name}: {scan.data.shape[0]} channel(s) but {model.folder.name} expects {model.num_channels}")
-        kwargs = {"roi": roi} if roi is not None else {}
+        kwargs = {"roi": roi} if roi is not None else {"name": scan.source or scan.name}
         layout, _, props = preprocess_array(scan.data, scan.affine, plan, model.intensity, **kwargs)
         if roi is None:
             cache[key] = (layout, props)

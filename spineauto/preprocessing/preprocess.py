@@ -82,6 +82,12 @@ def preprocess_array(data: np.ndarray, affine: np.ndarray, plan: ConfigurationPl
     spacing = geom.spacing
     cropped_shape = list(data.shape[1:])
     new_shape = [cropped_shape[0]] + [max(1, int(round(s * sp / t))) for s, sp, t in zip(cropped_shape[1:], spacing[1:], plan.target_spacing)]
+    coarse = [sp / t for sp, t in zip(spacing[1:], plan.target_spacing)]
+    if seg is None and roi is None and jitter_seed is None and max(coarse) >= COARSE_RATIO:  # a whole scan to predict
+        log.warning("%s: in-plane voxel size %s mm is %.1fx the plan's %s mm: upsampled from %s to %s px slices (slower, "
+                    "and the model sees interpolated detail it was not trained on)", name, " x ".join(f"{v:.3g}" for v in spacing[1:]),
+                    max(coarse), " x ".join(f"{v:.3g}" for v in plan.target_spacing), " x ".join(map(str, cropped_shape[1:])),
+                    " x ".join(map(str, new_shape[1:])))
     if new_shape != cropped_shape:
         data = resample_in_plane(data, new_shape, is_seg=False, order=3)
         if seg is not None:
@@ -93,6 +99,7 @@ def preprocess_array(data: np.ndarray, affine: np.ndarray, plan: ConfigurationPl
     return data.astype(np.float32, copy=False), out_seg, props
 
 
+COARSE_RATIO = 3.0  # a scan to predict this many times coarser in-plane than the plan is upsampled with a warning
 RESAMPLE_SLAB = 8  # slices resampled at a time (nnunetv2 works in float64: 8 x a slice x 8 bytes, in and out)
 
 

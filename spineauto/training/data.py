@@ -118,8 +118,9 @@ class KeyedBatches(torch.utils.data.Dataset):
     """Map-style dataset whose item ``(split, epoch, i)`` is one whole batch (tensors)."""
 
     def __init__(self, sampler: BatchSampler, transforms, train_cases: list[str], val_cases: list[str], batch_size: int,
-                 patch_size: list[int], sample_size: list[int], seed: int, rank: int):
+                 patch_size: list[int], sample_size: list[int], seed: int, rank: int, context=None):
         self.sampler, self.transforms = sampler, transforms
+        self.context = context  # training batches only: e.g. whole-neck phantom patches mixed in (training/synthetic.py)
         self.cases = {TRAIN: list(train_cases), VAL: list(val_cases)}
         self.batch_size, self.patch_size, self.sample_size = batch_size, list(patch_size), list(sample_size)
         self.seed, self.rank = int(seed), int(rank)
@@ -135,6 +136,8 @@ class KeyedBatches(torch.utils.data.Dataset):
         rng = np.random.default_rng(ss)
         if split == TRAIN and self.transforms is not None:
             batch = self.sampler.sample(self.cases[TRAIN], self.batch_size, rng, self.sample_size)
+            if self.context is not None:
+                batch = self.context.mix(batch, rng, int(round(self.batch_size * getattr(self.sampler, "oversample", 0.0))))
             state = ss.generate_state(2)
             np.random.seed(int(state[0]))  # batchgenerators draws from numpy's and python's global generators
             random.seed(int(state[1]))

@@ -229,7 +229,8 @@ def _write_model_folder(pre_dir: Path, model_dir: Path, plans: Plans, plan: Conf
         except SpineautoError:
             other = None
         if other is not None and plan_sha(other) != plan_sha(plan):
-            log.warning("%s: the plan changed; folds trained before with the old plan should be retrained", old)
+            log.warning("%s: the plan changed; folds trained before keep predicting with their own (fold_k/run_config.yaml), "
+                        "but folds whose plans differ in what prediction shares (patch size, preprocessing) cannot be ensembled", old)
     plans.save(old)
     for name in ("dataset.json", SPLITS_FILE, "fingerprint.json"):  # the fingerprint: what the pipeline's QC compares a scan with
         if (pre_dir / name).is_file():

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spineauto.errors import SpineautoError
+from spineauto.inference.model import RUN_CONFIG_FILE
 from spineauto.io.atomic import json_safe, write_atomic
 from spineauto.planning.plans import ConfigurationPlan, Plans
 from spineauto.schema import convert, deep_merge, load_yaml_mapping, to_dict
 
-RUN_CONFIG_FILE = "run_config.yaml"
 # keys that decide the preprocessed data (or the dataset's labels): changed by re-planning, not at train time
 PREPROCESSING_KEYS = ("name", "task", "data_identifier", "slicing", "isotropic_plane", "target_spacing", "normalization",
                       "use_mask_for_norm", "roi", "heads", "reasons")

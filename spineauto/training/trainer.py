@@ -27,6 +27,7 @@ from spineauto.training import checkpoint as ckpt
 from spineauto.training import classification, multitask  # noqa: F401 (the built-in tasks register themselves)
 from spineauto.training.augment import build_transforms, initial_patch_size
 from spineauto.training.data import EpochKeys, KeyedBatches, default_num_workers, make_loader
+from spineauto.training.synthetic import neck_context
 from spineauto.training.distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed, rank_batch_size, shutdown
 from spineauto.training.callbacks import FunctionCallback, build_callbacks, check_monitors, sampler_images
 from spineauto.training.loggers import LOGGERS, LocalLogger, Trackers, open_trackers, resolve_wandb_mode
@@ -241,7 +242,7 @@ class Trainer:
         sample_size = initial_patch_size(plan.patch_size, plan.augmentation)
         transforms = build_transforms(plan.patch_size, plan.augmentation, plan.has_segmentation, remap_contrast=not plan.has_classification)
         batches = KeyedBatches(self.task.make_sampler(self.run.store), transforms, self.run.train_cases, self.run.val_cases,
-                               rank_bs, plan.patch_size, sample_size, cfg.seed, self.info.rank)
+                               rank_bs, plan.patch_size, sample_size, cfg.seed, self.info.rank, context=neck_context(self.run.plans, plan))
         t = plan.trainer
         self.keys = EpochKeys(self.start_epoch, cfg.epochs, cfg.iters_per_epoch, cfg.val_iters, t.accumulate, t.val_every)
         pin = self.device.type == "cuda" if t.pin_memory is None else t.pin_memory
@@ -484,12 +485,15 @@ class Trainer:
                 pass
         model = TrainedModel(folder=self.run.model_dir, plans=self.run.plans, plan=self.plan, networks=[self.network],
                              folds=[self.run.fold_dir.name], device=self.device)
-        log.info("validating %d held-out case(s) with the sliding window", len(self.run.val_cases))
+        seen = set(self.run.val_cases) & set(self.run.train_cases)  # -f all (or a fold without its own): trained on
+        cases = "held-out case(s)" if not seen else f"case(s), {len(seen)} of them training cases (not held out: no estimate of unseen data)"
+        which = "" if not seen else " (training cases, not held out)"
+        log.info("validating %d %s with the sliding window", len(self.run.val_cases), cases)
         summary = validate_fold(model, self.run.store, self.run.val_cases, self.run.fold_dir / "validation", raw_labels,
                                 save_probabilities=save_probabilities)
         if "segmentation" in summary:
-            log.info("validation Dice: %s", ", ".join(f"{k} {v:.4f}" for k, v in summary["segmentation"]["mean"].items()))
+            log.info("validation Dice%s: %s", which, ", ".join(f"{k} {v:.4f}" for k, v in summary["segmentation"]["mean"].items()))
         if "classification" in summary:
-            log.info("validation balanced accuracy: %s",
+            log.info("validation balanced accuracy%s: %s", which,
                      ", ".join(f"{h} {m['balanced_accuracy']:.4f}" for h, m in summary["classification"].items()))
         return summary
