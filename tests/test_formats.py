@@ -161,6 +161,10 @@ def test_an_nnunet_png_dataset_trains_and_predicts_png_masks(tmp_path, spineauto
         truth = io.imread(raw / "labelsTs" / f"{case}.png")
         assert mask.shape == truth.shape == (40, 56)
         assert _dice(mask == 1, truth == 1) > 0.7, case  # a bright rectangle: wrong orientation or channels would miss it
+    from spineauto.evaluation.evaluate import evaluate_folders
+
+    summary = evaluate_folders(out, raw / "labelsTs")  # `spineauto evaluate` reads the PNG masks too
+    assert set(summary["metric_per_case"]) == {"img-8", "img-9"} and summary["mean"]["label_1"]["dice"] > 0.7
 
 
 def test_an_nrrd_dataset_trains_and_predicts_nrrd_masks_in_the_input_grid(tmp_path, spineauto_env):

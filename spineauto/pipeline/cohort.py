@@ -103,7 +103,7 @@ def run_case(pipeline: Pipeline, case: InputCase, output: Path) -> CaseResult:
         masks = {}
         for name, mask in (("cord", res.cord), ("lesion", res.lesion)):
             if mask is not None:
-                masks[name] = case.write_mask(stage / f"{case.name}_{name}.nii.gz", mask).name
+                masks[name] = case.write_mask(stage / f"{case.name}_{name}{case.mask_ending}", mask).name  # the input's format
         images = write_overlays(data[0], affine, res.cord, res.lesion, stage, case.name)
         write_json(stage / f"{case.name}.json", res.to_dict(masks, images))
     _publish(output, case.name, write)
