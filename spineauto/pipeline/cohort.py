@@ -96,7 +96,7 @@ def run_case(pipeline: Pipeline, case: InputCase, output: Path) -> CaseResult:
     from spineauto.pipeline.overlays import write_overlays
 
     data, affine = case.read()
-    scan = ScanInput(case.name, data, affine, case.source)
+    scan = ScanInput(case.name, data, affine, case.source, header=pipeline.header_of(case, affine, data.shape))
     res = pipeline.run(scan)
 
     def write(stage: Path) -> None:

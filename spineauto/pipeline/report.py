@@ -120,13 +120,14 @@ def _classifications(cases) -> list[tuple[str, str]]:
     return names
 
 
-def _decision(d: dict, stage: str, head: str) -> tuple[str | None, float | None]:
+def _decision(d: dict, stage: str, head: str) -> tuple[str | None, float | None, str | None]:
+    """(class, its probability, who decided it: header or image) of one head of one case."""
     s = next((s for s in d.get("stages", []) if s.get("stage") == stage), None)
     for h, cls, probs in _head_decisions(s or {}):
         if h == head:
             p = probs.get(cls)
-            return cls, p if isinstance(p, (int, float)) else None
-    return None, None
+            return cls, p if isinstance(p, (int, float)) else None, _dict(_dict(_dict(s).get("heads")).get(h)).get("source", "image")
+    return None, None, None
 
 
 def _flags(d: dict) -> list[dict]:
@@ -142,7 +143,7 @@ def _csv(cases) -> str:
     stages = _classifications(cases)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["case", "status", "reason", "flags", *[f"{s}_{h}_{x}" if h != s else f"{s}_{x}" for s, h in stages for x in ("class", "probability")],
+    w.writerow(["case", "status", "reason", "flags", *[f"{s}_{h}_{x}" if h != s else f"{s}_{x}" for s, h in stages for x in ("class", "probability", "source")],
                 *[name for name, _ in CSV_MEASURES]])
     for _, d in cases:
         ms = _dict(d.get("measurements"))
@@ -211,7 +212,8 @@ def _summary(cases) -> str:
         ms = _dict(d.get("measurements"))
         decided = [_decision(d, st, h) for st, h in stages]
         cells = [f"<a class='nw' href='#case-{i}'>{escape(d['case'])}</a>", _badge(d["status"]), f"<span class='reason'>{escape(str(d.get('reason') or '–'))}</span>",
-                 *[f"<span class='nw'>{escape(c)} <span class='muted'>{_num(p, 2)}</span></span>" if c else "–" for c, p in decided]]
+                 *[f"<span class='nw'>{escape(c)} <span class='muted'>{'header' if src == 'header' else _num(p, 2)}</span></span>" if c else "–"
+                   for c, p, src in decided]]
         nums = [_num(_get(ms, "cord", "volume_mm3"), 0), _num(_get(ms, "cord", "csa_mm2", "mean")), _num(_get(ms, "cord", "length_mm")),
                 _num(_get(ms, "lesions", "count"), 0), _num(_get(ms, "lesions", "total_volume_mm3")), _num(d.get("seconds"))]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "".join(f"<td class='n'>{n}</td>" for n in nums) + "</tr>")
