@@ -170,8 +170,9 @@ def header(path: Path, pixel_spacing=None) -> tuple[tuple[int, ...], np.ndarray,
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
         size = tuple(int(s) for s in reader.GetSize())
-        if len(size) != 3:
-            return (*size, 1)[:3], picture_affine((1.0, 1.0)), np.dtype(np.float32)
+        if len(size) != 3:  # a 2D file: one slice, as the read makes it (small: read it)
+            image = sitk.JoinSeries(sitk.ReadImage(str(path)))
+            return tuple(int(s) for s in image.GetSize()), sitk_affine(image), np.dtype(np.float32)
         affine = np.eye(4)
         affine[:3, :3] = np.asarray(reader.GetDirection(), float).reshape(3, 3) * np.asarray(reader.GetSpacing(), float)[None, :]
         affine[:3, 3] = reader.GetOrigin()
