@@ -208,6 +208,23 @@ def test_amp_bf16_on_cpu_and_fold_all(phantoms, caplog):
     assert np.isfinite(fold_history(fold)[0]["train_loss"])
 
 
+def test_sweep_trials_each_train_their_own_model_folder(phantoms, monkeypatch):
+    """Two trials of one W&B sweep (the agent sets WANDB_SWEEP_ID and WANDB_RUN_ID): both models survive."""
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")
+    folds = []
+    for trial, lr in (("t1", "0.01"), ("t2", "0.001")):
+        monkeypatch.setenv("WANDB_RUN_ID", trial)
+        folds.append(_train(phantoms, "sweep", epochs=1, iters_per_epoch=1, config_set=[f"optim.initial_lr={lr}"]))
+    base = phantoms / "sweep" / DATASET
+    assert folds == [base / f"sweep_sw1/trial_{t}/spineautoTrainer__spineautoPlans__2d/fold_0" for t in ("t1", "t2")]
+    lrs = [torch.load(f / "checkpoint_final.pt", weights_only=False)["run_config"]["overrides"]["values"]["optim"]["initial_lr"]
+           for f in folds]
+    assert lrs == [0.01, 0.001]
+    monkeypatch.setenv("WANDB_RUN_ID", "../x")
+    with pytest.raises(SpineautoError, match=r"WANDB_RUN_ID='\.\./x': not a W&B id"):
+        _train(phantoms, "sweep", epochs=1, iters_per_epoch=1)
+
+
 def test_wandb_offline_writes_run_files(phantoms, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "")

@@ -16,8 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
+from spineauto.io import csv_cells
 from spineauto.io.atomic import write_atomic, write_json
-from spineauto.io.csv_cells import escape_row, unescape
+from spineauto.io.csv_cells import unescape
 
 PREDICTION_KIND = "spineauto.classification"
 
@@ -78,9 +79,9 @@ def write_classification_csv(out_dir: Path, results: Sequence[CaseClassification
             row.update({f"{h}_p_{c}": f"{float(p):.6f}" for c, p in zip(cs, r.probabilities[h])})
         rows[r.case] = row
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
+    writer = csv_cells.dict_writer(buf, header, lineterminator="\n")
     writer.writeheader()
     for case in sorted(rows):
-        writer.writerow(escape_row(rows[case]))
+        writer.writerow(rows[case])
     text = buf.getvalue()
     return write_atomic(path, lambda p: p.write_text(text))

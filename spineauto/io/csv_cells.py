@@ -8,6 +8,7 @@ show as text; numbers (``-0.5``) are left as they are. Readers of our own CSVs u
 """
 from __future__ import annotations
 
+import csv
 from typing import Any, Iterable
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -40,3 +41,30 @@ def unescape(value: str) -> str:
     if isinstance(value, str) and value.startswith("'") and value[1:].startswith(FORMULA_START):
         return value[1:]
     return value
+
+
+class _Escaping:
+    """A ``csv.writer`` / ``csv.DictWriter`` whose rows are escaped (:func:`escape_row`) on the way out."""
+
+    def __init__(self, writer):
+        self._writer = writer
+
+    def writerow(self, row):
+        return self._writer.writerow(escape_row(row))
+
+    def writerows(self, rows):
+        for row in rows:
+            self.writerow(row)
+
+    def writeheader(self):
+        return self.writerow(dict(zip(self._writer.fieldnames, self._writer.fieldnames)))
+
+
+def writer(f, **kwargs) -> _Escaping:
+    """``csv.writer(f, **kwargs)`` with every cell escaped: the one way we write CSV rows."""
+    return _Escaping(csv.writer(f, **kwargs))
+
+
+def dict_writer(f, fieldnames, **kwargs) -> _Escaping:
+    """``csv.DictWriter(f, fieldnames, **kwargs)`` with every cell (and header) escaped."""
+    return _Escaping(csv.DictWriter(f, fieldnames=fieldnames, **kwargs))

@@ -30,9 +30,11 @@ from spineauto.inference.bundle import model_folder_of
 from spineauto.inference.driver import infer, localise
 from spineauto.inference.inputs import preprocess_around
 from spineauto.inference.model import TrainedModel, load_model
+from spineauto.inference.postprocessing import UNCERTAIN_CORD
 from spineauto.inference.roi import restrict_to_roi
 from spineauto.pipeline import qc
 from spineauto.pipeline.config import CLASSIFICATION_STAGES, STAGE_HEADS, ClassifyStage, ModelRef, PipelineConfig, load_pipeline_config
+from spineauto.pipeline.header import decide
 from spineauto.schema import to_dict
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class ScanInput:
     data: np.ndarray
     affine: np.ndarray
     source: str = ""
+    header: dict[str, tuple[str, str]] = field(default_factory=dict)  # head -> (class, why) the header gives (pipeline/header.py)
 
 
 @dataclass
@@ -68,13 +71,14 @@ class CaseResult:
         """One more reason to check this case (any stage may add one: see :mod:`spineauto.pipeline.qc`)."""
         self.flags.append(qc.flag(stage, code, reason))
 
-    def to_dict(self, masks: dict[str, str] | None = None, images: dict[str, str] | None = None) -> dict:
+    def to_dict(self, masks: dict[str, str] | None = None, images: dict[str, str] | None = None,
+                image_notes: dict[str, str] | None = None) -> dict:
         from spineauto import __version__
 
         return {"kind": CASE_KIND, "case": self.case, "source": self.source, "status": self.status, "reason": self.reason,
                 "flags": self.flags,
                 "stages": [dict(s, mask=(masks or {}).get(s["stage"])) if s["kind"] == "segmentation" else s for s in self.stages],
-                "measurements": self.measurements, "images": images or {},
+                "measurements": self.measurements, "images": images or {}, "image_notes": image_notes or {},
                 "versions": {"spineauto": __version__, "torch": torch.__version__}, "seconds": round(self.seconds, 3)}
 
 
@@ -102,6 +106,7 @@ class Pipeline:
                  labels: dict[str, str] | None = None):
         self.config, self.models, self.device = config, models, device
         self.labels = labels or {}  # stage key -> the model as the case JSON names it (never a temporary folder)
+        self.header_rules = None  # the DICOM tag rules of config.header_rules, read when the first case needs them
 
     @classmethod
     def load(cls, config: PipelineConfig | Path | str, device: str | torch.device = "auto") -> "Pipeline":
@@ -161,6 +166,16 @@ class Pipeline:
     @property
     def num_channels(self) -> int:
         return next(iter(self.models.values())).num_channels
+
+    def header_of(self, case, affine: np.ndarray, shape) -> dict[str, tuple[str, str]]:
+        """What the header of an input case (``inference.inputs.InputCase``) says: head -> (class, why)."""
+        from spineauto.datasets.dicom_rules import load_rules
+        from spineauto.pipeline.header import header_classes
+
+        if self.config.header_rules is not None and self.header_rules is None:
+            self.header_rules = load_rules(Path(self.config.header_rules))
+        name = case.files[0].name if case.files else case.name
+        return header_classes(name, affine, shape, case.dicom_files, self.header_rules)
 
     # -- one case ---------------------------------------------------------------------------
     def run(self, image, name: str = "case") -> CaseResult:
@@ -252,17 +267,25 @@ class Pipeline:
         head = _head(model, gate.head, f"pipeline.{stage}") if gate else (shown[0] if len(shown) == 1 else None)
         record.update(kind="classification", heads={h: {"class": cls.predicted(h), "probabilities": {
             c: round(float(p), 6) for c, p in zip(cls.classes[h], cls.probabilities[h])}} for h in shown})
+        for h in shown:  # the header decides where it knows, the image classifier cross-checks (pipeline/header.py)
+            v = record["heads"][h]
+            v.update(decide(h, cls.predicted(h), max(v["probabilities"].values()), list(cls.classes[h]), scan.header))
+            if v.pop("disagrees"):
+                result.flag(stage, "header_disagrees", f"{h}: the header says {v['class']} ({v['header_reason']}), the image "
+                                                         f"classifier {v['image_class']} (p={v['image_probability']:.2f})")
         if head is not None:
-            record.update(head=head, **{"class": cls.predicted(head)}, probabilities=record["heads"][head]["probabilities"])
+            record.update(head=head, **{"class": record["heads"][head]["class"]}, probabilities=record["heads"][head]["probabilities"])
         result.classes[stage] = {h: v["class"] for h, v in record["heads"].items()}
         result.flags += qc.confidence_flags(self.config.qc, stage, {
-            h: (v["class"], max(v["probabilities"].values())) for h, v in record["heads"].items()})
+            h: (v["class"], max(v["probabilities"].values())) for h, v in record["heads"].items() if v["source"] == "image"})
         passed = True
         if gate is not None:
             p = float(cls.probabilities[head].max())
-            if cls.predicted(head) not in gate.classes:
-                passed, why = False, f"{stage}: predicted {head} {cls.predicted(head)!r} (p={p:.2f}) is not one of {gate.classes}"
-            elif p < gate.min_probability:
+            decided = record["heads"][head]
+            if decided["class"] not in gate.classes:
+                who = "predicted" if decided["source"] == "image" else f"header ({decided['header_reason']})"
+                passed, why = False, f"{stage}: {who} {head} {decided['class']!r} (p={p:.2f}) is not one of {gate.classes}"
+            elif decided["source"] == "image" and p < gate.min_probability:
                 passed, why = False, f"{stage}: {head} {cls.predicted(head)!r} with p={p:.2f} < min_probability {gate.min_probability}"
             if not passed:
                 result.status, result.reason = "stopped", why
@@ -290,6 +313,8 @@ class Pipeline:
         result.cord = (out.labels == value).astype(np.uint8)
         voxels = int(result.cord.sum())
         record.update(voxels=voxels, skipped=None, seconds=round(time.perf_counter() - t0, 3), qc=list(out.qc))  # e.g. "uncertain cord: ..."
+        for reason in out.qc:  # the cord choice's doubts (inference/postprocessing.py) are flags like any other
+            result.flag("cord", "uncertain_cord" if reason.startswith(UNCERTAIN_CORD) else "cord_qc", reason)
         if voxels < self.config.cord.min_voxels:
             record["note"] = f"no cord found ({voxels} voxel(s) < min_voxels {self.config.cord.min_voxels})"
             result.flag("cord", "no_cord", record["note"])
@@ -327,6 +352,8 @@ class Pipeline:
                 result.measurements["cord"] = cord
                 level = result.classes.get("location_view", {}).get("location")
                 result.flags += qc.cord_flags(self.config.qc, result.cord, scan.affine, cord, level)
+                low, high, what = qc.csa_range(self.config.qc, level)
+                cord["plausible_csa_mm2"] = {"low": low, "high": high, "level": what}  # the report shades it
         if result.lesion is not None:
             result.measurements["lesions"] = measure_lesions(result.lesion, scan.affine)
 

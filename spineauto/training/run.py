@@ -124,6 +124,11 @@ def open_run(dataset: str | int, configuration: str, fold: str | int, *, seed: i
         train_cases, val_cases = cases_for_fold(splits, fold, sorted(store.props), pre_dir / SPLITS_FILE)
 
     model_dir = paths.model_folder(pre_dir.name, configuration, plans.plans_name, results=results)
+    trial = sweep_trial()
+    if trial is not None:  # every trial of a W&B sweep its own model folder: they would all write the same fold
+        model_dir = model_dir.parent / trial / model_dir.name
+        if is_main:
+            log.info("W&B sweep trial: training into %s", model_dir)
     fold_dir = model_dir / f"fold_{fold}"
     lock = exclusive_lock(model_dir / f".{fold_dir.name}.lock", f"training of {fold_dir}") if is_main else nullcontext()
     with lock:
@@ -164,6 +169,19 @@ def check_raw_unchanged(pre_dir: Path, allow_stale: bool = False) -> None:
         return
     raise SpineautoError(f"{line}; rerun `spineauto plan_and_preprocess -d {pre_dir.name}` (with the same --preset; it redoes only "
                          "the changed cases), or pass --allow-stale-data to train on the data as they were preprocessed")
+
+
+def sweep_trial() -> str | None:
+    """``sweep_<id>/trial_<run id>`` under a ``wandb agent`` (it sets WANDB_SWEEP_ID and WANDB_RUN_ID per trial), else None."""
+    sweep, run = os.environ.get("WANDB_SWEEP_ID", ""), os.environ.get("WANDB_RUN_ID", "")
+    if not sweep:
+        return None
+    if not run:
+        raise SpineautoError("WANDB_SWEEP_ID is set but WANDB_RUN_ID is not: run sweep trials through `wandb agent`")
+    for name, value in (("WANDB_SWEEP_ID", sweep), ("WANDB_RUN_ID", run)):
+        if not value.replace("-", "").replace("_", "").isalnum():
+            raise SpineautoError(f"{name}={value!r}: not a W&B id (letters, digits, - and _)")
+    return f"sweep_{sweep}/trial_{run}"
 
 
 def _aside(fold_dir: Path) -> Path:
