@@ -25,6 +25,7 @@ from pathlib import Path
 
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import write_atomic
+from spineauto.io.outputs import check_output_apart
 
 _opened: dict[Path, Path] = {}
 MAX_MEMBER_BYTES = 768 << 20  # the largest checkpoint a plan of ours writes (a 32-512 U-Net with Adam state) is ~530 MB
@@ -35,6 +36,7 @@ MAX_RATIO = 100  # checkpoints barely compress; JSON/YAML ~10x; a zip bomb 1000x
 def write_zip(target: Path, write) -> Path:
     if target.suffix != ".zip":
         raise SpineautoError(f"{target}: a bundle is a .zip file; name it e.g. model.zip")
+    check_output_apart([], target, what="the bundle", hint="write it outside datasets and model folders")
     return write_atomic(target, write, suffix=".zip")
 
 

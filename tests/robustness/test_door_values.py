@@ -87,3 +87,19 @@ def test_evaluate_refuses_masks_that_are_not_label_values(tmp_path, capsys, valu
     line = _one_error_line(err)
     assert code == 1 and "a.nii.gz" in line and ("NaN" in line if np.isnan(value) else "0.5" in line), line
     assert not (tmp_path / "pred" / "summary.json").exists()
+
+
+def test_dicom_zero_pixel_spacing_is_refused_not_read_as_1mm(tmp_path, capsys, monkeypatch):
+    import pydicom
+
+    from test_dicom_robustness import write_series
+
+    monkeypatch.setenv("SPINEAUTO_RAW", str(tmp_path / "raw"))
+    for f in write_series(tmp_path / "dicom" / "s"):
+        ds = pydicom.dcmread(f)
+        ds.PixelSpacing = [0, 0]
+        ds.save_as(f)
+    code, _, err = run_cli(capsys, "convert", "dicom", str(tmp_path / "dicom"), "-d", "61", "--name", "D")
+    line = _one_error_line(err)
+    assert code == 1 and "PixelSpacing 0\\0" in line and "slice000.dcm" in line, line
+    assert not (tmp_path / "raw" / "Dataset061_D").exists()

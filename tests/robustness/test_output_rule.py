@@ -61,6 +61,7 @@ def test_predict_and_pipeline_refuse_outputs_in_references_and_models(world, tmp
              words=("trained fold", "fold_0"))
     _refused(capsys, "pipeline", "-i", str(scans), "-o", str(world["results"]), "--config", str(tmp_path / "p.yaml"),
              words=("contains the model folder",))
+    _refused(capsys, "export", "-m", str(model), "-o", str(model / "fold_0" / "m.zip"), words=("the bundle", "trained fold"))
     assert {**_tree(raw), **_tree(model)} == before
     assert not (model / "fold_0" / "out").exists()
     shutil.rmtree(labels_ts)
