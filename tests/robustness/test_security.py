@@ -206,3 +206,16 @@ def test_csv_cells_that_spreadsheets_run_are_escaped(tmp_path):
     build_report(tmp_path)
     rows = list(csv.reader((tmp_path / "pipeline.csv").open()))
     assert rows[1][:3] == ["'" + name, "failed", "'@SUM(A1)"]
+
+
+def test_plugin_string_never_imports_a_standard_library_module_that_acts(capsys):
+    """Importing `this` prints the Zen of Python (`antigravity` opens a browser): refused before the import."""
+    import sys
+
+    from spineauto.errors import SpineautoError
+    from spineauto.training.losses import LOSSES
+
+    sys.modules.pop("this", None)
+    with pytest.raises(SpineautoError, match="standard-library module 'this'"):
+        LOSSES.resolve("this:s", "loss.name")
+    assert "this" not in sys.modules and capsys.readouterr().out == ""
