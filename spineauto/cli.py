@@ -87,16 +87,22 @@ def convert_bids(
 
 @convert_app.command("dicom")
 def convert_dicom(
-    root: Path = typer.Argument(..., help="Folder searched recursively for DICOM series."),
+    root: Path = typer.Argument(..., help="Folder searched recursively for DICOM series (and their DICOM-SEG or NIfTI masks)."),
     dataset: int = typer.Option(..., "-d", "--dataset", help="New dataset id (1-999)."),
     name: str = typer.Option(..., "--name", help="Dataset name."),
+    classes_from: Optional[Path] = typer.Option(None, "--classes-from", help="Rules file (YAML): head -> class -> {DICOM keyword: "
+                                                "regular expression}; each series gets the class whose rules match its header."),
+    label_name: str = typer.Option("cord", "--label-name", help="Name of value 1 of NIfTI masks beside a series (DICOM-SEG masks name their segments)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset of that name."),
 ):
-    """Convert every DICOM series under ROOT into a case of Dataset<ID>_<NAME> (imagesTs)."""
+    """Convert every DICOM series under ROOT into a case of Dataset<ID>_<NAME>: with a mask (a DICOM-SEG referencing it, or the
+    NIfTI file in its folder) and/or classes from --classes-from to imagesTr/labelsTr, else to imagesTs; prints what each series got and why."""
     from spineauto import paths
-    from spineauto.datasets.dicom import convert_dicom as run
+    from spineauto.cli_views import dicom_summary
+    from spineauto.datasets.dicom import convert_dicom_dataset as run
 
-    out = run(root, paths.root("raw") / paths.dataset_name(dataset, name))
-    console.print(f"[green]wrote[/] {out}")
+    dicom_summary(console, run(root, paths.root("raw") / paths.dataset_name(dataset, name), label_name=label_name,
+                               overwrite=overwrite, classes_from=classes_from))
 
 
 @convert_app.command("images")
@@ -268,8 +274,8 @@ _EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": False}
 def predict(
     ctx: typer.Context,
     dataset: str = DatasetOpt,
-    input: Path = typer.Option(..., "-i", "--input", help="Folder of NIfTI files (<case>_0000.nii.gz or <case>.nii.gz), one NIfTI file, or a folder of DICOM series."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output folder for <case>.nii.gz masks."),
+    input: Path = typer.Option(..., "-i", "--input", help="Folder of image files (<case>_0000.nii.gz or <case>.nii.gz; .nrrd, .mha, .png ... alike), one image file, or a folder of DICOM series."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder for the masks (in each input's format; DICOM input: <case>.nii.gz)."),
     configuration: str = typer.Option("2d", "-c", "--configuration", help="Trained configuration."),
     folds: Optional[List[str]] = typer.Option(None, "-f", "--folds", help="Folds to ensemble (repeat or list: -f 0 1 2, or 'all'); default every trained fold."),
     checkpoint: str = typer.Option("final", "--checkpoint", help="best, final or latest."),
@@ -280,6 +286,7 @@ def predict(
     roi: Optional[Path] = typer.Option(None, "--roi", help="Folder of <case>.nii.gz masks (value > 0) to crop around, for a configuration with an roi (2d_cord_roi: the cord masks of another `spineauto predict`)."),
     num_parts: int = typer.Option(1, "--num-parts", help="Split the cases into this many shards (e.g. a SLURM job array's size)."),
     part_id: int = typer.Option(0, "--part-id", help="Which shard this run predicts, 0 .. num-parts-1 (e.g. $SLURM_ARRAY_TASK_ID); outputs merge by copying."),
+    dicom_seg: bool = typer.Option(False, "--dicom-seg", help="DICOM input: also write <case>.seg.dcm, a DICOM-SEG referencing the source series."),
 ):
     """Segment new scans with a trained model; masks keep each input's exact geometry."""
     import torch
@@ -303,7 +310,8 @@ def predict(
     model = load_model(folder, folds, checkpoint, resolve_device(device), configuration=configuration)
     with make_progress(console) as progress:
         result = predict_folder(model, input, output, tta=not no_tta, save_probabilities=save_probabilities,
-                                progress=case_progress(progress, "predict"), roi=roi, num_parts=num_parts, part_id=part_id)
+                                progress=case_progress(progress, "predict"), roi=roi, num_parts=num_parts, part_id=part_id,
+                                dicom_seg=dicom_seg)
     predict_summary(console, model, result, output, not no_tta)
 
 

@@ -139,3 +139,21 @@ def pairs_summary(console: Console, report) -> None:
                       + ", ".join(p.name for p in report.images_without_mask))
     console.print("labels: " + ", ".join(f"{k}={v}" for k, v in report.labels.items()))
     console.print(f"[green]wrote[/] {report.dataset}")
+
+
+def dicom_summary(console: Console, result) -> None:
+    """What ``convert dicom`` made of each series: split, mask, classes and the rule that gave each."""
+    table = Table(title=f"{len(result.rows)} DICOM series")
+    for col in ("case", "folder", "split", "mask", "classes (why)"):
+        table.add_column(col)
+    for r in result.rows:
+        classes = "; ".join(f"{h}={c} ({r.reasons[h]})" for h, c in r.classes.items())
+        table.add_row(r.case, r.source, f"images{r.split}" + (f" ({r.why_test})" if r.why_test else ""), r.mask or "-", classes or "-")
+    console.print(table)
+    unmatched = [r for r in result.rows if r.unmatched]
+    if unmatched:
+        console.print(f"[yellow]{len(unmatched)} series matched no rule[/] for some head (imagesTs): "
+                      + ", ".join(f"{r.case} ({', '.join(r.unmatched)})" for r in unmatched))
+    if result.labels:
+        console.print("labels: " + ", ".join(f"{k}={v}" for k, v in result.labels.items()))
+    console.print(f"[green]wrote[/] {result.dataset}")

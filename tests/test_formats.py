@@ -49,6 +49,21 @@ def test_simpleitk_formats_read_with_the_nifti_geometry_and_masks_keep_it(tmp_pa
     np.testing.assert_array_equal(read_volume(out)[0], labels)
 
 
+def test_a_2d_simpleitk_image_is_one_slice_and_its_mask_stays_2d(tmp_path):
+    img = sitk.GetImageFromArray(np.arange(12, dtype=np.int16).reshape(3, 4))  # 3 rows, 4 columns
+    img.SetSpacing((0.5, 0.7))
+    img.SetOrigin((3.0, 4.0))
+    sitk.WriteImage(img, str(tmp_path / "x.mha"))
+    data, affine = read_image(tmp_path / "x.mha")
+    shape, header_affine, _ = image_header(tmp_path / "x.mha")
+    assert data.shape == (1, 4, 3, 1) and shape == (4, 3, 1) and data[0, 3, 2, 0] == 11
+    np.testing.assert_allclose(header_affine, affine)
+    np.testing.assert_allclose(np.diag(affine)[:2], [-0.5, -0.7])  # LPS -> RAS
+    mask = sitk.ReadImage(str(write_label_map(tmp_path / "m.mha", (data[0] > 5).astype(np.uint8), tmp_path / "x.mha")))
+    assert mask.GetDimension() == 2 and mask.GetSpacing() == (0.5, 0.7) and mask.GetOrigin() == (3.0, 4.0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(img) > 5)
+
+
 def test_rgb_png_is_three_channels_with_the_declared_spacing_and_a_png_mask_round_trips(tmp_path):
     from skimage import io
 
@@ -161,6 +176,10 @@ def test_an_nnunet_png_dataset_trains_and_predicts_png_masks(tmp_path, spineauto
         truth = io.imread(raw / "labelsTs" / f"{case}.png")
         assert mask.shape == truth.shape == (40, 56)
         assert _dice(mask == 1, truth == 1) > 0.7, case  # a bright rectangle: wrong orientation or channels would miss it
+    from spineauto.evaluation.evaluate import evaluate_folders
+
+    summary = evaluate_folders(out, raw / "labelsTs")  # `spineauto evaluate` reads the PNG masks too
+    assert set(summary["metric_per_case"]) == {"img-8", "img-9"} and summary["mean"]["label_1"]["dice"] > 0.7
 
 
 def test_an_nrrd_dataset_trains_and_predicts_nrrd_masks_in_the_input_grid(tmp_path, spineauto_env):

@@ -263,7 +263,7 @@ def test_dicom_series_input_writes_nifti_in_series_geometry(env, capsys, tmp_pat
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(inp)))
     ref = reader.Execute()
-    out = sitk.ReadImage(str(tmp_path / "out" / "series_000.nii.gz"))
+    out = sitk.ReadImage(str(tmp_path / "out" / "SmartScore_-_Gated_0.5_sec.nii.gz"))  # named after its SeriesDescription
     assert out.GetSize() == ref.GetSize() == (16, 16, 5)
     np.testing.assert_allclose(out.GetOrigin(), ref.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(out.GetSpacing(), ref.GetSpacing(), atol=1e-5)
@@ -272,7 +272,7 @@ def test_dicom_series_input_writes_nifti_in_series_geometry(env, capsys, tmp_pat
     import json
 
     series_map = json.loads((tmp_path / "out" / "dicom_series.json").read_text())
-    assert series_map["series_000"]["SeriesInstanceUID"] == sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(inp))[0]
+    assert series_map["SmartScore_-_Gated_0.5_sec"]["SeriesInstanceUID"] == sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(inp))[0]
 
 
 def test_self_contained_model_folder(env, planned, capsys, tmp_path, monkeypatch):

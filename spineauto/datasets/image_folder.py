@@ -96,8 +96,9 @@ def read_picture(path: Path, rgb: bool = False) -> np.ndarray:
 
 def picture_to_nifti(channel: np.ndarray, spacing: float = 1.0) -> nib.Nifti1Image:
     """(rows, columns) -> (X=columns, Y=rows bottom-up, 1) volume, RAS affine with ``spacing`` mm pixels."""
-    vol = np.ascontiguousarray(channel[::-1].T[:, :, None])
-    return nib.Nifti1Image(vol, np.diag([spacing, spacing, spacing, 1.0]))
+    from spineauto.io.formats import picture_affine, picture_to_volume
+
+    return nib.Nifti1Image(picture_to_volume(channel[None])[0], picture_affine((spacing, spacing)))
 
 
 def convert_image_folder(root: Path, dataset_dir: Path, head: str = "class", rgb: bool = False, spacing: float = 1.0,

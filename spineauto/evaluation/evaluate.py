@@ -27,7 +27,7 @@ from spineauto.evaluation import metrics as M
 from spineauto.evaluation.files import check_writable, read_json_file, writing
 from spineauto.io.atomic import write_atomic, write_json
 from spineauto.io.geometry import voxel_sizes
-from spineauto.io.images import grid_mismatch, read_volume
+from spineauto.io.images import IMAGE_ENDINGS, grid_mismatch, read_volume, strip_ending
 
 log = logging.getLogger(__name__)
 NIFTI = ".nii.gz"
@@ -41,8 +41,14 @@ class LabelSet:
     lesion: list[str]
 
 
+def mask_files(folder: Path) -> dict[str, Path]:
+    """Case -> mask file of every image file in ``folder`` (any format spineauto reads: .nii.gz, .png, .nrrd ...)."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_ENDINGS))
+    return {strip_ending(p.name): p for p in files}
+
+
 def case_names(folder: Path) -> list[str]:
-    return sorted(p.name[: -len(NIFTI)] for p in Path(folder).glob(f"*{NIFTI}") if not p.name.startswith(".") and p.is_file())
+    return sorted(mask_files(folder))
 
 
 def with_values(labels: LabelSet | None, values: set[int]) -> LabelSet:
@@ -54,7 +60,10 @@ def with_values(labels: LabelSet | None, values: set[int]) -> LabelSet:
 
 
 def labels_from_dataset_json(data: dict) -> LabelSet:
-    labels = {k: int(v) for k, v in data.get("labels", {}).items() if int(v) != 0}
+    raw = data.get("labels", {})
+    if "regions_class_order" in data:  # region labels: each region is evaluated as the value it is written as
+        raw = {"background": 0, **dict(zip([k for k in raw if k != "background"], data["regions_class_order"]))}
+    labels = {k: int(v) for k, v in raw.items() if int(v) != 0}
     return LabelSet(labels, lesion_labels(labels, data.get("lesion_labels")))
 
 
@@ -88,15 +97,16 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
     for folder, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
         if not folder.is_dir():
             raise SpineautoError(f"{folder}: {what} folder not found")
-    cases = case_names(gt_dir)
+    gt_files, pred_files = mask_files(gt_dir), mask_files(pred_dir)
+    cases = sorted(gt_files)
     if not cases:
         hint = ("; it is a folder: a classification labels file must be a dataset.json or CSV file"
                 if gt_dir.suffix.lower() in (".json", ".csv") else "")
-        raise SpineautoError(f"{gt_dir}: no ground-truth masks (*{NIFTI}){hint}")
-    preds = set(case_names(pred_dir))
+        raise SpineautoError(f"{gt_dir}: no ground-truth masks (*{NIFTI}, or another image format){hint}")
+    preds = set(pred_files)
     missing = [c for c in cases if c not in preds]
     if missing:
-        raise SpineautoError(f"{pred_dir}: no prediction for {len(missing)} ground-truth case(s) (first: {missing[0]}{NIFTI}); "
+        raise SpineautoError(f"{pred_dir}: no prediction for {len(missing)} ground-truth case(s) (first: {gt_files[missing[0]].name}); "
                              "predict them or evaluate a matching ground-truth folder")
     extra = sorted(preds - set(cases))
     if extra:
@@ -106,11 +116,11 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
     for i, case in enumerate(cases):
         if progress:
             progress(case, i, len(cases))
-        ref, aff_r = read_volume(gt_dir / f"{case}{NIFTI}")
-        pred, aff_p = read_volume(pred_dir / f"{case}{NIFTI}")
+        ref, aff_r = read_volume(gt_files[case])
+        pred, aff_p = read_volume(pred_files[case])
         problem = grid_mismatch(pred.shape, aff_p, ref.shape, aff_r)
         if problem:
-            raise SpineautoError(f"{pred_dir / (case + NIFTI)}: grid differs from the ground truth (prediction vs ground truth: {problem}); "
+            raise SpineautoError(f"{pred_files[case]}: grid differs from the ground truth (prediction vs ground truth: {problem}); "
                                  "predict with `spineauto predict` so masks keep the input geometry")
         pred, ref = pred.round().astype(np.int16), ref.round().astype(np.int16)
         values = {int(v) for v in np.union1d(np.unique(pred), np.unique(ref))}

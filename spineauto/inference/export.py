@@ -29,7 +29,7 @@ from spineauto.io.formats import IMAGE_ENDINGS
 from spineauto.io.images import load_nifti, mask_image
 
 log = logging.getLogger(__name__)
-CASE_ENDINGS = (*IMAGE_ENDINGS, ".npz", ".json")  # the files a case may have in an output folder (a mask in its input's format)
+CASE_ENDINGS = (*IMAGE_ENDINGS, ".npz", ".json", ".seg.dcm")  # the files a case may have in an output folder (a mask in its input's format)
 
 
 def write_mask(target: Path, labels: np.ndarray, header: nib.Nifti1Header | None = None, shape=None, sitk_reference=None) -> Path:

@@ -38,6 +38,8 @@ class InputCase:
     name: str
     files: list[Path] = field(default_factory=list)  # image files, one per channel (an RGB picture: three)
     dicom: Any = None  # SimpleITK image of a DICOM stack
+    dicom_files: list[str] = field(default_factory=list)  # its files, in the image's slice order (for DICOM-SEG)
+    dicom_seg_labels: dict[int, str] | None = None  # write <case>.seg.dcm too, one segment per label value -> name
     metadata: dict = field(default_factory=dict)
     roi: Path | None = None  # mask to crop around, for a configuration with an roi (cord -> lesion cascade)
     pixel_spacing: tuple[float, float] | None = None  # of 2D pictures (the model's dataset declares it)
@@ -97,7 +99,12 @@ class InputCase:
             self._restrict = None
         if self.files:
             return write_label_map(target, labels, self.files[0])
-        return write_mask(target, labels, sitk_reference=self.dicom)
+        written = write_mask(target, labels, sitk_reference=self.dicom)
+        if self.dicom_seg_labels is not None:
+            from spineauto.io.dicom_seg import write_dicom_seg
+
+            write_dicom_seg(target.with_name(f"{self.name}.seg.dcm"), labels, self.dicom_files, self.dicom_seg_labels)
+        return written
 
 
 def preprocess_around(model, data: np.ndarray, affine: np.ndarray, mask: np.ndarray, margin_mm: float,
@@ -213,7 +220,8 @@ def _dicom_cases(folder: Path) -> list[InputCase]:
     if not series:
         raise SpineautoError(f"{folder}: no image files ({', '.join(IMAGE_ENDINGS)}) and no readable DICOM series found; check the input folder")
     cases = []
-    for i, (uid, image, meta) in enumerate(series):
-        cases.append(InputCase(f"series_{i:03d}", dicom=image, metadata=dict(meta, SeriesInstanceUID=uid)))
-        log.info("series_%03d: %s %s", i, meta.get("source", ""), meta.get("SeriesDescription", uid))
+    for stack, image in series:
+        cases.append(InputCase(stack.name, dicom=image, metadata=dict(stack.metadata, SeriesInstanceUID=stack.series_uid),
+                               dicom_files=list(stack.files)))
+        log.info("%s: %s %s", stack.name, stack.metadata.get("source", ""), stack.metadata.get("SeriesDescription", stack.series_uid))
     return cases

@@ -54,13 +54,13 @@ def picture_affine(pixel_spacing) -> np.ndarray:
     return np.diag([col, row, max(row, col), 1.0])
 
 
-def _picture_to_volume(pixels: np.ndarray) -> np.ndarray:
+def picture_to_volume(pixels: np.ndarray) -> np.ndarray:
     """(C, rows, columns) -> (C, X=columns, Y=rows bottom-up, 1)."""
     return np.ascontiguousarray(pixels[:, ::-1, :].transpose(0, 2, 1)[..., None])
 
 
 def _volume_to_picture(labels: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_picture_to_volume` for one (X, Y, 1) label map -> (rows, columns)."""
+    """Inverse of :func:`picture_to_volume` for one (X, Y, 1) label map -> (rows, columns)."""
     return np.ascontiguousarray(labels[:, :, 0].T[::-1])
 
 
@@ -100,7 +100,7 @@ def _read_picture(path: Path, pixel_spacing) -> tuple[np.ndarray, np.ndarray]:
     from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
 
     data, _ = NaturalImage2DIO().read_images([str(path)])  # (C, 1, rows, columns)
-    return _picture_to_volume(data[:, 0].astype(np.float32, copy=False)), picture_affine(pixel_spacing)
+    return picture_to_volume(data[:, 0].astype(np.float32, copy=False)), picture_affine(pixel_spacing)
 
 
 def _read_tiff3d(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -170,8 +170,9 @@ def header(path: Path, pixel_spacing=None) -> tuple[tuple[int, ...], np.ndarray,
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
         size = tuple(int(s) for s in reader.GetSize())
-        if len(size) != 3:
-            return (*size, 1)[:3], picture_affine((1.0, 1.0)), np.dtype(np.float32)
+        if len(size) != 3:  # a 2D file: one slice, as the read makes it (small: read it)
+            image = sitk.JoinSeries(sitk.ReadImage(str(path)))
+            return tuple(int(s) for s in image.GetSize()), sitk_affine(image), np.dtype(np.float32)
         affine = np.eye(4)
         affine[:3, :3] = np.asarray(reader.GetDirection(), float).reshape(3, 3) * np.asarray(reader.GetSpacing(), float)[None, :]
         affine[:3, 3] = reader.GetOrigin()

@@ -96,14 +96,14 @@ def run_case(pipeline: Pipeline, case: InputCase, output: Path) -> CaseResult:
     from spineauto.pipeline.overlays import sagittal_left_out, write_overlays
 
     data, affine = case.read()
-    scan = ScanInput(case.name, data, affine, case.source)
+    scan = ScanInput(case.name, data, affine, case.source, header=pipeline.header_of(case, affine, data.shape))
     res = pipeline.run(scan)
 
     def write(stage: Path) -> None:
         masks = {}
         for name, mask in (("cord", res.cord), ("lesion", res.lesion)):
             if mask is not None:
-                masks[name] = case.write_mask(stage / f"{case.name}_{name}.nii.gz", mask).name
+                masks[name] = case.write_mask(stage / f"{case.name}_{name}{case.mask_ending}", mask).name  # the input's format
         images = write_overlays(data[0], affine, res.cord, res.lesion, stage, case.name)
         left_out = sagittal_left_out(affine, data.shape[1:])
         write_json(stage / f"{case.name}.json", res.to_dict(masks, images, {"sagittal": left_out} if left_out else None))

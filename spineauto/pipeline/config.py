@@ -15,7 +15,9 @@ where MODEL is ``{folder: PATH}`` (a model folder), ``{bundle: PATH.zip}`` (``sp
 location and view; sequence), else all of them, unless ``heads`` lists them; one model with several
 heads may serve several stages (it is loaded and run once). A classification stage with a ``gate`` stops a case whose predicted class (of
 ``head``) is not in ``classes`` or whose probability is below ``min_probability``; the case's report
-says why. Relative paths are relative to the YAML file. Unknown keys, a missing model and a gate
+says why. ``header_rules: rules.yaml`` (a ``convert dicom --classes-from`` rules file) lets DICOM
+inputs' tags decide classes first (:mod:`spineauto.pipeline.header`; BIDS suffixes and the affine's
+view need no file). Relative paths are relative to the YAML file. Unknown keys, a missing model and a gate
 naming a class the model does not have are one-line errors (the last when the models load).
 """
 from __future__ import annotations
@@ -90,6 +92,7 @@ class PipelineConfig:
     lesion: LesionStage | None = None
     tta: bool = True
     qc: QcConfig = field(default_factory=QcConfig)
+    header_rules: str | None = None  # a `convert dicom --classes-from` rules file: DICOM inputs' classes from their tags
 
     def stages(self) -> list[str]:
         return [s for s in STAGES if getattr(self, s) is not None]
@@ -140,6 +143,13 @@ def check_config(config: PipelineConfig, where: str, base: Path | None = None) -
     for level, bounds in config.qc.csa_mm2.items():
         if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1]:
             raise SpineautoError(f"{where}.qc.csa_mm2.{level}: give [low, high] with 0 <= low < high, got {bounds}")
+    if config.header_rules is not None:
+        rules = Path(config.header_rules).expanduser()
+        rules = base / rules if not rules.is_absolute() and base is not None else rules
+        from spineauto.datasets.dicom_rules import load_rules
+
+        load_rules(rules)  # checked now, with the file named
+        config.header_rules = str(rules.resolve())
     if config.lesion is not None and config.cord is None:
         raise SpineautoError(f"{where}.lesion: the lesion stage segments inside the cord and needs a `cord` stage before it")
 

@@ -124,13 +124,14 @@ def _classifications(cases) -> list[tuple[str, str]]:
     return names
 
 
-def _decision(d: dict, stage: str, head: str) -> tuple[str | None, float | None]:
+def _decision(d: dict, stage: str, head: str) -> tuple[str | None, float | None, str | None]:
+    """(class, its probability, who decided it: header or image) of one head of one case."""
     s = next((s for s in d.get("stages", []) if s.get("stage") == stage), None)
     for h, cls, probs in _head_decisions(s or {}):
         if h == head:
             p = probs.get(cls)
-            return cls, p if isinstance(p, (int, float)) else None
-    return None, None
+            return cls, p if isinstance(p, (int, float)) else None, _dict(_dict(_dict(s).get("heads")).get(h)).get("source", "image")
+    return None, None, None
 
 
 def _flags(d: dict) -> list[dict]:
@@ -147,7 +148,7 @@ def _csv(cases) -> str:
     stages = _classifications(cases)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["case", "status", "reason", "flags", *[f"{s}_{h}_{x}" if h != s else f"{s}_{x}" for s, h in stages for x in ("class", "probability")],
+    w.writerow(["case", "status", "reason", "flags", *[f"{s}_{h}_{x}" if h != s else f"{s}_{x}" for s, h in stages for x in ("class", "probability", "source")],
                 *[name for name, _ in CSV_MEASURES]])
     for _, d in cases:
         ms = _dict(d.get("measurements"))
@@ -223,8 +224,8 @@ def _summary(cases) -> str:
                  f"<td data-v='{STATUS_ORDER.get(d['status'], 9)}'>{_badge(d['status'])}</td>", "<td class='rated'>–</td>",
                  f"<td>{''.join(f'<span class=chip>{escape(c)}</span>' for c in codes) or '–'}</td>",
                  f"<td><span class='reason' title='{escape(reason)}'>{escape(reason)}</span></td>",
-                 *[f"<td><span class='nw'>{escape(c)} <span class='muted'>{_num(p, 2)}</span></span></td>" if c else "<td>–</td>"
-                   for c, p in decided]]
+                 *[f"<td><span class='nw'>{escape(c)} <span class='muted'>{'header' if src == 'header' else _num(p, 2)}</span></span></td>"
+                   if c else "<td>–</td>" for c, p, src in decided]]
         values = [_get(ms, "cord", "volume_mm3"), _get(ms, "cord", "csa_mm2", "mean"), _get(ms, "cord", "length_mm"),
                   _get(ms, "lesions", "count"), _get(ms, "lesions", "total_volume_mm3"), d.get("seconds")]
         shown = [_num(values[0], 0), _num(values[1]), _num(values[2]), _num(values[3], 0), _num(values[4]), _num(values[5])]

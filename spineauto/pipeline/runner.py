@@ -34,6 +34,7 @@ from spineauto.inference.postprocessing import UNCERTAIN_CORD
 from spineauto.inference.roi import restrict_to_roi
 from spineauto.pipeline import qc
 from spineauto.pipeline.config import CLASSIFICATION_STAGES, STAGE_HEADS, ClassifyStage, ModelRef, PipelineConfig, load_pipeline_config
+from spineauto.pipeline.header import decide
 from spineauto.schema import to_dict
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class ScanInput:
     data: np.ndarray
     affine: np.ndarray
     source: str = ""
+    header: dict[str, tuple[str, str]] = field(default_factory=dict)  # head -> (class, why) the header gives (pipeline/header.py)
 
 
 @dataclass
@@ -104,6 +106,7 @@ class Pipeline:
                  labels: dict[str, str] | None = None):
         self.config, self.models, self.device = config, models, device
         self.labels = labels or {}  # stage key -> the model as the case JSON names it (never a temporary folder)
+        self.header_rules = None  # the DICOM tag rules of config.header_rules, read when the first case needs them
 
     @classmethod
     def load(cls, config: PipelineConfig | Path | str, device: str | torch.device = "auto") -> "Pipeline":
@@ -163,6 +166,16 @@ class Pipeline:
     @property
     def num_channels(self) -> int:
         return next(iter(self.models.values())).num_channels
+
+    def header_of(self, case, affine: np.ndarray, shape) -> dict[str, tuple[str, str]]:
+        """What the header of an input case (``inference.inputs.InputCase``) says: head -> (class, why)."""
+        from spineauto.datasets.dicom_rules import load_rules
+        from spineauto.pipeline.header import header_classes
+
+        if self.config.header_rules is not None and self.header_rules is None:
+            self.header_rules = load_rules(Path(self.config.header_rules))
+        name = case.files[0].name if case.files else case.name
+        return header_classes(name, affine, shape, case.dicom_files, self.header_rules)
 
     # -- one case ---------------------------------------------------------------------------
     def run(self, image, name: str = "case") -> CaseResult:
@@ -254,17 +267,25 @@ class Pipeline:
         head = _head(model, gate.head, f"pipeline.{stage}") if gate else (shown[0] if len(shown) == 1 else None)
         record.update(kind="classification", heads={h: {"class": cls.predicted(h), "probabilities": {
             c: round(float(p), 6) for c, p in zip(cls.classes[h], cls.probabilities[h])}} for h in shown})
+        for h in shown:  # the header decides where it knows, the image classifier cross-checks (pipeline/header.py)
+            v = record["heads"][h]
+            v.update(decide(h, cls.predicted(h), max(v["probabilities"].values()), list(cls.classes[h]), scan.header))
+            if v.pop("disagrees"):
+                result.flag(stage, "header_disagrees", f"{h}: the header says {v['class']} ({v['header_reason']}), the image "
+                                                         f"classifier {v['image_class']} (p={v['image_probability']:.2f})")
         if head is not None:
-            record.update(head=head, **{"class": cls.predicted(head)}, probabilities=record["heads"][head]["probabilities"])
+            record.update(head=head, **{"class": record["heads"][head]["class"]}, probabilities=record["heads"][head]["probabilities"])
         result.classes[stage] = {h: v["class"] for h, v in record["heads"].items()}
         result.flags += qc.confidence_flags(self.config.qc, stage, {
-            h: (v["class"], max(v["probabilities"].values())) for h, v in record["heads"].items()})
+            h: (v["class"], max(v["probabilities"].values())) for h, v in record["heads"].items() if v["source"] == "image"})
         passed = True
         if gate is not None:
             p = float(cls.probabilities[head].max())
-            if cls.predicted(head) not in gate.classes:
-                passed, why = False, f"{stage}: predicted {head} {cls.predicted(head)!r} (p={p:.2f}) is not one of {gate.classes}"
-            elif p < gate.min_probability:
+            decided = record["heads"][head]
+            if decided["class"] not in gate.classes:
+                who = "predicted" if decided["source"] == "image" else f"header ({decided['header_reason']})"
+                passed, why = False, f"{stage}: {who} {head} {decided['class']!r} (p={p:.2f}) is not one of {gate.classes}"
+            elif decided["source"] == "image" and p < gate.min_probability:
                 passed, why = False, f"{stage}: {head} {cls.predicted(head)!r} with p={p:.2f} < min_probability {gate.min_probability}"
             if not passed:
                 result.status, result.reason = "stopped", why
