@@ -148,7 +148,7 @@ def _train_and_predict(env: dict[str, Path], dataset: str, tmp_path: Path, fold=
     torch.set_num_threads(1)
     plan_and_preprocess(int(dataset[7:10]), workers=1)
     tiny_plan(env["preprocessed"] / dataset / "plans.json")
-    trained = train_fold(int(dataset[7:10]), "2d", fold, TrainOptions(epochs=4, iters_per_epoch=12, val_iters=1, num_workers=0,
+    trained = train_fold(int(dataset[7:10]), "2d", fold, TrainOptions(epochs=3, iters_per_epoch=8, val_iters=1, num_workers=0,
                                                                  validate=validate, wandb="disabled"))
     model = load_model(trained.parent, folds=[fold])
     out = tmp_path / "pred"
