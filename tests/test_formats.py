@@ -152,7 +152,7 @@ def _train_and_predict(env: dict[str, Path], dataset: str, tmp_path: Path, fold=
                                                                  validate=validate, wandb="disabled"))
     model = load_model(trained.parent, folds=[fold])
     out = tmp_path / "pred"
-    predict_folder(model, env["raw"] / dataset / "imagesTs", out, tta=False)
+    predict_folder(model, env["raw"] / dataset / "imagesTs", out, tta=False, save_probabilities=True)
     return trained, out
 
 
@@ -180,6 +180,10 @@ def test_an_nnunet_png_dataset_trains_and_predicts_png_masks(tmp_path, spineauto
 
     summary = evaluate_folders(out, raw / "labelsTs")  # `spineauto evaluate` reads the PNG masks too
     assert set(summary["metric_per_case"]) == {"img-8", "img-9"} and summary["mean"]["label_1"]["dice"] > 0.7
+    from spineauto.inference.ensemble import ensemble_folders
+
+    ensembled = ensemble_folders([out], tmp_path / "ens")  # the probabilities carry the picture's grid: a NIfTI mask of it
+    np.testing.assert_array_equal(read_volume(ensembled[0])[0], read_volume(out / "img-8.png")[0])
 
 
 def test_an_nrrd_dataset_trains_and_predicts_nrrd_masks_in_the_input_grid(tmp_path, spineauto_env):
@@ -196,7 +200,7 @@ def test_an_nrrd_dataset_trains_and_predicts_nrrd_masks_in_the_input_grid(tmp_pa
     info = json.loads((nifti / "dataset.json").read_text())
     (raw / "dataset.json").write_text(json.dumps({**info, "file_ending": ".nrrd"}))
     _, out = _train_and_predict(env, "Dataset002_Nrrd", tmp_path, fold="all", validate=False)  # 3 subjects: too few for 5 folds
-    written = sorted(p.name for p in out.iterdir() if not p.name.endswith(".csv"))
+    written = sorted(p.name for p in out.iterdir() if not p.name.endswith((".csv", ".npz")))
     tests = sorted(p.name.replace("_0000", "") for p in (raw / "imagesTs").iterdir())
     assert written == tests and all(n.endswith(".nrrd") for n in written)
     for name in written:
