@@ -243,3 +243,22 @@ def test_a_bad_pixel_spacing_is_refused_in_one_line(tmp_path):
     (tmp_path / "D" / "dataset.json").write_text(json.dumps({**info, "pixel_spacing": 0}))
     with pytest.raises(SpineautoError, match=r"dataset.json: 'pixel_spacing' must be a number of mm > 0 or \[row, column\] mm, not 0"):
         load_dataset_json(tmp_path / "D")
+
+
+def test_a_png_roi_mask_is_found_and_read_in_its_pictures_grid(tmp_path):
+    from skimage import io
+
+    from spineauto.inference.roi import read_roi, roi_file
+
+    io.imsave(tmp_path / "x_0000.png", np.zeros((6, 8), np.uint8), check_contrast=False)
+    (tmp_path / "rois").mkdir()
+    roi = np.zeros((6, 8), np.uint8)
+    roi[1, 2] = 1
+    io.imsave(tmp_path / "rois" / "x.png", roi, check_contrast=False)
+    data, affine = read_channels([tmp_path / "x_0000.png"], pixel_spacing=(0.5, 0.5))
+    found = roi_file(tmp_path / "rois", "x")
+    assert found.name == "x.png"
+    mask = read_roi(found, data.shape[1:], affine, "x_0000.png", pixel_spacing=(0.5, 0.5))
+    assert mask.shape == (8, 6, 1) and mask.sum() == 1 and mask[2, 4, 0]  # row 1 of 6 from the top: Y = 4
+    with pytest.raises(SpineautoError, match=r"rois/x.png: ROI mask grid differs from the image x_0000.png \(spacing"):
+        read_roi(found, data.shape[1:], affine, "x_0000.png")  # without the dataset's pixel spacing: 1 mm pixels
