@@ -262,3 +262,22 @@ def test_a_png_roi_mask_is_found_and_read_in_its_pictures_grid(tmp_path):
     assert mask.shape == (8, 6, 1) and mask.sum() == 1 and mask[2, 4, 0]  # row 1 of 6 from the top: Y = 4
     with pytest.raises(SpineautoError, match=r"rois/x.png: ROI mask grid differs from the image x_0000.png \(spacing"):
         read_roi(found, data.shape[1:], affine, "x_0000.png")  # without the dataset's pixel spacing: 1 mm pixels
+
+
+def test_a_missing_nifti_channel_file_is_named_but_one_rgb_picture_holds_three_channels(tmp_path):
+    from skimage import io
+
+    from spineauto.datasets.dataset_json import load_dataset_json
+    from spineauto.datasets.integrity import check_layout
+
+    nii = tmp_path / "N"
+    (nii / "imagesTr").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.eye(4)), str(nii / "imagesTr" / "a_0000.nii.gz"))
+    (nii / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1", "1": "T2"}, "file_ending": ".nii.gz", "labels": {}}))
+    assert check_layout(load_dataset_json(nii)) == [f"{nii}/imagesTr/a_0001.nii.gz: missing channel file for case a"]
+    png = tmp_path / "P"
+    (png / "imagesTr").mkdir(parents=True)
+    io.imsave(png / "imagesTr" / "a_0000.png", np.zeros((4, 4, 3), np.uint8), check_contrast=False)
+    (png / "dataset.json").write_text(json.dumps({"channel_names": {"0": "R", "1": "G", "2": "B"}, "file_ending": ".png", "labels": {}}))
+    info = load_dataset_json(png)
+    assert check_layout(info) == [] and info.image_files("a") == [png / "imagesTr" / "a_0000.png"]
