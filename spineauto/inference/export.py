@@ -26,7 +26,7 @@ import numpy as np
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import save_nifti, write_atomic
 from spineauto.io.formats import IMAGE_ENDINGS
-from spineauto.io.images import load_nifti, mask_image
+from spineauto.io.images import image_header, is_nifti, load_nifti, mask_image
 
 log = logging.getLogger(__name__)
 CASE_ENDINGS = (*IMAGE_ENDINGS, ".npz", ".json", ".seg.dcm")  # the files a case may have in an output folder (a mask in its input's format)
@@ -44,8 +44,13 @@ def write_mask(target: Path, labels: np.ndarray, header: nib.Nifti1Header | None
 
 
 def write_probabilities(target: Path, probs: np.ndarray, reference: Path, labels: list[int]) -> Path:
-    """``probabilities`` (K, X, Y, Z) float32 + the written mask's header, as a compressed npz."""
-    header = load_nifti(Path(reference)).header
+    """``probabilities`` (K, X, Y, Z) float32 + the written mask's header, as a compressed npz (a mask in
+    another format than NIfTI: a NIfTI header of its grid, so ``spineauto ensemble`` writes NIfTI masks)."""
+    if is_nifti(reference):
+        header = load_nifti(Path(reference)).header
+    else:
+        shape, affine, _ = image_header(Path(reference))
+        header = nib.Nifti1Image(np.zeros(shape[:3], np.uint8), affine).header
 
     def _write(p: Path) -> None:
         with open(p, "wb") as f:
