@@ -436,7 +436,9 @@ def pipeline(
     """Run the whole spine pipeline on new scans: classify, segment the cord, segment lesions in it, measure, report.
 
     Every model is loaded once; each case is read once. Masks keep each input's exact geometry.
-    A case that fails is reported and leaves no files; the exit code is 1 when any case failed.
+    A case is "done" only when no quality check flagged it, else "check" with the reasons (pipeline.csv,
+    report.html). A case whose stage fails keeps what the stages before found and says which stage
+    failed; the exit code is 1 when any case failed.
     """
     from spineauto.cli_views import case_progress, make_progress
     from spineauto.pipeline.cohort import check_output_apart, run_pipeline, shard, summary_line

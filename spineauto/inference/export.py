@@ -27,7 +27,7 @@ import numpy as np
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import save_nifti, write_atomic
 from spineauto.io.formats import IMAGE_ENDINGS
-from spineauto.io.images import load_nifti, mask_image
+from spineauto.io.images import image_header, is_nifti, load_nifti, mask_image
 from spineauto.io.outputs import check_output_apart  # noqa: F401 (the one output rule, used by predict, ensemble, pipeline)
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,13 @@ def write_mask(target: Path, labels: np.ndarray, header: nib.Nifti1Header | None
 
 
 def write_probabilities(target: Path, probs: np.ndarray, reference: Path, labels: list[int]) -> Path:
-    """``probabilities`` (K, X, Y, Z) float32 + the written mask's header, as a compressed npz."""
-    header = load_nifti(Path(reference)).header
+    """``probabilities`` (K, X, Y, Z) float32 + the written mask's header, as a compressed npz (a mask in
+    another format than NIfTI: a NIfTI header of its grid, so ``spineauto ensemble`` writes NIfTI masks)."""
+    if is_nifti(reference):
+        header = load_nifti(Path(reference)).header
+    else:
+        shape, affine, _ = image_header(Path(reference))
+        header = nib.Nifti1Image(np.zeros(shape[:3], np.uint8), affine).header
 
     def _write(p: Path) -> None:
         with open(p, "wb") as f:

@@ -71,7 +71,7 @@ class InputCase:
         if model.plan.roi is not None:
             if self.roi is None:
                 raise SpineautoError(f"{self.source}: {_needs_roi(model.plan)}")
-            roi = read_roi(self.roi, data.shape[1:], affine, self.source)
+            roi = read_roi(self.roi, data.shape[1:], affine, self.source, self.pixel_spacing)
             self._restrict = (roi, affine, model.plan.roi.remove_outside_mm)
         layout, _, props = preprocess_array(data, affine, model.plan, model.intensity, roi=roi, name=str(self.roi or self.source))
         return layout, props
@@ -189,7 +189,7 @@ def attach_roi_masks(cases: list[InputCase], plan, folder: Path | None) -> None:
         case.roi = roi_file(folder, case.name)
         if case.files:
             shape, affine, _ = image_header(case.files[0], case.pixel_spacing)
-            check_roi_grid(case.roi, spatial_shape(shape[:3]), affine, str(case.files[0]))
+            check_roi_grid(case.roi, spatial_shape(shape[:3]), affine, str(case.files[0]), case.pixel_spacing)
 
 
 def discover_cases(source: Path, num_channels: int, pixel_spacing=None) -> list[InputCase]:

@@ -1,11 +1,12 @@
 """`spineauto export`: a trained model, or a whole pipeline with its models, as one zip.
 
 A model bundle is ``<model folder name>/`` with ``plans.json``, ``dataset.json``,
-``postprocessing.json`` (when decided), the training ``fingerprint.json`` and the chosen checkpoint
+``postprocessing.json`` (when decided), ``training_range.json`` and the chosen checkpoint
 of the chosen folds with their ``run_config.yaml`` (the plan each fold was trained with). A pipeline
 bundle is ``pipeline/`` with ``pipeline.yaml`` (its models rewritten to the bundled folders) and
 ``models/<stage>/<model folder name>/`` for every model it names (a model that serves several
-stages with the same folds and checkpoint is stored once, under the first). Both open directly in
+stages with the same folds and checkpoint is stored once, under the first), and its
+``header_rules.yaml`` when it names one. Both open directly in
 ``predict -m`` / ``pipeline --config`` (:mod:`spineauto.inference.bundle`), on a machine without
 the raw or preprocessed data.
 """
@@ -22,10 +23,11 @@ from spineauto.errors import SpineautoError
 from spineauto.inference.bundle import model_folder_of, write_zip
 from spineauto.inference.model import CHECKPOINTS, RUN_CONFIG_FILE, select_folds
 from spineauto.inference.postprocessing import POSTPROCESSING_FILE
+from spineauto.planning.fingerprint import TRAINING_RANGE_FILE
 from spineauto.pipeline.config import ModelRef, load_pipeline_config
 from spineauto.schema import to_dict
 
-MODEL_FILES = ("plans.json", "dataset.json", POSTPROCESSING_FILE, "fingerprint.json")
+MODEL_FILES = ("plans.json", "dataset.json", POSTPROCESSING_FILE, TRAINING_RANGE_FILE)
 
 
 def model_files(folder: Path, folds: Sequence[str] | None, checkpoint: str, prefix: str) -> list[tuple[Path, str]]:
@@ -65,6 +67,9 @@ def export_pipeline(config_path: Path, target: Path) -> Path:
             entries += model_files(folder, ref.folds, ref.checkpoint, f"pipeline/{stored[identity].rsplit('/', 1)[0]}/")
         ref.folder, ref.bundle, ref.dataset = stored[identity], None, None
         ref.configuration = ref.configuration or paths.configuration_of(folder)
+    if config.header_rules is not None:  # the DICOM tag rules travel with the pipeline
+        entries.append((Path(config.header_rules), "pipeline/header_rules.yaml"))
+        config.header_rules = "header_rules.yaml"
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
     entries.append((text.encode(), "pipeline/pipeline.yaml"))
     return _zip(target, entries)

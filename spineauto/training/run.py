@@ -22,6 +22,7 @@ from spineauto.errors import SpineautoError
 from spineauto.io.atomic import read_json, write_json
 from spineauto.io.locks import exclusive_lock
 from spineauto.datasets.dataset_json import load_dataset_json
+from spineauto.planning.fingerprint import TRAINING_RANGE_FILE, Fingerprint, training_range
 from spineauto.planning.plans import ConfigurationPlan, Plans
 from spineauto.preprocessing.manifest import MANIFEST, load_manifest, raw_changes
 from spineauto.training.checkpoint import LATEST, TOP_INDEX, copy_checkpoint, load_checkpoint
@@ -259,8 +260,8 @@ def _remove_temporaries(fold_dir: Path) -> None:
 
 
 def _write_model_folder(pre_dir: Path, model_dir: Path, plans: Plans, plan: ConfigurationPlan) -> None:
-    """plans.json (with the intensity statistics), dataset.json, splits and the training fingerprint beside the folds:
-    the folder predicts on its own."""
+    """plans.json (with the intensity statistics), dataset.json, splits and the training scans' range of voxel
+    sizes and fields of view beside the folds: the folder predicts (and checks its inputs) on its own."""
     model_dir.mkdir(parents=True, exist_ok=True)
     old = model_dir / "plans.json"
     if old.is_file():
@@ -272,6 +273,8 @@ def _write_model_folder(pre_dir: Path, model_dir: Path, plans: Plans, plan: Conf
             log.warning("%s: the plan changed; folds trained before keep predicting with their own (fold_k/run_config.yaml), "
                         "but folds whose plans differ in what prediction shares (patch size, preprocessing) cannot be ensembled", old)
     plans.save(old)
-    for name in ("dataset.json", SPLITS_FILE, "fingerprint.json"):  # the fingerprint: what the pipeline's QC compares a scan with
+    if (pre_dir / "fingerprint.json").is_file():  # what the pipeline's QC compares a new scan with
+        write_json(model_dir / TRAINING_RANGE_FILE, training_range(Fingerprint.load(pre_dir / "fingerprint.json")))
+    for name in ("dataset.json", SPLITS_FILE):
         if (pre_dir / name).is_file():
             write_json(model_dir / name, read_json(pre_dir / name))
