@@ -62,3 +62,16 @@ def test_full_disk_names_the_path(world, tmp_path, capsys, monkeypatch):
     line = _one_error_line(err)
     assert code == 1 and str(target) in line and "no space left" in line, line
     assert not target.exists() and not list(tmp_path.glob(".m.zip*"))
+
+
+@pytest.mark.parametrize("flag,value", [("--seed", "-1"), ("--num-workers", "-1"), ("-np", "0"), ("--shard-size", "0")])
+def test_pretrain_out_of_range_options_before_any_conversion(tmp_path, capsys, flag, value):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(tmp_path / "src" / cls / "x.png")
+    code, _, err = run_cli(capsys, "pretrain", str(tmp_path / "src"), "-o", str(tmp_path / "out"), flag, value)
+    line = _one_error_line(err)
+    assert code == 1 and flag in line and value in line, line
+    assert not (tmp_path / "out").exists()
