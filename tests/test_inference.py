@@ -287,7 +287,7 @@ def test_self_contained_model_folder(env, planned, capsys, tmp_path, monkeypatch
     code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", inp, "-o", tmp_path / "out", "--no-tta", "--device", "cpu")
     assert code == 0, err
     assert len(list((tmp_path / "out").glob("*.nii.gz"))) == 2
-    assert sorted(p.name for p in (moved / planned[1].name).iterdir()) == ["dataset.json", "fingerprint.json", "fold_0", "fold_1", "plans.json"]
+    assert sorted(p.name for p in (moved / planned[1].name).iterdir()) == ["dataset.json", "fold_0", "fold_1", "plans.json", "training_range.json"]
 
 
 def test_model_folder_of_plans_schema_1_still_predicts(env, planned, capsys, tmp_path, monkeypatch):
@@ -299,7 +299,6 @@ def test_model_folder_of_plans_schema_1_still_predicts(env, planned, capsys, tmp
 
     old = tmp_path / "old" / "Dataset001_Ph" / planned[1].name
     shutil.copytree(planned[1], old)
-    (old / "fingerprint.json").unlink()  # the training fingerprint of a folder of today
     plans = json.loads((old / "plans.json").read_text())
     stats = [plans.pop("foreground_intensity_properties_per_channel")[str(c)] for c in range(len(plans["channel_names"]))]
     plans["schema_version"] = 1
@@ -313,9 +312,10 @@ def test_model_folder_of_plans_schema_1_still_predicts(env, planned, capsys, tmp
     inp = env["raw"] / "Dataset001_Ph" / "imagesTs"
     outs = {}
     for name, folder in (("new", planned[1]), ("old", old)):
-        code, _, err = run_cli(capsys, "predict", "-m", folder, "-d", "1", "-i", inp, "-o", tmp_path / name, "--no-tta", "--device", "cpu")
+        out = tmp_path / f"pred_{name}"  # not tmp_path/old: that folder holds the model (an output never contains one)
+        code, _, err = run_cli(capsys, "predict", "-m", folder, "-d", "1", "-i", inp, "-o", out, "--no-tta", "--device", "cpu")
         assert code == 0, err
-        outs[name] = {p.name: np.asanyarray(nib.load(str(p)).dataobj) for p in (tmp_path / name).glob("*.nii.gz")}
+        outs[name] = {p.name: np.asanyarray(nib.load(str(p)).dataobj) for p in out.glob("*.nii.gz")}
     assert outs["new"].keys() == outs["old"].keys() and len(outs["new"]) == 2
     assert all(np.array_equal(outs["new"][k], outs["old"][k]) for k in outs["new"])  # z-score normalisation: per-image
 

@@ -220,6 +220,10 @@ def test_sweep_trials_each_train_their_own_model_folder(phantoms, monkeypatch):
     lrs = [torch.load(f / "checkpoint_final.pt", weights_only=False)["run_config"]["overrides"]["values"]["optim"]["initial_lr"]
            for f in folds]
     assert lrs == [0.01, 0.001]
+    scans = json.loads((folds[0].parent / "training_range.json").read_text())  # what the pipeline's QC compares scans with
+    cases = json.loads((phantoms / "preprocessed" / DATASET / "fingerprint.json").read_text())["cases"]
+    assert scans["cases"] == len(cases) and not any(c["case"] in json.dumps(scans) for c in cases)
+    assert scans["spacing_mm"]["max"][2] == pytest.approx(max(max(c["spacing"]) for c in cases))
     monkeypatch.setenv("WANDB_RUN_ID", "../x")
     with pytest.raises(SpineautoError, match=r"WANDB_RUN_ID='\.\./x': not a W&B id"):
         _train(phantoms, "sweep", epochs=1, iters_per_epoch=1)

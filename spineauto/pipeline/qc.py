@@ -12,7 +12,7 @@ when nothing is flagged, else ``check`` with the flags as its reasons. The check
 - ``header_disagrees``: the header gave a head's class and the image classifier predicts another
   (the runner adds it: :mod:`spineauto.pipeline.header`).
 - ``input_range``: the scan's voxel size or field of view more than ``qc.max_spacing_ratio`` times
-  outside the range of the model's training cases (``fingerprint.json`` in the model folder; a
+  outside the range of the model's training cases (``training_range.json`` in the model folder; a
   folder without it: the in-plane spacing of its plan).
 - ``no_cord``: fewer cord voxels than ``cord.min_voxels``, or none left when the mask is put on an
   RAS grid; there are then no cord measurements at all.
@@ -104,19 +104,16 @@ def confidence_flags(qc: QcConfig, stage: str, decisions: dict[str, tuple[str, f
 
 @lru_cache(maxsize=32)
 def training_range(folder: Path) -> dict | None:
-    """Sorted voxel sizes and fields of view (mm) of the model's training cases, per rank: min and max."""
+    """The model folder's ``training_range.json`` (sorted voxel sizes and fields of view of its training
+    scans, min and max per rank), as arrays; None when it has none."""
     from spineauto.io.atomic import read_json
+    from spineauto.planning.fingerprint import TRAINING_RANGE_FILE
 
-    path = Path(folder) / "fingerprint.json"
     try:
-        cases = read_json(path)["cases"]
-        spacing = np.sort(np.array([c["spacing"][:3] for c in cases], float), axis=1)
-        fov = np.sort(np.array([np.multiply(c["shape"][:3], c["spacing"][:3]) for c in cases], float), axis=1)
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        data = read_json(Path(folder) / TRAINING_RANGE_FILE)
+        return {k: (np.asarray(data[f"{k}_mm"]["min"], float), np.asarray(data[f"{k}_mm"]["max"], float)) for k in ("spacing", "fov")}
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not len(cases):
-        return None
-    return {"spacing": (spacing.min(0), spacing.max(0)), "fov": (fov.min(0), fov.max(0))}
 
 
 def input_flags(qc: QcConfig, stage: str, model: "TrainedModel", affine: np.ndarray, shape: tuple[int, ...]) -> list[dict]:

@@ -76,6 +76,18 @@ class Fingerprint:
         return from_dict(cls, data, str(path))
 
 
+TRAINING_RANGE_FILE = "training_range.json"  # in a model folder: what its training scans looked like (no case names)
+
+
+def training_range(fp: Fingerprint) -> dict:
+    """Voxel sizes and fields of view (mm) of the training cases, each sorted small to large, as
+    min and max per rank: what the pipeline's QC compares a new scan with."""
+    spacing = np.sort(np.array([c.spacing[:3] for c in fp.cases], float), axis=1)
+    fov = np.sort(np.array([np.multiply(c.shape[:3], c.spacing[:3]) for c in fp.cases], float), axis=1)
+    return {"cases": len(fp.cases), "spacing_mm": {"min": spacing.min(0).tolist(), "max": spacing.max(0).tolist()},
+            "fov_mm": {"min": fov.min(0).tolist(), "max": fov.max(0).tolist()}}
+
+
 def _stats(values: np.ndarray) -> IntensityStats:
     if values.size == 0:
         return IntensityStats(0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
