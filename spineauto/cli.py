@@ -491,11 +491,23 @@ def export(
     console.print(f"[green]wrote[/] {written}")
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``timeout``, a scheduler) exits as an interrupt does: ``finally`` blocks and exit
+    handlers run, so temporary files and unpacked bundles are removed instead of left behind."""
+    import signal
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def main() -> None:
     # OpenMP threads that sleep instead of spinning. It must be set before torch starts OpenMP (any
     # command may import it first): on a busy CPU (data workers, forked preprocessing workers, other
     # jobs) spinning threads made a training step up to 10x slower; idle cost is microseconds per op.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    exit_on_sigterm()
     try:
         app()
     except SpineautoError as e:

@@ -58,3 +58,43 @@ def test_checkpoint_with_nan_weights_is_refused_by_predict_and_pretrained(world,
                            "--num-workers", "0", "--device", "cpu", "--wandb", "disabled", "--no-validate", "--pretrained", str(ckpt))
     line = _one_error_line(err)
     assert code == 1 and str(ckpt) in line and "NaN" in line, line
+
+
+def test_sigterm_and_kill_leave_no_unpacked_bundle_behind(world, tmp_path, capsys):
+    """`timeout`/`kill` (SIGTERM) of `predict -m model.zip` left its unpacked bundle in TMPDIR, and so did
+    SIGKILL, for ever; now SIGTERM runs the exit handlers and the next bundle opened removes a dead
+    process's folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code, _, err = run_cli(capsys, "export", "-m", str(world["results"] / "Dataset001_Ph" / MODEL), "-o", str(tmp_path / "m.zip"))
+    assert code == 0, err
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    script = ("import sys, time\nfrom spineauto.cli import exit_on_sigterm\nfrom spineauto.inference.bundle import open_bundle\n"
+              "exit_on_sigterm()\nprint(open_bundle(sys.argv[1]), flush=True)\ntime.sleep(60)\n")
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "m.zip")], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+        unpacked = Path(proc.stdout.readline().strip())
+        assert unpacked.is_dir() and tmp in unpacked.parents
+        proc.send_signal(sig)
+        proc.wait(30)
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 128 + signal.SIGTERM and list(tmp.iterdir()) == []
+    assert len(list(tmp.iterdir())) == 1  # SIGKILL: nothing ran; the next process to open a bundle removes it
+    from spineauto.inference import bundle
+
+    os.environ["TMPDIR"], old = str(tmp), os.environ.get("TMPDIR")
+    import tempfile
+    tempfile.tempdir = None
+    try:
+        bundle._opened.clear()
+        mine = bundle.open_bundle(tmp_path / "m.zip")
+        assert [p.name for p in tmp.iterdir()] == [mine.parent.name]
+    finally:
+        os.environ.pop("TMPDIR") if old is None else os.environ.__setitem__("TMPDIR", old)
+        tempfile.tempdir = None
+        shutil.rmtree(mine.parent, ignore_errors=True)
