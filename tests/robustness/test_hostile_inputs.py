@@ -98,3 +98,25 @@ def test_sigterm_and_kill_leave_no_unpacked_bundle_behind(world, tmp_path, capsy
         os.environ.pop("TMPDIR") if old is None else os.environ.__setitem__("TMPDIR", old)
         tempfile.tempdir = None
         shutil.rmtree(mine.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize("change, cause", [
+    ({"channel_names": {"0": ["MRI"]}}, "'channel_names' must map"),  # was an AttributeError traceback in planning
+    ({"labels": {"background": 0, "cord": 1, "x": 100000}}, "consecutive"),  # was planned: a network of 100001 output channels
+    ({"labels": {"background": 0, "cord": -1}}, "consecutive"),
+])
+def test_dataset_json_wrong_types_and_label_gaps_are_one_line(tmp_path, capsys, monkeypatch, change, cause):
+    import json
+
+    from spineauto.datasets.phantoms import write_phantom_dataset
+
+    raw = tmp_path / "raw" / "Dataset002_X"
+    write_phantom_dataset(raw, n_train=2, n_test=0, seed=0)
+    data = json.loads((raw / "dataset.json").read_text())
+    (raw / "dataset.json").write_text(json.dumps({**data, **change}))
+    monkeypatch.setenv("SPINEAUTO_RAW", str(tmp_path / "raw"))
+    monkeypatch.setenv("SPINEAUTO_PREPROCESSED", str(tmp_path / "pre"))
+    code, _, err = run_cli(capsys, "plan_and_preprocess", "-d", "2", "-np", "1")
+    line = _one_error_line(err)
+    assert code == 1 and str(raw / "dataset.json") in line and cause in line, line
+    assert not (tmp_path / "pre" / "Dataset002_X" / "plans.json").exists()
