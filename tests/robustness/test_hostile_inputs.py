@@ -120,3 +120,28 @@ def test_dataset_json_wrong_types_and_label_gaps_are_one_line(tmp_path, capsys, 
     line = _one_error_line(err)
     assert code == 1 and str(raw / "dataset.json") in line and cause in line, line
     assert not (tmp_path / "pre" / "Dataset002_X" / "plans.json").exists()
+
+
+def test_brackets_in_paths_and_values_are_printed_as_they_are(world, tmp_path, capsys):
+    """The one-line error and the summary lines went through rich markup: a folder named `x[/]y` was a
+    MarkupError traceback, `z[red]w` was shown as `zw`, and a plan's `[nan, 1.0]` as nothing."""
+    empty = tmp_path / "x[/]y"
+    empty.mkdir(parents=True)
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", str(empty), "-o", str(tmp_path / "o"), "--device", "cpu")
+    line = _one_error_line(err)
+    assert code == 1 and str(empty) in line, line
+    scans = tmp_path / "z[red]w"
+    shutil.copytree(world["raw"] / "Dataset001_Ph" / "imagesTs", scans)
+    out = tmp_path / "out[/]put"
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", str(scans), "-o", str(out), "--device", "cpu", "--no-tta")
+    assert code == 0 and "out[/]put with" in err and any(out.glob("*.nii.gz")), err
+    import json
+
+    model = tmp_path / "model"
+    shutil.copytree(world["results"] / "Dataset001_Ph" / MODEL, model)
+    plans = json.loads((model / "plans.json").read_text())
+    plans["configurations"]["2d"]["target_spacing"] = [float("nan"), 1.0]
+    (model / "plans.json").write_text(json.dumps(plans))
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-m", str(model), "-i", str(scans), "-o", str(tmp_path / "o2"), "--device", "cpu")
+    line = _one_error_line(err)
+    assert code == 1 and "target_spacing" in line and "[nan, 1.0]" in line, line
