@@ -145,3 +145,31 @@ def test_brackets_in_paths_and_values_are_printed_as_they_are(world, tmp_path, c
     code, _, err = run_cli(capsys, "predict", "-d", "1", "-m", str(model), "-i", str(scans), "-o", str(tmp_path / "o2"), "--device", "cpu")
     line = _one_error_line(err)
     assert code == 1 and "target_spacing" in line and "[nan, 1.0]" in line, line
+
+
+def test_ensemble_refuses_other_scans_of_the_same_name_and_a_folder_given_twice(world, tmp_path, capsys):
+    """Probabilities of two different scans (same case name and size, another position and a flip) were
+    averaged into one mask with exit 0; so was a folder with itself (or its symlink)."""
+    import nibabel as nib
+    import numpy as np
+
+    scans = world["raw"] / "Dataset001_Ph" / "imagesTs"
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in scans.glob("*.nii.gz"):
+        im = nib.load(f)
+        affine = im.affine.copy()
+        affine[:3, 3] += 50
+        nib.save(nib.Nifti1Image(np.asarray(im.dataobj)[::-1].copy(), affine), moved / f.name)
+    for src, out in ((scans, "a"), (moved, "b")):
+        code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", str(src), "-o", str(tmp_path / out), "--save-probabilities",
+                               "--device", "cpu", "--no-tta")
+        assert code == 0, err
+    code, _, err = run_cli(capsys, "ensemble", "-i", str(tmp_path / "a"), "-i", str(tmp_path / "b"), "-o", str(tmp_path / "ab"))
+    line = _one_error_line(err)
+    assert code == 1 and "placed elsewhere" in line and str(tmp_path / "b") in line, line
+    assert not any((tmp_path / "ab").glob("*.nii.gz"))
+    (tmp_path / "alias").symlink_to(tmp_path / "a")
+    code, _, err = run_cli(capsys, "ensemble", "-i", str(tmp_path / "a"), "-i", str(tmp_path / "alias"), "-o", str(tmp_path / "aa"))
+    line = _one_error_line(err)
+    assert code == 1 and "given twice" in line and str(tmp_path / "alias") in line, line
