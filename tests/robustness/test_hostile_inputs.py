@@ -173,3 +173,13 @@ def test_ensemble_refuses_other_scans_of_the_same_name_and_a_folder_given_twice(
     code, _, err = run_cli(capsys, "ensemble", "-i", str(tmp_path / "a"), "-i", str(tmp_path / "alias"), "-o", str(tmp_path / "aa"))
     line = _one_error_line(err)
     assert code == 1 and "given twice" in line and str(tmp_path / "alias") in line, line
+
+
+def test_evaluate_refuses_the_reference_as_its_own_prediction(world, tmp_path, capsys):
+    """`evaluate GT GT` (or GT through a symlink) scored Dice 1.0 on every case with exit 0."""
+    gt = world["raw"] / "Dataset001_Ph" / "labelsTs"
+    (tmp_path / "pred").symlink_to(gt)
+    code, _, err = run_cli(capsys, "evaluate", str(tmp_path / "pred"), str(gt), "-o", str(tmp_path / "s.json"))
+    line = _one_error_line(err)
+    assert code == 1 and str(tmp_path / "pred") in line and "ground-truth folder" in line, line
+    assert not (tmp_path / "s.json").exists()
