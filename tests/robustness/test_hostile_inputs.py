@@ -232,3 +232,19 @@ def _interrupted(tmp_path_factory) -> Path:
     from train_support import template
 
     return template(tmp_path_factory, "interrupted_late", stop_after_epoch=1)
+
+
+def test_demo_workdir_follows_the_output_rule_and_counts_are_checked(world, tmp_path, capsys):
+    """`demo --workdir` a raw dataset or a trained fold wrote raw/ and preprocessed/ into it; `--cases -1`
+    was a ValueError traceback."""
+    raw = world["raw"] / "Dataset001_Ph"
+    fold = world["results"] / "Dataset001_Ph" / MODEL / "fold_0"
+    for workdir in (raw, fold, raw / "imagesTr" / "demo"):
+        before = sorted(p.name for p in workdir.parent.iterdir()) if not workdir.exists() else sorted(p.name for p in workdir.iterdir())
+        code, _, err = run_cli(capsys, "demo", "--workdir", str(workdir), "--cases", "2", "--epochs", "1", "--lesion-iters", "0")
+        line = _one_error_line(err)
+        assert code == 1 and "the demo's folder" in line and "--workdir" in line, line
+        after = sorted(p.name for p in workdir.parent.iterdir()) if not workdir.exists() else sorted(p.name for p in workdir.iterdir())
+        assert after == before
+    code, _, err = run_cli(capsys, "demo", "--workdir", str(tmp_path / "d"), "--cases", "-1")
+    assert code == 2 and "Traceback" not in err and "--cases" in err and not (tmp_path / "d").exists(), err
