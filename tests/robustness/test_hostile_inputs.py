@@ -248,3 +248,15 @@ def test_demo_workdir_follows_the_output_rule_and_counts_are_checked(world, tmp_
         assert after == before
     code, _, err = run_cli(capsys, "demo", "--workdir", str(tmp_path / "d"), "--cases", "-1")
     assert code == 2 and "Traceback" not in err and "--cases" in err and not (tmp_path / "d").exists(), err
+
+
+@pytest.mark.parametrize("flag", [["--lr", "nan"], ["--lr", "-1"], ["--batch-size", "1"], ["--size", "100000"], ["--channels", "2"]])
+def test_pretrain_values_are_checked_before_any_image_is_converted(world, tmp_path, capsys, flag):
+    """--lr nan/-1 and --batch-size 1 were refused only after every image was converted into OUT/shards/
+    (hours on a large source); --size 100000 ran out of memory ("(unknown path): Cannot allocate memory")."""
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "pretrain", str(world["raw"] / "Dataset001_Ph" / "imagesTs"), "-o", str(out), "--self-supervised",
+                           "--epochs", "1", "--device", "cpu", "--num-workers", "0", *flag)
+    line = _one_error_line(err)
+    assert code == 1 and flag[0] in line, line
+    assert not out.exists()
