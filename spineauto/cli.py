@@ -492,15 +492,29 @@ def export(
     console.print(f"[green]wrote[/] {escape(str(written))}")
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised where the process was (see :func:`exit_on_sigterm`)."""
+
+
 def exit_on_sigterm() -> None:
-    """SIGTERM (``kill``, ``timeout``, a scheduler) exits as an interrupt does: ``finally`` blocks and exit
-    handlers run, so temporary files and unpacked bundles are removed instead of left behind."""
+    """SIGTERM (``kill``, ``timeout``, a scheduler) unwinds as an interrupt does: ``finally`` blocks and exit
+    handlers run, so temporary files and unpacked bundles are removed instead of left behind; ``main``
+    then ends the process by the signal, as its caller expects."""
     import signal
 
     def _exit(signum, frame):
-        raise SystemExit(128 + signum)
+        raise Terminated(128 + signum)
 
     signal.signal(signal.SIGTERM, _exit)
+
+
+def _die_of_sigterm() -> None:
+    import atexit
+    import signal
+
+    atexit._run_exitfuncs()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main() -> None:
@@ -511,6 +525,8 @@ def main() -> None:
     exit_on_sigterm()
     try:
         app()
+    except Terminated:
+        _die_of_sigterm()
     except SpineautoError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
@@ -518,6 +534,11 @@ def main() -> None:
         from spineauto.errors import os_error_line
 
         console.print(f"[bold red]error:[/] {escape(str(os_error_line(e)))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except MemoryError as e:  # an allocation no check foresaw: the cause in one line, not a traceback
+        reason = " ".join(str(e).split())[:300] or "an allocation failed"
+        console.print(f"[bold red]error:[/] out of memory ({escape(reason)}); use smaller images, patches or batches, or a "
+                      "machine with more memory", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

@@ -311,6 +311,9 @@ def preprocessing_key(cfg: ConfigurationPlan) -> dict:
             "roi": to_dict(cfg.roi)}
 
 
+MAX_PATCH = 4096  # voxels per patch side; more is a typo (a batch of 100000^2 patches asked for 76 GiB at once)
+
+
 def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> None:
     """Every value in the range the trainer, the network and preprocessing need; one line naming the field."""
     def fail(field_: str, rule: str, value) -> None:
@@ -334,7 +337,7 @@ def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> No
         fail("data_identifier", "a folder name (letters, digits, _ . -, not starting with a dot)", cfg.data_identifier)
     if len(cfg.patch_size) != 2 or len(cfg.target_spacing) != 2:
         raise SpineautoError(f"{where}: patch_size and target_spacing must have 2 values (2D)")
-    positive("patch_size", cfg.patch_size)
+    positive("patch_size", cfg.patch_size, top=MAX_PATCH)
     positive("target_spacing", cfg.target_spacing)
     if cfg.batch_size < 1:
         fail("batch_size", ">= 1", cfg.batch_size)
@@ -364,6 +367,9 @@ def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> No
         if any(p % f for p, f in zip(cfg.patch_size, factor)):
             fail("patch_size", f"divisible by {'x'.join(map(str, factor))} (the product of network.strides, for the U-Net decoder)",
                  cfg.patch_size)
+        if all(p <= f for p, f in zip(cfg.patch_size, factor)):  # instance norm of a single voxel fails in training
+            fail("patch_size", f"larger than {'x'.join(map(str, factor))} (the product of network.strides) on one axis at least: "
+                 "the deepest stage needs more than one voxel", cfg.patch_size)
     o = cfg.optim
     positive("optim.initial_lr", o.initial_lr)
     positive("optim.weight_decay", o.weight_decay, strict=False)

@@ -260,3 +260,30 @@ def test_pretrain_values_are_checked_before_any_image_is_converted(world, tmp_pa
     line = _one_error_line(err)
     assert code == 1 and flag[0] in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("patch, cause", [("[8,8]", "more than one voxel"), ("[100000,100000]", "<= 4096")])
+def test_patch_sizes_a_network_cannot_train_are_refused_at_the_door(tmp_path, monkeypatch, capsys, tmp_path_factory, patch, cause):
+    """patch_size=[8,8] (the U-Net's total stride) was a ValueError traceback from instance norm at the first
+    step; [100000,100000] a numpy _ArrayMemoryError traceback (76 GiB)."""
+    from train_support import planned, train, use
+
+    use(monkeypatch, planned(tmp_path_factory), tmp_path / "results")
+    code, err = train(capsys, "--epochs", "1", "--iters-per-epoch", "1", f"patch_size={patch}")
+    line = _one_error_line(err)
+    assert code == 1 and "patch_size" in line and cause in line, line
+
+
+def test_an_unforeseen_out_of_memory_is_one_line(world, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from spineauto.inference import predict
+
+    def huge(*a, **k):
+        return np.empty((1 << 62,), np.uint8)
+
+    monkeypatch.setattr(predict, "check_output_apart", huge)
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", str(world["raw"] / "Dataset001_Ph" / "imagesTs"), "-o", str(tmp_path / "o"),
+                           "--device", "cpu")
+    line = _one_error_line(err)
+    assert code == 1 and "out of memory" in line, line
