@@ -241,3 +241,27 @@ def test_find_best_configuration_ranks_classification_by_balanced_accuracy(spine
     assert rows["cls"]["metric"] == "balanced accuracy" and rows["cls"]["cases"] == 4
     assert best["best"]["name"] == "cls"
     assert "spineauto predict -d Dataset003_View -c cls" in stdout
+
+
+def test_region_datasets_are_scored_per_region(tmp_path, capsys, spineauto_env):
+    """cord = {1, 2} contains the lesion (2): a prediction that calls the lesion cord has the whole cord region right."""
+    import nibabel as nib
+
+    raw = spineauto_env["raw"] / "Dataset008_Reg"
+    raw.mkdir()
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2w"}, "file_ending": ".nii.gz", "numTraining": 0,
+                                                  "labels": {"background": 0, "cord": [1, 2], "lesion": 2},
+                                                  "regions_class_order": [1, 2]}))
+    ref = np.zeros((12, 12, 6), np.uint8)
+    ref[3:9, 3:9, 1:5] = 1
+    ref[5:7, 5:7, 2:4] = 2  # 8 lesion voxels inside the 144-voxel cord region
+    pred = np.where(ref == 2, 1, ref).astype(np.uint8)  # the lesion called cord
+    for folder, data in (("gt", ref), ("pred", pred)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / folder / "a.nii.gz"))
+    code, _, err = run_cli(capsys, "evaluate", tmp_path / "pred", tmp_path / "gt", "-d", "8", "-o", tmp_path / "s.json")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "s.json").read_text())["metric_per_case"]["a"]
+    assert set(rows) == {"cord", "lesion"}
+    assert rows["cord"]["dice"] == 1.0 and rows["cord"]["n_ref"] == 144  # the region, not the painted value 1 (136 voxels)
+    assert rows["lesion"]["dice"] == 0.0 and rows["lesion"]["fn"] == 8

@@ -116,7 +116,7 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
     labels = raw.get("labels", {})
     regions: dict[str, list[int]] = {}
     if isinstance(labels, dict) and any(isinstance(v, list) for v in labels.values()):
-        labels, regions = _regions(labels, raw.get("regions_class_order"), problems)
+        labels, regions = region_labels(labels, raw.get("regions_class_order"), problems)
     elif isinstance(labels, dict) and "regions_class_order" in raw:
         problems.append("'regions_class_order' is given but no label is a region (a list of values, e.g. \"cord\": [1, 2])")
     if not isinstance(labels, dict) or (labels and not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values())):
@@ -162,7 +162,7 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
     )
 
 
-def _regions(labels: dict, order, problems: list[str]) -> tuple[dict[str, int], dict[str, list[int]]]:
+def region_labels(labels: dict, order, problems: list[str]) -> tuple[dict[str, int], dict[str, list[int]]]:
     """nnU-Net's region labels: ``{"background": 0, "cord": [1, 2], "lesion": 2}`` with
     ``regions_class_order`` (the label value each region is written as, in the order they are painted:
     a later region overwrites an earlier one) -> (name -> written value, name -> label-map values).

@@ -8,19 +8,20 @@ lesion is a hit if it overlaps a true one). Means skip nan. Written as JSON and 
 The labels evaluated are those of the dataset (``-d``) when given, plus every other non-zero value
 found in the predictions or the references (``label_<value>``, with a warning when the dataset does
 not declare it): a false-positive label that only a prediction contains gets its row (Dice 0), it is
-never dropped.
+never dropped. A region label of the dataset (``regions_class_order``) is scored on every label-map
+value it covers.
 """
 from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from spineauto.datasets.dataset_json import lesion_labels
+from spineauto.datasets.dataset_json import lesion_labels, region_labels
 from spineauto.errors import SpineautoError
 from spineauto.evaluation import metrics as M
 from spineauto.evaluation.files import check_writable, read_json_file, writing
@@ -38,8 +39,9 @@ LESION_METRICS = ("lesion_precision", "lesion_recall", "lesion_f1")
 
 @dataclass
 class LabelSet:
-    labels: dict[str, int]  # foreground name -> value
+    labels: dict[str, int]  # foreground name -> value (of a region: the value it is written as)
     lesion: list[str]
+    regions: dict[str, list[int]] = field(default_factory=dict)  # region name -> the label-map values it covers
 
 
 def mask_files(folder: Path) -> dict[str, Path]:
@@ -55,23 +57,31 @@ def case_names(folder: Path) -> list[str]:
 def with_values(labels: LabelSet | None, values: set[int]) -> LabelSet:
     """``labels`` plus ``label_<v>`` for every non-zero value in ``values`` it does not name (all of them without labels)."""
     declared = dict(labels.labels) if labels else {}
-    known = set(declared.values())
+    regions = dict(labels.regions) if labels else {}
+    known = set(declared.values()) | {v for members in regions.values() for v in members}
     extra = {f"label_{v}": v for v in sorted(values) if v != 0 and v not in known}
-    return LabelSet({**declared, **extra}, list(labels.lesion) if labels else [])
+    return LabelSet({**declared, **extra}, list(labels.lesion) if labels else [], regions)
 
 
 def labels_from_dataset_json(data: dict) -> LabelSet:
-    raw = data.get("labels", {})
-    if "regions_class_order" in data:  # region labels: each region is evaluated as the value it is written as
-        raw = {"background": 0, **dict(zip([k for k in raw if k != "background"], data["regions_class_order"]))}
+    """The labels a dataset.json declares; region labels (``regions_class_order``) are each scored on
+    every label-map value they cover, in the prediction and the reference alike (as nnU-Net scores them)."""
+    raw, regions = data.get("labels", {}), {}
+    if any(isinstance(v, list) for v in raw.values()):
+        problems: list[str] = []
+        raw, regions = region_labels(raw, data.get("regions_class_order"), problems)
+        if problems:
+            raise ValueError("; ".join(problems))
     labels = {k: int(v) for k, v in raw.items() if int(v) != 0}
-    return LabelSet(labels, lesion_labels(labels, data.get("lesion_labels")))
+    return LabelSet(labels, lesion_labels(labels, data.get("lesion_labels")), regions)
 
 
 def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], labels: LabelSet) -> dict[str, dict[str, float]]:
+    """Per label (per region: all the values it covers) the voxel metrics, and lesion detection for lesion labels."""
     out = {}
     for name, v in labels.labels.items():
-        p, r = pred == v, ref == v
+        members = labels.regions.get(name, [v])
+        p, r = np.isin(pred, members), np.isin(ref, members)
         tp, fp, fn = M.confusion(p, r)
         dice = float("nan") if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
         iou = float("nan") if tp + fp + fn == 0 else tp / (tp + fp + fn)
@@ -217,6 +227,6 @@ def dataset_labels(dataset: str) -> LabelSet:
                 raise SpineautoError(f"{c}: expected a dataset.json with \"labels\": {{name: value}}")
             try:
                 return labels_from_dataset_json(data)
-            except (TypeError, ValueError) as e:
-                raise SpineautoError(f"{c}: label values must be integers ({e})") from None
+            except (TypeError, ValueError) as e:  # a region problem, or a value that is no integer
+                raise SpineautoError(f"{c}: label values must be integers, or lists of them with regions_class_order ({e})") from None
     raise SpineautoError(f"dataset {name}: no dataset.json in {', '.join(str(c.parent) for c in candidates[:2])} or its model folders")
