@@ -265,3 +265,27 @@ def test_region_datasets_are_scored_per_region(tmp_path, capsys, spineauto_env):
     assert set(rows) == {"cord", "lesion"}
     assert rows["cord"]["dice"] == 1.0 and rows["cord"]["n_ref"] == 144  # the region, not the painted value 1 (136 voxels)
     assert rows["lesion"]["dice"] == 0.0 and rows["lesion"]["fn"] == 8
+
+
+def test_picture_distances_are_in_the_datasets_pixel_spacing(tmp_path, capsys, spineauto_env):
+    """PNG masks have no geometry: with -d their HD95/ASD are in mm of dataset.json's pixel_spacing, else pixels of 1 mm."""
+    from PIL import Image
+
+    raw = spineauto_env["raw"] / "Dataset009_Png"
+    raw.mkdir()
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "R"}, "file_ending": ".png", "numTraining": 0,
+                                                  "labels": {"background": 0, "cord": 1}, "pixel_spacing": 0.5}))
+    ref = np.zeros((40, 40), np.uint8)
+    ref[10:20, 10:20] = 1
+    for folder, data in (("gt", ref), ("pred", np.roll(ref, 4, axis=1))):  # the prediction 4 columns to the right
+        (tmp_path / folder).mkdir()
+        Image.fromarray(data).save(tmp_path / folder / "a.png")
+    cord = {}
+    for args in ((), ("-d", "9")):
+        code, _, err = run_cli(capsys, "evaluate", tmp_path / "pred", tmp_path / "gt", *args, "-o", tmp_path / f"s{len(args)}.json")
+        assert code == 0, err
+        cord[args] = json.loads((tmp_path / f"s{len(args)}.json").read_text())["metric_per_case"]["a"]["cord" if args else "label_1"]
+    plain, spaced = cord[()], cord[("-d", "9")]
+    assert plain["hd95"] == pytest.approx(4.0) and spaced["hd95"] == pytest.approx(2.0)  # 4 pixels of 0.5 mm
+    assert spaced["asd"] == pytest.approx(plain["asd"] / 2) and plain["asd"] > 0
+    assert spaced["dice"] == plain["dice"] == pytest.approx(0.6)

@@ -139,14 +139,7 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
             problems.append(f"cases[{case!r}] must be an object")
             continue
         cases[case] = CaseInfo(subject=info.get("subject"), classes=dict(info.get("classes") or {}), metadata=dict(info.get("metadata") or {}))
-    pixel_spacing = raw.get("pixel_spacing")
-    if pixel_spacing is not None:
-        pair = pixel_spacing if isinstance(pixel_spacing, list) else [pixel_spacing, pixel_spacing]
-        if len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in pair):
-            problems.append(f"'pixel_spacing' must be a number of mm > 0 or [row, column] mm, not {pixel_spacing!r}")
-            pixel_spacing = None
-        else:
-            pixel_spacing = (float(pair[0]), float(pair[1]))
+    pixel_spacing = parse_pixel_spacing(raw.get("pixel_spacing"), problems)
     try:
         num_training = int(raw.get("numTraining", -1))
     except (TypeError, ValueError):
@@ -160,6 +153,18 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
         heads={k: list(v) for k, v in heads.items()}, cases=cases, lesion_labels=lesion_labels(labels, raw.get("lesion_labels")),
         pixel_spacing=pixel_spacing, regions=regions,
     )
+
+
+def parse_pixel_spacing(value, problems: list[str]) -> tuple[float, float] | None:
+    """dataset.json's ``pixel_spacing`` (mm of a picture's rows and columns: a number or [row, column])
+    as (row, column); None when absent, or when invalid (with the problem added to ``problems``)."""
+    if value is None:
+        return None
+    pair = value if isinstance(value, list) else [value, value]
+    if len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in pair):
+        problems.append(f"'pixel_spacing' must be a number of mm > 0 or [row, column] mm, not {value!r}")
+        return None
+    return float(pair[0]), float(pair[1])
 
 
 def region_labels(labels: dict, order, problems: list[str]) -> tuple[dict[str, int], dict[str, list[int]]]:

@@ -1,7 +1,8 @@
 """`spineauto evaluate`: compare a folder of predicted masks with a folder of reference masks.
 
 Per case and label: Dice and IoU (nnunetv2's definition: nan when the label is absent from both),
-HD95 and average symmetric surface distance in mm (from the NIfTI voxel sizes), relative volume
+HD95 and average symmetric surface distance in mm (from the files' voxel sizes; a picture's pixels are
+the dataset's ``pixel_spacing`` when a dataset is given, else 1 mm), relative volume
 difference; for lesion labels also lesion-wise detection (26-connected components, a predicted
 lesion is a hit if it overlaps a true one). Means skip nan. Written as JSON and CSV.
 
@@ -21,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from spineauto.datasets.dataset_json import lesion_labels, region_labels
+from spineauto.datasets.dataset_json import lesion_labels, parse_pixel_spacing, region_labels
 from spineauto.errors import SpineautoError
 from spineauto.evaluation import metrics as M
 from spineauto.evaluation.files import check_writable, read_json_file, writing
@@ -42,6 +43,7 @@ class LabelSet:
     labels: dict[str, int]  # foreground name -> value (of a region: the value it is written as)
     lesion: list[str]
     regions: dict[str, list[int]] = field(default_factory=dict)  # region name -> the label-map values it covers
+    pixel_spacing: tuple[float, float] | None = None  # mm of a picture's (row, column): dataset.json's pixel_spacing
 
 
 def mask_files(folder: Path) -> dict[str, Path]:
@@ -60,20 +62,20 @@ def with_values(labels: LabelSet | None, values: set[int]) -> LabelSet:
     regions = dict(labels.regions) if labels else {}
     known = set(declared.values()) | {v for members in regions.values() for v in members}
     extra = {f"label_{v}": v for v in sorted(values) if v != 0 and v not in known}
-    return LabelSet({**declared, **extra}, list(labels.lesion) if labels else [], regions)
+    return LabelSet({**declared, **extra}, list(labels.lesion) if labels else [], regions, labels.pixel_spacing if labels else None)
 
 
 def labels_from_dataset_json(data: dict) -> LabelSet:
     """The labels a dataset.json declares; region labels (``regions_class_order``) are each scored on
     every label-map value they cover, in the prediction and the reference alike (as nnU-Net scores them)."""
-    raw, regions = data.get("labels", {}), {}
+    raw, regions, problems = data.get("labels", {}), {}, []
     if any(isinstance(v, list) for v in raw.values()):
-        problems: list[str] = []
         raw, regions = region_labels(raw, data.get("regions_class_order"), problems)
-        if problems:
-            raise ValueError("; ".join(problems))
+    spacing = parse_pixel_spacing(data.get("pixel_spacing"), problems)
+    if problems:
+        raise ValueError("; ".join(problems))
     labels = {k: int(v) for k, v in raw.items() if int(v) != 0}
-    return LabelSet(labels, lesion_labels(labels, data.get("lesion_labels")), regions)
+    return LabelSet(labels, lesion_labels(labels, data.get("lesion_labels")), regions, spacing)
 
 
 def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], labels: LabelSet) -> dict[str, dict[str, float]]:
@@ -137,12 +139,13 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
     if extra:
         log.warning("%d prediction(s) without ground truth ignored (first: %s)", len(extra), extra[0])
     declared = labels
+    spacing = declared.pixel_spacing if declared else None  # what a picture's pixels measure (else 1 mm)
     per_case, found = {}, set()
     for i, case in enumerate(cases):
         if progress:
             progress(case, i, len(cases))
-        ref, aff_r = read_volume(gt_files[case])
-        pred, aff_p = read_volume(pred_files[case])
+        ref, aff_r = read_volume(gt_files[case], pixel_spacing=spacing)
+        pred, aff_p = read_volume(pred_files[case], pixel_spacing=spacing)
         problem = grid_mismatch(pred.shape, aff_p, ref.shape, aff_r)
         if problem:
             raise SpineautoError(f"{pred_files[case]}: grid differs from the ground truth (prediction vs ground truth: {problem}); "
@@ -227,6 +230,7 @@ def dataset_labels(dataset: str) -> LabelSet:
                 raise SpineautoError(f"{c}: expected a dataset.json with \"labels\": {{name: value}}")
             try:
                 return labels_from_dataset_json(data)
-            except (TypeError, ValueError) as e:  # a region problem, or a value that is no integer
-                raise SpineautoError(f"{c}: label values must be integers, or lists of them with regions_class_order ({e})") from None
+            except (TypeError, ValueError) as e:  # a region or pixel_spacing problem, or a value that is no integer
+                raise SpineautoError(f"{c}: label values must be integers, or lists of them with regions_class_order, and "
+                                     f"pixel_spacing a size in mm ({e})") from None
     raise SpineautoError(f"dataset {name}: no dataset.json in {', '.join(str(c.parent) for c in candidates[:2])} or its model folders")
