@@ -232,3 +232,17 @@ def test_the_cord_choice_doubt_is_a_flag(models, oracle, tmp_path, monkeypatch):
     result = Pipeline.load(_config(tmp_path, models, lesion=None), device="cpu").run(image, name="x")
     assert result.status == "check" and result.flags == [
         {"stage": "cord", "code": "uncertain_cord", "reason": "uncertain cord: 2 tubes on the midline"}]
+
+
+def test_a_measurement_that_raises_is_a_flag_not_a_failed_case(models, oracle, tmp_path, monkeypatch):
+    from spineauto import Pipeline
+    from spineauto.pipeline import measurements
+
+    def broken(*a, **k):
+        raise IndexError("index 0 is out of bounds")
+    monkeypatch.setattr(measurements, "measure_cord", broken)
+    image = nib.load(str(sorted(models["inputs"].glob("*.nii.gz"))[0]))
+    result = Pipeline.load(_config(tmp_path, models), device="cpu").run(image, name="x")
+    assert result.status == "check" and result.cord.any() and "lesions" in result.measurements and "cord" not in result.measurements
+    assert result.flags == [{"stage": "cord", "code": "measurement_failed",
+                             "reason": "cord measurements failed (IndexError: index 0 is out of bounds)"}]
