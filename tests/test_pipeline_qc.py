@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from conftest import run_cli
 from test_pipeline import _config, models, oracle  # noqa: F401 (fixtures)
@@ -246,3 +247,17 @@ def test_a_measurement_that_raises_is_a_flag_not_a_failed_case(models, oracle, t
     assert result.status == "check" and result.cord.any() and "lesions" in result.measurements and "cord" not in result.measurements
     assert result.flags == [{"stage": "cord", "code": "measurement_failed",
                              "reason": "cord measurements failed (IndexError: index 0 is out of bounds)"}]
+
+
+def test_bad_qc_settings_are_one_line_errors(tmp_path):
+    from spineauto.errors import SpineautoError
+    from spineauto.pipeline.config import load_pipeline_config
+
+    path = tmp_path / "p.yaml"
+    for qc, message in (({"csa_mm2": {"cervical": [50, 40]}}, "qc.csa_mm2.cervical: give [low, high] with 0 <= low < high, got [50.0, 40.0]"),
+                        ({"min_probability": "high"}, "qc.min_probability: expected a number, got 'high'"),
+                        ({"max_piece": 2}, "qc: unknown key(s) ['max_piece'] (did you mean 'max_pieces'?)")):
+        path.write_text(yaml.safe_dump({"cord": {"model": {"dataset": 14}}, "qc": qc}))
+        with pytest.raises(SpineautoError) as e:
+            load_pipeline_config(path)
+        assert message in str(e.value) and "\n" not in str(e.value)
