@@ -223,6 +223,9 @@ def train(
                                            "unreadable, from the newest intact checkpoint)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the fold's earlier run (without it, a fold with checkpoints is "
                                    "refused); the old run is kept in previous_fold_k/ until the new run writes its first checkpoint."),
+    allow_stale_data: bool = typer.Option(False, "--allow-stale-data", help="Train although raw training cases were removed, added or "
+                                           "edited since plan_and_preprocess (default: refuse, naming them; rerunning plan_and_preprocess "
+                                           "redoes only those cases)."),
     pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Checkpoint whose matching encoder.* (and other) tensors initialise the network."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (default: on for CUDA fp16; on CPU bf16 where the CPU has it natively, AMX/AVX512-BF16, else off)."),
     amp_dtype: Optional[str] = typer.Option(None, "--amp-dtype", help="float16 (CUDA, with grad scaling) or bfloat16."),
@@ -260,7 +263,7 @@ def train(
 
     options = TrainOptions(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters, device=device, amp=amp,
                            amp_dtype=amp_dtype, channels_last=channels_last, compile=compile, wandb=wandb, seed=seed, continue_training=continue_training, overwrite=overwrite,
-                           pretrained=pretrained, num_workers=num_workers, validate=not no_validate, save_probabilities=npz,
+                           allow_stale_data=allow_stale_data, pretrained=pretrained, num_workers=num_workers, validate=not no_validate, save_probabilities=npz,
                            progress=TrainingBar(console), config=config, batch_size=batch_size, lr=lr,
                            config_set=[*(config_set or []), *(overrides or [])], loggers=list(logger or []), wandb_artifacts=wandb_artifacts)
     folder = train_fold(dataset, configuration, fold, options)
@@ -356,10 +359,11 @@ def evaluate(
         from spineauto.evaluation.classification import evaluate_prediction_folder, print_report
 
         out_dir = Path(output).parent if output else Path(pred_dir)
+        check_summary_target(out_dir / "summary_classification.json", gt_dir)
         print_report(console, evaluate_prediction_folder(pred_dir, gt_dir, out_dir=out_dir), out_dir / "summary_classification.json")
         return
     labels = dataset_labels(dataset) if dataset else None
-    check_summary_target(output or Path(pred_dir) / "summary.json")
+    check_summary_target(output or Path(pred_dir) / "summary.json", gt_dir)
     with make_progress(console) as progress:
         summary = evaluate_folders(pred_dir, gt_dir, labels, progress=case_progress(progress, "evaluate"))
     json_path, csv_path = write_summary(summary, output or Path(pred_dir) / "summary.json")
@@ -496,6 +500,11 @@ def main() -> None:
         app()
     except SpineautoError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except OSError as e:  # what no command turned into its own line: the path and the cause
+        from spineauto.errors import os_error_line
+
+        console.print(f"[bold red]error:[/] {os_error_line(e)}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

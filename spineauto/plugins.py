@@ -111,12 +111,10 @@ def describe(obj: Any) -> str:
     return _a(type(obj).__name__)
 
 
-def subclass_check(*bases: type, allow_function: bool = False) -> Callable[[Any], str | None]:
-    """A ``check`` accepting subclasses of ``bases`` (and plain functions when ``allow_function``)."""
+def subclass_check(*bases: type) -> Callable[[Any], str | None]:
+    """A ``check`` accepting subclasses of ``bases``."""
     def check(obj: Any) -> str | None:
         if inspect.isclass(obj) and issubclass(obj, bases):
-            return None
-        if allow_function and callable(obj) and not inspect.isclass(obj):
             return None
         return describe(obj) + f" (expected a subclass of {' or '.join(b.__module__ + '.' + b.__qualname__ for b in bases)})"
     return check

@@ -148,11 +148,11 @@ def _train_and_predict(env: dict[str, Path], dataset: str, tmp_path: Path, fold=
     torch.set_num_threads(1)
     plan_and_preprocess(int(dataset[7:10]), workers=1)
     tiny_plan(env["preprocessed"] / dataset / "plans.json")
-    trained = train_fold(int(dataset[7:10]), "2d", fold, TrainOptions(epochs=4, iters_per_epoch=12, val_iters=1, num_workers=0,
+    trained = train_fold(int(dataset[7:10]), "2d", fold, TrainOptions(epochs=3, iters_per_epoch=8, val_iters=1, num_workers=0,
                                                                  validate=validate, wandb="disabled"))
     model = load_model(trained.parent, folds=[fold])
     out = tmp_path / "pred"
-    predict_folder(model, env["raw"] / dataset / "imagesTs", out, tta=False)
+    predict_folder(model, env["raw"] / dataset / "imagesTs", out, tta=False, save_probabilities=True)
     return trained, out
 
 
@@ -180,6 +180,10 @@ def test_an_nnunet_png_dataset_trains_and_predicts_png_masks(tmp_path, spineauto
 
     summary = evaluate_folders(out, raw / "labelsTs")  # `spineauto evaluate` reads the PNG masks too
     assert set(summary["metric_per_case"]) == {"img-8", "img-9"} and summary["mean"]["label_1"]["dice"] > 0.7
+    from spineauto.inference.ensemble import ensemble_folders
+
+    ensembled = ensemble_folders([out], tmp_path / "ens")  # the probabilities carry the picture's grid: a NIfTI mask of it
+    np.testing.assert_array_equal(read_volume(ensembled[0])[0], read_volume(out / "img-8.png")[0])
 
 
 def test_an_nrrd_dataset_trains_and_predicts_nrrd_masks_in_the_input_grid(tmp_path, spineauto_env):
@@ -196,7 +200,7 @@ def test_an_nrrd_dataset_trains_and_predicts_nrrd_masks_in_the_input_grid(tmp_pa
     info = json.loads((nifti / "dataset.json").read_text())
     (raw / "dataset.json").write_text(json.dumps({**info, "file_ending": ".nrrd"}))
     _, out = _train_and_predict(env, "Dataset002_Nrrd", tmp_path, fold="all", validate=False)  # 3 subjects: too few for 5 folds
-    written = sorted(p.name for p in out.iterdir() if not p.name.endswith(".csv"))
+    written = sorted(p.name for p in out.iterdir() if not p.name.endswith((".csv", ".npz")))
     tests = sorted(p.name.replace("_0000", "") for p in (raw / "imagesTs").iterdir())
     assert written == tests and all(n.endswith(".nrrd") for n in written)
     for name in written:
@@ -239,3 +243,41 @@ def test_a_bad_pixel_spacing_is_refused_in_one_line(tmp_path):
     (tmp_path / "D" / "dataset.json").write_text(json.dumps({**info, "pixel_spacing": 0}))
     with pytest.raises(SpineautoError, match=r"dataset.json: 'pixel_spacing' must be a number of mm > 0 or \[row, column\] mm, not 0"):
         load_dataset_json(tmp_path / "D")
+
+
+def test_a_png_roi_mask_is_found_and_read_in_its_pictures_grid(tmp_path):
+    from skimage import io
+
+    from spineauto.inference.roi import read_roi, roi_file
+
+    io.imsave(tmp_path / "x_0000.png", np.zeros((6, 8), np.uint8), check_contrast=False)
+    (tmp_path / "rois").mkdir()
+    roi = np.zeros((6, 8), np.uint8)
+    roi[1, 2] = 1
+    io.imsave(tmp_path / "rois" / "x.png", roi, check_contrast=False)
+    data, affine = read_channels([tmp_path / "x_0000.png"], pixel_spacing=(0.5, 0.5))
+    found = roi_file(tmp_path / "rois", "x")
+    assert found.name == "x.png"
+    mask = read_roi(found, data.shape[1:], affine, "x_0000.png", pixel_spacing=(0.5, 0.5))
+    assert mask.shape == (8, 6, 1) and mask.sum() == 1 and mask[2, 4, 0]  # row 1 of 6 from the top: Y = 4
+    with pytest.raises(SpineautoError, match=r"rois/x.png: ROI mask grid differs from the image x_0000.png \(spacing"):
+        read_roi(found, data.shape[1:], affine, "x_0000.png")  # without the dataset's pixel spacing: 1 mm pixels
+
+
+def test_a_missing_nifti_channel_file_is_named_but_one_rgb_picture_holds_three_channels(tmp_path):
+    from skimage import io
+
+    from spineauto.datasets.dataset_json import load_dataset_json
+    from spineauto.datasets.integrity import check_layout
+
+    nii = tmp_path / "N"
+    (nii / "imagesTr").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.eye(4)), str(nii / "imagesTr" / "a_0000.nii.gz"))
+    (nii / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1", "1": "T2"}, "file_ending": ".nii.gz", "labels": {}}))
+    assert check_layout(load_dataset_json(nii)) == [f"{nii}/imagesTr/a_0001.nii.gz: missing channel file for case a"]
+    png = tmp_path / "P"
+    (png / "imagesTr").mkdir(parents=True)
+    io.imsave(png / "imagesTr" / "a_0000.png", np.zeros((4, 4, 3), np.uint8), check_contrast=False)
+    (png / "dataset.json").write_text(json.dumps({"channel_names": {"0": "R", "1": "G", "2": "B"}, "file_ending": ".png", "labels": {}}))
+    info = load_dataset_json(png)
+    assert check_layout(info) == [] and info.image_files("a") == [png / "imagesTr" / "a_0000.png"]

@@ -312,9 +312,10 @@ def test_model_folder_of_plans_schema_1_still_predicts(env, planned, capsys, tmp
     inp = env["raw"] / "Dataset001_Ph" / "imagesTs"
     outs = {}
     for name, folder in (("new", planned[1]), ("old", old)):
-        code, _, err = run_cli(capsys, "predict", "-m", folder, "-d", "1", "-i", inp, "-o", tmp_path / name, "--no-tta", "--device", "cpu")
+        out = tmp_path / f"pred_{name}"  # not tmp_path/old: that folder holds the model (an output never contains one)
+        code, _, err = run_cli(capsys, "predict", "-m", folder, "-d", "1", "-i", inp, "-o", out, "--no-tta", "--device", "cpu")
         assert code == 0, err
-        outs[name] = {p.name: np.asanyarray(nib.load(str(p)).dataobj) for p in (tmp_path / name).glob("*.nii.gz")}
+        outs[name] = {p.name: np.asanyarray(nib.load(str(p)).dataobj) for p in out.glob("*.nii.gz")}
     assert outs["new"].keys() == outs["old"].keys() and len(outs["new"]) == 2
     assert all(np.array_equal(outs["new"][k], outs["old"][k]) for k in outs["new"])  # z-score normalisation: per-image
 

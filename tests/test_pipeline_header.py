@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -88,3 +89,22 @@ def test_a_bad_header_rules_file_is_refused_when_the_pipeline_loads(models, tmp_
 
     with pytest.raises(SpineautoError, match=r"rules.yaml: sequence.T2w.SeriesDescription: invalid regular expression"):
         load_pipeline_config(tmp_path / "p.yaml")
+
+
+def test_a_pipeline_bundle_carries_its_header_rules(models, tmp_path):  # noqa: F811
+    import zipfile
+
+    from test_dicom_training import RULES
+
+    from spineauto.pipeline.bundle import export_pipeline
+    from spineauto.pipeline.runner import Pipeline
+
+    (tmp_path / "rules.yaml").write_text(RULES)
+    config = yaml.safe_load(_config(tmp_path, models, lesion=None).read_text())
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({**config, "header_rules": "rules.yaml"}))
+    bundle = export_pipeline(tmp_path / "p.yaml", tmp_path / "p.zip")
+    (tmp_path / "rules.yaml").unlink()  # the bundle needs the file no more
+    with zipfile.ZipFile(bundle) as z:
+        assert z.read("pipeline/header_rules.yaml").decode() == RULES
+    pipeline = Pipeline.load(bundle, device="cpu")
+    assert Path(pipeline.config.header_rules).read_text() == RULES

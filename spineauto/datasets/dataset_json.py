@@ -55,12 +55,16 @@ class DatasetInfo:
     def test_cases(self) -> list[str]:
         return _cases_in(self.folder / "imagesTs", self.file_ending)
 
+    def channel_files(self, case: str, split: str = "Tr") -> list[Path]:
+        """One file per declared channel, as nnU-Net names them."""
+        return [self.folder / f"images{split}" / f"{case}_{int(c):04d}{self.file_ending}" for c in sorted(self.channel_names, key=int)]
+
     def image_files(self, case: str, split: str = "Tr") -> list[Path]:
-        """The channel files up to the last one present: one RGB picture (or vector image) holds
-        several declared channels (nnU-Net's PNG datasets declare R, G, B with one ``_0000`` file)."""
-        files = [self.folder / f"images{split}" / f"{case}_{int(c):04d}{self.file_ending}" for c in sorted(self.channel_names, key=int)]
+        """The channel files up to the last one present: a NIfTI file holds one channel, but one RGB
+        picture (or vector image) several (nnU-Net's PNG datasets declare R, G, B with one ``_0000`` file)."""
+        files = self.channel_files(case, split)
         present = [i for i, f in enumerate(files) if f.is_file()]
-        return files[: present[-1] + 1] if present else files
+        return files if self.file_ending in (".nii.gz", ".nii") or not present else files[: present[-1] + 1]
 
     def label_file(self, case: str, split: str = "Tr") -> Path:
         return self.folder / f"labels{split}" / f"{case}{self.file_ending}"

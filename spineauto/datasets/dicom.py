@@ -47,7 +47,7 @@ TAGS = {
 }
 NOT_IMAGES = ("SEG", "RTSTRUCT", "SR", "PR")  # modalities of series that hold no image to train on
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
-ORIENTATION, POSITION, INSTANCE = "0020|0037", "0020|0032", "0020|0013"
+ORIENTATION, POSITION, INSTANCE, PIXEL_SPACING = "0020|0037", "0020|0032", "0020|0013", "0028|0030"
 POSITION_TOLERANCE_MM = 1e-3
 SPACING_TOLERANCE = 0.01  # relative deviation of a slice gap from the mean before we warn
 MISSING_SLICE_RATIO = 1.5  # a gap this many times the smallest slice step means a slice is missing
@@ -107,14 +107,14 @@ def convert_dicom_dataset(root: Path, dataset_dir: Path, label_name: str = "cord
     dataset_dir = Path(dataset_dir).expanduser().resolve()
     rules = load_rules(Path(classes_from)) if classes_from is not None else None
     try:
-        check_output_free(dataset_dir, overwrite)
+        check_output_free(dataset_dir, overwrite, root)
     except OSError as err:
         raise _output_error(err, dataset_dir) from None
     stacks = find_dicom_stacks(root)
     masks = find_masks(root, stacks)
     result = DicomConversion(dataset_dir)
     try:
-        with staged_dataset_dir(dataset_dir, overwrite) as stage:
+        with staged_dataset_dir(dataset_dir, overwrite, root) as stage:
             cases: dict[str, dict[str, Any]] = {}
             written: dict[str, tuple[sitk.Image, np.ndarray | None]] = {}
             unnamed: set[int] = set()
@@ -535,6 +535,11 @@ def _read_stacks(stacks: list[DicomStack]) -> Iterator[tuple[DicomStack, sitk.Im
 
 def read_stack(stack: DicomStack) -> sitk.Image:
     """The stack's files as one image (a single 2D slice becomes a 3D image of depth one)."""
+    spacing = _floats(_information_reader(stack.files[0]), PIXEL_SPACING, 2)
+    if spacing is not None and not (np.isfinite(spacing).all() and (spacing > 0).all()):  # GDCM would read it as 1 mm
+        shown = "\\".join(f"{v:g}" for v in spacing)
+        raise SpineautoError(f"{stack.files[0]}: PixelSpacing {shown} of series {stack.series_uid}: "
+                             "a pixel size must be a number of mm > 0; fix the header (the scanner's or the anonymiser's export)")
     try:
         with _quiet_itk():
             if len(stack.files) == 1:

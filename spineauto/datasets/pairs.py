@@ -10,6 +10,7 @@ error (a naming mistake, never guessed at). Case names are the stems made filesy
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -98,6 +99,8 @@ def match_pairs(images: list[Path], masks: list[Path], mask_suffix: str = "") ->
 def convert_pairs(images_dir: Path, masks_dir: Path, dataset_dir: Path, labels: dict[str, int] | None = None,
                   mask_suffix: str = "", pixel_spacing: float | None = None, overwrite: bool = False) -> PairsReport:
     """Write ``dataset_dir`` from matched image/mask pairs; see the module doc."""
+    if pixel_spacing is not None and not (math.isfinite(pixel_spacing) and pixel_spacing > 0):
+        raise SpineautoError(f"--spacing {pixel_spacing}: the pixel size must be a number of mm > 0")
     images, masks = _images_in(images_dir, "images"), _images_in(masks_dir, "masks")
     endings = sorted({ending_of(p) for p in images})
     if len(endings) > 1:
@@ -115,7 +118,7 @@ def convert_pairs(images_dir: Path, masks_dir: Path, dataset_dir: Path, labels: 
     spacing = (pixel_spacing, pixel_spacing) if pixel_spacing else None
     found: set[int] = set()
     channels = None
-    with staged_dataset_dir(Path(dataset_dir), overwrite) as stage:
+    with staged_dataset_dir(Path(dataset_dir), overwrite, [images_dir, masks_dir]) as stage:
         for case, (image, mask) in cases.items():
             data, affine = read_image(image, pixel_spacing=spacing)
             if channels is None:

@@ -16,26 +16,34 @@ from typing import Any, Iterator, Sequence
 
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import write_json
+from spineauto.io.outputs import check_output_apart
 
 logger = logging.getLogger(__name__)
 
 
-def check_output_free(dataset_dir: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing, non-empty dataset folder unless ``overwrite``."""
-    if dataset_dir.exists() and not overwrite:
-        if not dataset_dir.is_dir() or any(dataset_dir.iterdir()):
+def check_output_free(dataset_dir: Path, overwrite: bool, source: Path | Sequence[Path] | None = None) -> None:
+    """Refuse to replace an existing, non-empty dataset folder unless ``overwrite``; with it, refuse
+    one that is not a raw dataset (``overwrite`` deletes only what a conversion wrote) and a
+    ``source`` the dataset folder is, holds or lies inside (:func:`~spineauto.io.outputs.check_output_apart`)."""
+    sources = list(source) if isinstance(source, (list, tuple)) else [source]
+    check_output_apart(sources, dataset_dir, protect=(), what="the dataset folder", hint="choose another dataset id/name")
+    if dataset_dir.exists() and (not dataset_dir.is_dir() or any(dataset_dir.iterdir())):
+        if not overwrite:
             raise SpineautoError(
                 f"{dataset_dir} already exists; choose another dataset id/name or pass --overwrite to replace it"
             )
+        if not (dataset_dir / "dataset.json").is_file():
+            raise SpineautoError(f"{dataset_dir}: exists and is not a raw dataset (no dataset.json); "
+                                 "--overwrite replaces only a dataset spineauto wrote: move it away or choose another dataset id/name")
 
 
 @contextmanager
-def staged_dataset_dir(dataset_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_dataset_dir(dataset_dir: Path, overwrite: bool = False, source: Path | Sequence[Path] | None = None) -> Iterator[Path]:
     """Yield ``<dataset_dir>.tmp-<pid>`` (with empty imagesTr, labelsTr, imagesTs) to build the dataset in.
 
     On success it replaces ``dataset_dir``; on failure it is removed and ``dataset_dir`` is left as it was.
     """
-    check_output_free(dataset_dir, overwrite)
+    check_output_free(dataset_dir, overwrite, source)
     dataset_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = dataset_dir.with_name(f"{dataset_dir.name}.tmp-{os.getpid()}")
     if stage.exists():

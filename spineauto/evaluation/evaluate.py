@@ -12,7 +12,6 @@ never dropped.
 """
 from __future__ import annotations
 
-import csv
 import io
 import logging
 from dataclasses import dataclass
@@ -25,9 +24,11 @@ from spineauto.datasets.dataset_json import lesion_labels
 from spineauto.errors import SpineautoError
 from spineauto.evaluation import metrics as M
 from spineauto.evaluation.files import check_writable, read_json_file, writing
+from spineauto.io import csv_cells
 from spineauto.io.atomic import write_atomic, write_json
 from spineauto.io.geometry import voxel_sizes
 from spineauto.io.images import IMAGE_ENDINGS, grid_mismatch, read_volume, strip_ending
+from spineauto.io.outputs import check_output_apart
 
 log = logging.getLogger(__name__)
 NIFTI = ".nii.gz"
@@ -85,6 +86,20 @@ def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], l
     return out
 
 
+def check_label_mask(path: Path, mask: np.ndarray) -> None:
+    """A mask to score holds finite whole numbers (label values): NaN would score as background (a Dice
+    of 1.0 against an empty reference), 0.5 is a probability map, not a label."""
+    finite = np.isfinite(mask)
+    if not finite.all():
+        raise SpineautoError(f"{path}: {int(np.count_nonzero(~finite))} NaN/Inf voxel(s); a mask to evaluate holds label values "
+                             "0, 1, 2 ...; write it with `spineauto predict`")
+    fractional = mask != np.round(mask)
+    if fractional.any():
+        raise SpineautoError(f"{path}: {int(np.count_nonzero(fractional))} voxel(s) that are not whole label values (e.g. "
+                             f"{float(mask[fractional].flat[0]):g}): a probability map, not a mask; threshold it (or write it with "
+                             "`spineauto predict`) before evaluating")
+
+
 def _nanmean(values: list[float]) -> float:
     vals = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(vals)) if vals else float("nan")
@@ -122,7 +137,9 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
         if problem:
             raise SpineautoError(f"{pred_files[case]}: grid differs from the ground truth (prediction vs ground truth: {problem}); "
                                  "predict with `spineauto predict` so masks keep the input geometry")
-        pred, ref = pred.round().astype(np.int16), ref.round().astype(np.int16)
+        for path, mask in ((pred_files[case], pred), (gt_files[case], ref)):
+            check_label_mask(path, mask)
+        pred, ref = pred.astype(np.int16), ref.astype(np.int16)
         values = {int(v) for v in np.union1d(np.unique(pred), np.unique(ref))}
         found |= values
         per_case[case] = evaluate_case(pred, ref, voxel_sizes(aff_r), with_values(declared, values))
@@ -148,9 +165,19 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
 SUMMARY_HINT = "choose another summary file with -o"
 
 
-def check_summary_target(json_path: Path) -> None:
-    """Before evaluating: ``summary.json`` and the CSV beside it can be written at ``json_path``."""
+def check_summary_target(json_path: Path, gt_dir: Path | None = None) -> None:
+    """Before evaluating: ``summary.json`` and the CSV beside it can be written at ``json_path``: a
+    ``.json`` file that is no case's file (a mask's or classification's), outside the reference
+    ``gt_dir`` and any raw dataset (:func:`~spineauto.io.outputs.check_output_apart`)."""
     json_path = Path(json_path)
+    if json_path.suffix.lower() != ".json":
+        raise SpineautoError(f"{json_path}: the summary is a .json file (a .csv is written beside it); {SUMMARY_HINT}")
+    case_files = [json_path.with_name(f"{json_path.stem}{e}") for e in (*IMAGE_ENDINGS, ".npz")]
+    if any(f.exists() for f in case_files):
+        raise SpineautoError(f"{json_path}: is the JSON of the case {json_path.stem} (its mask lies beside it), not a summary; {SUMMARY_HINT}")
+    check_output_apart([], json_path, references=[gt_dir], protect=("raw dataset",), what="the summary", hint=SUMMARY_HINT)
+    check_output_apart([], json_path.with_suffix(".csv"), references=[gt_dir], protect=("raw dataset",), what="the per-case CSV",
+                       hint=SUMMARY_HINT)
     check_writable(json_path, "the summary", SUMMARY_HINT)
     check_writable(json_path.with_suffix(".csv"), "the per-case CSV", SUMMARY_HINT)
 
@@ -161,7 +188,7 @@ def write_summary(summary: dict, json_path: Path) -> tuple[Path, Path]:
     buf = io.StringIO()
     fields = ["case", "label", *VOXEL_METRICS, *LESION_METRICS, "tp", "fp", "fn", "n_ref", "n_pred",
               "lesions_ref", "lesions_pred", "lesions_detected"]
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer = csv_cells.dict_writer(buf, fields, extrasaction="ignore")
     writer.writeheader()
     for case, by_label in summary["metric_per_case"].items():
         for name, row in by_label.items():

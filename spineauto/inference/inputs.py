@@ -27,6 +27,7 @@ import numpy as np
 from spineauto.errors import SpineautoError
 from spineauto.inference.roi import check_roi_grid, read_roi, restrict_to_roi, roi_file, spatial_shape
 from spineauto.io.formats import IMAGE_ENDINGS, sitk_affine, sitk_to_array, strip_ending  # noqa: F401 - strip_ending: cohort's
+from spineauto.io.geometry import voxel_sizes
 from spineauto.io.images import DIRECTION_ATOL, image_header, is_nifti, mask_ending, read_channels, write_label_map
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,12 @@ class InputCase:
         data, affine = self.read()
         if data.shape[0] != model.num_channels:
             raise SpineautoError(f"{self.source}: {data.shape[0]} channel(s) but the model expects {model.num_channels}")
+        check_spacing(self.source, data.shape[1:], affine, model.plan)
         roi = None
         if model.plan.roi is not None:
             if self.roi is None:
                 raise SpineautoError(f"{self.source}: {_needs_roi(model.plan)}")
-            roi = read_roi(self.roi, data.shape[1:], affine, self.source)
+            roi = read_roi(self.roi, data.shape[1:], affine, self.source, self.pixel_spacing)
             self._restrict = (roi, affine, model.plan.roi.remove_outside_mm)
         layout, _, props = preprocess_array(data, affine, model.plan, model.intensity, roi=roi, name=str(self.roi or self.source))
         return layout, props
@@ -128,10 +130,31 @@ def check_scan(case: str, data: np.ndarray, affine: np.ndarray, sources: list[st
             raise SpineautoError(f"{source}: {bad} NaN/Inf voxel(s) of {channel.size}; replace them (e.g. with 0) before predicting")
         if not channel.any():
             log.warning("%s: %s is all zero; its prediction says nothing about the scan", case, source)
+        elif channel.min() == channel.max():
+            raise SpineautoError(f"{source}: every voxel is {float(channel.flat[0]):g} (a constant image): there is nothing to segment; "
+                                 "check the export")
     shear = affine_shear(affine)
     if shear > DIRECTION_ATOL:
         log.warning("%s: the affine of %s is sheared (voxel axes not orthogonal, largest cosine %.2g); the mask is written "
                     "in its grid, but the scan is resampled as if its axes were orthogonal", case, sources[0], shear)
+
+
+SPACING_FACTOR = 10  # in-plane voxel sizes this many times finer or coarser than the model's are not the scan the header says
+
+
+def check_spacing(source: str, shape, affine: np.ndarray, plan) -> None:
+    """Refuse a scan whose in-plane voxel size is more than :data:`SPACING_FACTOR` times finer or
+    coarser than the model's target spacing: a wrong header (1e-4 mm shrinks a slice to a pixel, 50 mm
+    blows it up), whose mask would be confidently wrong."""
+    from spineauto.preprocessing.preprocess import slice_axis_for
+
+    sizes = voxel_sizes(affine)
+    axis = slice_axis_for(plan, affine, shape)
+    in_plane = [float(s) for i, s in enumerate(sizes) if i != axis]
+    lo, hi = min(plan.target_spacing), max(plan.target_spacing)
+    if min(in_plane) < lo / SPACING_FACTOR or max(in_plane) > hi * SPACING_FACTOR:
+        raise SpineautoError(f"{source}: in-plane voxel size {[round(s, 6) for s in in_plane]} mm is more than {SPACING_FACTOR} times "
+                             f"off the model's {[round(t, 4) for t in plan.target_spacing]} mm; check the header's voxel size (pixdim/affine)")
 
 
 def affine_shear(affine: np.ndarray) -> float:
@@ -166,7 +189,7 @@ def attach_roi_masks(cases: list[InputCase], plan, folder: Path | None) -> None:
         case.roi = roi_file(folder, case.name)
         if case.files:
             shape, affine, _ = image_header(case.files[0], case.pixel_spacing)
-            check_roi_grid(case.roi, spatial_shape(shape[:3]), affine, str(case.files[0]))
+            check_roi_grid(case.roi, spatial_shape(shape[:3]), affine, str(case.files[0]), case.pixel_spacing)
 
 
 def discover_cases(source: Path, num_channels: int, pixel_spacing=None) -> list[InputCase]:

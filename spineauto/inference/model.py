@@ -114,17 +114,15 @@ def load_checkpoint_network(path: Path, plan: ConfigurationPlan, in_channels: in
 def fold_plan(fold_dir: Path, plan: ConfigurationPlan) -> ConfigurationPlan:
     """The plan the fold was trained with (``fold_k/run_config.yaml``: a run YAML may have changed the
     network after other folds were trained), else the model folder's."""
-    import yaml
-
-    from spineauto.schema import from_dict
+    from spineauto.schema import from_dict, load_yaml_mapping
 
     path = fold_dir / RUN_CONFIG_FILE
     if not path.is_file():
         return plan
     try:
-        data = (yaml.safe_load(path.read_text()) or {}).get("configuration")
+        data = load_yaml_mapping(path, "run configuration", "").get("configuration")  # bounded: a bundle's file
         own = from_dict(ConfigurationPlan, {**data, "reasons": plan.reasons}, str(path))
-    except (OSError, yaml.YAMLError, AttributeError, TypeError, SpineautoError) as e:
+    except (AttributeError, TypeError, SpineautoError) as e:
         log.warning("%s: unreadable (%s); fold %s uses the model folder's plans.json", path, str(e).splitlines()[0], fold_dir.name)
         return plan
     return own if own.name == plan.name else plan

@@ -27,6 +27,10 @@ def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, target)
+    except OSError as e:
+        if e.filename is None or Path(e.filename) == tmp_path:  # name what was being written, not the temporary
+            raise OSError(e.errno, e.strerror or str(e) or type(e).__name__, str(target)) from e
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -91,6 +91,9 @@ def read_image(path: Path, dtype=np.float32, pixel_spacing=None) -> tuple[np.nda
         data, affine = formats.read_file(Path(path), pixel_spacing)
         if 0 in data.shape:
             raise SpineautoError(f"{path}: image has no voxels (shape {data.shape[1:]})")
+        problem = affine_problem(affine)
+        if problem:
+            raise SpineautoError(f"{path}: {problem}")
         return data.astype(dtype, copy=False), affine
     data, affine = _read_nifti(path, dtype)
     return data[None], affine
@@ -117,11 +120,40 @@ def _read_nifti(path: Path, dtype) -> tuple[np.ndarray, np.ndarray]:
         raise SpineautoError(f"{path}: image has shape {img.shape}, a 3D image is expected; split 4D series into one file per volume or channel")
     if 0 in shape:
         raise SpineautoError(f"{path}: image has no voxels (shape {img.shape})")
+    problem = header_problem(img, path)
+    if problem:
+        raise SpineautoError(f"{path}: {problem}")
     try:
         data = np.asanyarray(img.dataobj).reshape(shape).astype(dtype, copy=False)
     except Exception as e:
         raise SpineautoError(f"{path}: cannot read voxel data ({type(e).__name__}: {e}); the file may be truncated") from None
     return data, img.affine
+
+
+def header_problem(img, path: Path | None = None) -> str | None:
+    """Why a header's voxels cannot be taken at face value, or None: complex values (casting keeps
+    only the real part), or a voxel size that is zero, negative or not finite: in ``pixdim`` when
+    the affine comes from it (nibabel then silently uses 1 mm), or in the affine itself."""
+    if np.dtype(img.get_data_dtype()).kind == "c":
+        return f"complex voxel values ({img.get_data_dtype()}); save the magnitude (or real part) as a real-valued image"
+    hdr = img.header
+    if isinstance(hdr, nib.Nifti1Header) and path is not None:  # nibabel mends pixdim on load: read the stored one
+        with nib.openers.ImageOpener(str(path)) as f:
+            hdr = type(hdr).from_fileobj(f, check=False)
+    if isinstance(hdr, nib.Nifti1Header) and int(hdr["sform_code"]) == 0:
+        pixdim = np.asarray(hdr["pixdim"][1:1 + min(3, len(img.shape))], float)
+        if not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
+            return (f"voxel size (pixdim) {pixdim.tolist()} mm in the header: every voxel size must be a finite number > 0; "
+                    "fix the header (the scanner's or the converter's export)")
+    return affine_problem(img.affine)
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """Why ``affine``'s voxel sizes are unusable (zero, negative, not finite), or None."""
+    sizes = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
+    if not (np.isfinite(sizes).all() and (sizes > 0).all()):
+        return f"voxel sizes {np.round(sizes, 6).tolist()} mm from the header: each must be a finite number > 0; fix the header"
+    return None
 
 
 def read_channels(paths: list[Path], pixel_spacing=None) -> tuple[np.ndarray, np.ndarray]:

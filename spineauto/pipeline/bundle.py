@@ -5,7 +5,8 @@ A model bundle is ``<model folder name>/`` with ``plans.json``, ``dataset.json``
 of the chosen folds with their ``run_config.yaml`` (the plan each fold was trained with). A pipeline
 bundle is ``pipeline/`` with ``pipeline.yaml`` (its models rewritten to the bundled folders) and
 ``models/<stage>/<model folder name>/`` for every model it names (a model that serves several
-stages with the same folds and checkpoint is stored once, under the first). Both open directly in
+stages with the same folds and checkpoint is stored once, under the first), and its
+``header_rules.yaml`` when it names one. Both open directly in
 ``predict -m`` / ``pipeline --config`` (:mod:`spineauto.inference.bundle`), on a machine without
 the raw or preprocessed data.
 """
@@ -66,6 +67,9 @@ def export_pipeline(config_path: Path, target: Path) -> Path:
             entries += model_files(folder, ref.folds, ref.checkpoint, f"pipeline/{stored[identity].rsplit('/', 1)[0]}/")
         ref.folder, ref.bundle, ref.dataset = stored[identity], None, None
         ref.configuration = ref.configuration or paths.configuration_of(folder)
+    if config.header_rules is not None:  # the DICOM tag rules travel with the pipeline
+        entries.append((Path(config.header_rules), "pipeline/header_rules.yaml"))
+        config.header_rules = "header_rules.yaml"
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
     entries.append((text.encode(), "pipeline/pipeline.yaml"))
     return _zip(target, entries)

@@ -7,7 +7,10 @@ when nothing is flagged, else ``check`` with the flags as its reasons. The check
 - ``anatomy``: no anatomy gate (nothing said the input is a spine scan), or a gate whose head has
   no class meaning "none of these" (``qc.other_classes``, e.g. ``other``): a brain or a noise
   volume is then forced into one of the trained classes. (``qc.require_anatomy_gate: false`` turns it off.)
-- ``low_confidence``: a classification head whose predicted class has p < ``qc.min_probability``.
+- ``low_confidence``: a classification head whose predicted class has p < ``qc.min_probability``
+  (heads the image classifier decided).
+- ``header_disagrees``: the header gave a head's class and the image classifier predicts another
+  (the runner adds it: :mod:`spineauto.pipeline.header`).
 - ``input_range``: the scan's voxel size or field of view more than ``qc.max_spacing_ratio`` times
   outside the range of the model's training cases (``training_range.json`` in the model folder; a
   folder without it: the in-plane spacing of its plan).

@@ -29,7 +29,6 @@ Per-case JSON (``kind`` must be ``"spineauto.pipeline_case"``; other JSON files 
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -38,7 +37,10 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
+from spineauto.inference.export import writing
+from spineauto.io import csv_cells
 from spineauto.io.atomic import write_atomic
+from spineauto.io.outputs import check_output_apart
 from spineauto.pipeline.report_assets import CSS, SCRIPT
 
 logger = logging.getLogger(__name__)
@@ -53,9 +55,11 @@ CSV_MEASURES = (("cord_volume_mm3", ("cord", "volume_mm3")), ("cord_csa_mean_mm2
 def build_report(out_dir: Path) -> Path:
     """Write ``out_dir/report.html`` and ``out_dir/pipeline.csv`` from the case JSONs; return the page."""
     out_dir = Path(out_dir)
+    check_output_apart([], out_dir, what="the report's folder", hint="pass the -o folder of `spineauto pipeline`")
     cases, malformed = load_cases(out_dir)
-    write_atomic(out_dir / "pipeline.csv", lambda p: p.write_text(_csv(cases), encoding="utf-8", newline=""))
-    page = write_atomic(out_dir / "report.html", lambda p: p.write_text(_html(out_dir, cases, malformed), encoding="utf-8"))
+    with writing(out_dir / "report.html"):
+        write_atomic(out_dir / "pipeline.csv", lambda p: p.write_text(_csv(cases), encoding="utf-8", newline=""))
+        page = write_atomic(out_dir / "report.html", lambda p: p.write_text(_html(out_dir, cases, malformed), encoding="utf-8"))
     logger.info("report of %d cases (%d files skipped): %s", len(cases), len(malformed), page)
     return page
 
@@ -147,7 +151,7 @@ def _flag_codes(d: dict) -> list[str]:
 def _csv(cases) -> str:
     stages = _classifications(cases)
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = csv_cells.writer(buf, lineterminator="\n")
     w.writerow(["case", "status", "reason", "flags", *[f"{s}_{h}_{x}" if h != s else f"{s}_{x}" for s, h in stages for x in ("class", "probability", "source")],
                 *[name for name, _ in CSV_MEASURES]])
     for _, d in cases:

@@ -21,8 +21,10 @@ from spineauto import paths
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import read_json, write_json
 from spineauto.io.locks import exclusive_lock
+from spineauto.datasets.dataset_json import load_dataset_json
 from spineauto.planning.fingerprint import TRAINING_RANGE_FILE, Fingerprint, training_range
 from spineauto.planning.plans import ConfigurationPlan, Plans
+from spineauto.preprocessing.manifest import MANIFEST, load_manifest, raw_changes
 from spineauto.training.checkpoint import LATEST, TOP_INDEX, copy_checkpoint, load_checkpoint
 from spineauto.training.config import RunConfig, check_same_run, plan_sha, resolve
 from spineauto.training.data import CaseStore
@@ -100,13 +102,14 @@ class RunContext:
 @contextmanager
 def open_run(dataset: str | int, configuration: str, fold: str | int, *, seed: int | None, epochs: int | None,
              iters_per_epoch: int | None, val_iters: int | None, continue_training: bool, preprocessed: Path | None,
-             results: Path | None, is_main: bool = True, run_spec: RunSpec | None = None) -> Iterator[RunContext]:
+             results: Path | None, is_main: bool = True, run_spec: RunSpec | None = None, allow_stale: bool = False) -> Iterator[RunContext]:
     """The checked run, with the fold locked (main process) until the block ends; writes nothing but the lock file."""
     fold = parse_fold(fold)
     pre_dir = paths.preprocessed_dataset(dataset, preprocessed)
     plans_path = pre_dir / "plans.json"
     if not plans_path.is_file():
         raise SpineautoError(f"{plans_path}: no plans yet; run `spineauto plan_and_preprocess -d {dataset}` first")
+    check_raw_unchanged(pre_dir, allow_stale)
     plans = Plans.load(plans_path)
     if not run_spec:
         plan = plans.configuration(configuration)
@@ -148,6 +151,25 @@ def open_run(dataset: str | int, configuration: str, fold: str | int, *, seed: i
         if previous is not None:
             check_same_run(config, previous, fold_dir)
         yield RunContext(plans, plan, store, train_cases, val_cases, pre_dir, model_dir, fold_dir, config, resume, resumed_from)
+
+
+def check_raw_unchanged(pre_dir: Path, allow_stale: bool = False) -> None:
+    """Refuse (or with ``allow_stale`` warn) when the raw dataset's training cases were removed, added or
+    edited since ``plan_and_preprocess`` (:func:`~spineauto.preprocessing.manifest.raw_changes`); a model
+    trained without the raw dataset at hand skips this."""
+    raw_dir = paths.root("raw") / pre_dir.name
+    if not (raw_dir / "dataset.json").is_file() or not (pre_dir / MANIFEST).is_file():
+        return
+    changes = raw_changes(load_manifest(pre_dir), load_dataset_json(raw_dir))
+    if not changes or not any(changes.values()):
+        return
+    said = "; ".join(f"{len(v)} {k} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for k, v in changes.items() if v)
+    line = f"{raw_dir}: the raw dataset changed since plan_and_preprocess: {said}"
+    if allow_stale:
+        log.warning("%s; training on the data as they were preprocessed (--allow-stale-data)", line)
+        return
+    raise SpineautoError(f"{line}; rerun `spineauto plan_and_preprocess -d {pre_dir.name}` (with the same --preset; it redoes only "
+                         "the changed cases), or pass --allow-stale-data to train on the data as they were preprocessed")
 
 
 def sweep_trial() -> str | None:

@@ -68,6 +68,7 @@ class TrainOptions:
     seed: int | None = None
     continue_training: bool = False
     overwrite: bool = False  # replace an earlier run of the fold (kept aside until this run's first checkpoint)
+    allow_stale_data: bool = False  # train although the raw dataset changed since plan_and_preprocess (warned)
     pretrained: Path | str | None = None
     num_workers: int | None = None
     preprocessed: Path | None = None
@@ -90,6 +91,10 @@ def train_fold(dataset: str | int, configuration: str = "2d", fold: str | int = 
     o = options or TrainOptions()
     if o.continue_training and o.overwrite:
         raise SpineautoError("--continue resumes the fold's run and --overwrite replaces it: give one of them")
+    if o.seed is not None and not 0 <= o.seed < 2**32:
+        raise SpineautoError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {o.seed}")
+    if o.num_workers is not None and o.num_workers < 0:
+        raise SpineautoError(f"--num-workers must be >= 0 (0: load data in the training process), got {o.num_workers}")
     dev = resolve_device(o.device)
     info = init_distributed(dev.type)
     try:
@@ -97,7 +102,7 @@ def train_fold(dataset: str | int, configuration: str = "2d", fold: str | int = 
             dev = torch.device("cuda", info.local_rank)
         with open_run(dataset, configuration, fold, seed=o.seed, epochs=o.epochs, iters_per_epoch=o.iters_per_epoch,
                       val_iters=o.val_iters, continue_training=o.continue_training, preprocessed=o.preprocessed,
-                      results=o.results, is_main=info.is_main,
+                      results=o.results, is_main=info.is_main, allow_stale=o.allow_stale_data,
                       run_spec=RunSpec(o.config, o.batch_size, o.lr, list(o.config_set))) as run:
             return _train_run(run, o, dev, info)
     except OSError as e:  # a folder or file the run needs: one line naming it (checkpoints are written atomically)
