@@ -261,3 +261,15 @@ def test_bad_qc_settings_are_one_line_errors(tmp_path):
         with pytest.raises(SpineautoError) as e:
             load_pipeline_config(path)
         assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_input_check_without_a_training_range_uses_the_plan(tmp_path):
+    """A model folder from before training_range.json: the scan's in-plane voxel size against the plan's."""
+    from types import SimpleNamespace
+
+    from spineauto.pipeline.qc import QcConfig, input_flags
+
+    model = SimpleNamespace(folder=tmp_path, plan=SimpleNamespace(target_spacing=[0.5, 0.5]))
+    assert input_flags(QcConfig(), "cord", model, np.diag([1.0, 1.0, 5.0, 1]), (1, 64, 64, 12)) == []
+    flags = input_flags(QcConfig(), "cord", model, np.diag([2.0, 2.0, 5.0, 1]), (1, 64, 64, 12))
+    assert [f["reason"] for f in flags] == ["cord: in-plane voxel size 2 mm is over 3 x the model's 0.5 mm"]
