@@ -101,6 +101,8 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise SpineautoError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, or nested too deeply
+        raise SpineautoError(f"{path}: not a readable JSON file ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     if not isinstance(raw, dict):
         raise SpineautoError(f"{path}: must be a JSON object")
     problems = []

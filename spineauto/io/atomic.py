@@ -67,7 +67,10 @@ def json_safe(obj: Any) -> Any:
 
 
 def read_json(path: Path | str) -> Any:
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text())
+    except RecursionError:  # a hostile file of nested brackets: a ValueError as any other invalid JSON
+        raise ValueError("nested too deeply") from None
 
 
 def save_npy(target: Path | str, array: np.ndarray) -> Path:

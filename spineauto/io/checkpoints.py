@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pathlib
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -61,12 +62,13 @@ def load_checkpoint(path: Path) -> dict:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        unsafe = _unsafe_globals(path)
-        if unsafe:
-            raise SpineautoError(f"{path}: refused: the checkpoint asks to import {', '.join(unsafe[:3])}{' ...' if len(unsafe) > 3 else ''}, "
-                                 "which could run code on loading; spineauto loads only tensors and plain data from a checkpoint "
-                                 "(ask its author for one written by spineauto or a plain torch.save(model.state_dict()))") from None
-        raise _unreadable(path, e) from None
+        unsafe = _unsafe_globals(path) or sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))  # the legacy format: the unpickler's words
+        if not unsafe:  # not a refusal: a damaged file (torch's advice to load it unsafely left out)
+            reason = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+            raise _unreadable(path, pickle.UnpicklingError(reason)) from None
+        raise SpineautoError(f"{path}: refused: the checkpoint asks to import {', '.join(unsafe[:3])}{' ...' if len(unsafe) > 3 else ''}, "
+                             "which could run code on loading; spineauto loads only tensors and plain data from a checkpoint "
+                             "(ask its author for one written by spineauto or a plain torch.save(model.state_dict()))") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
         raise _unreadable(path, e) from None
 

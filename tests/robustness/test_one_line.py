@@ -62,3 +62,35 @@ def test_full_disk_names_the_path(world, tmp_path, capsys, monkeypatch):
     line = _one_error_line(err)
     assert code == 1 and str(target) in line and "no space left" in line, line
     assert not target.exists() and not list(tmp_path.glob(".m.zip*"))
+
+
+@pytest.mark.parametrize("flag,value", [("--seed", "-1"), ("--num-workers", "-1"), ("-np", "0"), ("--shard-size", "0")])
+def test_pretrain_out_of_range_options_before_any_conversion(tmp_path, capsys, flag, value):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(tmp_path / "src" / cls / "x.png")
+    code, _, err = run_cli(capsys, "pretrain", str(tmp_path / "src"), "-o", str(tmp_path / "out"), flag, value)
+    line = _one_error_line(err)
+    assert code == 1 and flag in line and value in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_utf8_dataset_json_and_deeply_nested_bundle_json(tmp_path, capsys, monkeypatch):
+    import zipfile
+
+    monkeypatch.setenv("SPINEAUTO_RAW", str(tmp_path / "raw"))
+    monkeypatch.setenv("SPINEAUTO_PREPROCESSED", str(tmp_path / "pre"))
+    (tmp_path / "raw" / "Dataset080_X").mkdir(parents=True)
+    (tmp_path / "raw" / "Dataset080_X" / "dataset.json").write_bytes(b'{"name": "caf\xe9"}')
+    code, _, err = run_cli(capsys, "plan_and_preprocess", "-d", "80")
+    line = _one_error_line(err)
+    assert code == 1 and "dataset.json" in line and "UnicodeDecodeError" in line, line
+    bundle = tmp_path / "deep.zip"
+    with zipfile.ZipFile(bundle, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("m/plans.json", "[" * 100_000)
+        z.writestr("m/fold_0/checkpoint_final.pt", b"")
+    code, _, err = run_cli(capsys, "predict", "-d", "80", "-m", str(bundle), "-i", str(tmp_path), "-o", str(tmp_path / "out"))
+    line = _one_error_line(err)
+    assert code == 1 and "plans.json" in line and "nested too deeply" in line, line

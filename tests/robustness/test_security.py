@@ -206,3 +206,31 @@ def test_csv_cells_that_spreadsheets_run_are_escaped(tmp_path):
     build_report(tmp_path)
     rows = list(csv.reader((tmp_path / "pipeline.csv").open()))
     assert rows[1][:3] == ["'" + name, "failed", "'@SUM(A1)"]
+
+
+def test_plugin_string_never_imports_a_standard_library_module_that_acts(capsys):
+    """Importing `this` prints the Zen of Python (`antigravity` opens a browser): refused before the import."""
+    import sys
+
+    from spineauto.errors import SpineautoError
+    from spineauto.training.losses import LOSSES
+
+    sys.modules.pop("this", None)
+    with pytest.raises(SpineautoError, match="standard-library module 'this'"):
+        LOSSES.resolve("this:s", "loss.name")
+    assert "this" not in sys.modules and capsys.readouterr().out == ""
+
+
+def test_legacy_format_payload_refused_and_damaged_file_not_called_unsafe(tmp_path):
+    from spineauto.errors import SpineautoError
+    from spineauto.io.checkpoints import load_checkpoint
+
+    marker = tmp_path / "MARKER"
+    torch.save({"x": _Payload(marker)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(SpineautoError, match=r"legacy.pt: refused: .*system"):
+        load_checkpoint(tmp_path / "legacy.pt")
+    assert not marker.exists()
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(SpineautoError) as e:
+        load_checkpoint(tmp_path / "garbage.pt")
+    assert "not a readable checkpoint" in str(e.value) and "weights_only" not in str(e.value) and "\n" not in str(e.value)
