@@ -298,3 +298,27 @@ def test_rtstruct_masks_are_rasterised_onto_their_series_and_another_series_is_r
     write_rtstruct(tmp_path / "root" / "sub0" / "rt" / "rs.dcm", files, {1: ("cord", [(0, 0, 4, 0, 4)])})
     with pytest.raises(SpineautoError, match=r"sub0/rt/rs.dcm: RTSTRUCT references series .*, which is not among the series under"):
         convert_dicom_dataset(tmp_path / "root", tmp_path / "raw" / "Dataset012_Rt")
+
+
+def test_bad_rtstructs_are_refused_in_one_line(tmp_path):
+    from spineauto.datasets.dicom import convert_dicom_dataset
+
+    pixels, _ = _cord_scan(np.random.default_rng(4))
+    _, files = write_series(tmp_path / "root" / "t2", pixels, "T2 SAG")
+    rs = tmp_path / "root" / "rt" / "rs.dcm"
+    write_rtstruct(rs, files, {300: ("cord", [(0, 0, 4, 0, 4)])})
+    with pytest.raises(SpineautoError, match=r"rt/rs.dcm: ROI number 300 \('cord'\) is not a label value 1..255; renumber the ROIs"):
+        convert_dicom_dataset(tmp_path / "root", tmp_path / "raw" / "Dataset001_A")
+    write_rtstruct(rs, files, {1: ("cord", [(0, 0, 4, 0, 4)])}, reference_images=False)
+    import pydicom
+
+    ds = pydicom.dcmread(rs)
+    contour = ds.ROIContourSequence[0].ContourSequence[0]
+    contour.ContourData = [v + 50.0 * (i % 3 == 0) for i, v in enumerate(contour.ContourData)]  # 50 mm off the sagittal slices
+    ds.save_as(rs)
+    with pytest.raises(SpineautoError, match=r"rt/rs.dcm: a contour of ROI 'cord' at .* mm along the slice normal lies on no slice of series"):
+        convert_dicom_dataset(tmp_path / "root", tmp_path / "raw" / "Dataset001_A")
+    del ds.ReferencedFrameOfReferenceSequence
+    ds.save_as(rs)
+    with pytest.raises(SpineautoError, match=r"rt/rs.dcm: RTSTRUCT references no image series \(ReferencedFrameOfReferenceSequence\)"):
+        convert_dicom_dataset(tmp_path / "root", tmp_path / "raw" / "Dataset001_A")

@@ -4,7 +4,8 @@ pydicom reads the contours (patient coordinates in mm); each closed planar conto
 ``skimage.draw.polygon`` onto the slice it lies on (the slice its ContourImageSequence names, else the
 slice whose position along the slice normal is within half a slice gap of the contour's). Pixel
 ``(row, column)`` of a slice is where ``ImagePositionPatient + column * PixelSpacing[1] * row direction +
-row * PixelSpacing[0] * column direction`` lies, so a contour around pixel edges fills those pixels.
+row * PixelSpacing[0] * column direction`` lies; a pixel whose centre is inside or on a contour is filled, so
+a contour around pixel edges fills those pixels.
 
 Labels: each ROI becomes its ROI number (StructureSetROISequence ROINumber) under its ROIName, as a
 DICOM-SEG's segment becomes its segment number; ROIs are drawn in number order, so a higher number wins
