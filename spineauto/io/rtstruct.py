@@ -52,8 +52,9 @@ def read_rtstruct_onto(path: Path, files: list[str]) -> tuple[np.ndarray, dict[s
 
     slices = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     series = str(slices[0].SeriesInstanceUID)
-    if referenced_series(path) != series:
-        raise SpineautoError(f"{path}: RTSTRUCT references series {referenced_series(path)}, not the series {series} "
+    referenced = referenced_series(path)
+    if referenced != series:
+        raise SpineautoError(f"{path}: RTSTRUCT references series {referenced}, not the series {series} "
                              f"in {Path(files[0]).parent}; put it beside the series it outlines")
     try:
         ds = pydicom.dcmread(str(path))
