@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from spineauto.errors import SpineautoError
 
@@ -82,7 +83,7 @@ def convert_bids(
 
     out = run(root, paths.root("raw") / paths.dataset_name(dataset, name), label_suffix=label_suffix, labels=label,
               label_names=label_names, contrasts=contrast or None, overwrite=overwrite)
-    console.print(f"[green]wrote[/] {out}")
+    console.print(f"[green]wrote[/] {escape(str(out))}")
 
 
 @convert_app.command("dicom")
@@ -120,7 +121,7 @@ def convert_images(
     from spineauto.datasets.image_folder import convert_image_folder as run
 
     out = run(root, paths.root("raw") / paths.dataset_name(dataset, name), head=head, rgb=rgb, spacing=spacing, overwrite=overwrite)
-    console.print(f"[green]wrote[/] {out}")
+    console.print(f"[green]wrote[/] {escape(str(out))}")
 
 
 @convert_app.command("pairs")
@@ -204,9 +205,9 @@ def pretrain(
                                          convert_only=convert_only, convert_progress=case_progress(progress, "converting"))
     if os.environ.get("RANK", "0") != "0":  # DDP: rank 0 reports
         return
-    console.print(f"[green]shards[/] {output / 'shards'}: {describe(index)}")
+    console.print(f"[green]shards[/] {escape(str(output / 'shards'))}: {escape(str(describe(index)))}")
     if checkpoint is not None:
-        console.print(f"[green]pretrained[/] {checkpoint}; use it with `spineauto train ... --pretrained {checkpoint}` on a plan "
+        console.print(f"[green]pretrained[/] {escape(str(checkpoint))}; use it with `spineauto train ... --pretrained {escape(str(checkpoint))}` on a plan "
                       f"whose network is resnet_unet/resnet, depth {depth}", soft_wrap=True)
 
 
@@ -267,7 +268,7 @@ def train(
                            progress=TrainingBar(console), config=config, batch_size=batch_size, lr=lr,
                            config_set=[*(config_set or []), *(overrides or [])], loggers=list(logger or []), wandb_artifacts=wandb_artifacts)
     folder = train_fold(dataset, configuration, fold, options)
-    console.print(f"[green]trained[/] {folder}")
+    console.print(f"[green]trained[/] {escape(str(folder))}")
 
 
 _EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": False}
@@ -339,7 +340,7 @@ def ensemble(
     with make_progress(console) as progress:
         written = ensemble_folders([*inputs, *map(Path, ctx.args)], output, save_probabilities, pp,
                                    progress=case_progress(progress, "ensemble"))
-    console.print(f"[green]wrote[/] {len(written)} ensembled mask(s) to {output}")
+    console.print(f"[green]wrote[/] {len(written)} ensembled mask(s) to {escape(str(output))}")
 
 
 @_command("evaluate")
@@ -368,7 +369,7 @@ def evaluate(
         summary = evaluate_folders(pred_dir, gt_dir, labels, progress=case_progress(progress, "evaluate"))
     json_path, csv_path = write_summary(summary, output or Path(pred_dir) / "summary.json")
     Console(width=max(120, Console().width)).print(evaluation_table(summary))
-    console.print(f"[green]wrote[/] {json_path} and {csv_path}")
+    console.print(f"[green]wrote[/] {escape(str(json_path))} and {escape(str(csv_path))}")
 
 
 @_command("find_best_configuration")
@@ -389,7 +390,7 @@ def find_best_configuration(
     out = Console()
     out.print(best_configuration_table(result))
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]note:[/] {escape(str(note))}", highlight=False, soft_wrap=True)
     for line in result.cases_used:
         out.print(f"cases used: {line}", highlight=False, soft_wrap=True)
     out.print("predict with:")
@@ -451,7 +452,7 @@ def pipeline(
     pipe = Pipeline.load(config, device=device)
     with make_progress(console) as progress:
         result = run_pipeline(pipe, input, output, num_parts, part_id, progress=case_progress(progress, "pipeline"))
-    console.print(f"[green]wrote[/] {summary_line(result, output)}")
+    console.print(f"[green]wrote[/] {escape(str(summary_line(result, output)))}")
     if result.failed:
         first = next(iter(result.failed.items()))
         raise SpineautoError(f"{len(result.failed)} case(s) failed (first: {first[0]}: {first[1]}); the others are in {output}")
@@ -464,7 +465,7 @@ def report(output: Path = typer.Argument(..., help="A `spineauto pipeline` outpu
 
     if not Path(output).is_dir():
         raise SpineautoError(f"{output}: not a folder; pass the -o folder of `spineauto pipeline`")
-    console.print(f"[green]wrote[/] {build_report(output)}")
+    console.print(f"[green]wrote[/] {escape(str(build_report(output)))}")
 
 
 @app.command("export")
@@ -488,7 +489,18 @@ def export(
             raise SpineautoError("export: give -m MODEL_FOLDER or -d DATASET [-c CONFIGURATION] (or --pipeline P.yaml)")
         folder = model_folder or paths.model_folder(dataset, configuration)
         written = export_model(folder, output, _split_folds(folds), checkpoint)
-    console.print(f"[green]wrote[/] {written}")
+    console.print(f"[green]wrote[/] {escape(str(written))}")
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``timeout``, a scheduler) exits as an interrupt does: ``finally`` blocks and exit
+    handlers run, so temporary files and unpacked bundles are removed instead of left behind."""
+    import signal
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
 
 
 def main() -> None:
@@ -496,15 +508,16 @@ def main() -> None:
     # command may import it first): on a busy CPU (data workers, forked preprocessing workers, other
     # jobs) spinning threads made a training step up to 10x slower; idle cost is microseconds per op.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    exit_on_sigterm()
     try:
         app()
     except SpineautoError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except OSError as e:  # what no command turned into its own line: the path and the cause
         from spineauto.errors import os_error_line
 
-        console.print(f"[bold red]error:[/] {os_error_line(e)}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(os_error_line(e)))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

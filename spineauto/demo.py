@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
+from rich.markup import escape
 
 log = logging.getLogger(__name__)
 DATASET_ID = 900
@@ -40,7 +41,7 @@ def run_demo(run: Callable[..., None], workdir: Path, n_train: int = 16, n_test:
     workdir = _demo_env(workdir)
     raw = workdir / "raw" / DATASET
     if not (raw / "dataset.json").is_file():
-        console.print(f"writing {n_train} + {n_test} synthetic spine phantoms to {raw}")
+        console.print(f"writing {n_train} + {n_test} synthetic spine phantoms to {escape(str(raw))}")
         write_phantom_dataset(raw, n_train=n_train, n_test=n_test, seed=seed)
     run("plan_and_preprocess", "-d", str(DATASET_ID), "--preset", str(DEMO_PRESET))
     run("train", "-d", str(DATASET_ID), "-f", "0", "-c", "2d", "--epochs", str(epochs),
@@ -57,8 +58,8 @@ def run_demo(run: Callable[..., None], workdir: Path, n_train: int = 16, n_test:
             "--roi", str(predictions))
         run("evaluate", str(lesions), str(raw / "labelsTs"), "-d", str(DATASET_ID),
             "-o", str(workdir / "evaluation" / "summary_lesions.json"))
-        console.print(f"cord: {predictions} (the 2d model on whole slices); lesions: {lesions} (2d_cord_roi in boxes around that cord)")
-    console.print(f"[green]demo finished[/]: predictions in {predictions}, metrics in {workdir / 'evaluation'}")
+        console.print(f"cord: {escape(str(predictions))} (the 2d model on whole slices); lesions: {escape(str(lesions))} (2d_cord_roi in boxes around that cord)")
+    console.print(f"[green]demo finished[/]: predictions in {escape(str(predictions))}, metrics in {escape(str(workdir / 'evaluation'))}")
     return workdir
 
 
@@ -84,7 +85,7 @@ def run_pipeline_demo(run: Callable[..., None], workdir: Path, n_train: int = 24
     raw = workdir / "raw" / PIPELINE_DATASET
     if not (raw / "dataset.json").is_file():
         console.print(f"writing {n_train} + {n_test} synthetic phantoms (spines with lesions; limbs, brain-like heads and noise "
-                      f"as the anatomy class 'other') to {raw}")
+                      f"as the anatomy class 'other') to {escape(str(raw))}")
         write_phantom_dataset(raw, n_train=n_train, n_test=n_test, seed=seed, anatomies=("spine", "other"))
     ds = str(PIPELINE_DATASET_ID)
     run("plan_and_preprocess", "-d", ds, "--preset", str(PIPELINE_PRESET))
@@ -113,7 +114,7 @@ def run_pipeline_demo(run: Callable[..., None], workdir: Path, n_train: int = 24
     finally:
         for line in pipeline_verdict(raw, out, iterations):
             console.print(line)
-    console.print(f"[green]pipeline demo finished[/]: open {out / 'report.html'} (pipeline definition {config_path})")
+    console.print(f"[green]pipeline demo finished[/]: open {escape(str(out / 'report.html'))} (pipeline definition {escape(str(config_path))})")
     return out / "report.html"
 
 

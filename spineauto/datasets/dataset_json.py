@@ -110,7 +110,8 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
         if key not in raw:
             problems.append(f"missing key {key!r}")
     channels = raw.get("channel_names") or raw.get("modality") or {}
-    if not isinstance(channels, dict) or not channels or not all(str(k).isdigit() for k in channels):
+    if (not isinstance(channels, dict) or not channels or not all(str(k).isdigit() for k in channels)
+            or not all(isinstance(v, str) and v.strip() for v in channels.values())):
         problems.append("'channel_names' must map channel numbers to names, e.g. {\"0\": \"MRI\"}")
         channels = {}
     labels = raw.get("labels", {})
@@ -124,6 +125,9 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
         labels = {}
     if labels and labels.get("background", 0) != 0:
         problems.append("'labels' must have background = 0")
+    elif labels and not regions and sorted({0, *labels.values()}) != list(range(max(labels.values()) + 1)):
+        problems.append(f"'labels' values must be consecutive 0, 1, 2 ... (one output channel each, as nnU-Net), "
+                        f"not {sorted(set(labels.values()))[:10]}; renumber the label maps and dataset.json")
     heads = raw.get("heads", {})
     if not isinstance(heads, dict) or not all(isinstance(v, list) for v in heads.values()):
         problems.append("'heads' must map head names to lists of class names")

@@ -124,6 +124,9 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
     for folder, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
         if not folder.is_dir():
             raise SpineautoError(f"{folder}: {what} folder not found")
+    if pred_dir.resolve() == gt_dir.resolve():
+        raise SpineautoError(f"{pred_dir}: is the ground-truth folder {gt_dir} itself (every score would be perfect); "
+                             "pass the predictions' folder first")
     gt_files, pred_files = mask_files(gt_dir), mask_files(pred_dir)
     cases = sorted(gt_files)
     if not cases:

@@ -3,7 +3,8 @@
 A bundle holds one top-level folder: a model folder (``plans.json``, ``dataset.json``,
 ``postprocessing.json`` when decided, the chosen checkpoints; no raw or preprocessed data, as
 nnU-Net's model zips) or a pipeline (``pipeline.yaml`` and its model folders). Opening a bundle
-extracts it once per process into a temporary folder that is removed at exit.
+extracts it once per process into a temporary folder that is removed at exit (or SIGTERM); one
+left by a killed process is removed by the next bundle opened.
 
 What a bundle can do on opening: be unpacked and read. Its member names, sizes and total are checked
 before anything is extracted (no absolute or ``..`` path, no member over :data:`MAX_MEMBER_BYTES`,
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import os
 import shutil
 import tempfile
 import zipfile
@@ -51,7 +53,8 @@ def open_bundle(path: Path) -> Path:
         with zipfile.ZipFile(path) as z:
             members = z.infolist()
             check_members(path, members, Path(tempfile.gettempdir()))
-            dest = Path(tempfile.mkdtemp(prefix="spineauto_bundle_"))
+            remove_orphans(Path(tempfile.gettempdir()))
+            dest = Path(tempfile.mkdtemp(prefix=f"spineauto_bundle_{os.getpid()}_"))
             atexit.register(shutil.rmtree, dest, True)
             z.extractall(dest)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
@@ -65,6 +68,20 @@ def open_bundle(path: Path) -> Path:
         raise SpineautoError(f"{path}: a bundle holds exactly one top-level folder; rewrite it with `spineauto export`")
     _opened[path] = tops[0]
     return tops[0]
+
+
+def remove_orphans(tmp: Path) -> None:
+    """Remove the unpacked bundles of processes that are gone (killed before their exit handler ran)."""
+    for folder in tmp.glob("spineauto_bundle_*_*"):
+        pid = folder.name.split("_")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # alive, another user's
+            continue
 
 
 def check_members(path: Path, members: list[zipfile.ZipInfo], into: Path) -> None:

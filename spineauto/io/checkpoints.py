@@ -92,4 +92,8 @@ def network_state(ckpt, path: Path) -> dict:
     state = ckpt.get("network", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise SpineautoError(f"{path}: no network weights in it (expected a spineauto checkpoint or a state_dict)")
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a diverged run's weights predict nothing (empty masks) and train nothing: never a silent result
+        raise SpineautoError(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values ({bad[0]}{' ...' if len(bad) > 1 else ''}); "
+                             "the run that wrote it diverged: pick an earlier checkpoint or retrain")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
