@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from spineauto.errors import SpineautoError
 
@@ -82,21 +83,27 @@ def convert_bids(
 
     out = run(root, paths.root("raw") / paths.dataset_name(dataset, name), label_suffix=label_suffix, labels=label,
               label_names=label_names, contrasts=contrast or None, overwrite=overwrite)
-    console.print(f"[green]wrote[/] {out}")
+    console.print(f"[green]wrote[/] {escape(str(out))}")
 
 
 @convert_app.command("dicom")
 def convert_dicom(
-    root: Path = typer.Argument(..., help="Folder searched recursively for DICOM series."),
+    root: Path = typer.Argument(..., help="Folder searched recursively for DICOM series (and their DICOM-SEG, RTSTRUCT or NIfTI masks)."),
     dataset: int = typer.Option(..., "-d", "--dataset", help="New dataset id (1-999)."),
     name: str = typer.Option(..., "--name", help="Dataset name."),
+    classes_from: Optional[Path] = typer.Option(None, "--classes-from", help="Rules file (YAML): head -> class -> {DICOM keyword: "
+                                                "regular expression}; each series gets the class whose rules match its header."),
+    label_name: str = typer.Option("cord", "--label-name", help="Name of value 1 of NIfTI masks beside a series (DICOM-SEG and RTSTRUCT masks name their segments and ROIs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset of that name."),
 ):
-    """Convert every DICOM series under ROOT into a case of Dataset<ID>_<NAME> (imagesTs)."""
+    """Convert every DICOM series under ROOT into a case of Dataset<ID>_<NAME>: with a mask (a DICOM-SEG or RTSTRUCT referencing it, or the
+    NIfTI file in its folder) and/or classes from --classes-from to imagesTr/labelsTr, else to imagesTs; prints what each series got and why."""
     from spineauto import paths
-    from spineauto.datasets.dicom import convert_dicom as run
+    from spineauto.cli_views import dicom_summary
+    from spineauto.datasets.dicom import convert_dicom_dataset as run
 
-    out = run(root, paths.root("raw") / paths.dataset_name(dataset, name))
-    console.print(f"[green]wrote[/] {out}")
+    dicom_summary(console, run(root, paths.root("raw") / paths.dataset_name(dataset, name), label_name=label_name,
+                               overwrite=overwrite, classes_from=classes_from))
 
 
 @convert_app.command("images")
@@ -114,7 +121,29 @@ def convert_images(
     from spineauto.datasets.image_folder import convert_image_folder as run
 
     out = run(root, paths.root("raw") / paths.dataset_name(dataset, name), head=head, rgb=rgb, spacing=spacing, overwrite=overwrite)
-    console.print(f"[green]wrote[/] {out}")
+    console.print(f"[green]wrote[/] {escape(str(out))}")
+
+
+@convert_app.command("pairs")
+def convert_pairs(
+    images: Path = typer.Argument(..., help="Folder of images (.nii.gz, .nii, .nrrd, .mha, .png, .bmp, .tif; one format)."),
+    masks: Path = typer.Argument(..., help="Folder of masks named as their images (any of those formats; written in the image's)."),
+    dataset: int = typer.Option(..., "-d", "--dataset", help="New dataset id (1-999)."),
+    name: str = typer.Option(..., "--name", help="Dataset name."),
+    label: Optional[List[str]] = typer.Option(None, "--label", help="NAME=VALUE, repeatable, e.g. --label cord=1 --label lesion=2 "
+                                              "(default: the values found, one of them 'foreground')."),
+    mask_suffix: str = typer.Option("", "--mask-suffix", help="Masks are named <image stem><SUFFIX>, e.g. _mask."),
+    spacing: Optional[float] = typer.Option(None, "--spacing", help="Pixel size in mm of 2D pictures (.png/.bmp/.tif; default 1)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset of that name."),
+):
+    """Pair IMAGES/x with MASKS/x by name into Dataset<ID>_<NAME>: pairs to imagesTr/labelsTr, images without a mask to imagesTs."""
+    from spineauto import paths
+    from spineauto.cli_views import pairs_summary
+    from spineauto.datasets.pairs import convert_pairs as run, parse_labels
+
+    report = run(images, masks, paths.root("raw") / paths.dataset_name(dataset, name), labels=parse_labels(label),
+                 mask_suffix=mask_suffix, pixel_spacing=spacing, overwrite=overwrite)
+    pairs_summary(console, report)
 
 
 @app.command("pretrain")
@@ -176,9 +205,9 @@ def pretrain(
                                          convert_only=convert_only, convert_progress=case_progress(progress, "converting"))
     if os.environ.get("RANK", "0") != "0":  # DDP: rank 0 reports
         return
-    console.print(f"[green]shards[/] {output / 'shards'}: {describe(index)}")
+    console.print(f"[green]shards[/] {escape(str(output / 'shards'))}: {escape(str(describe(index)))}")
     if checkpoint is not None:
-        console.print(f"[green]pretrained[/] {checkpoint}; use it with `spineauto train ... --pretrained {checkpoint}` on a plan "
+        console.print(f"[green]pretrained[/] {escape(str(checkpoint))}; use it with `spineauto train ... --pretrained {escape(str(checkpoint))}` on a plan "
                       f"whose network is resnet_unet/resnet, depth {depth}", soft_wrap=True)
 
 
@@ -195,6 +224,9 @@ def train(
                                            "unreadable, from the newest intact checkpoint)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the fold's earlier run (without it, a fold with checkpoints is "
                                    "refused); the old run is kept in previous_fold_k/ until the new run writes its first checkpoint."),
+    allow_stale_data: bool = typer.Option(False, "--allow-stale-data", help="Train although raw training cases were removed, added or "
+                                           "edited since plan_and_preprocess (default: refuse, naming them; rerunning plan_and_preprocess "
+                                           "redoes only those cases)."),
     pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Checkpoint whose matching encoder.* (and other) tensors initialise the network."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (default: on for CUDA fp16; on CPU bf16 where the CPU has it natively, AMX/AVX512-BF16, else off)."),
     amp_dtype: Optional[str] = typer.Option(None, "--amp-dtype", help="float16 (CUDA, with grad scaling) or bfloat16."),
@@ -232,11 +264,11 @@ def train(
 
     options = TrainOptions(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters, device=device, amp=amp,
                            amp_dtype=amp_dtype, channels_last=channels_last, compile=compile, wandb=wandb, seed=seed, continue_training=continue_training, overwrite=overwrite,
-                           pretrained=pretrained, num_workers=num_workers, validate=not no_validate, save_probabilities=npz,
+                           allow_stale_data=allow_stale_data, pretrained=pretrained, num_workers=num_workers, validate=not no_validate, save_probabilities=npz,
                            progress=TrainingBar(console), config=config, batch_size=batch_size, lr=lr,
                            config_set=[*(config_set or []), *(overrides or [])], loggers=list(logger or []), wandb_artifacts=wandb_artifacts)
     folder = train_fold(dataset, configuration, fold, options)
-    console.print(f"[green]trained[/] {folder}")
+    console.print(f"[green]trained[/] {escape(str(folder))}")
 
 
 _EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": False}
@@ -246,8 +278,8 @@ _EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": False}
 def predict(
     ctx: typer.Context,
     dataset: str = DatasetOpt,
-    input: Path = typer.Option(..., "-i", "--input", help="Folder of NIfTI files (<case>_0000.nii.gz or <case>.nii.gz), one NIfTI file, or a folder of DICOM series."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output folder for <case>.nii.gz masks."),
+    input: Path = typer.Option(..., "-i", "--input", help="Folder of image files (<case>_0000.nii.gz or <case>.nii.gz; .nrrd, .mha, .png ... alike), one image file, or a folder of DICOM series."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder for the masks (in each input's format; DICOM input: <case>.nii.gz)."),
     configuration: str = typer.Option("2d", "-c", "--configuration", help="Trained configuration."),
     folds: Optional[List[str]] = typer.Option(None, "-f", "--folds", help="Folds to ensemble (repeat or list: -f 0 1 2, or 'all'); default every trained fold."),
     checkpoint: str = typer.Option("final", "--checkpoint", help="best, final or latest."),
@@ -258,6 +290,7 @@ def predict(
     roi: Optional[Path] = typer.Option(None, "--roi", help="Folder of <case>.nii.gz masks (value > 0) to crop around, for a configuration with an roi (2d_cord_roi: the cord masks of another `spineauto predict`)."),
     num_parts: int = typer.Option(1, "--num-parts", help="Split the cases into this many shards (e.g. a SLURM job array's size)."),
     part_id: int = typer.Option(0, "--part-id", help="Which shard this run predicts, 0 .. num-parts-1 (e.g. $SLURM_ARRAY_TASK_ID); outputs merge by copying."),
+    dicom_seg: bool = typer.Option(False, "--dicom-seg", help="DICOM input: also write <case>.seg.dcm, a DICOM-SEG referencing the source series."),
 ):
     """Segment new scans with a trained model; masks keep each input's exact geometry."""
     import torch
@@ -281,7 +314,8 @@ def predict(
     model = load_model(folder, folds, checkpoint, resolve_device(device), configuration=configuration)
     with make_progress(console) as progress:
         result = predict_folder(model, input, output, tta=not no_tta, save_probabilities=save_probabilities,
-                                progress=case_progress(progress, "predict"), roi=roi, num_parts=num_parts, part_id=part_id)
+                                progress=case_progress(progress, "predict"), roi=roi, num_parts=num_parts, part_id=part_id,
+                                dicom_seg=dicom_seg)
     predict_summary(console, model, result, output, not no_tta)
 
 
@@ -306,7 +340,7 @@ def ensemble(
     with make_progress(console) as progress:
         written = ensemble_folders([*inputs, *map(Path, ctx.args)], output, save_probabilities, pp,
                                    progress=case_progress(progress, "ensemble"))
-    console.print(f"[green]wrote[/] {len(written)} ensembled mask(s) to {output}")
+    console.print(f"[green]wrote[/] {len(written)} ensembled mask(s) to {escape(str(output))}")
 
 
 @_command("evaluate")
@@ -326,15 +360,16 @@ def evaluate(
         from spineauto.evaluation.classification import evaluate_prediction_folder, print_report
 
         out_dir = Path(output).parent if output else Path(pred_dir)
+        check_summary_target(out_dir / "summary_classification.json", gt_dir)
         print_report(console, evaluate_prediction_folder(pred_dir, gt_dir, out_dir=out_dir), out_dir / "summary_classification.json")
         return
     labels = dataset_labels(dataset) if dataset else None
-    check_summary_target(output or Path(pred_dir) / "summary.json")
+    check_summary_target(output or Path(pred_dir) / "summary.json", gt_dir)
     with make_progress(console) as progress:
         summary = evaluate_folders(pred_dir, gt_dir, labels, progress=case_progress(progress, "evaluate"))
     json_path, csv_path = write_summary(summary, output or Path(pred_dir) / "summary.json")
     Console(width=max(120, Console().width)).print(evaluation_table(summary))
-    console.print(f"[green]wrote[/] {json_path} and {csv_path}")
+    console.print(f"[green]wrote[/] {escape(str(json_path))} and {escape(str(csv_path))}")
 
 
 @_command("find_best_configuration")
@@ -355,7 +390,7 @@ def find_best_configuration(
     out = Console()
     out.print(best_configuration_table(result))
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]note:[/] {escape(str(note))}", highlight=False, soft_wrap=True)
     for line in result.cases_used:
         out.print(f"cases used: {line}", highlight=False, soft_wrap=True)
     out.print("predict with:")
@@ -402,7 +437,9 @@ def pipeline(
     """Run the whole spine pipeline on new scans: classify, segment the cord, segment lesions in it, measure, report.
 
     Every model is loaded once; each case is read once. Masks keep each input's exact geometry.
-    A case that fails is reported and leaves no files; the exit code is 1 when any case failed.
+    A case is "done" only when no quality check flagged it, else "check" with the reasons (pipeline.csv,
+    report.html). A case whose stage fails keeps what the stages before found and says which stage
+    failed; the exit code is 1 when any case failed.
     """
     from spineauto.cli_views import case_progress, make_progress
     from spineauto.pipeline.cohort import check_output_apart, run_pipeline, shard, summary_line
@@ -415,7 +452,7 @@ def pipeline(
     pipe = Pipeline.load(config, device=device)
     with make_progress(console) as progress:
         result = run_pipeline(pipe, input, output, num_parts, part_id, progress=case_progress(progress, "pipeline"))
-    console.print(f"[green]wrote[/] {summary_line(result, output)}")
+    console.print(f"[green]wrote[/] {escape(str(summary_line(result, output)))}")
     if result.failed:
         first = next(iter(result.failed.items()))
         raise SpineautoError(f"{len(result.failed)} case(s) failed (first: {first[0]}: {first[1]}); the others are in {output}")
@@ -428,7 +465,7 @@ def report(output: Path = typer.Argument(..., help="A `spineauto pipeline` outpu
 
     if not Path(output).is_dir():
         raise SpineautoError(f"{output}: not a folder; pass the -o folder of `spineauto pipeline`")
-    console.print(f"[green]wrote[/] {build_report(output)}")
+    console.print(f"[green]wrote[/] {escape(str(build_report(output)))}")
 
 
 @app.command("export")
@@ -452,7 +489,18 @@ def export(
             raise SpineautoError("export: give -m MODEL_FOLDER or -d DATASET [-c CONFIGURATION] (or --pipeline P.yaml)")
         folder = model_folder or paths.model_folder(dataset, configuration)
         written = export_model(folder, output, _split_folds(folds), checkpoint)
-    console.print(f"[green]wrote[/] {written}")
+    console.print(f"[green]wrote[/] {escape(str(written))}")
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``timeout``, a scheduler) exits as an interrupt does: ``finally`` blocks and exit
+    handlers run, so temporary files and unpacked bundles are removed instead of left behind."""
+    import signal
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
 
 
 def main() -> None:
@@ -460,10 +508,16 @@ def main() -> None:
     # command may import it first): on a busy CPU (data workers, forked preprocessing workers, other
     # jobs) spinning threads made a training step up to 10x slower; idle cost is microseconds per op.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    exit_on_sigterm()
     try:
         app()
     except SpineautoError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except OSError as e:  # what no command turned into its own line: the path and the cause
+        from spineauto.errors import os_error_line
+
+        console.print(f"[bold red]error:[/] {escape(str(os_error_line(e)))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

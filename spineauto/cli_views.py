@@ -4,6 +4,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -67,7 +68,7 @@ def predict_summary(console: Console, model, result, output, tta: bool) -> None:
         what.append(f"{len(result.written)} mask(s)")
     if model.plan.has_classification:
         what.append(f"{len(result.classifications)} classification(s) (<case>.json, classification.csv)")
-    console.print(f"[green]wrote[/] {' and '.join(what)} to {output} with {', '.join(model.folds)} "
+    console.print(f"[green]wrote[/] {escape(str(' and '.join(what)))} to {escape(str(output))} with {escape(str(', '.join(model.folds)))} "
                   f"({'TTA' if tta else 'no TTA'}, {model.device}, {sum(secs) / max(1, len(secs)):.2f} s/case)")
 
 
@@ -80,12 +81,12 @@ def evaluation_table(summary: dict) -> Table:
     for c in ("label", *cols):
         table.add_column(short.get(c, c), justify="right" if c != "label" else "left", no_wrap=True)
     for name, row in summary["mean"].items():
-        table.add_row(name, *(_fmt(row.get(c)) for c in cols))
+        table.add_row(escape(str(name)), *(_fmt(row.get(c)) for c in cols))
     return table
 
 
 def best_configuration_table(result) -> Table:
-    table = Table(title=f"{result.dataset}: cross-validation", title_justify="left")
+    table = Table(title=f"{escape(str(result.dataset))}: cross-validation", title_justify="left")
     for c in ("candidate", "cases", "score", "score + postprocessing", "largest component for labels"):
         table.add_column(c)
     for c in result.candidates:
@@ -97,12 +98,12 @@ def best_configuration_table(result) -> Table:
 
 def plan_summary(console: Console, result) -> None:
     fp = result.fingerprint
-    cases = Table(title=f"{fp.dataset_name}: {len(fp.cases)} training cases", title_justify="left")
+    cases = Table(title=f"{escape(fp.dataset_name)}: {len(fp.cases)} training cases", title_justify="left")
     for col in ("case", "subject", "orientation", "plane", "spacing (mm)", "shape", "classes"):
         cases.add_column(col)
     for c in fp.cases:
-        cases.add_row(c.case, c.subject, c.orientation, c.plane, "x".join(f"{s:.3g}" for s in c.spacing),
-                      "x".join(map(str, c.shape)), ", ".join(f"{k}={v}" for k, v in c.classes.items()))
+        cases.add_row(escape(c.case), escape(str(c.subject)), c.orientation, c.plane, "x".join(f"{s:.3g}" for s in c.spacing),
+                      "x".join(map(str, c.shape)), escape(", ".join(f"{k}={v}" for k, v in c.classes.items())))
     console.print(cases)
     for cfg in result.plans.configurations.values():
         t = Table(title=f"configuration {cfg.name} ({cfg.task})", title_justify="left")
@@ -123,4 +124,38 @@ def plan_summary(console: Console, result) -> None:
         for label, value, key in rows:
             t.add_row(label, value, cfg.reasons.get(key, ""))
         console.print(t)
-    console.print(f"plans: {result.folder / 'plans.json'}  ({result.written} case(s) preprocessed, others up to date)")
+    console.print(f"plans: {escape(str(result.folder / 'plans.json'))}  ({result.written} case(s) preprocessed, others up to date)")
+
+
+def pairs_summary(console: Console, report) -> None:
+    """What ``convert pairs`` matched: the pairs, the images without a mask (test cases), the labels."""
+    table = Table(title=f"{len(report.pairs)} image/mask pair(s)")
+    for col in ("case", "image", "mask"):
+        table.add_column(col)
+    for case, (image, mask) in report.pairs.items():
+        table.add_row(*(escape(str(v)) for v in (case, image.name, mask.name)))
+    console.print(table)
+    if report.images_without_mask:
+        console.print(f"[yellow]{len(report.images_without_mask)} image(s) without a mask[/] (imagesTs): "
+                      + escape(", ".join(p.name for p in report.images_without_mask)))
+    console.print("labels: " + ", ".join(f"{escape(str(k))}={escape(str(v))}" for k, v in report.labels.items()))
+    console.print(f"[green]wrote[/] {escape(str(report.dataset))}")
+
+
+def dicom_summary(console: Console, result) -> None:
+    """What ``convert dicom`` made of each series: split, mask, classes and the rule that gave each."""
+    table = Table(title=f"{len(result.rows)} DICOM series")
+    for col in ("case", "folder", "split", "mask", "classes (why)"):
+        table.add_column(col)
+    for r in result.rows:
+        classes = "; ".join(f"{h}={c} ({r.reasons[h]})" for h, c in r.classes.items())
+        table.add_row(escape(r.case), escape(str(r.source)), f"images{r.split}" + (f" ({escape(r.why_test)})" if r.why_test else ""),
+                      escape(str(r.mask or "-")), escape(classes or "-"))
+    console.print(table)
+    unmatched = [r for r in result.rows if r.unmatched]
+    if unmatched:
+        console.print(f"[yellow]{len(unmatched)} series matched no rule[/] for some head (imagesTs): "
+                      + ", ".join(f"{escape(str(r.case))} ({escape(str(', '.join(r.unmatched)))})" for r in unmatched))
+    if result.labels:
+        console.print("labels: " + ", ".join(f"{escape(str(k))}={escape(str(v))}" for k, v in result.labels.items()))
+    console.print(f"[green]wrote[/] {escape(str(result.dataset))}")

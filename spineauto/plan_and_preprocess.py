@@ -29,7 +29,7 @@ from spineauto.planning.fingerprint import Fingerprint, fingerprint_dataset
 from spineauto.planning.planner import memory_target, plan_dataset
 from spineauto.planning.plans import ConfigurationPlan, Plans
 from spineauto.planning.resources import check_memory
-from spineauto.preprocessing.manifest import MANIFEST, write_manifest
+from spineauto.preprocessing.manifest import MANIFEST, raw_entries, write_manifest
 from spineauto.preprocessing.preprocess import preprocess_dataset
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _run(info: DatasetInfo, raw_dir: Path, out: Path, verify: bool, preset: Path
     _check_splits(out, {case for d in data.values() for case in d["cases"]})
     fp.save(out / "fingerprint.json")
     write_json(out / "dataset.json", read_json(raw_dir / "dataset.json"))
-    write_manifest(out, data)
+    write_manifest(out, data, raw_entries(info))
     plans.save(out / PLANS)  # the last file: its presence says the run finished
     log.info("plans written to %s", out / PLANS)
     return PlanResult(plans=plans, fingerprint=fp, folder=out, written=written)
@@ -161,11 +161,11 @@ def _check_splits(out: Path, cases: set[str]) -> None:
 def _os_line(e: OSError) -> str:
     """One line naming the path of an OS error (a worker's too: its errors are re-raised here)."""
     where = e.filename2 or e.filename or "(unknown path)"  # os.replace(temporary, target): the target
-    reason = e.strerror or type(e).__name__
+    reason = e.strerror or str(e) or type(e).__name__
     if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
         return f"{where}: {reason}: a file and a folder are in each other's place; move the one in the way"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{where}: {reason}; make it writable (or readable), or set SPINEAUTO_PREPROCESSED to another folder"
     if e.errno == errno.ENOSPC:
-        return f"{where}: {reason}; free some space and rerun (cases already preprocessed are kept)"
+        return f"{where}: no space left on the device; free some space and rerun (cases already preprocessed are kept)"
     return f"{where}: {reason}; fix it and rerun plan_and_preprocess"

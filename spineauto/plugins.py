@@ -3,8 +3,11 @@ as ``package.module:Name`` and imported on demand.
 
 A :class:`Registry` maps names to objects (classes or factories) of one kind (architecture, loss,
 optimiser, LR schedule, callback, task, augmentation transform). :meth:`Registry.resolve` takes a
-registered name or an import string and checks the object is of the right kind; every failure is one
-line naming the plan key, the module or the class. Nothing here crawls packages: a plug-in is found
+registered name or an import string and checks the object is of the right kind before anything calls
+it (a network string naming ``os:system`` is refused, never called); every failure is one line naming
+the plan key, the module or the class. A standard-library module that is not imported yet is never
+imported for a plug-in string (importing some acts: ``antigravity`` opens a browser); any other module
+is, as any Python dependency: a model folder's plan names only the modules you installed. Nothing here crawls packages: a plug-in is found
 only by the import string written in the plan (so a model folder records it and a copied model folder
 needs that module importable, as any Python dependency), or by name through an installed package's
 entry point in the group ``spineauto.plugins`` named ``<kind key>.<name>``, e.g. in its pyproject.toml:
@@ -21,6 +24,7 @@ import difflib
 import importlib
 import inspect
 import re
+import sys
 from typing import Any, Callable
 
 from spineauto.errors import SpineautoError
@@ -38,6 +42,10 @@ def load_object(spec: str, where: str) -> Any:
     if not is_import_string(spec):
         raise SpineautoError(f"{where}: {spec!r} is not an import string (package.module:Name)")
     module_name, _, attr = spec.partition(":")
+    root = module_name.split(".")[0]
+    if root in sys.stdlib_module_names and module_name not in sys.modules:  # e.g. antigravity, this: importing them acts
+        raise SpineautoError(f"{where}: {spec!r} names the standard-library module {module_name!r}, which holds no spineauto "
+                             "plug-in; refusing to import it (name your own package.module:Name)")
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any failure while importing a user's module is theirs to fix: one line
@@ -111,12 +119,10 @@ def describe(obj: Any) -> str:
     return _a(type(obj).__name__)
 
 
-def subclass_check(*bases: type, allow_function: bool = False) -> Callable[[Any], str | None]:
-    """A ``check`` accepting subclasses of ``bases`` (and plain functions when ``allow_function``)."""
+def subclass_check(*bases: type) -> Callable[[Any], str | None]:
+    """A ``check`` accepting subclasses of ``bases``."""
     def check(obj: Any) -> str | None:
         if inspect.isclass(obj) and issubclass(obj, bases):
-            return None
-        if allow_function and callable(obj) and not inspect.isclass(obj):
             return None
         return describe(obj) + f" (expected a subclass of {' or '.join(b.__module__ + '.' + b.__qualname__ for b in bases)})"
     return check

@@ -198,6 +198,7 @@ def test_multitask_trains_and_predicts_masks_and_classes(phantoms, tmp_path, cap
     ("anatomy_classification", "cls", lambda c: c.network.architecture == "resenc_unet" and c.optim.optimizer == "adam"),
     ("spine_location_view", "cls", lambda c: c.augmentation.mirror_axes == [] and c.loss.label_smoothing == 0.1),
     ("sequence_classification", "cls", lambda c: c.augmentation.gamma_range == [0.9, 1.1]),
+    ("spinal_cord_classification", "cls", lambda c: c.augmentation.mirror_axes == [1] and c.network.dropout == 0.1),
     ("spinal_cord_segmentation", "2d_resenc", lambda c: c.network.architecture == "resenc_unet" and c.optim.optimizer == "adam"),
     ("lesion_segmentation", "2d", lambda c: c.foreground_oversampling == 0.66 and c.loss.ce_weight == 0.5),
 ])

@@ -460,13 +460,16 @@ def test_dicom_mr_series(dicom_dir: Path, tmp_path: Path) -> None:
     cases = meta["cases"]
     # 17 single-slice images: 7 series, of which the T/S/C localizers (3 orientations each) and the
     # radial angiography projections (7 orientations) are split into one stack per orientation
-    assert sorted(cases) == [f"series_{i:03d}" for i in range(17)]
-    assert _names(out / "imagesTs") == [f"series_{i:03d}_0000.nii.gz" for i in range(17)]
+    # cases named after their series (SeriesDescription, filesystem-safe, unique; a split series' stacks numbered)
+    names = (["FAST_LOCALIZER", "FAST_LOCALIZER_2", "FAST_LOCALIZER_3"] + [f"T_S_C_RF_FAST_PILOT_stack{k}{r}" for r in ("", "_2") for k in range(3)]
+             + ["FAST_LOCALIZER_4"] + [f"ANGIO_Projected_from_C_stack{k}" for k in range(7)])
+    assert list(cases) == names
+    assert _names(out / "imagesTs") == sorted(f"{n}_0000.nii.gz" for n in names)
     assert len({c["metadata"]["SeriesInstanceUID"] for c in cases.values()}) == 7
     assert {c["metadata"]["Modality"] for c in cases.values()} == {"MR"}
     assert {c["subject"] for c in cases.values()} == {"98890234"}
     assert [c["metadata"]["source"] for c in cases.values()] == ["MR1"] * 3 + ["MR2"] * 7 + ["MR700"] * 7
-    assert cases["series_016"]["metadata"]["SeriesDescription"] == "ANGIO Projected from   C"
+    assert cases["ANGIO_Projected_from_C_stack6"]["metadata"]["SeriesDescription"] == "ANGIO Projected from   C"
 
     # every converted stack is one DICOM file, with its geometry and pixels, and every file is used
     files = {f: sitk.ReadImage(str(f)) for f in sorted(mr.glob("MR*/*"))}
@@ -494,10 +497,10 @@ def test_dicom_multislice_geometry(dicom_dir: Path, tmp_path: Path) -> None:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series), uid))
     expected = reader.Execute()
-    converted = sitk.ReadImage(str(out / "imagesTs" / "series_000_0000.nii.gz"))
+    converted = sitk.ReadImage(str(out / "imagesTs" / "SmartScore_-_Gated_0.5_sec_0000.nii.gz"))
     assert converted.GetSize() == (16, 16, 5) and converted.GetSpacing()[2] == pytest.approx(2.5)
     _assert_same_geometry(converted, expected)
-    case = json.loads((out / "dataset.json").read_text())["cases"]["series_000"]
+    case = json.loads((out / "dataset.json").read_text())["cases"]["SmartScore_-_Gated_0.5_sec"]
     assert case["metadata"]["SeriesInstanceUID"] == uid and case["metadata"]["num_files"] == 5
 
 
@@ -507,9 +510,11 @@ def test_read_dicom_series(dicom_dir: Path) -> None:
     folder = dicom_dir / "98892003" / "MR1"
     series = read_dicom_series(folder)
     uids = sorted(str(pydicom.dcmread(f).SeriesInstanceUID) for f in folder.iterdir())
-    assert [uid for uid, _, _ in series] == uids
-    for uid, image, meta in series:
-        assert image.GetDimension() == 3 and image.GetSize() == (16, 16, 1)
+    assert [stack.series_uid for stack, _ in series] == uids
+    assert [stack.name for stack, _ in series] == ["FAST_LOCALIZER", "FAST_LOCALIZER_2", "FAST_LOCALIZER_3"]
+    for stack, image in series:
+        uid, meta = stack.series_uid, stack.metadata
+        assert image.GetDimension() == 3 and image.GetSize() == (16, 16, 1) and len(stack.files) == 1
         assert meta["SeriesInstanceUID"] == uid and meta["Modality"] == "MR" and meta["source"] == "."
         assert meta["SeriesDescription"] == "FAST LOCALIZER" and meta["PatientID"] == "98890234"
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import planned_phantoms, require_real_data, run_cli
+from spineauto.errors import SpineautoError
 from test_inference_support import OracleNet, dice, make_model_folder
 
 torch.set_num_threads(2)
@@ -262,7 +263,7 @@ def test_dicom_series_input_writes_nifti_in_series_geometry(env, capsys, tmp_pat
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(inp)))
     ref = reader.Execute()
-    out = sitk.ReadImage(str(tmp_path / "out" / "series_000.nii.gz"))
+    out = sitk.ReadImage(str(tmp_path / "out" / "SmartScore_-_Gated_0.5_sec.nii.gz"))  # named after its SeriesDescription
     assert out.GetSize() == ref.GetSize() == (16, 16, 5)
     np.testing.assert_allclose(out.GetOrigin(), ref.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(out.GetSpacing(), ref.GetSpacing(), atol=1e-5)
@@ -271,7 +272,7 @@ def test_dicom_series_input_writes_nifti_in_series_geometry(env, capsys, tmp_pat
     import json
 
     series_map = json.loads((tmp_path / "out" / "dicom_series.json").read_text())
-    assert series_map["series_000"]["SeriesInstanceUID"] == sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(inp))[0]
+    assert series_map["SmartScore_-_Gated_0.5_sec"]["SeriesInstanceUID"] == sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(inp))[0]
 
 
 def test_self_contained_model_folder(env, planned, capsys, tmp_path, monkeypatch):
@@ -286,7 +287,7 @@ def test_self_contained_model_folder(env, planned, capsys, tmp_path, monkeypatch
     code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", inp, "-o", tmp_path / "out", "--no-tta", "--device", "cpu")
     assert code == 0, err
     assert len(list((tmp_path / "out").glob("*.nii.gz"))) == 2
-    assert sorted(p.name for p in (moved / planned[1].name).iterdir()) == ["dataset.json", "fold_0", "fold_1", "plans.json"]
+    assert sorted(p.name for p in (moved / planned[1].name).iterdir()) == ["dataset.json", "fold_0", "fold_1", "plans.json", "training_range.json"]
 
 
 def test_model_folder_of_plans_schema_1_still_predicts(env, planned, capsys, tmp_path, monkeypatch):
@@ -311,9 +312,10 @@ def test_model_folder_of_plans_schema_1_still_predicts(env, planned, capsys, tmp
     inp = env["raw"] / "Dataset001_Ph" / "imagesTs"
     outs = {}
     for name, folder in (("new", planned[1]), ("old", old)):
-        code, _, err = run_cli(capsys, "predict", "-m", folder, "-d", "1", "-i", inp, "-o", tmp_path / name, "--no-tta", "--device", "cpu")
+        out = tmp_path / f"pred_{name}"  # not tmp_path/old: that folder holds the model (an output never contains one)
+        code, _, err = run_cli(capsys, "predict", "-m", folder, "-d", "1", "-i", inp, "-o", out, "--no-tta", "--device", "cpu")
         assert code == 0, err
-        outs[name] = {p.name: np.asanyarray(nib.load(str(p)).dataobj) for p in (tmp_path / name).glob("*.nii.gz")}
+        outs[name] = {p.name: np.asanyarray(nib.load(str(p)).dataobj) for p in out.glob("*.nii.gz")}
     assert outs["new"].keys() == outs["old"].keys() and len(outs["new"]) == 2
     assert all(np.array_equal(outs["new"][k], outs["old"][k]) for k in outs["new"])  # z-score normalisation: per-image
 
@@ -418,3 +420,36 @@ def test_slabs_stream_the_same_probabilities_as_one_pass(planned, env, monkeypat
     np.testing.assert_array_equal(streamed.labels(), ref)
     assert ref.max() > 0 and streamed.probabilities().shape == (3, *ref.shape)
     np.testing.assert_allclose(streamed.probabilities().argmax(0), ref)
+
+
+def test_each_fold_predicts_with_its_own_plan(planned, env, tmp_path):
+    """Fold 1 retrained with a run YAML that widens the network (its run_config.yaml; plans.json now
+    holds its plan, as training writes it): fold 0 still loads with its own network, both ensemble;
+    a fold whose plan differs in what prediction shares (the patch) is refused in one line."""
+    from spineauto.inference.model import load_model
+    from spineauto.networks.build import build_network
+    from spineauto.planning.plans import Plans
+    from spineauto.training.run_config import write_run_config
+
+    _, source = planned
+    folder = tmp_path / source.name
+    shutil.copytree(source, folder)
+    plans = Plans.load(folder / "plans.json")
+    old = plans.configurations["2d"]
+    write_run_config(folder / "fold_0", old, {}, {})
+    wide = Plans.from_dict(plans.to_dict())
+    new = wide.configurations["2d"]
+    new.network.features_per_stage = [2 * f for f in new.network.features_per_stage]
+    net = build_network(new, len(wide.channel_names), wide.num_classes)
+    torch.save({"network": net.state_dict(), "configuration": "2d", "epoch": 0}, folder / "fold_1" / "checkpoint_final.pt")
+    write_run_config(folder / "fold_1", new, {}, {})
+    wide.save(folder / "plans.json")
+    zero = load_model(folder, ["0"])
+    assert zero.plan.network.features_per_stage == old.network.features_per_stage
+    both = load_model(folder, ["0", "1"])
+    widths = [n.state_dict()[next(iter(n.state_dict()))].shape[0] for n in both.networks]
+    assert widths[1] == 2 * widths[0]
+    new.patch_size = [p // 2 for p in new.patch_size]
+    write_run_config(folder / "fold_1", new, {}, {})
+    with pytest.raises(SpineautoError, match=r"fold_0 and fold_1 were trained with plans that differ in patch_size .* predict them apart with -f"):
+        load_model(folder, ["0", "1"])

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from spineauto.io.atomic import write_json
+from spineauto.planning.fingerprint import TRAINING_RANGE_FILE, Fingerprint, training_range
 from spineauto.planning.plans import Plans
 
 SMALL_FEATURES = [4, 8, 16, 32, 64]
@@ -33,6 +35,7 @@ def make_model_folder(preprocessed: Path, results: Path, configuration: str = "2
     folder.mkdir(parents=True, exist_ok=True)
     plans.save(folder / "plans.json")
     shutil.copy(preprocessed / "dataset.json", folder / "dataset.json")
+    write_json(folder / TRAINING_RANGE_FILE, training_range(Fingerprint.load(preprocessed / "fingerprint.json")))  # as training does
     for k in folds:
         torch.manual_seed(seed + (k if isinstance(k, int) else 99))
         net = build_network(cfg, len(plans.channel_names), plans.num_classes)

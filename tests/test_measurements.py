@@ -142,8 +142,8 @@ def test_cord_oblique_affine_is_resampled(tilt, plane):
 def test_empty_cord_and_no_lesions():
     empty = np.zeros((8, 9, 10), np.uint8)
     assert measure_cord(empty, np.diag([0.5, 0.5, 3.0, 1.0])) == {
-        "volume_mm3": 0.0, "length_mm": 0.0,
-        "csa_mm2": {"mean": None, "median": None, "min": None, "max": None, "per_slice": []}}
+        "volume_mm3": 0.0, "length_mm": 0.0, "slices": 0, "gap_slices": 0, "si_extent_mm": 0.0,
+        "csa_mm2": {"mean": None, "median": None, "min": None, "max": None, "per_slice": []}, "unmeasurable": "empty mask"}
     assert measure_lesions(empty, np.eye(4)) == {"count": 0, "total_volume_mm3": 0.0, "items": []}
 
 
@@ -161,9 +161,24 @@ def test_short_and_broken_cords_stay_finite():
     data[:, :, 5] = 0
     broken = measure_cord(data, affine)
     assert len(broken["csa_mm2"]["per_slice"]) == 5 and broken["length_mm"] == pytest.approx(10.0, rel=0.05)
+    assert (broken["slices"], broken["gap_slices"], broken["si_extent_mm"]) == (5, 1, 12.0)
     json.dumps(broken, allow_nan=False)
     with pytest.raises(ValueError):
         measure_cord(data[..., None], affine)
+
+
+def test_tiny_mask_on_an_oblique_grid_is_unmeasurable_not_an_error():
+    """One voxel of a rotated grid vanishes under the RAS resampling's 0.5 threshold: "no measurable
+    cord" (zeros, None statistics, the reason), not an IndexError that fails the case."""
+    affine = np.eye(4)
+    affine[:3, :3] = nib.quaternions.angle_axis2mat(math.radians(30), [1.0, 1.0, 0.0]) @ np.diag([1.0, 1.0, 3.0])
+    affine[:3, 3] = -affine[:3, :3] @ [4, 4, 4]  # its centre on a corner of the RAS grid: every sample < 0.5
+    data = np.zeros((9, 9, 9), np.uint8)
+    data[4, 4, 4] = 1
+    result = measure_cord(data, affine)
+    assert result["volume_mm3"] == pytest.approx(3.0) and result["slices"] == 0 and result["csa_mm2"]["median"] is None
+    assert "none left on an RAS grid" in result["unmeasurable"]
+    json.dumps(result, allow_nan=False)
 
 
 def test_lesion_blobs_sagittal():

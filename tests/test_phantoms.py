@@ -254,3 +254,26 @@ def test_limb_phantoms_have_no_cord_and_an_anatomy_class(tmp_path):
     data = json.loads((tmp_path / "Dataset001_Mixed" / "dataset.json").read_text())
     kinds = {c["classes"]["anatomy"] for c in data["cases"].values()}
     assert data["heads"]["anatomy"] == ["spine", "limb"] and kinds == {"spine", "limb"}
+
+
+def test_other_anatomies_brain_noise_have_no_cord(tmp_path):
+    """The "none of these" class of an anatomy gate: brain-like heads (cortex, white matter, CSF),
+    pure noise and limbs, drawn per subject; never a cord label."""
+    import json
+
+    from spineauto.datasets.phantoms import TISSUES, PhantomSpec, render_phantom, write_phantom_dataset
+
+    brain = render_phantom(PhantomSpec("T1w", "axial", "cervical", lesions=0, seed=2, anatomy="brain"))
+    present = set(np.unique(brain.tissues).tolist())
+    assert {TISSUES["white_matter"], TISSUES["grey_matter"], TISSUES["csf"]} <= present
+    assert np.asarray(brain.label.dataobj).max() == 0
+    noise = render_phantom(PhantomSpec("T2w", "sagittal", "lumbar", lesions=0, seed=2, anatomy="noise"))
+    assert set(np.unique(noise.tissues).tolist()) == {TISSUES["background"]} and np.asarray(noise.label.dataobj).max() == 0
+    assert np.asarray(noise.image.dataobj).std() > 0
+    write_phantom_dataset(tmp_path / "Dataset001_Other", n_train=14, n_test=2, seed=1, anatomies=("spine", "other"))
+    data = json.loads((tmp_path / "Dataset001_Other" / "dataset.json").read_text())
+    assert data["heads"]["anatomy"] == ["spine", "other"]
+    for case, info in data["cases"].items():
+        split = "Tr" if (tmp_path / "Dataset001_Other" / "labelsTr" / f"{case}.nii.gz").is_file() else "Ts"
+        label = np.asarray(nib.load(str(tmp_path / "Dataset001_Other" / f"labels{split}" / f"{case}.nii.gz")).dataobj)
+        assert (label.max() > 0) == (info["classes"]["anatomy"] == "spine"), case

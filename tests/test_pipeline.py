@@ -51,7 +51,8 @@ def oracle(monkeypatch):
 def _config(tmp_path: Path, models: dict, **stages) -> Path:
     data = {"description": "test", "sequence": {"model": {"folder": str(models["cls"])}},
             "cord": {"model": {"folder": str(models["seg"])}},
-            "lesion": {"model": {"folder": str(models["seg"])}, "remove_outside_mm": 3.0}}
+            "lesion": {"model": {"folder": str(models["seg"])}, "remove_outside_mm": 3.0},
+            "qc": {"require_anatomy_gate": False, "min_probability": 0.0}}  # no gate, a random classifier: QC tests set their own
     data.update(stages)
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump({k: v for k, v in data.items() if v is not None}))
@@ -139,8 +140,12 @@ def test_python_api_and_bundles_give_the_same_result(models, capsys, tmp_path):
     assert code == 0, err
     image = nib.load(str(sorted(models["inputs"].glob("*.nii.gz"))[0]))
     a = Pipeline.load(config, device="cpu").run(image, name="x")
-    b = Pipeline.load(bundle, device="cpu").run(image, name="x")
+    loaded = Pipeline.load(bundle, device="cpu")
+    b = loaded.run(image, name="x")
     assert a.classes == b.classes and np.array_equal(a.cord, b.cord) and a.cord.shape == image.shape
+    # the case JSON names the bundle's models inside the zip, never the temporary folder it unpacked to
+    assert [s["model"] for s in b.to_dict()["stages"]] == [f"{bundle.resolve()}:models/sequence/{models['cls'].name}",
+                                                           f"{bundle.resolve()}:models/cord/{models['seg'].name}"]
     assert a.status == "done" and "cord" in a.measurements
     model_zip = tmp_path / "m.zip"
     code, _, err = run_cli(capsys, "export", "-m", models["seg"], "-o", model_zip)
@@ -221,7 +226,8 @@ def test_no_cord_skips_the_lesion_stage_and_says_so(models, oracle, tmp_path):
     ref = nib.load(str(sorted(models["inputs"].glob("*.nii.gz"))[0]))
     blank = nib.Nifti1Image(np.full(ref.shape, 0.2, np.float32), ref.affine)  # the oracle reads background everywhere
     result = Pipeline.load(_config(tmp_path, models), device="cpu").run(blank, name="blank")
-    assert result.status == "done" and result.cord is not None and not result.cord.any()
+    assert result.status == "check" and result.cord is not None and not result.cord.any()
+    assert [f["code"] for f in result.flags] == ["no_cord"] and result.reason.startswith("no cord found (0 voxel(s)")
     lesion = next(s for s in result.stages if s["stage"] == "lesion")
     assert lesion["skipped"].startswith("no cord found") and result.lesion is None
     assert "cord" not in result.measurements

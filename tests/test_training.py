@@ -181,12 +181,53 @@ def test_ddp_two_cpu_processes_keep_weights_identical(phantoms, tmp_path):
     assert all(torch.equal(start["network"][k], r0[k]) for k in r0)
 
 
-def test_amp_bf16_on_cpu_and_fold_all(phantoms):
-    fold = _train(phantoms, "amp", fold="all", epochs=1, iters_per_epoch=2, amp=True)
+def test_ddp_batchnorm_layers_normalise_over_the_global_batch_on_both_ranks(phantoms, tmp_path):
+    """A BatchNorm U-Net under two gloo processes: SyncBatchNorm (the default) leaves both ranks with the
+    same running statistics (each rank's own BatchNorm would end with its own last batch's)."""
+    r0, r1 = torchrun_training(tmp_path, 2, 0, f"""epochs=1, iters_per_epoch=3, val_iters=1, device="cpu", wandb="disabled",
+             num_workers=0, results=r"{phantoms / 'syncbn'}", validate=False, config_set=["network.norm=batch"]""")
+    stats = [k for k in r0 if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert any(r0[k].abs().sum() > 0 for k in stats if k.endswith("running_mean"))  # they moved from their initial zeros
+    fold = phantoms / "syncbn" / DATASET / "spineautoTrainer__spineautoPlans__2d" / "fold_0"
+    net = json.loads((phantoms / "preprocessed" / DATASET / "plans.json").read_text())["configurations"]["2d"]["network"]
+    convs = sum(net["n_conv_per_stage"]) + sum(net["n_conv_per_stage_decoder"])  # one norm after each
+    assert json.loads((fold / "config.json").read_text())["runtime"]["sync_batchnorm_layers"] == convs
+
+
+def test_amp_bf16_on_cpu_and_fold_all(phantoms, caplog):
+    """-f all validates on its training cases and says so (never "held-out")."""
+    with caplog.at_level("INFO", logger="spineauto"):
+        fold = _train(phantoms, "amp", fold="all", epochs=1, iters_per_epoch=2, amp=True, validate=True)
     assert fold.name == "fold_all"
+    said = [r.getMessage() for r in caplog.records if "validat" in r.getMessage()]
+    assert not any("held-out" in m for m in said), said
+    assert any(m.endswith("training cases (not held out: no estimate of unseen data) with the sliding window") for m in said), said
+    assert any(m.startswith("validation Dice (training cases, not held out): ") for m in said), said
     cfg = json.loads((fold / "config.json").read_text())
     assert cfg["runtime"]["amp"] is True and cfg["runtime"]["amp_dtype"] == "bfloat16"
     assert np.isfinite(fold_history(fold)[0]["train_loss"])
+
+
+def test_sweep_trials_each_train_their_own_model_folder(phantoms, monkeypatch):
+    """Two trials of one W&B sweep (the agent sets WANDB_SWEEP_ID and WANDB_RUN_ID): both models survive."""
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")
+    folds = []
+    for trial, lr in (("t1", "0.01"), ("t2", "0.001")):
+        monkeypatch.setenv("WANDB_RUN_ID", trial)
+        folds.append(_train(phantoms, "sweep", epochs=1, iters_per_epoch=1, config_set=[f"optim.initial_lr={lr}"]))
+    base = phantoms / "sweep" / DATASET
+    assert folds == [base / f"sweep_sw1/trial_{t}/spineautoTrainer__spineautoPlans__2d/fold_0" for t in ("t1", "t2")]
+    lrs = [torch.load(f / "checkpoint_final.pt", weights_only=False)["run_config"]["overrides"]["values"]["optim"]["initial_lr"]
+           for f in folds]
+    assert lrs == [0.01, 0.001]
+    scans = json.loads((folds[0].parent / "training_range.json").read_text())  # what the pipeline's QC compares scans with
+    cases = json.loads((phantoms / "preprocessed" / DATASET / "fingerprint.json").read_text())["cases"]
+    assert scans["cases"] == len(cases) and not any(c["case"] in json.dumps(scans) for c in cases)
+    assert scans["spacing_mm"]["max"][2] == pytest.approx(max(max(c["spacing"]) for c in cases))
+    monkeypatch.setenv("WANDB_RUN_ID", "../x")
+    with pytest.raises(SpineautoError, match=r"WANDB_RUN_ID='\.\./x': not a W&B id"):
+        _train(phantoms, "sweep", epochs=1, iters_per_epoch=1)
 
 
 def test_wandb_offline_writes_run_files(phantoms, monkeypatch):

@@ -111,7 +111,7 @@ def convert_bids(
     dataset_dir = Path(dataset_dir).expanduser().resolve()
     if not root.is_dir():
         raise SpineautoError(f"BIDS root {root} does not exist or is not a folder")
-    check_output_free(dataset_dir, overwrite)
+    check_output_free(dataset_dir, overwrite, root)
 
     cases = find_bids_cases(root, plan)
     if contrasts is not None:
@@ -127,7 +127,7 @@ def convert_bids(
         check_3d(case.image)
         report_masks(case, plan)
 
-    with staged_dataset_dir(dataset_dir, overwrite) as stage:
+    with staged_dataset_dir(dataset_dir, overwrite, root) as stage:
         mask_values: dict[int, Path] = {}  # value -> first mask holding it
         for case in cases:
             if case.mask is None:

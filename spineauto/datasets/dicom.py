@@ -6,7 +6,9 @@ when that volume has a geometry: slices that share one orientation, each at its 
 series whose slices have several orientations (a three-plane localizer, radial projections) is split
 into one stack per orientation, and repeated positions (several echoes or time points in one series)
 into one stack per repetition; ``metadata['stack']`` tells the stacks of one series apart. Every stack
-becomes a case ``series_000``, ``series_001``, ... written as NIfTI by SimpleITK, geometry preserved.
+becomes a case named after its series (:func:`case_names`: the SeriesDescription, else the folder name,
+made filesystem-safe and unique), written as NIfTI by SimpleITK, geometry preserved. Segmentation
+objects (DICOM-SEG, RTSTRUCT) are no image series: :func:`find_masks` pairs them with the series they reference.
 
 A series with a slice missing or unreadable is refused, never spaced evenly over the hole: a file in a
 series folder that looks like a DICOM image (``DICM`` preamble or a DICOM file ending) but that GDCM
@@ -38,8 +40,14 @@ TAGS = {
     "SeriesDescription": "0008|103e",
     "SeriesInstanceUID": "0020|000e",
     "PatientID": "0010|0020",
+    "ProtocolName": "0018|1030",
+    "ScanningSequence": "0018|0020",
+    "SequenceName": "0018|0024",
+    "BodyPartExamined": "0018|0015",
 }
-ORIENTATION, POSITION, INSTANCE = "0020|0037", "0020|0032", "0020|0013"
+NOT_IMAGES = ("SEG", "RTSTRUCT", "SR", "PR")  # modalities of series that hold no image to train on
+_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
+ORIENTATION, POSITION, INSTANCE, PIXEL_SPACING = "0020|0037", "0020|0032", "0020|0013", "0028|0030"
 POSITION_TOLERANCE_MM = 1e-3
 SPACING_TOLERANCE = 0.01  # relative deviation of a slice gap from the mean before we warn
 MISSING_SLICE_RATIO = 1.5  # a gap this many times the smallest slice step means a slice is missing
@@ -55,46 +63,213 @@ class DicomStack:
     directory: Path
     files: list[str]
     metadata: dict[str, Any] = field(default_factory=dict)
+    name: str = ""  # the case name (:func:`case_names`), set by :func:`find_dicom_stacks`
+
+
+@dataclass
+class SeriesRow:
+    """What ``convert dicom`` made of one series (stack): for the table it prints."""
+
+    case: str
+    source: str
+    split: str  # "Tr" or "Ts"
+    mask: str | None = None
+    classes: dict[str, str] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    unmatched: list[str] = field(default_factory=list)
+    why_test: str = ""
+
+
+@dataclass
+class DicomConversion:
+    dataset: Path
+    rows: list[SeriesRow] = field(default_factory=list)
+    labels: dict[str, int] = field(default_factory=dict)
 
 
 def convert_dicom(root: Path, dataset_dir: Path, label_name: str = "cord", overwrite: bool = False) -> Path:
-    """Write every DICOM series under ``root`` as a test case of a raw dataset in ``dataset_dir``."""
+    """Write every DICOM series under ``root`` as a case of a raw dataset in ``dataset_dir`` (see :func:`convert_dicom_dataset`)."""
+    return convert_dicom_dataset(root, dataset_dir, label_name=label_name, overwrite=overwrite).dataset
+
+
+def convert_dicom_dataset(root: Path, dataset_dir: Path, label_name: str = "cord", overwrite: bool = False,
+                          classes_from: Path | None = None) -> DicomConversion:
+    """Every DICOM series (stack) under ``root`` -> a case of a raw dataset in ``dataset_dir``.
+
+    A series with a mask (a DICOM-SEG under ``root`` that references it, or the one NIfTI file in its
+    folder, in its grid) is a training case (``labelsTr``); with ``classes_from`` (a rules file,
+    :mod:`spineauto.datasets.dicom_rules`) a series is a training case when the rules give it a class
+    for every head (and a mask, when any series has one). The others go to ``imagesTs`` with the reason.
+    """
+    from spineauto.datasets.dicom_rules import classify, header_values, load_rules
+
     root = Path(root).expanduser().resolve()
     dataset_dir = Path(dataset_dir).expanduser().resolve()
+    rules = load_rules(Path(classes_from)) if classes_from is not None else None
     try:
-        check_output_free(dataset_dir, overwrite)
+        check_output_free(dataset_dir, overwrite, root)
     except OSError as err:
         raise _output_error(err, dataset_dir) from None
     stacks = find_dicom_stacks(root)
+    masks = find_masks(root, stacks)
+    result = DicomConversion(dataset_dir)
     try:
-        with staged_dataset_dir(dataset_dir, overwrite) as stage:
+        with staged_dataset_dir(dataset_dir, overwrite, root) as stage:
             cases: dict[str, dict[str, Any]] = {}
-            for index, (stack, image) in enumerate(_read_stacks(stacks)):
-                case_id = f"series_{index:03d}"
+            written: dict[str, tuple[sitk.Image, np.ndarray | None]] = {}
+            unnamed: set[int] = set()
+            for stack, image in _read_stacks(stacks):
+                case_id = stack.name
                 metadata = dict(stack.metadata, source=_relative(stack.directory, root))
-                target = Path("imagesTs") / f"{case_id}_0000.nii.gz"
-                try:
-                    with _quiet_itk():
-                        sitk.WriteImage(image, str(stage / target), True)
-                except RuntimeError as err:
-                    raise SpineautoError(f"{dataset_dir / target}: cannot write the converted series ({_itk_reason(err)}); "
-                                         "nothing was written") from None
-                subject = str(metadata.get("PatientID") or case_id)
-                cases[case_id] = {"subject": subject, "classes": {}, "metadata": metadata}
+                row = SeriesRow(case_id, metadata["source"], "Ts")
+                label_map = None
+                if id(stack) in masks:
+                    label_map, names, row.mask = _read_mask(masks[id(stack)], stack, image, root)
+                    if names is None:  # a NIfTI mask: values only, named below
+                        unnamed |= set(np.unique(label_map).tolist()) - {0}
+                    else:
+                        _merge_labels(result.labels, names, masks[id(stack)])
+                if rules is not None:
+                    got = classify(rules, header_values(stack.files[0]), f"DICOM series {stack.series_uid} in {stack.directory}")
+                    row.classes, row.reasons, row.unmatched = got.classes, got.reasons, got.unmatched
+                    metadata["classes_from"] = got.reasons
+                cases[case_id] = {"subject": str(metadata.get("PatientID") or case_id), "classes": dict(row.classes), "metadata": metadata}
+                written[case_id] = (image, label_map)
+                result.rows.append(row)
             if not cases:
                 raise SpineautoError(f"no DICOM series under {root} could be read as a scalar 3D image")
+            for v in sorted(unnamed - set(result.labels.values())):  # values only NIfTI masks have: label_name for 1
+                result.labels[label_name if v == 1 and label_name not in result.labels else f"label_{v}"] = int(v)
+            with_masks = any(label_map is not None for _, label_map in written.values())
+            for row in result.rows:
+                image, label_map = written[row.case]
+                missing = [f"no class for {', '.join(row.unmatched)}"] if row.unmatched else []
+                if with_masks and label_map is None:
+                    missing.append("no mask")
+                row.split = "Ts" if missing or not (with_masks or rules) else "Tr"
+                row.why_test = "; ".join(missing)
+                _write_case(stage, dataset_dir, row, image, label_map)
+            labels = {"background": 0, **dict(sorted(result.labels.items(), key=lambda kv: kv[1]))} if with_masks else \
+                {} if rules else {"background": 0, label_name: 1}
             write_dataset_json(
                 stage,
                 name=dataset_dir.name,
                 description=f"Converted from DICOM directory {root} by spineauto",
-                labels={"background": 0, label_name: 1},
-                num_training=0,
+                labels=labels,
+                num_training=sum(r.split == "Tr" for r in result.rows),
                 cases=cases,
+                class_order={h: list(c) for h, c in rules.items()} if rules else None,
             )
+            result.labels = labels
     except OSError as err:  # a read-only raw folder, a file where a folder belongs, a full disk
         raise _output_error(err, dataset_dir) from None
-    logger.info("converted %d DICOM series from %s into %s", len(cases), root, dataset_dir)
-    return dataset_dir
+    logger.info("converted %d DICOM series from %s into %s (%d training)", len(cases), root, dataset_dir,
+                sum(r.split == "Tr" for r in result.rows))
+    return result
+
+
+def _write_case(stage: Path, dataset_dir: Path, row: SeriesRow, image: sitk.Image, label_map: np.ndarray | None) -> None:
+    target = Path(f"images{row.split}") / f"{row.case}_0000.nii.gz"
+    try:
+        with _quiet_itk():
+            sitk.WriteImage(image, str(stage / target), True)
+            if label_map is not None and row.split == "Tr":
+                mask = sitk.GetImageFromArray(np.ascontiguousarray(label_map.transpose(2, 1, 0)))
+                mask.CopyInformation(image)
+                sitk.WriteImage(mask, str(stage / "labelsTr" / f"{row.case}.nii.gz"), True)
+    except RuntimeError as err:
+        raise SpineautoError(f"{dataset_dir / target}: cannot write the converted series ({_itk_reason(err)}); "
+                             "nothing was written") from None
+
+
+def find_masks(root: Path, stacks: list[DicomStack]) -> dict[int, Path]:
+    """id(stack) -> its mask file: a DICOM-SEG or RTSTRUCT anywhere under ``root`` referencing its series,
+    else the one NIfTI file in its folder (a folder holding one stack). A DICOM-SEG or RTSTRUCT of a series
+    that is not under ``root``, two masks for one series, or two NIfTI files in a series folder are one-line errors."""
+    from spineauto.io import dicom_seg, rtstruct
+
+    by_uid: dict[str, list[DicomStack]] = defaultdict(list)
+    for stack in stacks:
+        by_uid[stack.series_uid].append(stack)
+    masks: dict[int, Path] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith((".nii", ".nii.gz", ".json", ".txt"))):
+        kind = dicom_seg.mask_object_kind(path)
+        if kind is None:
+            continue
+        uid = (dicom_seg if kind == "DICOM-SEG" else rtstruct).referenced_series(path)
+        if uid not in by_uid:
+            raise SpineautoError(f"{path}: {kind} references series {uid}, which is not among the series under {root}; "
+                                 "add that series or remove the segmentation")
+        for stack in by_uid[uid]:
+            if id(stack) in masks:
+                raise SpineautoError(f"{path}: a second mask for series {uid} (the first: {masks[id(stack)]}); keep one")
+            masks[id(stack)] = path
+    by_folder: dict[Path, list[DicomStack]] = defaultdict(list)
+    for stack in stacks:
+        by_folder[stack.directory].append(stack)
+    for folder, here in by_folder.items():
+        nifti = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
+        if not nifti:
+            continue
+        if len(nifti) > 1 or len(here) > 1:
+            raise SpineautoError(f"{folder}: {len(nifti)} NIfTI file(s) beside {len(here)} series; a mask beside its series needs "
+                                 "one series and one .nii.gz in the folder")
+        if id(here[0]) in masks:
+            raise SpineautoError(f"{nifti[0]}: a second mask for series {here[0].series_uid} (the first: {masks[id(here[0])]}); keep one")
+        masks[id(here[0])] = nifti[0]
+    return masks
+
+
+def _read_mask(path: Path, stack: DicomStack, image: sitk.Image, root: Path) -> tuple[np.ndarray, dict[str, int] | None, str]:
+    """(label map (X, Y, Z) on ``image``, label name -> value (a DICOM-SEG's segments, an RTSTRUCT's ROIs; None for a NIfTI
+    mask, which has values only), the file relative to ``root``)."""
+    from spineauto.io.formats import sitk_affine
+    from spineauto.io.images import grid_mismatch, read_volume
+
+    if not path.name.endswith((".nii", ".nii.gz")):
+        from spineauto.io.dicom_seg import mask_object_kind, read_seg_onto
+        from spineauto.io.rtstruct import read_rtstruct_onto
+
+        labels, names = (read_rtstruct_onto if mask_object_kind(path) == "RTSTRUCT" else read_seg_onto)(path, stack.files)
+    else:
+        data, affine = read_volume(path)
+        problem = grid_mismatch(data.shape, affine, image.GetSize(), sitk_affine(image))
+        if problem:
+            raise SpineautoError(f"{path}: mask grid does not match series {stack.series_uid} in {stack.directory}: {problem}; "
+                                 "resample the mask onto the series")
+        if not np.array_equal(data, np.round(data)) or data.min() < 0 or data.max() > 255:
+            raise SpineautoError(f"{path}: mask values must be whole numbers 0..255 (label values)")
+        labels, names = data.astype(np.uint8), None
+    return labels, names, _relative(path, root)
+
+
+def _merge_labels(labels: dict[str, int], names: dict[str, int], source: Path) -> None:
+    """Add one mask's label names to the dataset's; one name with two values (or the reverse) is an error."""
+    for name, value in names.items():
+        other = next((n for n, v in labels.items() if v == value and n != name), None)
+        if name in labels and labels[name] != value:
+            raise SpineautoError(f"{source}: label {name!r} is {value} here and {labels[name]} in another mask; number the labels alike")
+        if other is not None:
+            raise SpineautoError(f"{source}: value {value} is {name!r} here and {other!r} in another mask; number the labels alike")
+        labels[name] = value
+
+
+def case_names(stacks: list[DicomStack]) -> list[str]:
+    """One case name per stack: its SeriesDescription (else its folder's name), ``_stack<k>`` for the
+    stacks split from one series, made filesystem-safe (letters, digits, ``.``, ``-``, ``_``) and
+    unique (``_2``, ``_3`` ... in stack order)."""
+    names, taken = [], set()
+    for stack in stacks:
+        base = stack.metadata.get("SeriesDescription") or stack.directory.name
+        base = _UNSAFE.sub("_", base).strip("_.") or "series"
+        if "stack" in stack.metadata:
+            base += f"_stack{stack.metadata['stack']}"
+        name, k = base, 2
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def _output_error(err: OSError, dataset_dir: Path) -> SpineautoError:
@@ -107,8 +282,9 @@ def _output_error(err: OSError, dataset_dir: Path) -> SpineautoError:
                           "point SPINEAUTO_RAW at a writable folder")
 
 
-def read_dicom_series(directory: Path, recursive: bool = True) -> list[tuple[str, sitk.Image, dict[str, Any]]]:
-    """``(SeriesInstanceUID, image, metadata)`` for every series (stack) under ``directory``.
+def read_dicom_series(directory: Path, recursive: bool = True) -> list[tuple[DicomStack, sitk.Image]]:
+    """``(stack, image)`` for every series (stack) under ``directory``: the stack names its case, uid and
+    files (in slice order: the image's slice order).
 
     Images are 3D (a single slice gives a depth of one). Stacks split from one series share the uid
     and differ in ``metadata['stack']``. ``metadata['source']`` is the directory relative to
@@ -116,10 +292,9 @@ def read_dicom_series(directory: Path, recursive: bool = True) -> list[tuple[str
     """
     directory = Path(directory).expanduser().resolve()
     stacks = find_dicom_stacks(directory, recursive=recursive)
-    return [
-        (stack.series_uid, image, dict(stack.metadata, source=_relative(stack.directory, directory)))
-        for stack, image in _read_stacks(stacks)
-    ]
+    for stack in stacks:
+        stack.metadata["source"] = _relative(stack.directory, directory)
+    return list(_read_stacks(stacks))
 
 
 # --------------------------------------------------------------------------------------- discovery
@@ -144,7 +319,11 @@ def find_dicom_stacks(root: Path, recursive: bool = True) -> list[DicomStack]:
                 series[uid] = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(directory, uid))
         _check_left_out_files(Path(directory), {os.path.basename(f) for files in series.values() for f in files}, root)
         for uid, files in series.items():
+            if _tag(_information_reader(files[0]), TAGS["Modality"]).upper() in NOT_IMAGES:
+                continue  # a segmentation or report object of another series
             stacks.extend(split_series(uid, Path(directory), files))
+    for stack, name in zip(stacks, case_names(stacks)):
+        stack.name = name
     if not stacks:
         where = "or its subfolders " if recursive else ""
         raise SpineautoError(
@@ -358,6 +537,11 @@ def _read_stacks(stacks: list[DicomStack]) -> Iterator[tuple[DicomStack, sitk.Im
 
 def read_stack(stack: DicomStack) -> sitk.Image:
     """The stack's files as one image (a single 2D slice becomes a 3D image of depth one)."""
+    spacing = _floats(_information_reader(stack.files[0]), PIXEL_SPACING, 2)
+    if spacing is not None and not (np.isfinite(spacing).all() and (spacing > 0).all()):  # GDCM would read it as 1 mm
+        shown = "\\".join(f"{v:g}" for v in spacing)
+        raise SpineautoError(f"{stack.files[0]}: PixelSpacing {shown} of series {stack.series_uid}: "
+                             "a pixel size must be a number of mm > 0; fix the header (the scanner's or the anonymiser's export)")
     try:
         with _quiet_itk():
             if len(stack.files) == 1:

@@ -14,6 +14,7 @@ and every case's class (test cases too, so ``spineauto evaluate`` can use it as 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,27 +90,30 @@ def read_picture(path: Path, rgb: bool = False) -> np.ndarray:
                 arr = np.asarray(img, dtype=np.float32)
             else:
                 arr = np.asarray(img.convert("RGB" if rgb else "L"), dtype=np.float32)
-    except (UnidentifiedImageError, OSError) as e:
-        raise SpineautoError(f"{path}: unreadable image ({e}); remove or re-export it") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise SpineautoError(f"{path}: unreadable image ({' '.join(str(e).split())[:200]}); remove or re-export it") from None
     return np.moveaxis(arr, -1, 0) if rgb else arr[None]
 
 
 def picture_to_nifti(channel: np.ndarray, spacing: float = 1.0) -> nib.Nifti1Image:
     """(rows, columns) -> (X=columns, Y=rows bottom-up, 1) volume, RAS affine with ``spacing`` mm pixels."""
-    vol = np.ascontiguousarray(channel[::-1].T[:, :, None])
-    return nib.Nifti1Image(vol, np.diag([spacing, spacing, spacing, 1.0]))
+    from spineauto.io.formats import picture_affine, picture_to_volume
+
+    return nib.Nifti1Image(picture_to_volume(channel[None])[0], picture_affine((spacing, spacing)))
 
 
 def convert_image_folder(root: Path, dataset_dir: Path, head: str = "class", rgb: bool = False, spacing: float = 1.0,
                          overwrite: bool = False) -> Path:
     """Write ``dataset_dir`` (nnU-Net v2 raw layout, classification only) from an image folder."""
+    if not (isinstance(spacing, (int, float)) and math.isfinite(spacing) and spacing > 0):
+        raise SpineautoError(f"--spacing {spacing}: the pixel size must be a number of mm > 0")
     images = find_images(root)
     classes = sorted({im.cls for im in images})
     if len(classes) < 2:
         raise SpineautoError(f"{root}: only one class folder ({classes[0]}); a classifier needs at least two class folders")
     _case_ids(images)
     channels = {"0": "R", "1": "G", "2": "B"} if rgb else {"0": "image"}
-    with staged_dataset_dir(Path(dataset_dir), overwrite) as stage:
+    with staged_dataset_dir(Path(dataset_dir), overwrite, root) as stage:
         for im in images:
             pixels = read_picture(im.path, rgb)
             for c in range(pixels.shape[0]):

@@ -11,7 +11,7 @@ import numpy as np
 
 from spineauto.datasets.dataset_json import DatasetInfo
 from spineauto.errors import SpineautoError
-from spineauto.io.images import grid_mismatch, load_nifti, read_channels, read_volume
+from spineauto.io.images import grid_mismatch, image_header, read_channels, read_volume
 from spineauto.parallel import human_bytes, machine_memory
 
 READ_COPIES = 3  # a read holds the file's own dtype, its float32 copy and the stacked channels at once
@@ -76,8 +76,8 @@ def check_case(info: DatasetInfo, case: str, data: np.ndarray, affine: np.ndarra
     return problems
 
 
-def header_problems(path: Path, channels: int = 1) -> list[str]:
-    """Problems visible in a NIfTI header, before its voxels are read: an affine that is not a usable
+def header_problems(path: Path, channels: int = 1, pixel_spacing=None) -> list[str]:
+    """Problems visible in an image header, before its voxels are read: an affine that is not a usable
     geometry (non-finite, a zero or non-finite voxel size) and voxel data larger than this machine's
     memory (a wrong dimension in the header). Unreadable files are left to the read."""
     try:
@@ -88,20 +88,20 @@ def header_problems(path: Path, channels: int = 1) -> list[str]:
     except OSError as e:
         return [f"{path}: cannot be read ({e.strerror}); make it readable"]
     try:
-        img = load_nifti(path)
-    except SpineautoError:
+        shape, affine, dtype = image_header(path, pixel_spacing)
+    except Exception:  # noqa: BLE001 - unreadable files are left to the read, which says why
         return []
     problems = []
-    affine = np.asarray(img.affine, dtype=float)
+    affine = np.asarray(affine, dtype=float)
     sizes = np.linalg.norm(affine[:3, :3], axis=0) if np.isfinite(affine).all() else None
     if sizes is None or not (np.isfinite(sizes).all() and (sizes > 0).all()):
         problems.append(f"{path}: unusable geometry: voxel sizes {np.round(np.linalg.norm(affine[:3, :3], axis=0), 6).tolist()} mm "
                         "from its affine (every voxel size must be a finite number > 0); fix the header (qform/sform, pixdim)")
-    voxels = float(np.prod([int(n) for n in img.shape], dtype=float))
-    need = voxels * (np.dtype(img.get_data_dtype()).itemsize + 4 * (READ_COPIES - 1)) * channels
+    voxels = float(np.prod([int(n) for n in shape], dtype=float))
+    need = voxels * (np.dtype(dtype).itemsize + 4 * (READ_COPIES - 1)) * channels
     ram = machine_memory()
     if ram is not None and need > ram:
-        problems.append(f"{path}: shape {tuple(int(n) for n in img.shape)} needs about {human_bytes(need)} of memory to read, more "
+        problems.append(f"{path}: shape {tuple(int(n) for n in shape)} needs about {human_bytes(need)} of memory to read, more "
                         f"than this machine's {human_bytes(ram)}; check the header's dimensions")
     return problems
 
@@ -118,17 +118,20 @@ def zero_non_finite(data: np.ndarray) -> int:
 def load_training_case(info: DatasetInfo, case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, list[str]]:
     """(data, affine, seg, seg_affine, problems); unreadable files become problems, not exceptions."""
     files = info.image_files(case) + ([info.label_file(case)] if info.has_segmentation else [])
-    problems = [p for f in files for p in header_problems(f)]
+    problems = [p for f in files for p in header_problems(f, pixel_spacing=info.pixel_spacing)]
     if problems:
         return None, None, None, None, problems
     data = affine = seg = seg_affine = None
     try:
-        data, affine = read_channels(info.image_files(case))
+        data, affine = read_channels(info.image_files(case), info.pixel_spacing)
+        if data.shape[0] != info.num_channels:
+            problems.append(f"{info.image_files(case)[0]}: case {case} has {data.shape[0]} channel(s) in its image file(s), "
+                            f"dataset.json declares {info.num_channels} in channel_names")
     except SpineautoError as e:
         problems.append(str(e))
     if info.has_segmentation:
         try:
-            seg, seg_affine = read_volume(info.label_file(case), dtype=np.float32)
+            seg, seg_affine = read_volume(info.label_file(case), dtype=np.float32, pixel_spacing=info.pixel_spacing)
             if not np.array_equal(seg, np.round(seg)):
                 problems.append(f"{info.label_file(case)}: label has non-integer values")
             seg = np.round(np.nan_to_num(seg, nan=0.0, posinf=0.0, neginf=0.0)).astype(np.int16)  # NaN: reported above

@@ -29,7 +29,9 @@ logger = logging.getLogger(__name__)
 CONTRASTS = ("T1w", "T2w", "T2starw")
 VIEWS = ("axial", "sagittal", "coronal")
 LOCATIONS = ("cervical", "thoracic", "lumbar")
-ANATOMIES = ("spine", "limb")  # "limb": a non-spine scan (muscle, fat, a long bone; no cord) for anatomy gates
+ANATOMIES = ("spine", "limb", "brain", "noise", "other")  # non-spine scans (no cord) for anatomy gates: "limb" (muscle,
+# fat, a long bone), "brain" (a brain-like head), "noise" (no anatomy at all), "other": one of those three per subject
+OTHER_KINDS = ("limb", "brain", "noise")
 MAX_LESIONS = 3
 MAX_VOXELS = 150_000
 
@@ -104,7 +106,7 @@ class _Anatomy:
     neck: tuple[float, float, float]  # body outline semi-axes (LR, AP) and centre y
     fat: float
     vessels: tuple[tuple[float, float, float], ...]  # (dx, dy, radius) relative to the centreline
-    kind: str = "spine"  # or "limb"
+    kind: str = "spine"  # or "limb", "brain", "noise"
 
 
 @dataclass
@@ -125,9 +127,12 @@ def _draw_anatomy(rng: np.random.Generator, location: str, kind: str = "spine") 
     body_front = csf[1] + 1.5 + 2 * body[1]
     vessels = tuple((side * rng.uniform(body[0] + 3, body[0] + 12), rng.uniform(0.5, 1.0) * body_front, rng.uniform(1.5, 3.0))
                     for side in (-1.0, 1.0))
-    return _Anatomy(cord=cord, cord_dy=rng.uniform(-0.6, 0.6), csf=csf, block=block, disc=disc,
-                    level_phase=rng.uniform(0, block + disc), body=body, curve=p["curve"] * j(), wander=wander,
-                    taper=p["taper"], neck=neck, fat=rng.uniform(4.0, 9.0), vessels=vessels, kind=kind)
+    anatomy = _Anatomy(cord=cord, cord_dy=rng.uniform(-0.6, 0.6), csf=csf, block=block, disc=disc,
+                       level_phase=rng.uniform(0, block + disc), body=body, curve=p["curve"] * j(), wander=wander,
+                       taper=p["taper"], neck=neck, fat=rng.uniform(4.0, 9.0), vessels=vessels, kind=kind)
+    if kind == "other":
+        anatomy.kind = str(rng.choice(OTHER_KINDS))
+    return anatomy
 
 
 def _centreline(a: _Anatomy, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +150,10 @@ def _tissue_map(a: _Anatomy, pts: np.ndarray, lesions: Sequence[_Lesion] = ()) -
     """Tissue code and normalised cord radius (< 1 inside the cord) at local points (3, N)."""
     if a.kind == "limb":
         return _limb_map(a, pts)
+    if a.kind == "brain":
+        return _brain_map(a, pts)
+    if a.kind == "noise":
+        return np.zeros(pts.shape[1], np.uint8), np.full(pts.shape[1], np.inf)
     x, y, z = pts
     xc, yc = _centreline(a, z)
     dx, dy = x - xc, y - yc
@@ -191,6 +200,25 @@ def _limb_map(a: _Anatomy, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     codes[bone <= (0.6 * br) ** 2] = FAT
     vx, vy, vr = a.vessels[0]
     codes[(x - bx - br - 3 - abs(vx) * 0.2) ** 2 + (y - by - vy * 0.2) ** 2 <= vr**2] = VESSEL
+    return codes, np.full(x.shape, np.inf)
+
+
+def _brain_map(a: _Anatomy, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A brain-like head: scalp fat, skull, CSF, a folded grey-matter cortex, white matter, two ventricles; no cord."""
+    x, y, z = pts
+    semi = np.array([0.8 * a.neck[0], 1.0 * a.neck[1], 0.9 * a.neck[1]])
+    r = np.sqrt((x / semi[0]) ** 2 + (y / semi[1]) ** 2 + (z / semi[2]) ** 2)
+    depth = (1 - r) * semi.min()  # mm under the outline, roughly
+    folds = 2.0 * np.sin(x / 6.0 + a.wander[3]) * np.sin(y / 7.0) * np.sin(z / 5.0 + a.wander[4])
+    codes = np.zeros(x.shape, np.uint8)
+    codes[depth >= 0] = FAT
+    codes[depth >= a.fat] = BONE
+    codes[depth >= a.fat + 6] = CSF
+    codes[depth >= a.fat + 8] = GM
+    codes[depth >= a.fat + 12 + folds] = WM
+    for side in (-1.0, 1.0):
+        codes[((x - side * 14) / 6) ** 2 + ((y + 4) / 8) ** 2 + (z / 8) ** 2 <= 1] = GM  # deep grey nuclei
+        codes[((x - side * 6) / 3.5) ** 2 + (y / 16) ** 2 + (z / 10) ** 2 <= 1] = CSF
     return codes, np.full(x.shape, np.inf)
 
 
@@ -337,6 +365,8 @@ def render_phantom(spec: PhantomSpec) -> Phantom:
     label = np.zeros(grid.shape, np.uint8)
     label[(codes == WM) | (codes == GM)] = 1
     label[codes == LESION] = 2
+    if anatomy.kind != "spine":  # a brain's white and grey matter are no cord
+        label[:] = 0
     descrip = f"spineauto phantom {spec.contrast} {spec.view} {spec.location} seed {spec.seed}"
     return Phantom(image=_nifti(signal.astype(np.float32), grid.affine, descrip),
                    label=_nifti(label, grid.affine, descrip), tissues=codes)

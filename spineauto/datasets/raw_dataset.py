@@ -16,26 +16,34 @@ from typing import Any, Iterator, Sequence
 
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import write_json
+from spineauto.io.outputs import check_output_apart
 
 logger = logging.getLogger(__name__)
 
 
-def check_output_free(dataset_dir: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing, non-empty dataset folder unless ``overwrite``."""
-    if dataset_dir.exists() and not overwrite:
-        if not dataset_dir.is_dir() or any(dataset_dir.iterdir()):
+def check_output_free(dataset_dir: Path, overwrite: bool, source: Path | Sequence[Path] | None = None) -> None:
+    """Refuse to replace an existing, non-empty dataset folder unless ``overwrite``; with it, refuse
+    one that is not a raw dataset (``overwrite`` deletes only what a conversion wrote) and a
+    ``source`` the dataset folder is, holds or lies inside (:func:`~spineauto.io.outputs.check_output_apart`)."""
+    sources = list(source) if isinstance(source, (list, tuple)) else [source]
+    check_output_apart(sources, dataset_dir, protect=(), what="the dataset folder", hint="choose another dataset id/name")
+    if dataset_dir.exists() and (not dataset_dir.is_dir() or any(dataset_dir.iterdir())):
+        if not overwrite:
             raise SpineautoError(
                 f"{dataset_dir} already exists; choose another dataset id/name or pass --overwrite to replace it"
             )
+        if not (dataset_dir / "dataset.json").is_file():
+            raise SpineautoError(f"{dataset_dir}: exists and is not a raw dataset (no dataset.json); "
+                                 "--overwrite replaces only a dataset spineauto wrote: move it away or choose another dataset id/name")
 
 
 @contextmanager
-def staged_dataset_dir(dataset_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_dataset_dir(dataset_dir: Path, overwrite: bool = False, source: Path | Sequence[Path] | None = None) -> Iterator[Path]:
     """Yield ``<dataset_dir>.tmp-<pid>`` (with empty imagesTr, labelsTr, imagesTs) to build the dataset in.
 
     On success it replaces ``dataset_dir``; on failure it is removed and ``dataset_dir`` is left as it was.
     """
-    check_output_free(dataset_dir, overwrite)
+    check_output_free(dataset_dir, overwrite, source)
     dataset_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = dataset_dir.with_name(f"{dataset_dir.name}.tmp-{os.getpid()}")
     if stage.exists():
@@ -69,10 +77,13 @@ def write_dataset_json(
     channel_names: dict[str, str] | None = None,
     class_order: dict[str, Sequence[str]] | None = None,
     lesion_labels: Sequence[str] | None = None,
+    file_ending: str = ".nii.gz",
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``folder/dataset.json``: nnU-Net v2's keys plus ``heads`` and ``cases``.
 
-    ``lesion_labels`` (label names), when given and not empty, is written after ``labels``.
+    ``lesion_labels`` (label names), when given and not empty, is written after ``labels``;
+    ``extra`` keys (e.g. ``pixel_spacing``) after ``file_ending``.
 
     A head is declared only when at least two classes of it occur in ``cases``; the per-case classes
     of a head that is dropped are removed too (``cases[id]['classes']`` is edited in place). Heads and
@@ -98,7 +109,8 @@ def write_dataset_json(
         "labels": labels,
         **({"lesion_labels": list(lesion_labels)} if lesion_labels else {}),
         "numTraining": num_training,
-        "file_ending": ".nii.gz",
+        "file_ending": file_ending,
+        **(extra or {}),
         "heads": heads,
         "cases": cases,
     })

@@ -252,16 +252,17 @@ def _heads_from_csv(path: Path) -> dict[str, list[str]]:
 
 def print_report(console, report: ClassificationReport, written: Path) -> None:
     """A rich table per head (for the CLI)."""
+    from rich.markup import escape
     from rich.table import Table
 
     for head, m in report.heads.items():
-        table = Table(title=f"{head}: {m.n} case(s)", title_justify="left")
+        table = Table(title=f"{escape(head)}: {m.n} case(s)", title_justify="left")
         for c in ("accuracy", "balanced accuracy", "macro-F1", *[f"recall {c}" for c in m.classes]):
-            table.add_column(c, justify="right")
+            table.add_column(escape(c), justify="right")
         table.add_row(f"{m.accuracy:.3f}", f"{m.balanced_accuracy:.3f}", f"{m.macro_f1:.3f}",
                       *["-" if r is None else f"{r:.3f}" for r in m.per_class_recall.values()])
         console.print(table)
     if report.missing:
         console.print(f"{len(report.missing)} other labelled case(s) in the labels file have no prediction here (not evaluated; "
                       "listed in missing_predictions)")
-    console.print(f"[green]wrote[/] {written}")
+    console.print(f"[green]wrote[/] {escape(str(written))}")

@@ -16,7 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
+from spineauto.io import csv_cells
 from spineauto.io.atomic import write_atomic, write_json
+from spineauto.io.csv_cells import unescape
 
 PREDICTION_KIND = "spineauto.classification"
 
@@ -69,7 +71,7 @@ def write_classification_csv(out_dir: Path, results: Sequence[CaseClassification
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames == header:
-                rows = {r["case"]: r for r in reader}
+                rows = {unescape(r["case"]): {k: unescape(v) for k, v in r.items()} for r in reader}
     for r in results:
         row = {"case": r.case}
         for h, cs in r.classes.items():
@@ -77,7 +79,7 @@ def write_classification_csv(out_dir: Path, results: Sequence[CaseClassification
             row.update({f"{h}_p_{c}": f"{float(p):.6f}" for c, p in zip(cs, r.probabilities[h])})
         rows[r.case] = row
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
+    writer = csv_cells.dict_writer(buf, header, lineterminator="\n")
     writer.writeheader()
     for case in sorted(rows):
         writer.writerow(rows[case])

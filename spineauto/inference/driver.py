@@ -51,6 +51,7 @@ class CaseSource(Protocol):
     def source(self) -> str: ...  # what to name in a message (a file, a series)
     def preprocessed(self, model: TrainedModel) -> tuple[np.ndarray, dict]: ...  # (C, S, H, W) + restore properties
     def write_mask(self, target: Path, labels: np.ndarray) -> Path: ...  # uint8 (X, Y, Z) in the case's own geometry
+    mask_ending: str  # the mask file's ending: the case's own format (".nii.gz", ".png", ".nrrd" ...)
     # optional, for configurations that localise first: preprocessed(model) cropped to a box around
     # ``mask`` ((X, Y, Z) bool in the case's grid) widened by margin_mm; sources without it predict in one pass
     # def preprocessed_around(self, model, mask, margin_mm) -> tuple[np.ndarray, dict]: ...
@@ -88,7 +89,7 @@ def infer(model: TrainedModel, layout: np.ndarray, props: dict, case: str, tta: 
     """Run the networks once over a preprocessed case and restore what the configuration outputs."""
     restoration = Restoration(props, probabilities) if model.plan.has_segmentation else None  # fed slab by slab
     out = run_networks(model.networks, layout, model.plan, model.device, tta=tta, batch_slices=batch_slices,
-                       seg_sink=restoration.add if restoration else None)
+                       seg_sink=restoration.add if restoration else None, region_order=model.plans.region_order)
     result = CaseInference(None, None, None)
     if restoration is not None:
         result.labels = apply_postprocessing(restoration.labels(), model.postprocessing, np.asarray(props["geometry"]["affine"], float),
@@ -147,7 +148,7 @@ def predict_case(model: TrainedModel, case: CaseSource, output: Path, tta: bool 
     for reason in pred.qc:
         log.warning("%s: %s", case.name, reason)
     if res.labels is not None:
-        mask = case.write_mask(output / f"{case.name}.nii.gz", res.labels)
+        mask = case.write_mask(output / f"{case.name}{case.mask_ending}", res.labels)
         pred.files.append(mask)
         if save_probabilities:
             pred.files.append(write_probabilities(output / f"{case.name}.npz", res.probabilities, mask, model.label_values))

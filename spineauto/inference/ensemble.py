@@ -54,6 +54,9 @@ def average_probabilities(files: Sequence[Path]) -> tuple[np.ndarray, object, tu
         elif probs.shape != total.shape or shp != shape:
             raise SpineautoError(f"{f}: probabilities of shape {probs.shape} (image {shp}) differ from {files[0]} {total.shape} "
                                  f"(image {shape}); ensemble models with the same labels on the same images")
+        elif not np.allclose(hdr.get_best_affine(), header.get_best_affine(), atol=1e-3):
+            raise SpineautoError(f"{f}: written for an image placed elsewhere than {files[0]} (another scan of the same name and "
+                                 "size?); ensemble predictions of the same images")
         elif lab is not None and labels is not None and lab != labels:
             raise SpineautoError(f"{f}: labels {lab} differ from {files[0]} {labels}; ensemble models with the same labels")
         else:
@@ -81,6 +84,9 @@ def ensemble_folders(folders: Sequence[Path], output: Path, save_probabilities: 
     Raises one :class:`SpineautoError` naming the failed cases after the others are written.
     """
     folders, output = [Path(f) for f in folders], Path(output)
+    same = [f for i, f in enumerate(folders) if f.resolve() in {g.resolve() for g in folders[:i]}]
+    if same:
+        raise SpineautoError(f"{same[0]}: given twice as -i (an ensemble of a model with itself); pass each model's folder once")
     check_output_apart(folders, output)
     cases = all_cases(folders)
     check_writable(output)

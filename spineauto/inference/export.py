@@ -7,7 +7,8 @@ Probabilities go to ``<case>.npz`` in the input's grid, with the reference heade
 ``spineauto ensemble`` can write masks without the images.
 
 The checks every command that writes predictions shares (``predict``, ``ensemble``, ``pipeline``)
-live here too: the output folder lies apart from every input (:func:`check_output_apart`) and is
+live here too: the output folder lies apart from every input, reference, dataset and model
+(:func:`~spineauto.io.outputs.check_output_apart`) and is
 writable (:func:`check_writable`); a case that fails leaves none of its files, not even the
 temporary one of an interrupted write (:func:`remove_case_outputs`), and the failures are summed up
 in one line (:func:`failures_error`).
@@ -25,22 +26,12 @@ import numpy as np
 
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import save_nifti, write_atomic
-from spineauto.io.images import load_nifti
+from spineauto.io.formats import IMAGE_ENDINGS
+from spineauto.io.images import image_header, is_nifti, load_nifti, mask_image
+from spineauto.io.outputs import check_output_apart  # noqa: F401 (the one output rule, used by predict, ensemble, pipeline)
 
 log = logging.getLogger(__name__)
-CASE_ENDINGS = (".nii.gz", ".npz", ".json")  # the files a case may have in an output folder
-
-
-def mask_image(labels: np.ndarray, header: nib.Nifti1Header, shape: tuple[int, ...]) -> nib.Nifti1Image:
-    hdr = header.copy()
-    hdr.set_data_dtype(np.uint8)
-    hdr["cal_min"], hdr["cal_max"] = 0, 0  # the image's display window would hide a 0..K mask
-    hdr["intent_code"] = 0
-    img = nib.Nifti1Image(labels.astype(np.uint8).reshape(shape), None, hdr)
-    img.set_sform(header.get_sform(), int(header["sform_code"]))
-    img.set_qform(header.get_qform(), int(header["qform_code"]))
-    img.header.set_slope_inter(1.0, 0.0)
-    return img
+CASE_ENDINGS = (*IMAGE_ENDINGS, ".npz", ".json", ".seg.dcm")  # the files a case may have in an output folder (a mask in its input's format)
 
 
 def write_mask(target: Path, labels: np.ndarray, header: nib.Nifti1Header | None = None, shape=None, sitk_reference=None) -> Path:
@@ -55,8 +46,13 @@ def write_mask(target: Path, labels: np.ndarray, header: nib.Nifti1Header | None
 
 
 def write_probabilities(target: Path, probs: np.ndarray, reference: Path, labels: list[int]) -> Path:
-    """``probabilities`` (K, X, Y, Z) float32 + the written mask's header, as a compressed npz."""
-    header = load_nifti(Path(reference)).header
+    """``probabilities`` (K, X, Y, Z) float32 + the written mask's header, as a compressed npz (a mask in
+    another format than NIfTI: a NIfTI header of its grid, so ``spineauto ensemble`` writes NIfTI masks)."""
+    if is_nifti(reference):
+        header = load_nifti(Path(reference)).header
+    else:
+        shape, affine, _ = image_header(Path(reference))
+        header = nib.Nifti1Image(np.zeros(shape[:3], np.uint8), affine).header
 
     def _write(p: Path) -> None:
         with open(p, "wb") as f:
@@ -94,29 +90,6 @@ def warn_undeclared_labels(case: str, labels: np.ndarray, declared: Sequence[int
                     case, undeclared, sorted(int(v) for v in declared))
 
 
-def check_output_apart(inputs: Path | str | Sequence[Path | str | None], output: Path, within: Sequence[Path | str] = ()) -> None:
-    """Refuse an output folder that is, contains or lies inside an input folder, or contains an
-    input file: a run must never overwrite an input (or an earlier result it reads) nor write
-    where a later run would take its outputs for inputs. ``within``: folders the output may
-    neither be nor lie inside (a model folder). Paths that do not exist are skipped (the caller
-    reports them)."""
-    out = Path(output).expanduser().resolve()
-    for source in [inputs] if isinstance(inputs, (str, Path)) else inputs:
-        if source is None or not Path(source).expanduser().exists():
-            continue
-        src = Path(source).expanduser().resolve()
-        if src.is_dir() and (out == src or src in out.parents or out in src.parents):
-            raise SpineautoError(f"{output}: the output folder must lie outside the input {source} (and not contain it); "
-                                 "choose another -o folder")
-        if not src.is_dir() and out in src.parents:
-            raise SpineautoError(f"{output}: the output folder must lie outside the input {source} (it contains that file); "
-                                 "choose another -o folder")
-    for folder in within:
-        src = Path(folder).expanduser().resolve()
-        if out == src or src in out.parents:
-            raise SpineautoError(f"{output}: the output folder must lie outside the model folder {folder}; choose another -o folder")
-
-
 def check_writable(folder: Path) -> None:
     """Create ``folder`` and prove a file can be written there, before any work is done."""
     folder = Path(folder)
@@ -146,7 +119,8 @@ def writing(target: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise SpineautoError(f"{e.filename or target}: cannot write ({e.strerror or e}); check the output folder") from None
+        where = e.filename2 or e.filename or target  # os.replace(temporary, target): the target
+        raise SpineautoError(f"{where}: cannot write ({e.strerror or e}); check the output folder") from None
 
 
 def remove_temporaries(output: Path, case: str) -> None:

@@ -19,6 +19,10 @@ from spineauto.planning.plans import ConfigurationPlan, IntensityStats, Plans
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = ("final", "best", "latest")
+RUN_CONFIG_FILE = "run_config.yaml"  # fold_k/: the fold's resolved configuration plan (training/run_config.py writes it)
+# what folds predicting together must share: the input they see, the patch, the second pass and the outputs
+ENSEMBLE_KEYS = ("task", "slicing", "isotropic_plane", "target_spacing", "normalization", "use_mask_for_norm", "roi",
+                 "heads", "patch_size", "localise")
 
 
 @dataclass
@@ -38,6 +42,19 @@ class TrainedModel:
     @property
     def num_channels(self) -> int:
         return len(self.plans.channel_names)
+
+    @property
+    def pixel_spacing(self) -> tuple[float, float] | None:
+        """The mm per pixel its dataset declares for 2D pictures (``dataset.json`` ``pixel_spacing``), or None."""
+        from spineauto.io.atomic import read_json
+
+        try:
+            value = read_json(self.folder / "dataset.json").get("pixel_spacing")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if value is None:
+            return None
+        return (float(value[0]), float(value[1])) if isinstance(value, list) else (float(value), float(value))
 
     @property
     def label_values(self) -> list[int]:
@@ -94,6 +111,39 @@ def load_checkpoint_network(path: Path, plan: ConfigurationPlan, in_channels: in
     return net.to(device).eval()
 
 
+def fold_plan(fold_dir: Path, plan: ConfigurationPlan) -> ConfigurationPlan:
+    """The plan the fold was trained with (``fold_k/run_config.yaml``: a run YAML may have changed the
+    network after other folds were trained), else the model folder's."""
+    from spineauto.schema import from_dict, load_yaml_mapping
+
+    path = fold_dir / RUN_CONFIG_FILE
+    if not path.is_file():
+        return plan
+    try:
+        data = load_yaml_mapping(path, "run configuration", "").get("configuration")  # bounded: a bundle's file
+        own = from_dict(ConfigurationPlan, {**data, "reasons": plan.reasons}, str(path))
+    except (AttributeError, TypeError, SpineautoError) as e:
+        log.warning("%s: unreadable (%s); fold %s uses the model folder's plans.json", path, str(e).splitlines()[0], fold_dir.name)
+        return plan
+    return own if own.name == plan.name else plan
+
+
+def ensemble_plan(fold_plans: list[ConfigurationPlan], names: list[str], folder: Path) -> ConfigurationPlan:
+    """The first fold's plan, once every fold agrees with it on what prediction shares (``ENSEMBLE_KEYS``)."""
+    from spineauto.schema import to_dict
+
+    first = to_dict(fold_plans[0])
+    first_act = fold_plans[0].network.output_activation
+    for name, other in zip(names[1:], fold_plans[1:]):
+        data = to_dict(other)
+        differs = [k for k in ENSEMBLE_KEYS if data[k] != first[k]]
+        differs += ["network.output_activation"] if other.network.output_activation != first_act else []
+        if differs:
+            raise SpineautoError(f"{folder}: {names[0]} and {name} were trained with plans that differ in {', '.join(differs)} "
+                                 "(see their run_config.yaml) and cannot be ensembled; predict them apart with -f")
+    return fold_plans[0]
+
+
 def load_model(folder: Path, folds: Sequence[str] | None = None, checkpoint: str = "final",
                device: torch.device | str = "cpu", configuration: str | None = None) -> TrainedModel:
     """Load plans, intensity statistics, postprocessing and the folds' networks from ``folder``
@@ -114,7 +164,9 @@ def load_model(folder: Path, folds: Sequence[str] | None = None, checkpoint: str
         raise SpineautoError(f"{folder}: configuration {plan.name!r} has neither segmentation nor classification output")
     device = torch.device(device) if not isinstance(device, torch.device) else device
     files = select_folds(folder, folds, checkpoint)
-    nets = [load_checkpoint_network(f, plan, len(plans.channel_names), plans.num_classes, device) for f in files]
+    fold_plans = [fold_plan(f.parent, plan) for f in files]
+    plan = ensemble_plan(fold_plans, [f.parent.name for f in files], folder)
+    nets = [load_checkpoint_network(f, p, len(plans.channel_names), plans.num_classes, device) for f, p in zip(files, fold_plans)]
     pp_file = folder / POSTPROCESSING_FILE
     postprocessing = load_postprocessing(pp_file, plans.labels.values()) if pp_file.exists() else {}
     log.info("loaded %s: %s (%s checkpoints) on %s", folder.name, ", ".join(f.parent.name for f in files), checkpoint, device)

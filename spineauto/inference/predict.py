@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 def predict_folder(model: TrainedModel, source: Path, output: Path, tta: bool = True, save_probabilities: bool = False,
                    batch_slices: int | None = None, progress: Callable[[str, int, int], None] | None = None,
-                   roi: Path | None = None, num_parts: int = 1, part_id: int = 0) -> PredictResult:
-    """Predict every case found in ``source`` (NIfTI file or folder, DICOM series) into ``output``.
+                   roi: Path | None = None, num_parts: int = 1, part_id: int = 0, dicom_seg: bool = False) -> PredictResult:
+    """Predict every case found in ``source`` (an image file or folder of any format spineauto reads, DICOM
+    series) into ``output``; masks are written in each input's own format.
 
     ``roi``: a folder of ``<case>.nii.gz`` masks (value > 0), required by a configuration with an
     roi (``2d_cord_roi``: the cord predicted by another model) and refused by the others.
@@ -31,10 +32,12 @@ def predict_folder(model: TrainedModel, source: Path, output: Path, tta: bool = 
     ``num_parts``/``part_id``: predict only this shard of the cases (:func:`spineauto.parallel.shard`), so
     that a job array spreads a cohort over machines; the shards' outputs merge by copying (a sharded
     run names its ``classification.csv`` and ``dicom_series.json`` after its part).
+    ``dicom_seg``: DICOM series also get ``<case>.seg.dcm``, a DICOM-SEG referencing the source series
+    (one segment per label); refused for other inputs and for models without segmentation.
     """
     shard([], num_parts, part_id)  # the options checked before any case is read
     check_output_apart([source, roi], output, within=[model.folder])
-    cases = discover_cases(source, model.num_channels)
+    cases = discover_cases(source, model.num_channels, model.pixel_spacing)
     if not cases:
         raise SpineautoError(f"{source}: no input cases found")
     found, cases = len(cases), shard(cases, num_parts, part_id)
@@ -42,6 +45,14 @@ def predict_folder(model: TrainedModel, source: Path, output: Path, tta: bool = 
     if num_parts > 1:
         log.info("part %d of %d: %d of the %d case(s)", part_id, num_parts, len(cases), found)
     attach_roi_masks(cases, model.plan, roi)
+    if dicom_seg:
+        if not model.plan.has_segmentation:
+            raise SpineautoError(f"--dicom-seg: configuration {model.plan.name} writes no masks; leave --dicom-seg out")
+        if any(c.dicom is None for c in cases):
+            raise SpineautoError(f"--dicom-seg: {source} holds image files, not DICOM series; leave --dicom-seg out")
+        names = {v: k for k, v in model.plans.labels.items()}
+        for c in cases:
+            c.dicom_seg_labels = names
     if any(c.dicom is not None for c in cases) and model.num_channels != 1:
         raise SpineautoError(f"{source}: DICOM series give one channel but the model expects {model.num_channels}")
     output = Path(output)

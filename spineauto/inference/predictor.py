@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from spineauto.networks.outputs import seg_probabilities
+from spineauto.networks.outputs import regions_to_labels, seg_probabilities
 from spineauto.planning.plans import ConfigurationPlan
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,13 @@ class NetworkOutput:
 
 def run_networks(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: ConfigurationPlan, device: torch.device,
                  tta: bool = True, batch_slices: int | None = None, amp: bool = True,
-                 seg_sink: Callable[[int, torch.Tensor], None] | None = None) -> NetworkOutput:
+                 seg_sink: Callable[[int, torch.Tensor], None] | None = None, region_order: list[int] | None = None) -> NetworkOutput:
     """One sliding-window pass over a preprocessed case (C, S, H, W): segmentation probabilities
     and/or slice probabilities per classification head, as the plan's task has them.
+
+    ``region_order`` (region-based labels: ``Plans.region_order``): the sigmoid region probabilities,
+    averaged over networks, mirrors and tiles as nnU-Net averages them, become per-label scores whose
+    argmax paints the regions in that order (:func:`spineauto.networks.outputs.regions_to_labels`).
 
     Averaged over ``networks`` (folds, on ``device``) and, with ``tta``, over all mirror
     combinations. ``batch_slices``: tiles per forward pass (default from the patch size and device).
@@ -129,6 +133,8 @@ def run_networks(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: Co
                 heads.setdefault(head, []).append(p)
             if acc is not None:
                 probs = acc.div_(weight)[(slice(None), slice(None), *crop)]
+                if region_order:
+                    probs = regions_to_labels(probs[None], region_order)[0]
                 if seg_sink is not None:
                     seg_sink(first, probs)
                 else:

@@ -12,15 +12,15 @@ from scipy import ndimage
 
 from spineauto.errors import SpineautoError
 from spineauto.io.geometry import voxel_sizes
-from spineauto.io.images import grid_mismatch, load_nifti, read_volume
+from spineauto.io.images import find_image, grid_mismatch, image_header, read_volume
 
 
 def roi_file(folder: Path, case: str) -> Path:
-    """``folder/<case>.nii.gz``, or a one-line error naming it when it is missing."""
-    path = Path(folder) / f"{case}.nii.gz"
-    if not path.is_file():
-        raise SpineautoError(f"{path}: no ROI mask for case {case}; the --roi folder needs one <case>.nii.gz per input case "
-                             "(e.g. the masks of `spineauto predict` with the cord model)")
+    """``folder/<case>.nii.gz`` (or ``<case>`` in another image format), or a one-line error naming it when it is missing."""
+    path = find_image(Path(folder), case)
+    if path is None:
+        raise SpineautoError(f"{Path(folder) / (case + '.nii.gz')}: no ROI mask for case {case}; the --roi folder needs one "
+                             "<case>.nii.gz (or .png, .nrrd ... as the input) per input case (e.g. the masks of `spineauto predict` with the cord model)")
     return path
 
 
@@ -33,19 +33,20 @@ def spatial_shape(shape) -> tuple[int, ...]:
     return (*shape, 1) if len(shape) == 2 else shape
 
 
-def check_roi_grid(path: Path, shape, affine: np.ndarray, image: str) -> None:
-    """One-line error naming ``path`` when its voxel grid is not the image's (header only)."""
-    img = load_nifti(Path(path))
-    problem = grid_mismatch(spatial_shape(img.shape), img.affine, tuple(shape), affine)
+def check_roi_grid(path: Path, shape, affine: np.ndarray, image: str, pixel_spacing=None) -> None:
+    """One-line error naming ``path`` when its voxel grid is not the image's (header only; a picture
+    gets ``pixel_spacing``, as its image)."""
+    roi_shape, roi_affine, _ = image_header(Path(path), pixel_spacing)
+    problem = grid_mismatch(spatial_shape(roi_shape), roi_affine, tuple(shape), affine)
     if problem:
         raise SpineautoError(f"{path}: ROI mask grid differs from the image {image} ({problem}); "
                              "it must be a mask predicted on that very image")
 
 
-def read_roi(path: Path, shape, affine: np.ndarray, image: str) -> np.ndarray:
+def read_roi(path: Path, shape, affine: np.ndarray, image: str, pixel_spacing=None) -> np.ndarray:
     """The boolean mask (any value > 0) of ``path``, checked to lie in the image's grid."""
-    check_roi_grid(path, shape, affine, image)
-    return read_volume(Path(path))[0] > 0
+    check_roi_grid(path, shape, affine, image, pixel_spacing)
+    return read_volume(Path(path), pixel_spacing=pixel_spacing)[0] > 0
 
 
 def restrict_to_roi(labels: np.ndarray, roi: np.ndarray, affine: np.ndarray, distance_mm: float) -> np.ndarray:

@@ -23,16 +23,20 @@ def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; results get the usual permissions
+    os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600; results get the usual permissions
     try:
         yield tmp_path
         os.replace(tmp_path, target)
+    except OSError as e:
+        if e.filename is None or Path(e.filename) == tmp_path:  # name what was being written, not the temporary
+            raise OSError(e.errno, e.strerror or str(e) or type(e).__name__, str(target)) from e
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -63,7 +67,10 @@ def json_safe(obj: Any) -> Any:
 
 
 def read_json(path: Path | str) -> Any:
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text())
+    except RecursionError:  # a hostile file of nested brackets: a ValueError as any other invalid JSON
+        raise ValueError("nested too deeply") from None
 
 
 def save_npy(target: Path | str, array: np.ndarray) -> Path:

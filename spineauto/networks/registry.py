@@ -4,7 +4,10 @@ dynamic-network-architectures) live here; ``attention_unet`` in its own module.
 
 A user's network is named in the plan as ``package.module:Name`` (see networks/build.py): an
 ``nn.Module`` subclass built as ``Name(in_channels, num_classes, **network.kwargs)`` whose forward
-returns segmentation logits (or SpineNet's output dict), or a builder function like the ones here."""
+returns segmentation logits (or SpineNet's output dict), or a builder function like the ones here that
+its module registers with ``@register("name")`` when imported. Nothing else is accepted, and it is
+refused before it is called: a plan (or a bundle's plans.json) naming ``os:system`` or
+``builtins:print`` is one line, never a call."""
 from __future__ import annotations
 
 
@@ -13,7 +16,18 @@ from torch import nn
 from spineauto.planning.plans import NetworkPlan
 from spineauto.plugins import Registry, subclass_check
 
-REGISTRY = Registry("network architecture", subclass_check(nn.Module, allow_function=True), key="network")  # also package.module:Name
+_module_check = subclass_check(nn.Module)
+
+
+def _check(obj) -> str | None:
+    """An ``nn.Module`` subclass, or a builder function registered with ``@register`` (its module did on import)."""
+    if not isinstance(obj, type) and any(obj is f for f in REGISTRY.values()):
+        return None
+    why = _module_check(obj)
+    return why if why is None else why[:-1] + ', or a builder function registered with @spineauto.networks.registry.register)'
+
+
+REGISTRY = Registry("network architecture", _check, key="network")  # also package.module:Name
 
 
 def register(name: str):

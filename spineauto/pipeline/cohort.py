@@ -23,7 +23,7 @@ from typing import Callable
 from spineauto.errors import SpineautoError
 from spineauto.inference.export import check_output_apart
 from spineauto.inference.inputs import InputCase, discover_cases, strip_ending
-from spineauto.io.atomic import write_json
+from spineauto.io.atomic import current_umask, write_json
 from spineauto.parallel import shard  # noqa: F401 (also `spineauto pipeline`'s option check)
 from spineauto.pipeline.runner import CaseResult, Pipeline, ScanInput
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class CohortResult:
     done: list[str] = field(default_factory=list)
+    check: list[str] = field(default_factory=list)  # ran through, with quality flags to look at
     stopped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     report: Path | None = None
@@ -80,7 +81,10 @@ def run_pipeline(pipeline: Pipeline, source: Path, output: Path, num_parts: int 
             _publish(output, case.name, lambda stage: write_json(stage / f"{case.name}.json", CaseResult(
                 case.name, case.source, status="failed", reason=message).to_dict()))
             continue
-        (result.done if res.status == "done" else result.stopped).append(case.name)
+        if res.status == "failed":
+            result.failed[case.name] = str(res.reason)
+        else:
+            getattr(result, res.status).append(case.name)
     if progress:
         progress("", len(cases), len(cases))
     result.report = build_report(output)
@@ -89,19 +93,20 @@ def run_pipeline(pipeline: Pipeline, source: Path, output: Path, num_parts: int 
 
 def run_case(pipeline: Pipeline, case: InputCase, output: Path) -> CaseResult:
     """One case, written to ``output/<case>/`` only when every file of it is written."""
-    from spineauto.pipeline.overlays import write_overlays
+    from spineauto.pipeline.overlays import sagittal_left_out, write_overlays
 
     data, affine = case.read()
-    scan = ScanInput(case.name, data, affine, case.source)
+    scan = ScanInput(case.name, data, affine, case.source, header=pipeline.header_of(case, affine, data.shape))
     res = pipeline.run(scan)
 
     def write(stage: Path) -> None:
         masks = {}
         for name, mask in (("cord", res.cord), ("lesion", res.lesion)):
             if mask is not None:
-                masks[name] = case.write_mask(stage / f"{case.name}_{name}.nii.gz", mask).name
+                masks[name] = case.write_mask(stage / f"{case.name}_{name}{case.mask_ending}", mask).name  # the input's format
         images = write_overlays(data[0], affine, res.cord, res.lesion, stage, case.name)
-        write_json(stage / f"{case.name}.json", res.to_dict(masks, images))
+        left_out = sagittal_left_out(affine, data.shape[1:])
+        write_json(stage / f"{case.name}.json", res.to_dict(masks, images, {"sagittal": left_out} if left_out else None))
     _publish(output, case.name, write)
     return res
 
@@ -109,6 +114,7 @@ def run_case(pipeline: Pipeline, case: InputCase, output: Path) -> CaseResult:
 def _publish(output: Path, case: str, write: Callable[[Path], None]) -> Path:
     """Fill a temporary folder beside ``output/<case>``, then swap it in whole."""
     stage = Path(tempfile.mkdtemp(prefix=f".{case}.", suffix=".partial", dir=output))
+    stage.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700: colleagues could not open what the report links
     final = output / case
     try:
         write(stage)
@@ -126,7 +132,8 @@ def _publish(output: Path, case: str, write: Callable[[Path], None]) -> Path:
 
 
 def summary_line(result: CohortResult, output: Path) -> str:
-    total = len(result.done) + len(result.stopped) + len(result.failed)
-    return (f"{total} case(s): {len(result.done)} done, {len(result.stopped)} stopped by a gate, {len(result.failed)} failed; "
+    total = len(result.done) + len(result.check) + len(result.stopped) + len(result.failed)
+    return (f"{total} case(s): {len(result.done)} done, {len(result.check)} to check (quality flags), "
+            f"{len(result.stopped)} stopped by a gate, {len(result.failed)} failed; "
             f"report {result.report or Path(output) / 'report.html'}")
 

@@ -15,7 +15,9 @@ where MODEL is ``{folder: PATH}`` (a model folder), ``{bundle: PATH.zip}`` (``sp
 location and view; sequence), else all of them, unless ``heads`` lists them; one model with several
 heads may serve several stages (it is loaded and run once). A classification stage with a ``gate`` stops a case whose predicted class (of
 ``head``) is not in ``classes`` or whose probability is below ``min_probability``; the case's report
-says why. Relative paths are relative to the YAML file. Unknown keys, a missing model and a gate
+says why. ``header_rules: rules.yaml`` (a ``convert dicom --classes-from`` rules file) lets DICOM
+inputs' tags decide classes first (:mod:`spineauto.pipeline.header`; BIDS suffixes and the affine's
+view need no file). Relative paths are relative to the YAML file. Unknown keys, a missing model and a gate
 naming a class the model does not have are one-line errors (the last when the models load).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spineauto.errors import SpineautoError
+from spineauto.pipeline.qc import QcConfig
 from spineauto.schema import from_dict, load_yaml_mapping
 
 CLASSIFICATION_STAGES = ("anatomy", "location_view", "sequence")
@@ -35,10 +38,16 @@ STAGES = (*CLASSIFICATION_STAGES, "cord", "lesion")
 class ModelRef:
     folder: str | None = None
     bundle: str | None = None
-    dataset: str | None = None
+    dataset: str | int | None = None  # an id (11) or a name (Dataset011_Anatomy); YAML's bare 11 is read as "11"
     configuration: str | None = None  # default: the one in the folder name, else "2d"
-    folds: list[str] | None = None
+    folds: list[str | int] | None = None  # [0, 1] or ["all"]; numbers are read as their text
     checkpoint: str = "final"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dataset, int):
+            self.dataset = str(self.dataset)
+        if self.folds is not None:
+            self.folds = [str(f) for f in self.folds]
 
     def describe(self) -> str:
         return self.folder or self.bundle or f"dataset {self.dataset} / {self.configuration or '2d'}"
@@ -82,6 +91,8 @@ class PipelineConfig:
     cord: CordStage | None = None
     lesion: LesionStage | None = None
     tta: bool = True
+    qc: QcConfig = field(default_factory=QcConfig)
+    header_rules: str | None = None  # a `convert dicom --classes-from` rules file: DICOM inputs' classes from their tags
 
     def stages(self) -> list[str]:
         return [s for s in STAGES if getattr(self, s) is not None]
@@ -129,6 +140,16 @@ def check_config(config: PipelineConfig, where: str, base: Path | None = None) -
                     raise SpineautoError(f"{where}.cord: `select_by` needs `models` (class -> model)")
         for ref in refs:
             _check_ref(ref, f"{where}.{name}", base)
+    for level, bounds in config.qc.csa_mm2.items():
+        if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1]:
+            raise SpineautoError(f"{where}.qc.csa_mm2.{level}: give [low, high] with 0 <= low < high, got {bounds}")
+    if config.header_rules is not None:
+        rules = Path(config.header_rules).expanduser()
+        rules = base / rules if not rules.is_absolute() and base is not None else rules
+        from spineauto.datasets.dicom_rules import load_rules
+
+        load_rules(rules)  # checked now, with the file named
+        config.header_rules = str(rules.resolve())
     if config.lesion is not None and config.cord is None:
         raise SpineautoError(f"{where}.lesion: the lesion stage segments inside the cord and needs a `cord` stage before it")
 

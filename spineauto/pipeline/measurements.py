@@ -101,16 +101,21 @@ def measure_cord(mask: np.ndarray, affine: np.ndarray) -> dict:
     """Volume, length and angle-corrected cross-sectional area of a binary cord mask (see module doc).
 
     ``mask`` is (X, Y, Z) in the image's own voxel order, ``affine`` its voxel -> RAS mm affine.
-    Returns plain JSON-ready data; an empty mask gives zeros, ``None`` statistics and no slices.
+    Returns plain JSON-ready data (``slices`` with cord, ``gap_slices`` without cord between them,
+    ``si_extent_mm`` from the first to the last); a mask with no slice left on the RAS grid (empty,
+    or a few voxels of an oblique grid) gives zeros, ``None`` statistics and ``unmeasurable``: why.
     """
     data, affine = np.asarray(mask) > 0, np.asarray(affine, dtype=float)
     if data.ndim != 3:
         raise ValueError(f"cord mask must be 3D (X, Y, Z), got shape {data.shape}")
     count = int(np.count_nonzero(data))
     if not count:
-        return {"volume_mm3": 0.0, "length_mm": 0.0, "csa_mm2": {**_stats(np.array([])), "per_slice": []}}
+        return _unmeasurable(0.0, "empty mask")
     volume = count * abs(float(np.linalg.det(affine[:3, :3])))
     ras, ras_affine = _ras_grid(data, affine)
+    if not ras.any():  # a few voxels of an oblique grid that the RAS resampling's threshold removes
+        log.warning("cord mask of %d voxel(s) is empty on an RAS grid: no measurable cord", count)
+        return _unmeasurable(volume, f"{count} voxel(s), none left on an RAS grid")
     dx, dy, dz = voxel_sizes(ras_affine)
     areas = ras.sum(axis=(0, 1)).astype(float)
     slices = np.flatnonzero(areas)
@@ -128,7 +133,14 @@ def measure_cord(mask: np.ndarray, affine: np.ndarray) -> dict:
     log.debug("cord: %d slices, length %.1f mm, mean CSA %.1f mm2", len(slices), length, csa.mean())
     per_slice = [{"z_mm": float(z), "csa_mm2": float(c), "angle_deg": float(a)}
                  for z, c, a in zip(centreline[:, 2], csa, angle)]
-    return {"volume_mm3": float(volume), "length_mm": length, "csa_mm2": {**_stats(csa), "per_slice": per_slice}}
+    return {"volume_mm3": float(volume), "length_mm": length, "slices": int(len(slices)), "gap_slices": int(len(run) - len(slices)),
+            "si_extent_mm": float(len(run) * dz), "csa_mm2": {**_stats(csa), "per_slice": per_slice}}
+
+
+def _unmeasurable(volume: float, why: str) -> dict:
+    """No slice holds cord: zeros and ``None`` statistics, and why (``unmeasurable``)."""
+    return {"volume_mm3": float(volume), "length_mm": 0.0, "slices": 0, "gap_slices": 0, "si_extent_mm": 0.0,
+            "csa_mm2": {**_stats(np.array([])), "per_slice": []}, "unmeasurable": why}
 
 
 def _feret(points: np.ndarray) -> float:

@@ -31,15 +31,32 @@ AXIAL_FOV_MM = 48.0     # axial panels show this square around the cord
 MOSAIC_WIDTH = 1100     # px; the report's column
 MAX_SAGITTAL, MAX_AXIAL, AXIAL_COLUMNS = 5, 12, 6
 GAP = 4
+MIN_SAGITTAL_MM = 40.0  # an image shorter than this along S-I (a thin axial slab) gets no sagittal mosaic: a strip
+
+
+def sagittal_left_out(affine: np.ndarray, shape: tuple[int, ...]) -> str | None:
+    """Why an image gets no sagittal mosaic (a thin axial slab), or None."""
+    ornt = to_ras_ornt(affine)
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = voxel_sizes(affine)
+    n = np.empty(3, int)
+    n[ornt[:, 0].astype(int)] = shape[-3:]
+    extent = n[2] * spacing[2]
+    if extent < MIN_SAGITTAL_MM:
+        return (f"no sagittal view: the image covers {extent:.0f} mm along S-I ({n[2]} axial slice(s) of {spacing[2]:.3g} mm), "
+                f"a thin axial slab whose sagittal reformat would be an unreadable strip; see the axial slices")
+    return None
 
 
 def write_overlays(image: np.ndarray, affine: np.ndarray, cord: np.ndarray | None, lesion: np.ndarray | None,
                    out_dir: Path, case: str) -> dict[str, str]:
-    """Write ``<case>_sagittal.png`` and ``<case>_axial.png`` into ``out_dir`` (atomically).
+    """Write ``<case>_sagittal.png`` and ``<case>_axial.png`` into ``out_dir`` (atomically), and
+    with masks ``<case>_<view>_plain.png`` without them (the report's overlay toggle).
 
     ``image``, ``cord`` and ``lesion`` are (X, Y, Z) arrays in the image's own voxel order with its
     NIfTI ``affine``; masks may be None (or empty): the mosaics are then plain. Returns the file
-    names relative to ``out_dir`` under the keys "sagittal" and "axial".
+    names relative to ``out_dir`` under the keys "sagittal", "axial" (and "<view>_plain"); a thin
+    axial slab has no sagittal mosaic (:func:`sagittal_left_out`).
     """
     image = _as_3d(image, "image")
     masks = [None if m is None else _as_3d(m, name) > 0 for m, name in ((cord, "cord"), (lesion, "lesion"))]
@@ -54,9 +71,15 @@ def write_overlays(image: np.ndarray, affine: np.ndarray, cord: np.ndarray | Non
     # RAS axis -> (original axis letter, flipped?, length) for the panel labels
     origin = {int(a): ("ijk"[i], f < 0, image.shape[i]) for i, (a, f) in enumerate(ornt)}
     out_dir = Path(out_dir)
-    names = {"sagittal": f"{case}_sagittal.png", "axial": f"{case}_axial.png"}
-    mosaics = {"sagittal": _sagittal(vol, cord_r, lesion_r, spacing, origin[0]),
-               "axial": _axial(vol, cord_r, lesion_r, spacing, origin[2])}
+    views = ["axial"] if sagittal_left_out(affine, image.shape) else ["sagittal", "axial"]
+    names, mosaics = {}, {}
+    for view in views:
+        names[view] = f"{case}_{view}.png"
+        draw = _sagittal if view == "sagittal" else _axial
+        mosaics[view] = draw(vol, cord_r, lesion_r, spacing, origin[0 if view == "sagittal" else 2])
+        if cord_r is not None or lesion_r is not None:  # the same panels without the masks
+            names[f"{view}_plain"] = f"{case}_{view}_plain.png"
+            mosaics[f"{view}_plain"] = draw(vol, cord_r, lesion_r, spacing, origin[0 if view == "sagittal" else 2], masks=False)
     for view, mosaic in mosaics.items():
         img = Image.fromarray(mosaic)
         write_atomic(out_dir / names[view], lambda p, img=img: img.save(p, format="PNG"))
@@ -113,7 +136,7 @@ def _lesion_centres(lesion: np.ndarray | None, axis: int) -> set[int]:
     return {int(round(c[axis])) for c in centres}
 
 
-def _sagittal(vol, cord, lesion, spacing, origin) -> np.ndarray:
+def _sagittal(vol, cord, lesion, spacing, origin, masks: bool = True) -> np.ndarray:
     nx = vol.shape[0]
     if cord is not None:
         xs = set(_spread(np.nonzero(cord)[0], MAX_SAGITTAL)) | _lesion_centres(lesion, 0)
@@ -122,13 +145,13 @@ def _sagittal(vol, cord, lesion, spacing, origin) -> np.ndarray:
     xs = sorted(xs)[:MAX_SAGITTAL + 1]
     height_mm, width_mm = vol.shape[2] * spacing[2], vol.shape[1] * spacing[1]
     ppm = min(SAGITTAL_HEIGHT / height_mm, (MOSAIC_WIDTH / len(xs) - GAP) / width_mm)
-    panels = [_panel(vol[x], None if cord is None else cord[x], None if lesion is None else lesion[x],
+    panels = [_panel(vol[x], None if cord is None or not masks else cord[x], None if lesion is None or not masks else lesion[x],
                      (spacing[2], spacing[1]), ppm, _label(x, origin)) for x in xs]
     _corner_letters(panels[0], "A", "P")
     return _mosaic(panels, len(panels))
 
 
-def _axial(vol, cord, lesion, spacing, origin) -> np.ndarray:
+def _axial(vol, cord, lesion, spacing, origin, masks: bool = True) -> np.ndarray:
     nz = vol.shape[2]
     if cord is not None:
         z0, z1 = (lambda z: (int(z.min()), int(z.max())))(np.nonzero(cord.any(axis=(0, 1)))[0])
@@ -145,6 +168,8 @@ def _axial(vol, cord, lesion, spacing, origin) -> np.ndarray:
             ppm = AXIAL_SIZE / (AXIAL_FOV_MM + max(spacing[:2]))
         else:
             ppm = AXIAL_SIZE / max(vol.shape[0] * spacing[0], vol.shape[1] * spacing[1])
+        if not masks:
+            sl[1:] = [None, None]
         panels.append(_panel(*sl, (spacing[1], spacing[0]), ppm, _label(z, origin)))
     _corner_letters(panels[0], "R", "L")
     return _mosaic(panels, min(AXIAL_COLUMNS, len(panels)))

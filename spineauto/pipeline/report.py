@@ -1,31 +1,34 @@
 """The folder-level report of a pipeline run: ``OUT/report.html`` and ``OUT/pipeline.csv``.
 
 Built from the per-case JSON files alone (``OUT/<case>/<case>.json``), so ``spineauto report OUT``
-can rebuild it at any time. The page is one self-contained file (inline CSS and SVG, no scripts, no
-server); the overlay mosaics are linked relatively as ``<case>/<png>`` rather than embedded: the
+can rebuild it at any time. The page is one self-contained file (inline CSS, SVG and script, no
+server, nothing fetched; :mod:`spineauto.pipeline.report_assets`: sorting, filters, ratings,
+overlay toggle, keys); cases with quality flags come first. The overlay mosaics are linked relatively as ``<case>/<png>`` rather than embedded: the
 page stays small and quick to open for hundreds of cases, the PNGs stay single copies, and the
 folder still moves as a whole. Files that cannot be read are skipped with a warning and listed.
 
 Per-case JSON (``kind`` must be ``"spineauto.pipeline_case"``; other JSON files are ignored)::
 
     {"kind": "spineauto.pipeline_case", "case": str, "source": str,
-     "status": "done"|"stopped"|"failed", "reason": str|null,
+     "status": "done"|"check"|"stopped"|"failed", "reason": str|null,
+     "flags": [{"stage": str, "code": str, "reason": str}],  # quality flags: "check" when any (spineauto.pipeline.qc)
      "stages": [{"stage": "anatomy", "kind": "classification", "model": str, "folds": [str], "head": str,
                  "class": str, "probabilities": {cls: float}, "passed": bool, "seconds": float},
                 {"stage": "cord", "kind": "segmentation", "model": str, "folds": [str],
                  "mask": "<case>_cord.nii.gz"|null, "skipped": str|null, "seconds": float}, ...],
      "measurements": {"cord": {"volume_mm3": float, "length_mm": float,
                                "csa_mm2": {"mean": float, "median": float, "min": float, "max": float,
-                                           "per_slice": [{"z_mm": float, "csa_mm2": float, "angle_deg": float}]}} | null,
+                                           "per_slice": [{"z_mm": float, "csa_mm2": float, "angle_deg": float}]},
+                               "plausible_csa_mm2": {"low": float, "high": float, "level": str}} | null,
                       "lesions": {"count": int, "total_volume_mm3": float,
                                   "items": [{"id": int, "volume_mm3": float, "craniocaudal_length_mm": float,
                                              "max_inplane_extent_mm": float, "slices": [int, int]}]} | null},
-     "images": {"sagittal": "<case>_sagittal.png", "axial": "<case>_axial.png"},
+     "images": {"sagittal": "<case>_sagittal.png", "axial": "<case>_axial.png", "<view>_plain": "<case>_<view>_plain.png"},
+     "image_notes": {"sagittal": str},  # why a view is left out (a thin axial slab)
      "versions": {"spineauto": str, "torch": str}, "seconds": float}
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -34,12 +37,16 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
+from spineauto.inference.export import writing
+from spineauto.io import csv_cells
 from spineauto.io.atomic import write_atomic
+from spineauto.io.outputs import check_output_apart
+from spineauto.pipeline.report_assets import CSS, SCRIPT
 
 logger = logging.getLogger(__name__)
 
 KIND = "spineauto.pipeline_case"
-STATUSES = ("done", "stopped", "failed")
+STATUSES = ("done", "check", "stopped", "failed")
 CSV_MEASURES = (("cord_volume_mm3", ("cord", "volume_mm3")), ("cord_csa_mean_mm2", ("cord", "csa_mm2", "mean")),
                 ("cord_length_mm", ("cord", "length_mm")), ("lesion_count", ("lesions", "count")),
                 ("lesion_total_volume_mm3", ("lesions", "total_volume_mm3")))
@@ -48,9 +55,11 @@ CSV_MEASURES = (("cord_volume_mm3", ("cord", "volume_mm3")), ("cord_csa_mean_mm2
 def build_report(out_dir: Path) -> Path:
     """Write ``out_dir/report.html`` and ``out_dir/pipeline.csv`` from the case JSONs; return the page."""
     out_dir = Path(out_dir)
+    check_output_apart([], out_dir, what="the report's folder", hint="pass the -o folder of `spineauto pipeline`")
     cases, malformed = load_cases(out_dir)
-    write_atomic(out_dir / "pipeline.csv", lambda p: p.write_text(_csv(cases), encoding="utf-8", newline=""))
-    page = write_atomic(out_dir / "report.html", lambda p: p.write_text(_html(out_dir, cases, malformed), encoding="utf-8"))
+    with writing(out_dir / "report.html"):
+        write_atomic(out_dir / "pipeline.csv", lambda p: p.write_text(_csv(cases), encoding="utf-8", newline=""))
+        page = write_atomic(out_dir / "report.html", lambda p: p.write_text(_html(out_dir, cases, malformed), encoding="utf-8"))
     logger.info("report of %d cases (%d files skipped): %s", len(cases), len(malformed), page)
     return page
 
@@ -119,109 +128,148 @@ def _classifications(cases) -> list[tuple[str, str]]:
     return names
 
 
-def _decision(d: dict, stage: str, head: str) -> tuple[str | None, float | None]:
+def _decision(d: dict, stage: str, head: str) -> tuple[str | None, float | None, str | None]:
+    """(class, its probability, who decided it: header or image) of one head of one case."""
     s = next((s for s in d.get("stages", []) if s.get("stage") == stage), None)
     for h, cls, probs in _head_decisions(s or {}):
         if h == head:
             p = probs.get(cls)
-            return cls, p if isinstance(p, (int, float)) else None
-    return None, None
+            return cls, p if isinstance(p, (int, float)) else None, _dict(_dict(_dict(s).get("heads")).get(h)).get("source", "image")
+    return None, None, None
+
+
+def _flags(d: dict) -> list[dict]:
+    flags = d.get("flags")
+    return [f for f in flags if isinstance(f, dict)] if isinstance(flags, list) else []
+
+
+def _flag_codes(d: dict) -> list[str]:
+    """The distinct flag codes of a case, in order."""
+    return list(dict.fromkeys(str(f.get("code", "?")) for f in _flags(d)))
 
 
 def _csv(cases) -> str:
     stages = _classifications(cases)
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["case", "status", "reason", *[f"{s}_{h}_{x}" if h != s else f"{s}_{x}" for s, h in stages for x in ("class", "probability")],
+    w = csv_cells.writer(buf, lineterminator="\n")
+    w.writerow(["case", "status", "reason", "flags", *[f"{s}_{h}_{x}" if h != s else f"{s}_{x}" for s, h in stages for x in ("class", "probability", "source")],
                 *[name for name, _ in CSV_MEASURES]])
     for _, d in cases:
         ms = _dict(d.get("measurements"))
-        w.writerow([d["case"], d["status"], str(d.get("reason") or ""), *[v if v is not None else "" for s, h in stages for v in _decision(d, s, h)],
+        w.writerow([d["case"], d["status"], str(d.get("reason") or ""), " ".join(_flag_codes(d)), *[v if v is not None else "" for s, h in stages for v in _decision(d, s, h)],
                     *[_get(ms, *keys) if _get(ms, *keys) is not None else "" for _, keys in CSV_MEASURES]])
     return buf.getvalue()
 
 
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;background:#f6f7f9;margin:0}
-.reason{display:inline-block;min-width:16em}.scroll{overflow-x:auto}
-main{max-width:1140px;margin:0 auto;padding:16px 20px 40px}
-h1{font-size:22px;margin:8px 0 2px}h2{font-size:18px;margin:0 0 4px;display:flex;gap:10px;align-items:center}
-h3{font-size:14px;margin:16px 0 6px;color:#57606a;text-transform:uppercase;letter-spacing:.04em}
-.muted{color:#57606a}.card{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:14px 16px;margin:16px 0}
-.case{border-left:6px solid #8c959f}.case.done{border-left-color:#2da44e}.case.stopped{border-left-color:#d4a72c}
-.case.failed{border-left-color:#cf222e}
-table{border-collapse:collapse;font-size:13px}th,td{padding:4px 10px;border-bottom:1px solid #e5e8eb;text-align:left;vertical-align:top}
-th{background:#f0f2f4;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}.nw{white-space:nowrap}
-.badge{display:inline-block;padding:1px 9px;border-radius:10px;font-size:12px;font-weight:600}
-.badge.done{background:#dafbe1;color:#116329}.badge.stopped{background:#fff8c5;color:#7d4e00}
-.badge.failed{background:#ffebe9;color:#a40e26}
-.why{border-radius:6px;padding:8px 12px;margin:8px 0}.why.stopped{background:#fff8c5}.why.failed{background:#ffebe9}
-.warn{background:#fff8c5;border:1px solid #d4a72c}
-.bar{display:inline-block;height:8px;background:#0969da;border-radius:2px;vertical-align:middle;margin-right:6px}
-.probs{color:#57606a;font-size:12px}
-figure{margin:6px 0 12px}figure img{max-width:100%;display:block;border-radius:4px;background:#111}
-figcaption{font-size:12px;color:#57606a;margin-top:3px}
-.key{display:inline-block;width:11px;height:11px;border-radius:2px;vertical-align:-1px;margin:0 4px 0 10px}
-.noimg{padding:14px 20px;margin:6px 0 12px;background:#eef0f2;color:#57606a;border-radius:4px}
-.row{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}
-details summary{cursor:pointer;color:#0969da;margin:6px 0}a{color:#0969da}
-"""
+STATUS_ORDER = {"check": 0, "failed": 1, "stopped": 2, "done": 3}  # the page shows what needs a look first
 
 
 def _html(out_dir: Path, cases, malformed) -> str:
     counts = ", ".join(f"{sum(d['status'] == s for _, d in cases)} {s}" for s in STATUSES)
+    cases = sorted(cases, key=lambda c: (STATUS_ORDER.get(c[1]["status"], 9), str(c[1]["case"])))
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>spineauto report: {escape(out_dir.name)}</title>"
-             f"<style>{CSS}</style></head><body><main><h1>spineauto pipeline report</h1>"
+             f"<style>{CSS}</style></head><body data-report='{escape(str(out_dir.resolve()))}'><main><h1>spineauto pipeline report</h1>"
              f"<p class='muted'>{escape(str(out_dir.resolve()))} · {len(cases)} cases: {counts} · built "
-             f"{escape(time.strftime('%Y-%m-%d %H:%M'))} from the case JSON files (rebuild: <code>spineauto report OUT</code>)</p>"]
+             f"{escape(time.strftime('%Y-%m-%d %H:%M'))} from the case JSON files (rebuild: <code>spineauto report OUT</code>). "
+             "A case is <b>done</b> only when no quality check flagged it; <b>check</b> cases list why, and come first.</p>"]
     if malformed:
         items = "".join(f"<li><code>{escape(p)}</code>: {escape(e)}</li>" for p, e in malformed)
         parts.append(f"<div class='card warn'><b>{len(malformed)} file(s) could not be read and are left out:</b><ul>{items}</ul></div>")
+    parts.append(_tools(cases))
     parts.append(_summary(cases))
     for i, (folder, d) in enumerate(cases):
         try:
             parts.append(_section(i, folder, d, out_dir))
         except (AttributeError, TypeError, ValueError, KeyError) as e:  # odd values inside a readable file
             logger.warning("report: cannot show case %s: %r", d["case"], e)
-            parts.append(f"<section id='case-{i}' class='card case failed'><h2>{escape(d['case'])}</h2>"
+            parts.append(f"<section id='case-{i}' class='card case failed' data-case='{escape(d['case'])}'><h2>{escape(d['case'])}</h2>"
                          f"<div class='why failed'>this case's JSON holds values the report cannot show: {escape(repr(e))}</div></section>")
-    return "".join(parts) + "</main></body></html>\n"
+    return "".join(parts) + f"</main><script>{SCRIPT}</script></body></html>\n"
 
 
 def _badge(status: str) -> str:
     return f"<span class='badge {escape(status)}'>{escape(status)}</span>"
 
 
+def _tools(cases) -> str:
+    """Review controls: filters, overlay toggle, rating export, the keys."""
+    statuses = [s for s in STATUSES if any(d["status"] == s for _, d in cases)]
+    codes = list(dict.fromkeys(c for _, d in cases for c in _flag_codes(d)))
+    status_opts = "".join(f"<option value='{escape(s)}'>{escape(s)}</option>" for s in statuses)
+    flag_opts = "".join(f"<option value='{escape(c)}'>{escape(c)}</option>" for c in codes)
+    return ("<div class='card'><div class='tools'>"
+            f"<label>status <select id='f-status'><option value=''>all</option>{status_opts}</select></label>"
+            f"<label>flag <select id='f-flag'><option value=''>any</option><option value='-'>none</option>{flag_opts}</select></label>"
+            "<label>CSA mean (mm²) <input id='f-csa-min' type='number' step='any' placeholder='min'> – "
+            "<input id='f-csa-max' type='number' step='any' placeholder='max'></label>"
+            "<label>case <input id='f-text' type='search' placeholder='name contains'></label>"
+            "<span id='shown' class='muted'></span></div>"
+            "<div class='tools' style='margin-top:8px'><button id='toggle' type='button'>overlays on/off</button>"
+            "<button id='export-csv' type='button'>export ratings (CSV)</button>"
+            "<button id='export-json' type='button'>export ratings (JSON)</button>"
+            "<span class='muted'>keys: <kbd>o</kbd> overlays · <kbd>j</kbd>/<kbd>k</kbd> next/previous case · "
+            "<kbd>p</kbd> pass · <kbd>f</kbd> fail · <kbd>a</kbd> artefact · <kbd>u</kbd> clear; ratings stay in this browser "
+            "until exported</span></div></div>")
+
+
 def _summary(cases) -> str:
     stages = _classifications(cases)
-    head = ["case", "status", "reason", *[h if h == st else f"{st}: {h}" for st, h in stages], "cord volume (mm³)", "CSA mean (mm²)", "length (mm)", "lesions",
-            "lesion volume (mm³)", "time (s)"]
+    head = [("case", "text"), ("status", "text"), ("rating", "text"), ("flags", "text"), ("reason", "text"),
+            *([("classes", "text")] if stages else []), ("cord volume (mm³)", "number"),
+            ("CSA mean (mm²)", "number"), ("length (mm)", "number"), ("lesions", "number"), ("lesion volume (mm³)", "number"),
+            ("time (s)", "number")]
     rows = []
     for i, (_, d) in enumerate(cases):
         ms = _dict(d.get("measurements"))
         decided = [_decision(d, st, h) for st, h in stages]
-        cells = [f"<a class='nw' href='#case-{i}'>{escape(d['case'])}</a>", _badge(d["status"]), f"<span class='reason'>{escape(str(d.get('reason') or '–'))}</span>",
-                 *[f"<span class='nw'>{escape(c)} <span class='muted'>{_num(p, 2)}</span></span>" if c else "–" for c, p in decided]]
-        nums = [_num(_get(ms, "cord", "volume_mm3"), 0), _num(_get(ms, "cord", "csa_mm2", "mean")), _num(_get(ms, "cord", "length_mm")),
-                _num(_get(ms, "lesions", "count"), 0), _num(_get(ms, "lesions", "total_volume_mm3")), _num(d.get("seconds"))]
-        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "".join(f"<td class='n'>{n}</td>" for n in nums) + "</tr>")
+        codes = _flag_codes(d)
+        reason = str(d.get("reason") or "–")
+        cells = [f"<td><a class='nw' href='#case-{i}'>{escape(d['case'])}</a></td>",
+                 f"<td data-v='{STATUS_ORDER.get(d['status'], 9)}'>{_badge(d['status'])}</td>", "<td class='rated'>–</td>",
+                 f"<td>{''.join(f'<span class=chip>{escape(c)}</span>' for c in codes) or '–'}</td>",
+                 f"<td><span class='reason' title='{escape(reason)}'>{escape(reason)}</span></td>"]
+        if stages:  # one column, a line per head: the table stays within the page however many heads there are
+            lines = [f"<div class='nw'><span class='muted'>{escape(h)}</span> {escape(c)} "
+                     f"<span class='muted'>{'header' if src == 'header' else _num(p, 2)}</span></div>"
+                     for (_, h), (c, p, src) in zip(stages, decided) if c]
+            cells.append(f"<td>{''.join(lines) or '–'}</td>")
+        values = [_get(ms, "cord", "volume_mm3"), _get(ms, "cord", "csa_mm2", "mean"), _get(ms, "cord", "length_mm"),
+                  _get(ms, "lesions", "count"), _get(ms, "lesions", "total_volume_mm3"), d.get("seconds")]
+        shown = [_num(values[0], 0), _num(values[1]), _num(values[2]), _num(values[3], 0), _num(values[4]), _num(values[5])]
+        cells += [f"<td class='n' data-v='{v if _is_num(v) else ''}'>{n}</td>" for v, n in zip(values, shown)]
+        csa = values[1] if _is_num(values[1]) else ""
+        rows.append(f"<tr data-case='{escape(d['case'])}' data-section='case-{i}' data-status='{escape(d['status'])}' "
+                    f"data-flags='{escape(' '.join(codes))}' data-csa='{csa}'>" + "".join(cells) + "</tr>")
     if not rows:
-        rows = [f"<tr><td colspan='{len(head)}' class='muted'>no case JSON files found</td></tr>"]
-    return (f"<div class='card'><h3 style='margin-top:0'>Summary</h3><div class='scroll'><table><tr>"
-            f"{''.join(f'<th>{escape(h)}</th>' for h in head)}</tr>{''.join(rows)}</table></div></div>")
+        rows = [f"<tr data-case='' data-status='' data-flags='' data-csa=''><td colspan='{len(head)}' class='muted'>no case JSON files "
+                "found</td><td class='rated' hidden></td></tr>"]
+    ths = "".join(f"<th data-type='{t}' title='sort'>{escape(h)}</th>" for h, t in head)
+    return (f"<div class='card'><h3 style='margin-top:0'>Summary</h3><div class='scroll'><table id='summary'><thead><tr>{ths}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div></div>")
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _section(i: int, folder: str, d: dict, out_dir: Path) -> str:
     status, versions = d["status"], _dict(d.get("versions"))
     meta = [f"source <code>{escape(str(d.get('source', '–')))}</code>", f"{_num(d.get('seconds'))} s",
             *[f"{escape(str(k))} {escape(str(v))}" for k, v in versions.items()]]
-    out = [f"<section id='case-{i}' class='card case {escape(status)}'><h2>{escape(d['case'])} {_badge(status)}</h2>"
+    rating = "".join(f"<button type='button' data-rating='{r}' aria-pressed='false'>{r}</button>" for r in ("pass", "fail", "artefact"))
+    out = [f"<section id='case-{i}' class='card case {escape(status)}' data-case='{escape(d['case'])}'>"
+           f"<h2>{escape(d['case'])} {_badge(status)} <span class='rating'>{rating}</span></h2>"
            f"<div class='muted'>{' · '.join(meta)}</div>"]
-    if status != "done":
+    flags = _flags(d)
+    if status == "check" or flags:
+        items = "".join(f"<li><b>{escape(str(f.get('stage', '?')))}</b> <span class='chip'>{escape(str(f.get('code', '?')))}</span> "
+                        f"{escape(str(f.get('reason', '')))}</li>" for f in flags)
+        out.append(f"<div class='why check'><b>Check:</b> {len(flags)} quality flag(s)<ul>{items}</ul></div>")
+    if status in ("stopped", "failed"):
         out.append(f"<div class='why {escape(status)}'><b>{'Stopped' if status == 'stopped' else 'Failed'}:</b> "
                    f"{escape(str(d.get('reason') or 'no reason recorded'))}</div>")
     out.append(_stages(d.get("stages", []), folder, out_dir))
-    out.append(_images(_dict(d.get("images")), folder, out_dir))
+    out.append(_images(_dict(d.get("images")), folder, out_dir, _dict(d.get("image_notes"))))
     out.append(_measurements(_dict(d.get("measurements"))))
     return "".join(out) + "</section>"
 
@@ -251,7 +299,7 @@ def _stages(stages: list[dict], folder: str, out_dir: Path) -> str:
         else:
             result = "no mask"
         folds = ", ".join(str(f) for f in s.get("folds") or [])
-        model = escape(str(s.get("model", "–"))) + (f" <span class='muted'>(folds {escape(folds)})</span>" if folds else "")
+        model = _model(str(s.get("model", "–"))) + (f" <span class='muted'>(folds {escape(folds)})</span>" if folds else "")
         head = f" <span class='muted'>head {escape(str(s['head']))}</span>" if s.get("head") else ""
         rows.append(f"<tr><td><b>{escape(str(s.get('stage', '?')))}</b><br><span class='muted'>{escape(str(s.get('kind', '')))}</span></td>"
                     f"<td>{result}</td><td>{model}{head}</td><td class='n'>{_num(s.get('seconds'))} s</td></tr>")
@@ -259,7 +307,13 @@ def _stages(stages: list[dict], folder: str, out_dir: Path) -> str:
             + "".join(rows) + "</table>")
 
 
-def _images(images: dict, folder: str, out_dir: Path) -> str:
+def _model(path: str) -> str:
+    """A model's folder name, its full path (or place in a bundle) folded away."""
+    name = path.replace(":", "/").rstrip("/").rsplit("/", 1)[-1] or path
+    return f"<details><summary>{escape(name)}</summary><code style='font-size:11px'>{escape(path)}</code></details>"
+
+
+def _images(images: dict, folder: str, out_dir: Path, notes: dict | None = None) -> str:
     captions = {"sagittal": "sagittal slices (anterior left, superior up)",
                 "axial": "axial slices, superior first (radiological: the patient's right on the left)"}
     names = {v: Path(str(images.get(v) or "")).name for v in captions}
@@ -269,12 +323,16 @@ def _images(images: dict, folder: str, out_dir: Path) -> str:
     out = ["<h3>Images</h3>"]
     for view, caption in captions.items():
         if view in found:
-            out.append(f"<figure><img src='{escape(quote(f'{folder}/{found[view]}'))}' alt='{escape(view)} mosaic'>"
+            src = escape(quote(f"{folder}/{found[view]}"))
+            plain = Path(str(images.get(f"{view}_plain") or "")).name
+            toggle = (f" data-overlay='{src}' data-plain='{escape(quote(f'{folder}/{plain}'))}'"
+                      if plain and (out_dir / folder / plain).is_file() else "")
+            out.append(f"<figure><img src='{src}'{toggle} alt='{escape(view)} mosaic'>"
                        f"<figcaption>{escape(caption)}; panel labels: voxel index in the original image</figcaption></figure>")
         else:
-            out.append(f"<div class='noimg'>no {escape(view)} image</div>")
-    out.append("<div class='muted' style='font-size:12px'><span class='key' style='background:#00ff00;margin-left:0'></span>cord"
-               "<span class='key' style='background:#ff2020'></span>lesion</div>")
+            out.append(f"<div class='noimg'>{escape(str((notes or {}).get(view) or f'no {view} image'))}</div>")
+    out.append("<div class='muted overlay-key' style='font-size:12px'><span class='key' style='background:#00ff00;margin-left:0'>"
+               "</span>cord<span class='key' style='background:#ff2020'></span>lesion (<kbd>o</kbd>: overlays on/off)</div>")
     return "".join(out)
 
 
@@ -290,7 +348,7 @@ def _measurements(ms: dict) -> str:
         out.append("<table>" + "".join(f"<tr><th>{k}</th><td class='n'>{v}</td><td>{u}</td></tr>" for k, v, u in rows) + "</table>")
         per_slice = [p for p in csa.get("per_slice") or [] if isinstance(p, dict)]
         if per_slice:
-            out.append(f"<div>{_csa_svg(per_slice)}<details><summary>CSA per slice ({len(per_slice)} slices)</summary><table>"
+            out.append(f"<div>{_csa_svg(per_slice, _dict(cord.get('plausible_csa_mm2')))}<details><summary>CSA per slice ({len(per_slice)} slices)</summary><table>"
                        "<tr><th>z (mm)</th><th>CSA (mm²)</th><th>angle (°)</th></tr>"
                        + "".join(f"<tr><td class='n'>{_num(p.get('z_mm'))}</td><td class='n'>{_num(p.get('csa_mm2'), 2)}</td>"
                                  f"<td class='n'>{_num(p.get('angle_deg'))}</td></tr>" for p in per_slice) + "</table></details></div>")
@@ -310,21 +368,32 @@ def _measurements(ms: dict) -> str:
     return "".join(out)
 
 
-def _csa_svg(per_slice: list[dict], w: int = 460, h: int = 170) -> str:
-    """CSA along the cord as an inline SVG line plot (inferior left, superior right)."""
+def _csa_svg(per_slice: list[dict], plausible: dict | None = None, w: int = 460, h: int = 170) -> str:
+    """CSA along the cord as an inline SVG line plot (inferior left, superior right), the plausible
+    range (``plausible``: low, high, level) shaded."""
     pts = sorted((p["z_mm"], p["csa_mm2"]) for p in per_slice
                  if all(isinstance(p.get(k), (int, float)) for k in ("z_mm", "csa_mm2")))
     if len(pts) < 2:
         return ""
-    (z0, z1), (c0, c1) = (min(p[0] for p in pts), max(p[0] for p in pts)), (0.0, max(p[1] for p in pts) * 1.1 or 1.0)
+    band = (plausible or {}).get("low"), (plausible or {}).get("high")
+    band = band if all(_is_num(v) for v in band) and band[0] < band[1] else None
+    top_value = max([p[1] for p in pts] + ([band[1]] if band else []))
+    (z0, z1), (c0, c1) = (min(p[0] for p in pts), max(p[0] for p in pts)), (0.0, top_value * 1.1 or 1.0)
     left, right, top, bottom = 46, w - 10, 10, h - 30
     sx = lambda z: left + (z - z0) / ((z1 - z0) or 1) * (right - left)  # noqa: E731
     sy = lambda c: bottom - (c - c0) / (c1 - c0) * (bottom - top)  # noqa: E731
     line = " ".join(f"{sx(z):.1f},{sy(c):.1f}" for z, c in pts)
     ticks = "".join(f"<text x='{left - 6}' y='{sy(v) + 4:.1f}' text-anchor='end'>{v:.0f}</text>"
                     f"<line x1='{left}' x2='{right}' y1='{sy(v):.1f}' y2='{sy(v):.1f}' stroke='#e5e8eb'/>" for v in (c0, c1 / 2, c1))
+    shade = ""
+    if band:
+        level = escape(str((plausible or {}).get("level") or ""))
+        shade = (f"<rect class='normal-range' x='{left}' y='{sy(band[1]):.1f}' width='{right - left}' height='{sy(band[0]) - sy(band[1]):.1f}' "
+                 f"fill='#2da44e' fill-opacity='0.12'><title>plausible adult CSA {band[0]:g}-{band[1]:g} mm² ({level})</title></rect>"
+                 f"<text x='{right - 4}' y='{sy(band[1]) + 12:.1f}' text-anchor='end' font-size='10'>plausible {band[0]:g}-{band[1]:g} mm² "
+                 f"({level})</text>")
     return (f"<svg width='{w}' height='{h}' viewBox='0 0 {w} {h}' font-size='11' fill='#57606a' role='img' aria-label='CSA per slice'>"
-            f"{ticks}<polyline points='{line}' fill='none' stroke='#1a7f37' stroke-width='1.8'/>"
+            f"{shade}{ticks}<polyline points='{line}' fill='none' stroke='#1a7f37' stroke-width='1.8'/>"
             f"<text x='{left}' y='{h - 12}'>{z0:.0f}</text><text x='{right}' y='{h - 12}' text-anchor='end'>{z1:.0f}</text>"
             f"<text x='{(left + right) / 2}' y='{h - 12}' text-anchor='middle'>z (mm), inferior → superior</text>"
             f"<text x='12' y='{(top + bottom) / 2}' transform='rotate(-90 12 {(top + bottom) / 2})' text-anchor='middle'>CSA (mm²)</text></svg>")

@@ -60,6 +60,7 @@ class Fingerprint:
     class_counts: dict[str, dict[str, int]]
     isotropic_plane: str = "sagittal"  # slicing plane for near-isotropic blocks (see choose_slice_axis)
     lesion_labels: list[str] = field(default_factory=list)  # declared in dataset.json (else found by name)
+    regions: dict[str, list[int]] = field(default_factory=dict)  # region-based labels (dataset.json): name -> label-map values
     schema_version: int = SCHEMA_VERSION
 
     def save(self, path: Path) -> Path:
@@ -73,6 +74,18 @@ class Fingerprint:
         if data.get("schema_version") != SCHEMA_VERSION:
             raise SpineautoError(f"{path}: fingerprint schema {data.get('schema_version')} is not {SCHEMA_VERSION}; rerun plan_and_preprocess")
         return from_dict(cls, data, str(path))
+
+
+TRAINING_RANGE_FILE = "training_range.json"  # in a model folder: what its training scans looked like (no case names)
+
+
+def training_range(fp: Fingerprint) -> dict:
+    """Voxel sizes and fields of view (mm) of the training cases, each sorted small to large, as
+    min and max per rank: what the pipeline's QC compares a new scan with."""
+    spacing = np.sort(np.array([c.spacing[:3] for c in fp.cases], float), axis=1)
+    fov = np.sort(np.array([np.multiply(c.shape[:3], c.spacing[:3]) for c in fp.cases], float), axis=1)
+    return {"cases": len(fp.cases), "spacing_mm": {"min": spacing.min(0).tolist(), "max": spacing.max(0).tolist()},
+            "fov_mm": {"min": fov.min(0).tolist(), "max": fov.max(0).tolist()}}
 
 
 def _stats(values: np.ndarray) -> IntensityStats:
@@ -164,7 +177,7 @@ def fingerprint_dataset(info: DatasetInfo, verify: bool = True, workers: int = 2
         counts[h] = {k: counts[h].get(k, 0) for k in classes}
     return Fingerprint(dataset_name=info.folder.name, channel_names=info.channel_names, labels=info.labels,
                        heads=info.heads, cases=fps, intensity=pooled, class_counts=counts, isotropic_plane=isotropic_plane,
-                       lesion_labels=list(info.lesion_labels))
+                       lesion_labels=list(info.lesion_labels), regions=dict(info.regions))
 
 
 def _isotropic_plane(fps: list[CaseFingerprint]) -> str:

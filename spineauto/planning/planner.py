@@ -209,6 +209,10 @@ def plan_dataset(fp: Fingerprint, preset: Path | None = None, gpu_memory_gb: flo
     if len(fp.labels) > 1:
         configs["2d"] = ConfigurationPlan(name="2d", task="segmentation", patch_size=patch, batch_size=bs, network=net,
                                           reasons=dict(reasons), **common)
+        if fp.regions:  # nnU-Net's region training: one sigmoid output per region, Dice + BCE on each
+            configs["2d"].network = NetworkPlan(**{**net.__dict__, "output_activation": "sigmoid"})
+            configs["2d"].loss.name = "dice_bce"
+            configs["2d"].reasons["loss"] = f"region-based labels {dict(fp.regions)}: a sigmoid output per region (nnU-Net's Dice + BCE)"
     if heads:
         cls_bs, cls_reason = _batch_size(patch, net, total_pixels * 4, encoder_only=True, budget=budget)
         configs["cls"] = ConfigurationPlan(
@@ -218,11 +222,11 @@ def plan_dataset(fp: Fingerprint, preset: Path | None = None, gpu_memory_gb: flo
                                                   "network": net_reason + "; batch norm: the heads pool the deepest features globally, "
                                                   "and instance norm would remove each image's channel means (measured: much slower learning)"},
             **common)
-    if heads and len(fp.labels) > 1:
+    if heads and len(fp.labels) > 1 and not fp.regions:  # the heads' softmax outputs and the regions' sigmoid ones do not mix
         configs["multitask"] = ConfigurationPlan(name="multitask", task="multitask", patch_size=patch, batch_size=bs, network=net,
                                                  heads=heads, reasons={**reasons, "heads": head_reason}, **common)
     lesion = lesion_labels(fp.labels, fp.lesion_labels)
-    cord = cord_label(fp.labels, lesion)
+    cord = cord_label(fp.labels, lesion) if not fp.regions else None  # the cascade and localisation take a cord label, not a region
     if cord and lesion:
         configs["2d_cord_roi"] = _roi_configuration(fp, cord, lesion, target, reasons, common, budget)
     if cord and "2d" in configs:
@@ -234,7 +238,7 @@ def plan_dataset(fp: Fingerprint, preset: Path | None = None, gpu_memory_gb: flo
                 "(training/synthetic.py): a cord model sees the vertebral bodies, vessels and muscle of a whole neck "
                 "(measured in bench_generalisation: fewer false positives on a whole-neck scan)")
     plans = Plans(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=fp.labels, heads=fp.heads,
-                  lesion_labels=lesion, configurations=configs,
+                  lesion_labels=lesion, configurations=configs, regions=dict(fp.regions),
                   foreground_intensity_properties_per_channel={str(c): s for c, s in enumerate(fp.intensity)})
     if preset is not None:
         plans = apply_preset(plans, preset)

@@ -161,6 +161,7 @@ class TrainerPlan:
     pin_memory: bool | None = None  # None: on for CUDA
     log_every: int = 0  # training iterations between step-level loss/lr logs (W&B, TensorBoard); 0: per epoch only
     val_every: int = 1  # epochs between validation passes (the last epoch always validates)
+    sync_batchnorm: bool = True  # under DDP, BatchNorm layers normalise over the global batch (SyncBatchNorm); false: each rank its own
     loggers: list[str] = field(default_factory=list)  # beside the local files and W&B: tensorboard
     callbacks: list[dict[str, Any]] = field(default_factory=list)  # {name: lr_monitor | model_checkpoint | segmentation_sampler | early_stopping | package.module:Name, ...arguments}
 
@@ -225,6 +226,9 @@ class Plans:
     schema_version: int = SCHEMA_VERSION
     plans_name: str = "spineautoPlans"
     preset: str | None = None
+    # region-based labels (nnU-Net's): region name -> the label-map values it covers, in painting order; the
+    # region is output channel labels[name] (sigmoid) and written as that value, a later region over an earlier
+    regions: dict[str, list[int]] = field(default_factory=dict)
 
     def configuration(self, name: str) -> ConfigurationPlan:
         if name not in self.configurations:
@@ -236,6 +240,18 @@ class Plans:
         """Per-channel statistics in channel order (what CT-style normalisation reads)."""
         props = self.foreground_intensity_properties_per_channel
         return [props[str(c)] for c in range(len(props))]
+
+    @property
+    def region_order(self) -> list[int] | None:
+        """The output channels (= written label values) of the regions in painting order, or None."""
+        return [self.labels[name] for name in self.regions] if self.regions else None
+
+    def members(self, value: int) -> list[int]:
+        """The label-map values that output channel ``value`` stands for: its region's, else just itself."""
+        for name, values in self.regions.items():
+            if self.labels[name] == value:
+                return list(values)
+        return [value]
 
     @property
     def num_classes(self) -> int:

@@ -15,6 +15,12 @@ never more than that. Measured on the real data (6 cases, 4.5 MiB, 2 cores): 2.9
 hashes, 6.3 ms with; SHA-1 runs at about 1.4 GB/s. ``plan_and_preprocess`` hashes every file it keeps
 (it reads the whole raw dataset anyway), so a truncated or corrupt case is redone there.
 
+The manifest also records the raw dataset's training files as they were planned (``raw``: per case
+its images and label, relative to the dataset folder, with size, modification time and SHA-1).
+Training compares them with the raw dataset first (:func:`raw_changes`): sizes and modification
+times of every file (a stat each), a file's SHA-1 only where its modification time moved, so a case
+removed, added or edited since ``plan_and_preprocess`` is named instead of trained on as it was.
+
 SHA-1 of the file bytes: at these sizes (MB per case) hashing runs at disk speed (about 1 GB/s on one
 core), is in the standard library, and catches any change, not just a truncation.
 """
@@ -25,6 +31,7 @@ import json
 import os
 from pathlib import Path
 
+from spineauto.datasets.dataset_json import DatasetInfo
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import write_json
 
@@ -73,10 +80,42 @@ def file_problem(path: Path, entry: dict, full_hash: bool = True, data: bytes | 
     return None
 
 
-def write_manifest(dataset_folder: Path, data: dict[str, dict]) -> Path:
-    """``data``: data identifier -> {"configurations": [...], "cases": {case: {file name: file_entry}}}."""
+def write_manifest(dataset_folder: Path, data: dict[str, dict], raw: dict[str, dict] | None = None) -> Path:
+    """``data``: data identifier -> {"configurations": [...], "cases": {case: {file name: file_entry}}};
+    ``raw``: case -> {path in the raw dataset: file_entry} (:func:`raw_entries`)."""
     return write_json(Path(dataset_folder) / MANIFEST, {"manifest_version": MANIFEST_VERSION, "hash": "sha1",
-                                                         "dataset": Path(dataset_folder).name, "data": data})
+                                                         "dataset": Path(dataset_folder).name, "data": data,
+                                                         **({"raw": raw} if raw is not None else {})})
+
+
+def _raw_files(info: DatasetInfo, case: str) -> list[Path]:
+    return info.image_files(case) + ([info.label_file(case)] if info.has_segmentation else [])
+
+
+def raw_entries(info: DatasetInfo) -> dict[str, dict]:
+    """case -> {``imagesTr/<file>``: file_entry} of every training case of the raw dataset."""
+    return {case: {f.relative_to(info.folder).as_posix(): file_entry(f) for f in _raw_files(info, case)}
+            for case in info.training_cases()}
+
+
+def raw_changes(manifest: dict, info: DatasetInfo) -> dict[str, list[str]] | None:
+    """{"removed", "added", "changed"} case lists (changed: ``case (file)``) of the raw dataset since the
+    manifest was written; None when the manifest predates raw records."""
+    recorded = manifest.get("raw")
+    if not isinstance(recorded, dict):
+        return None
+    now = set(info.training_cases())
+    changes: dict[str, list[str]] = {"removed": sorted(set(recorded) - now), "added": sorted(now - set(recorded)), "changed": []}
+    for case in sorted(set(recorded) & now):
+        files = recorded[case] if isinstance(recorded[case], dict) else {}
+        names = {f.relative_to(info.folder).as_posix() for f in _raw_files(info, case)}
+        for name in sorted(names | set(files)):
+            why = file_problem(info.folder / name, files[name], full_hash=False) if name in files else "is new"
+            if why:
+                why = {"h": "changed size", "d": "changed content"}.get(why[0], why)
+                changes["changed"].append(f"{case} ({name} {why})")
+                break
+    return changes
 
 
 def load_manifest(dataset_folder: Path) -> dict:

@@ -82,6 +82,12 @@ def preprocess_array(data: np.ndarray, affine: np.ndarray, plan: ConfigurationPl
     spacing = geom.spacing
     cropped_shape = list(data.shape[1:])
     new_shape = [cropped_shape[0]] + [max(1, int(round(s * sp / t))) for s, sp, t in zip(cropped_shape[1:], spacing[1:], plan.target_spacing)]
+    coarse = [sp / t for sp, t in zip(spacing[1:], plan.target_spacing)]
+    if seg is None and roi is None and jitter_seed is None and max(coarse) >= COARSE_RATIO:  # a whole scan to predict
+        log.warning("%s: in-plane voxel size %s mm is %.1fx the plan's %s mm: upsampled from %s to %s px slices (slower, "
+                    "and the model sees interpolated detail it was not trained on)", name, " x ".join(f"{v:.3g}" for v in spacing[1:]),
+                    max(coarse), " x ".join(f"{v:.3g}" for v in plan.target_spacing), " x ".join(map(str, cropped_shape[1:])),
+                    " x ".join(map(str, new_shape[1:])))
     if new_shape != cropped_shape:
         data = resample_in_plane(data, new_shape, is_seg=False, order=3)
         if seg is not None:
@@ -93,6 +99,7 @@ def preprocess_array(data: np.ndarray, affine: np.ndarray, plan: ConfigurationPl
     return data.astype(np.float32, copy=False), out_seg, props
 
 
+COARSE_RATIO = 3.0  # a scan to predict this many times coarser in-plane than the plan is upsampled with a warning
 RESAMPLE_SLAB = 8  # slices resampled at a time (nnunetv2 works in float64: 8 x a slice x 8 bytes, in and out)
 
 
@@ -158,7 +165,7 @@ def class_locations(seg: np.ndarray, labels: list[int], rng: np.random.Generator
     return out
 
 
-def _source_hash(files: list[Path], plan: ConfigurationPlan, intensity) -> str:
+def _source_hash(files: list[Path], plan: ConfigurationPlan, intensity, pixel_spacing=None) -> str:
     h = hashlib.sha1()
     for f in files:  # named within the dataset (imagesTr/x_0000.nii.gz): a moved or copied dataset keeps its cases
         st = f.stat()
@@ -167,6 +174,8 @@ def _source_hash(files: list[Path], plan: ConfigurationPlan, intensity) -> str:
            [s.__dict__ for s in intensity] if intensity else None]
     if plan.roi is not None:  # only then: the cases of other plans keep their hash
         key.append(plan.roi.__dict__)
+    if pixel_spacing is not None:  # only then: likewise
+        key.append(list(pixel_spacing))
     h.update(json.dumps(key, default=str).encode())
     return h.hexdigest()
 
@@ -211,7 +220,7 @@ def preprocess_case(info: DatasetInfo, case: str, plan: ConfigurationPlan, inten
     """Preprocess one training case into ``out_dir``: (written, its files' manifest entries); written is
     False when it was already up to date, the entries None when the case is not part of the plan's data."""
     files = info.image_files(case) + ([info.label_file(case)] if info.has_segmentation else [])
-    digest = _source_hash(files, plan, intensity)
+    digest = _source_hash(files, plan, intensity, info.pixel_spacing)
     npy_name, seg_name, props_name = case_file_names(case)
     props_path = out_dir / props_name
     kept = _up_to_date(out_dir, case, digest)
@@ -219,11 +228,11 @@ def preprocess_case(info: DatasetInfo, case: str, plan: ConfigurationPlan, inten
         return False, kept
     for stale in (props_path, out_dir / npy_name, out_dir / seg_name):  # the properties first: no half case looks done
         stale.unlink(missing_ok=True)
-    data, affine = read_channels(info.image_files(case))
+    data, affine = read_channels(info.image_files(case), info.pixel_spacing)
     non_finite = zero_non_finite(data)  # only reachable with --no-verify (the fingerprint warned)
     if non_finite:
         log.debug("%s: %d NaN/Inf voxels set to 0", case, non_finite)
-    seg = read_volume(info.label_file(case))[0].round().astype(np.int16) if info.has_segmentation else None
+    seg = read_volume(info.label_file(case), pixel_spacing=info.pixel_spacing)[0].round().astype(np.int16) if info.has_segmentation else None
     roi = None
     if plan.roi is not None:  # the reference mask of the roi label, with a seeded per-case jitter of its box
         if seg is None or plan.roi.label not in info.labels:

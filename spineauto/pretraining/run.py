@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from spineauto.errors import SpineautoError
+from spineauto.io.outputs import check_output_apart
 from spineauto.pretraining import shards as sh
 from spineauto.pretraining.train import PretrainOptions, pretrain
 
@@ -38,6 +39,13 @@ def run_pretrain(sources: list[Path], out: Path, options: PretrainOptions, *, se
                  size: int, channels: int, shard_size: int, workers: int, strict: bool, convert_only: bool,
                  convert_progress: Callable[[str, int, int], None] | None = None) -> tuple[dict, Path | None]:
     is_main = int(os.environ.get("RANK", "0")) == 0
+    check_output_apart(sources, out)
+    for flag, value, low in (("--seed", options.seed, 0), ("--num-workers", options.num_workers, 0), ("-np/--num-processes", workers, 1),
+                             ("--shard-size", shard_size, 1), ("--size", size, 8)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (flag == "--seed" and value >= 2**32):
+            raise SpineautoError(f"{flag} must be a whole number >= {low}{' and < 2**32' if flag == '--seed' else ''}, got {value!r}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise SpineautoError(f"{out}: exists and is not a folder; -o names the folder for shards/ and the checkpoints, choose another")
     if is_main:  # DDP: rank 0 converts, the others read what it wrote (the same command reruns it idempotently)
         index = convert_sources(sources, out, self_supervised=self_supervised, class_depth=class_depth, size=size, channels=channels,
                                 shard_size=shard_size, workers=workers, strict=strict, overwrite=options.overwrite,

@@ -119,3 +119,73 @@ def relaunch_with_torchrun(n: int, argv: list[str], nnodes: int = 1, rdzv_endpoi
                            rdzv_id: str | None = None) -> int:
     """Run ``spineauto <argv>`` (launch options removed) under torchrun; returns its exit code."""
     return subprocess.call(torchrun_command(n, strip_launch_options(argv), nnodes, rdzv_endpoint, rdzv_id))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks; every rank's total depends on every rank's part, so the gradient is summed too."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+class CpuSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm (statistics of the whole global batch, every rank alike) for CPU training under
+    gloo, where ``torch.nn.SyncBatchNorm`` refuses to run: the per-channel sums and counts are
+    all-reduced (gradients through them too). Its state-dict keys are
+    BatchNorm's; outside a process group (or in eval mode) it is plain BatchNorm."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = x.shape[1]
+        dims = [d for d in range(x.dim()) if d != 1]
+        count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
+        totals = _AllReduceSum.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:c] / n
+        var = (totals[c:2 * c] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def convert_sync_batchnorm(network: torch.nn.Module) -> int:
+    """Make every BatchNorm layer of ``network`` (in place) normalise over the global DDP batch:
+    ``torch.nn.SyncBatchNorm`` on accelerators, :class:`CpuSyncBatchNorm` on the CPU; the same
+    parameters, running statistics and state-dict keys. Returns how many layers it converted."""
+    bn = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bn:
+        return 0
+    if next(network.parameters()).device.type != "cpu":
+        converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+        assert converted is network  # the network itself is never a BatchNorm layer
+        return len(bn)
+    for parent in list(network.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(child, CpuSyncBatchNorm):
+                sync = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+                if child.affine:
+                    sync.weight, sync.bias = child.weight, child.bias
+                if child.track_running_stats:
+                    sync.running_mean, sync.running_var, sync.num_batches_tracked = child.running_mean, child.running_var, child.num_batches_tracked
+                setattr(parent, name, sync.train(child.training))
+    return len(bn)

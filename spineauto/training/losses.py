@@ -116,15 +116,22 @@ def _focal_tversky(plans: Plans, plan: ConfigurationPlan, ddp: bool) -> nn.Modul
 
 
 class RegionTargets(nn.Module):
-    """Sigmoid losses train channel k (k >= 1) on the region ``label == k``; channel 0 is unused."""
+    """Sigmoid losses train channel k (k >= 1) on its region: the label-map values ``members[k - 1]``
+    (a region of dataset.json, e.g. cord = {1, 2}), by default ``label == k``; channel 0 is unused."""
 
-    def __init__(self, loss: nn.Module):
+    def __init__(self, loss: nn.Module, members: list[list[int]] | None = None):
         super().__init__()
         self.loss = loss
+        self.members = members
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        k = torch.arange(1, logits.shape[1], device=target.device).view(1, -1, *([1] * (target.ndim - 2)))
-        return self.loss(logits[:, 1:], (target.long() == k).to(logits.dtype))
+        target = target.long()
+        if self.members is None:
+            k = torch.arange(1, logits.shape[1], device=target.device).view(1, -1, *([1] * (target.ndim - 2)))
+            return self.loss(logits[:, 1:], (target == k).to(logits.dtype))
+        values = [torch.tensor(m, device=target.device) for m in self.members]
+        regions = torch.cat([torch.isin(target, v) for v in values], dim=1)  # target (B, 1, ...) -> (B, R, ...)
+        return self.loss(logits[:, 1:], regions.to(logits.dtype))
 
 
 @_register("dice_bce", activation="sigmoid")
@@ -134,7 +141,8 @@ def _dice_bce(plans: Plans, plan: ConfigurationPlan, ddp: bool) -> nn.Module:
 
     return RegionTargets(DC_and_BCE_loss({}, {"batch_dice": True, "do_bg": True, "smooth": SMOOTH, "ddp": ddp},
                                          weight_ce=plan.loss.ce_weight, weight_dice=plan.loss.dice_weight,
-                                         dice_class=MemoryEfficientSoftDiceLoss))
+                                         dice_class=MemoryEfficientSoftDiceLoss),
+                         [plans.members(k) for k in range(1, plans.num_classes)] if plans.regions else None)
 
 
 def resolve_loss(plan: ConfigurationPlan):

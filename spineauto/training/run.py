@@ -21,7 +21,10 @@ from spineauto import paths
 from spineauto.errors import SpineautoError
 from spineauto.io.atomic import read_json, write_json
 from spineauto.io.locks import exclusive_lock
+from spineauto.datasets.dataset_json import load_dataset_json
+from spineauto.planning.fingerprint import TRAINING_RANGE_FILE, Fingerprint, training_range
 from spineauto.planning.plans import ConfigurationPlan, Plans
+from spineauto.preprocessing.manifest import MANIFEST, load_manifest, raw_changes
 from spineauto.training.checkpoint import LATEST, TOP_INDEX, copy_checkpoint, load_checkpoint
 from spineauto.training.config import RunConfig, check_same_run, plan_sha, resolve
 from spineauto.training.data import CaseStore
@@ -99,13 +102,14 @@ class RunContext:
 @contextmanager
 def open_run(dataset: str | int, configuration: str, fold: str | int, *, seed: int | None, epochs: int | None,
              iters_per_epoch: int | None, val_iters: int | None, continue_training: bool, preprocessed: Path | None,
-             results: Path | None, is_main: bool = True, run_spec: RunSpec | None = None) -> Iterator[RunContext]:
+             results: Path | None, is_main: bool = True, run_spec: RunSpec | None = None, allow_stale: bool = False) -> Iterator[RunContext]:
     """The checked run, with the fold locked (main process) until the block ends; writes nothing but the lock file."""
     fold = parse_fold(fold)
     pre_dir = paths.preprocessed_dataset(dataset, preprocessed)
     plans_path = pre_dir / "plans.json"
     if not plans_path.is_file():
         raise SpineautoError(f"{plans_path}: no plans yet; run `spineauto plan_and_preprocess -d {dataset}` first")
+    check_raw_unchanged(pre_dir, allow_stale)
     plans = Plans.load(plans_path)
     if not run_spec:
         plan = plans.configuration(configuration)
@@ -121,6 +125,11 @@ def open_run(dataset: str | int, configuration: str, fold: str | int, *, seed: i
         train_cases, val_cases = cases_for_fold(splits, fold, sorted(store.props), pre_dir / SPLITS_FILE)
 
     model_dir = paths.model_folder(pre_dir.name, configuration, plans.plans_name, results=results)
+    trial = sweep_trial()
+    if trial is not None:  # every trial of a W&B sweep its own model folder: they would all write the same fold
+        model_dir = model_dir.parent / trial / model_dir.name
+        if is_main:
+            log.info("W&B sweep trial: training into %s", model_dir)
     fold_dir = model_dir / f"fold_{fold}"
     lock = exclusive_lock(model_dir / f".{fold_dir.name}.lock", f"training of {fold_dir}") if is_main else nullcontext()
     with lock:
@@ -142,6 +151,38 @@ def open_run(dataset: str | int, configuration: str, fold: str | int, *, seed: i
         if previous is not None:
             check_same_run(config, previous, fold_dir)
         yield RunContext(plans, plan, store, train_cases, val_cases, pre_dir, model_dir, fold_dir, config, resume, resumed_from)
+
+
+def check_raw_unchanged(pre_dir: Path, allow_stale: bool = False) -> None:
+    """Refuse (or with ``allow_stale`` warn) when the raw dataset's training cases were removed, added or
+    edited since ``plan_and_preprocess`` (:func:`~spineauto.preprocessing.manifest.raw_changes`); a model
+    trained without the raw dataset at hand skips this."""
+    raw_dir = paths.root("raw") / pre_dir.name
+    if not (raw_dir / "dataset.json").is_file() or not (pre_dir / MANIFEST).is_file():
+        return
+    changes = raw_changes(load_manifest(pre_dir), load_dataset_json(raw_dir))
+    if not changes or not any(changes.values()):
+        return
+    said = "; ".join(f"{len(v)} {k} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for k, v in changes.items() if v)
+    line = f"{raw_dir}: the raw dataset changed since plan_and_preprocess: {said}"
+    if allow_stale:
+        log.warning("%s; training on the data as they were preprocessed (--allow-stale-data)", line)
+        return
+    raise SpineautoError(f"{line}; rerun `spineauto plan_and_preprocess -d {pre_dir.name}` (with the same --preset; it redoes only "
+                         "the changed cases), or pass --allow-stale-data to train on the data as they were preprocessed")
+
+
+def sweep_trial() -> str | None:
+    """``sweep_<id>/trial_<run id>`` under a ``wandb agent`` (it sets WANDB_SWEEP_ID and WANDB_RUN_ID per trial), else None."""
+    sweep, run = os.environ.get("WANDB_SWEEP_ID", ""), os.environ.get("WANDB_RUN_ID", "")
+    if not sweep:
+        return None
+    if not run:
+        raise SpineautoError("WANDB_SWEEP_ID is set but WANDB_RUN_ID is not: run sweep trials through `wandb agent`")
+    for name, value in (("WANDB_SWEEP_ID", sweep), ("WANDB_RUN_ID", run)):
+        if not value.replace("-", "").replace("_", "").isalnum():
+            raise SpineautoError(f"{name}={value!r}: not a W&B id (letters, digits, - and _)")
+    return f"sweep_{sweep}/trial_{run}"
 
 
 def _aside(fold_dir: Path) -> Path:
@@ -219,7 +260,8 @@ def _remove_temporaries(fold_dir: Path) -> None:
 
 
 def _write_model_folder(pre_dir: Path, model_dir: Path, plans: Plans, plan: ConfigurationPlan) -> None:
-    """plans.json (with the intensity statistics), dataset.json and splits beside the folds: the folder predicts on its own."""
+    """plans.json (with the intensity statistics), dataset.json, splits and the training scans' range of voxel
+    sizes and fields of view beside the folds: the folder predicts (and checks its inputs) on its own."""
     model_dir.mkdir(parents=True, exist_ok=True)
     old = model_dir / "plans.json"
     if old.is_file():
@@ -228,8 +270,11 @@ def _write_model_folder(pre_dir: Path, model_dir: Path, plans: Plans, plan: Conf
         except SpineautoError:
             other = None
         if other is not None and plan_sha(other) != plan_sha(plan):
-            log.warning("%s: the plan changed; folds trained before with the old plan should be retrained", old)
+            log.warning("%s: the plan changed; folds trained before keep predicting with their own (fold_k/run_config.yaml), "
+                        "but folds whose plans differ in what prediction shares (patch size, preprocessing) cannot be ensembled", old)
     plans.save(old)
+    if (pre_dir / "fingerprint.json").is_file():  # what the pipeline's QC compares a new scan with
+        write_json(model_dir / TRAINING_RANGE_FILE, training_range(Fingerprint.load(pre_dir / "fingerprint.json")))
     for name in ("dataset.json", SPLITS_FILE):
         if (pre_dir / name).is_file():
             write_json(model_dir / name, read_json(pre_dir / name))

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spineauto.errors import SpineautoError
+from spineauto.inference.model import RUN_CONFIG_FILE
 from spineauto.io.atomic import json_safe, write_atomic
 from spineauto.planning.plans import ConfigurationPlan, Plans
-from spineauto.schema import convert, deep_merge, load_yaml_mapping, to_dict
+from spineauto.schema import convert, deep_merge, load_yaml_mapping, load_yaml_text, to_dict
 
-RUN_CONFIG_FILE = "run_config.yaml"
 # keys that decide the preprocessed data (or the dataset's labels): changed by re-planning, not at train time
 PREPROCESSING_KEYS = ("name", "task", "data_identifier", "slicing", "isotropic_plane", "target_spacing", "normalization",
                       "use_mask_for_norm", "roi", "heads", "reasons")
@@ -78,8 +78,6 @@ def _number(text, flag: str, kind: type):
 
 def read_overrides(spec: RunSpec, configuration: str) -> tuple[dict, str | None, list[str]]:
     """(nested overrides, the configuration they inherit from when the preset adds one, their sources)."""
-    import yaml
-
     overrides: dict = {}
     inherit, sources = None, []
     if spec.config is not None:
@@ -112,8 +110,8 @@ def read_overrides(spec: RunSpec, configuration: str) -> tuple[dict, str | None,
         if not eq:
             raise SpineautoError(f"--config-set {item!r}: expected key=value, e.g. optim.initial_lr=0.001")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
+            value = load_yaml_text(text, f"--config-set {item!r}") if text.strip() else ""
+        except SpineautoError:
             value = text
         _set(overrides, key.strip().lstrip("-"), value, f"--config-set {item!r}")
         sources.append(f"{key.strip()}={text}")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spineauto.errors import SpineautoError
 from spineauto.networks.outputs import seg_labels
 from spineauto.planning.plans import ConfigurationPlan, Plans
 from spineauto.plugins import Registry, describe
@@ -72,6 +73,11 @@ class SegmentationTask:
         names = {v: k for k, v in plans.labels.items()}
         self.label_names = [names.get(v, str(v)) for v in range(1, self.num_classes)]
         self.activation = plan.network.output_activation
+        self.order = plans.region_order  # region-based labels: the painting order of their sigmoid channels
+        self.members = [plans.members(k) for k in range(1, self.num_classes)]  # what channel k's Dice counts
+        if self.order and self.activation != "sigmoid":
+            raise SpineautoError(f"configuration {plan.name!r}: dataset {plans.dataset_name} has region labels {plans.regions}, which "
+                                 f"train sigmoid outputs; loss {plan.loss.name!r} trains {self.activation} ones (use dice_bce)")
         self.criterion: nn.Module = build_segmentation_loss(plans, plan, ddp)  # plan.loss.name, deep supervision around it
 
     def make_sampler(self, store):
@@ -88,11 +94,12 @@ class SegmentationTask:
         return seg[0] if isinstance(seg, (list, tuple)) else seg
 
     def val_stats(self, output: dict, batch: dict) -> dict[str, torch.Tensor]:
-        pred = seg_labels(self._top(output), self.activation)
+        pred = seg_labels(self._top(output), self.activation, self.order)
         ref = batch["seg"][:, 0].long()
         stats = torch.zeros(3, self.num_classes - 1, dtype=torch.float64, device=pred.device)
-        for k in range(1, self.num_classes):
-            p, r = pred == k, ref == k
+        for k in range(1, self.num_classes):  # per label, or per region (a region's Dice counts all its values)
+            members = torch.tensor(self.members[k - 1], device=pred.device)
+            p, r = torch.isin(pred, members), torch.isin(ref, members)
             tp = (p & r).sum()
             stats[0, k - 1] = tp
             stats[1, k - 1] = p.sum() - tp
@@ -111,14 +118,14 @@ class SegmentationTask:
     def example(self, batch: dict, output: dict) -> dict | None:
         seg = batch["seg"][:, 0]
         i = int((seg > 0).flatten(1).sum(1).argmax())
-        pred = seg_labels(self._top(output)[i:i + 1], self.activation)[0]
+        pred = seg_labels(self._top(output)[i:i + 1], self.activation, self.order)[0]
         return {"image": batch["data"][i, 0].float().cpu().numpy(), "truth": seg[i].cpu().numpy(),
                 "prediction": pred.cpu().numpy(), "key": batch["keys"][i] if batch.get("keys") else ""}
 
     def examples(self, batch: dict, output: dict, n: int) -> list[dict]:
         """Up to ``n`` samples of the batch, most foreground first (the segmentation sampler's images)."""
         seg = batch["seg"][:, 0]
-        pred = seg_labels(self._top(output), self.activation)
+        pred = seg_labels(self._top(output), self.activation, self.order)
         order = (seg > 0).flatten(1).sum(1).argsort(descending=True)[:n].tolist()
         keys = batch.get("keys") or [""] * len(seg)
         return [{"image": batch["data"][i, 0].float().cpu().numpy(), "truth": seg[i].cpu().numpy(),

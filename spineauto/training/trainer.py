@@ -28,7 +28,7 @@ from spineauto.training import classification, multitask  # noqa: F401 (the buil
 from spineauto.training.augment import build_transforms, initial_patch_size
 from spineauto.training.data import EpochKeys, KeyedBatches, default_num_workers, make_loader
 from spineauto.training.synthetic import neck_context
-from spineauto.training.distributed import DistInfo, all_reduce_sum, init_distributed, rank_batch_size, shutdown
+from spineauto.training.distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed, rank_batch_size, shutdown
 from spineauto.training.callbacks import FunctionCallback, build_callbacks, check_monitors, sampler_images
 from spineauto.training.loggers import LOGGERS, LocalLogger, Trackers, open_trackers, resolve_wandb_mode
 from spineauto.training.optim import accumulated_backward, build_optimizer, build_schedule
@@ -68,6 +68,7 @@ class TrainOptions:
     seed: int | None = None
     continue_training: bool = False
     overwrite: bool = False  # replace an earlier run of the fold (kept aside until this run's first checkpoint)
+    allow_stale_data: bool = False  # train although the raw dataset changed since plan_and_preprocess (warned)
     pretrained: Path | str | None = None
     num_workers: int | None = None
     preprocessed: Path | None = None
@@ -90,6 +91,10 @@ def train_fold(dataset: str | int, configuration: str = "2d", fold: str | int = 
     o = options or TrainOptions()
     if o.continue_training and o.overwrite:
         raise SpineautoError("--continue resumes the fold's run and --overwrite replaces it: give one of them")
+    if o.seed is not None and not 0 <= o.seed < 2**32:
+        raise SpineautoError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {o.seed}")
+    if o.num_workers is not None and o.num_workers < 0:
+        raise SpineautoError(f"--num-workers must be >= 0 (0: load data in the training process), got {o.num_workers}")
     dev = resolve_device(o.device)
     info = init_distributed(dev.type)
     try:
@@ -97,7 +102,7 @@ def train_fold(dataset: str | int, configuration: str = "2d", fold: str | int = 
             dev = torch.device("cuda", info.local_rank)
         with open_run(dataset, configuration, fold, seed=o.seed, epochs=o.epochs, iters_per_epoch=o.iters_per_epoch,
                       val_iters=o.val_iters, continue_training=o.continue_training, preprocessed=o.preprocessed,
-                      results=o.results, is_main=info.is_main,
+                      results=o.results, is_main=info.is_main, allow_stale=o.allow_stale_data,
                       run_spec=RunSpec(o.config, o.batch_size, o.lr, list(o.config_set))) as run:
             return _train_run(run, o, dev, info)
     except OSError as e:  # a folder or file the run needs: one line naming it (checkpoints are written atomically)
@@ -174,6 +179,8 @@ class Trainer:
         self.in_channels = len(run.plans.channel_names)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.network = build_network(self.plan, self.in_channels, run.plans.num_classes).to(device, memory_format=self.memory_format)
+        if info.enabled and self.plan.trainer.sync_batchnorm:  # BatchNorm over the global batch, not each rank's share
+            run.config.runtime["sync_batchnorm_layers"] = convert_sync_batchnorm(self.network)
         self.task: Task = build_task(run.plans, self.plan, ddp=info.enabled)
         o = self.plan.optim
         self.optimizer = build_optimizer(self.network.parameters(), o)
@@ -483,12 +490,15 @@ class Trainer:
                 pass
         model = TrainedModel(folder=self.run.model_dir, plans=self.run.plans, plan=self.plan, networks=[self.network],
                              folds=[self.run.fold_dir.name], device=self.device)
-        log.info("validating %d held-out case(s) with the sliding window", len(self.run.val_cases))
+        seen = set(self.run.val_cases) & set(self.run.train_cases)  # -f all (or a fold without its own): trained on
+        cases = "held-out case(s)" if not seen else f"case(s), {len(seen)} of them training cases (not held out: no estimate of unseen data)"
+        which = "" if not seen else " (training cases, not held out)"
+        log.info("validating %d %s with the sliding window", len(self.run.val_cases), cases)
         summary = validate_fold(model, self.run.store, self.run.val_cases, self.run.fold_dir / "validation", raw_labels,
                                 save_probabilities=save_probabilities)
         if "segmentation" in summary:
-            log.info("validation Dice: %s", ", ".join(f"{k} {v:.4f}" for k, v in summary["segmentation"]["mean"].items()))
+            log.info("validation Dice%s: %s", which, ", ".join(f"{k} {v:.4f}" for k, v in summary["segmentation"]["mean"].items()))
         if "classification" in summary:
-            log.info("validation balanced accuracy: %s",
+            log.info("validation balanced accuracy%s: %s", which,
                      ", ".join(f"{h} {m['balanced_accuracy']:.4f}" for h, m in summary["classification"].items()))
         return summary

@@ -5,6 +5,7 @@ validates through its own predictor.
 Written to ``fold_k/validation/``: ``<case>.nii.gz`` masks in each case's own voxel grid (with the
 raw image's affine), ``<case>.npz`` probabilities when asked (``train --npz``: what
 ``find_best_configuration`` ensembles from), ``summary.json`` with per-case and mean Dice per label
+(per region for region-based labels: a region's Dice counts every value it covers)
 (against the raw label file when the raw dataset is at hand, else against the preprocessed labels
 restored to the input grid); for classification heads ``<case>.json``, ``classification.csv``,
 ``summary_classification.json`` and confusion matrices.
@@ -27,7 +28,9 @@ log = logging.getLogger(__name__)
 
 
 class StoredCase:
-    """A preprocessed training case as a case source of the driver."""
+    """A preprocessed training case as a case source of the driver (its mask: NIfTI, whatever the raw format)."""
+
+    mask_ending = ".nii.gz"
 
     def __init__(self, store: CaseStore, name: str):
         self.store, self.name = store, name
@@ -48,10 +51,11 @@ class StoredCase:
         return save_nifti(target, nib.Nifti1Image(labels.astype(np.uint8), affine))
 
     def reference(self, raw_labels: Path | None) -> np.ndarray:
-        if raw_labels is not None and (raw_labels / f"{self.name}.nii.gz").is_file():
-            from spineauto.io.images import read_volume
+        from spineauto.io.images import find_image, read_volume
 
-            return np.rint(read_volume(raw_labels / f"{self.name}.nii.gz")[0]).astype(np.int16)
+        raw = find_image(raw_labels, self.name) if raw_labels is not None else None
+        if raw is not None:
+            return np.rint(read_volume(raw)[0]).astype(np.int16)
         return restore_label_map(np.asarray(self.store.seg(self.name)), self.props)
 
 
@@ -70,7 +74,8 @@ def validate_fold(model: TrainedModel, store: CaseStore, cases: list[str], out_d
             if ref.shape != pred.labels.shape:
                 log.warning("%s: reference shape %s differs from the prediction %s; Dice skipped", case.name, ref.shape, pred.labels.shape)
             else:
-                per_case.append({"case": case.name, "dice": {names[v]: dice(pred.labels == v, ref == v) for v in sorted(names)}})
+                per_case.append({"case": case.name, "dice": {names[v]: dice(np.isin(pred.labels, model.plans.members(v)),
+                                                                            np.isin(ref, model.plans.members(v))) for v in sorted(names)}})
         if progress:
             progress(case.name)
 

@@ -188,7 +188,8 @@ def _disk_full_while_writing(root, monkeypatch):
         raise RuntimeError("ITK ERROR: NiftiImageIO(0x1): No space left on device")
 
     monkeypatch.setattr(dicom.sitk, "WriteImage", full)
-    return "Dataset040_Scans/imagesTs/series_000_0000.nii.gz: cannot write the converted series (No space left on device)"
+    # the case is named after its series folder ("good"), not a running number
+    return "Dataset040_Scans/imagesTs/good_0000.nii.gz: cannot write the converted series (No space left on device)"
 
 
 BROKEN = [_middle_slice_missing, _two_slices_missing, _slice_missing_in_the_second_echo, _uneven_reversed_order,

@@ -1,0 +1,185 @@
+"""A third round of hostile but realistic inputs and faults (cases the first rounds did not list):
+diverged checkpoints, signals and killed runs around bundles, ... Each case failed before its fix;
+every refusal is one line naming the path and the cause.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import planned_phantoms, remove_tree, run_cli
+from test_inference_support import make_model_folder
+from test_training import tiny_plan
+
+MODEL = "spineautoTrainer__spineautoPlans__2d"
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    env = planned_phantoms(root, n_train=4, n_test=1, seed=0)
+    tiny_plan(env["preprocessed"] / "Dataset001_Ph" / "plans.json")
+    make_model_folder(env["preprocessed"] / "Dataset001_Ph", env["results"])
+    mp = pytest.MonkeyPatch()
+    for k, p in env.items():
+        mp.setenv(f"SPINEAUTO_{k.upper()}", str(p))
+    mp.setenv("WANDB_MODE", "disabled")
+    yield env
+    mp.undo()
+    remove_tree(root)
+
+
+def test_checkpoint_with_nan_weights_is_refused_by_predict_and_pretrained(world, tmp_path, capsys):
+    """A diverged run's checkpoint predicted empty masks with exit 0, and was a --pretrained start."""
+    model = tmp_path / MODEL
+    shutil.copytree(world["results"] / "Dataset001_Ph" / MODEL, model)
+    ckpt = model / "fold_0" / "checkpoint_final.pt"
+    state = torch.load(ckpt, weights_only=True)
+    key = next(k for k, v in state["network"].items() if v.is_floating_point())
+    state["network"][key] = torch.full_like(state["network"][key], float("nan"))
+    torch.save(state, ckpt)
+    scans = world["raw"] / "Dataset001_Ph" / "imagesTs"
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-m", str(model), "-i", str(scans), "-o", str(tmp_path / "out"),
+                           "--device", "cpu", "--no-tta")
+    line = _one_error_line(err)
+    assert code == 1 and str(ckpt) in line and "NaN" in line and key in line, line
+    assert not any((tmp_path / "out").glob("*.nii.gz"))
+    code, _, err = run_cli(capsys, "train", "-d", "1", "-f", "all", "--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "1",
+                           "--num-workers", "0", "--device", "cpu", "--wandb", "disabled", "--no-validate", "--pretrained", str(ckpt))
+    line = _one_error_line(err)
+    assert code == 1 and str(ckpt) in line and "NaN" in line, line
+
+
+def test_sigterm_and_kill_leave_no_unpacked_bundle_behind(world, tmp_path, capsys):
+    """`timeout`/`kill` (SIGTERM) of `predict -m model.zip` left its unpacked bundle in TMPDIR, and so did
+    SIGKILL, for ever; now SIGTERM runs the exit handlers and the next bundle opened removes a dead
+    process's folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code, _, err = run_cli(capsys, "export", "-m", str(world["results"] / "Dataset001_Ph" / MODEL), "-o", str(tmp_path / "m.zip"))
+    assert code == 0, err
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    script = ("import sys, time\nfrom spineauto.cli import exit_on_sigterm\nfrom spineauto.inference.bundle import open_bundle\n"
+              "exit_on_sigterm()\nprint(open_bundle(sys.argv[1]), flush=True)\ntime.sleep(60)\n")
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "m.zip")], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+        unpacked = Path(proc.stdout.readline().strip())
+        assert unpacked.is_dir() and tmp in unpacked.parents
+        proc.send_signal(sig)
+        proc.wait(30)
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 128 + signal.SIGTERM and list(tmp.iterdir()) == []
+    assert len(list(tmp.iterdir())) == 1  # SIGKILL: nothing ran; the next process to open a bundle removes it
+    from spineauto.inference import bundle
+
+    os.environ["TMPDIR"], old = str(tmp), os.environ.get("TMPDIR")
+    import tempfile
+    tempfile.tempdir = None
+    try:
+        bundle._opened.clear()
+        mine = bundle.open_bundle(tmp_path / "m.zip")
+        assert [p.name for p in tmp.iterdir()] == [mine.parent.name]
+    finally:
+        os.environ.pop("TMPDIR") if old is None else os.environ.__setitem__("TMPDIR", old)
+        tempfile.tempdir = None
+        shutil.rmtree(mine.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize("change, cause", [
+    ({"channel_names": {"0": ["MRI"]}}, "'channel_names' must map"),  # was an AttributeError traceback in planning
+    ({"labels": {"background": 0, "cord": 1, "x": 100000}}, "consecutive"),  # was planned: a network of 100001 output channels
+    ({"labels": {"background": 0, "cord": -1}}, "consecutive"),
+])
+def test_dataset_json_wrong_types_and_label_gaps_are_one_line(tmp_path, capsys, monkeypatch, change, cause):
+    import json
+
+    from spineauto.datasets.phantoms import write_phantom_dataset
+
+    raw = tmp_path / "raw" / "Dataset002_X"
+    write_phantom_dataset(raw, n_train=2, n_test=0, seed=0)
+    data = json.loads((raw / "dataset.json").read_text())
+    (raw / "dataset.json").write_text(json.dumps({**data, **change}))
+    monkeypatch.setenv("SPINEAUTO_RAW", str(tmp_path / "raw"))
+    monkeypatch.setenv("SPINEAUTO_PREPROCESSED", str(tmp_path / "pre"))
+    code, _, err = run_cli(capsys, "plan_and_preprocess", "-d", "2", "-np", "1")
+    line = _one_error_line(err)
+    assert code == 1 and str(raw / "dataset.json") in line and cause in line, line
+    assert not (tmp_path / "pre" / "Dataset002_X" / "plans.json").exists()
+
+
+def test_brackets_in_paths_and_values_are_printed_as_they_are(world, tmp_path, capsys):
+    """The one-line error and the summary lines went through rich markup: a folder named `x[/]y` was a
+    MarkupError traceback, `z[red]w` was shown as `zw`, and a plan's `[nan, 1.0]` as nothing."""
+    empty = tmp_path / "x[/]y"
+    empty.mkdir(parents=True)
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", str(empty), "-o", str(tmp_path / "o"), "--device", "cpu")
+    line = _one_error_line(err)
+    assert code == 1 and str(empty) in line, line
+    scans = tmp_path / "z[red]w"
+    shutil.copytree(world["raw"] / "Dataset001_Ph" / "imagesTs", scans)
+    out = tmp_path / "out[/]put"
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", str(scans), "-o", str(out), "--device", "cpu", "--no-tta")
+    assert code == 0 and "out[/]put with" in err and any(out.glob("*.nii.gz")), err
+    import json
+
+    model = tmp_path / "model"
+    shutil.copytree(world["results"] / "Dataset001_Ph" / MODEL, model)
+    plans = json.loads((model / "plans.json").read_text())
+    plans["configurations"]["2d"]["target_spacing"] = [float("nan"), 1.0]
+    (model / "plans.json").write_text(json.dumps(plans))
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-m", str(model), "-i", str(scans), "-o", str(tmp_path / "o2"), "--device", "cpu")
+    line = _one_error_line(err)
+    assert code == 1 and "target_spacing" in line and "[nan, 1.0]" in line, line
+
+
+def test_ensemble_refuses_other_scans_of_the_same_name_and_a_folder_given_twice(world, tmp_path, capsys):
+    """Probabilities of two different scans (same case name and size, another position and a flip) were
+    averaged into one mask with exit 0; so was a folder with itself (or its symlink)."""
+    import nibabel as nib
+    import numpy as np
+
+    scans = world["raw"] / "Dataset001_Ph" / "imagesTs"
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in scans.glob("*.nii.gz"):
+        im = nib.load(f)
+        affine = im.affine.copy()
+        affine[:3, 3] += 50
+        nib.save(nib.Nifti1Image(np.asarray(im.dataobj)[::-1].copy(), affine), moved / f.name)
+    for src, out in ((scans, "a"), (moved, "b")):
+        code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", str(src), "-o", str(tmp_path / out), "--save-probabilities",
+                               "--device", "cpu", "--no-tta")
+        assert code == 0, err
+    code, _, err = run_cli(capsys, "ensemble", "-i", str(tmp_path / "a"), "-i", str(tmp_path / "b"), "-o", str(tmp_path / "ab"))
+    line = _one_error_line(err)
+    assert code == 1 and "placed elsewhere" in line and str(tmp_path / "b") in line, line
+    assert not any((tmp_path / "ab").glob("*.nii.gz"))
+    (tmp_path / "alias").symlink_to(tmp_path / "a")
+    code, _, err = run_cli(capsys, "ensemble", "-i", str(tmp_path / "a"), "-i", str(tmp_path / "alias"), "-o", str(tmp_path / "aa"))
+    line = _one_error_line(err)
+    assert code == 1 and "given twice" in line and str(tmp_path / "alias") in line, line
+
+
+def test_evaluate_refuses_the_reference_as_its_own_prediction(world, tmp_path, capsys):
+    """`evaluate GT GT` (or GT through a symlink) scored Dice 1.0 on every case with exit 0."""
+    gt = world["raw"] / "Dataset001_Ph" / "labelsTs"
+    (tmp_path / "pred").symlink_to(gt)
+    code, _, err = run_cli(capsys, "evaluate", str(tmp_path / "pred"), str(gt), "-o", str(tmp_path / "s.json"))
+    line = _one_error_line(err)
+    assert code == 1 and str(tmp_path / "pred") in line and "ground-truth folder" in line, line
+    assert not (tmp_path / "s.json").exists()
