@@ -401,9 +401,9 @@ def find_best_configuration(
 @app.command("demo")
 def demo(
     workdir: Path = typer.Option(Path("spineauto_demo"), "--workdir", help="Folder for the demo's raw, preprocessed and results data."),
-    cases: int = typer.Option(16, "--cases", help="Number of synthetic training cases."),
-    epochs: int = typer.Option(10, "--epochs", help="Training epochs of the demo model."),
-    iters_per_epoch: int = typer.Option(25, "--iters-per-epoch", help="Training iterations per epoch."),
+    cases: int = typer.Option(16, "--cases", min=1, help="Number of synthetic training cases."),
+    epochs: int = typer.Option(10, "--epochs", min=1, help="Training epochs of the demo model."),
+    iters_per_epoch: int = typer.Option(25, "--iters-per-epoch", min=1, help="Training iterations per epoch."),
     seed: int = typer.Option(0, "--seed"),
     lesion_iters: int = typer.Option(300, "--lesion-iters", min=0, help="Training iterations of the lesion stage (2d_cord_roi: "
                                      "lesions in boxes around the predicted cord); 0 skips it."),

@@ -64,6 +64,9 @@ def run_demo(run: Callable[..., None], workdir: Path, n_train: int = 16, n_test:
 
 
 def _demo_env(workdir: Path) -> Path:
+    from spineauto.io.outputs import check_output_apart
+
+    check_output_apart([], workdir, what="the demo's folder", hint="choose another --workdir", contain=False)
     workdir = workdir.resolve()
     for kind in ("raw", "preprocessed", "results"):
         os.environ[f"SPINEAUTO_{kind.upper()}"] = str(workdir / kind)

@@ -61,10 +61,11 @@ def _resolved(p: Path | str) -> Path:
 
 def check_output_apart(inputs: Path | str | Sequence[Path | str | None], output: Path, within: Sequence[Path | str] = (),
                        references: Sequence[Path | str | None] = (), protect: Sequence[str] = KINDS, what: str = "the output folder",
-                       hint: str = "choose another -o folder") -> None:
+                       hint: str = "choose another -o folder", contain: bool = True) -> None:
     """Refuse an ``output`` that is, contains or lies inside an input folder, contains an input file,
     is or lies inside a reference or one of ``within`` (a model folder), or is, lies inside or contains
-    a folder of the kinds ``protect`` names (see the module's docstring). Paths that do not exist
+    a folder of the kinds ``protect`` names (see the module's docstring; with ``contain=False`` it may
+    contain them: a work folder that holds the datasets and models it made). Paths that do not exist
     are skipped (the caller reports them)."""
     out = _resolved(output)
     sources = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
@@ -88,7 +89,7 @@ def check_output_apart(inputs: Path | str | Sequence[Path | str | None], output:
         if kind in protect:
             where = "is" if folder == out else "lies inside"
             raise SpineautoError(f"{output}: {what} {where} the {kind} {folder}, which spineauto never writes into; {hint}")
-    if out.is_dir():
+    if out.is_dir() and contain:
         for folder in _contained(out):
             kind = protected_kind(folder)
             if kind in protect:

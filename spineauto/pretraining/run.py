@@ -9,9 +9,10 @@ from typing import Callable
 from spineauto.errors import SpineautoError
 from spineauto.io.outputs import check_output_apart
 from spineauto.pretraining import shards as sh
-from spineauto.pretraining.train import PretrainOptions, pretrain
+from spineauto.pretraining.train import PretrainOptions, check_options, pretrain
 
 log = logging.getLogger(__name__)
+MAX_SIZE = 1024  # an image stored SIZE x SIZE per slice: 1024 is already 1 MiB a slice; more exhausted memory in conversion
 
 
 def convert_sources(sources: list[Path], out: Path, *, self_supervised: bool, class_depth: int | None, size: int, channels: int,
@@ -41,9 +42,15 @@ def run_pretrain(sources: list[Path], out: Path, options: PretrainOptions, *, se
     is_main = int(os.environ.get("RANK", "0")) == 0
     check_output_apart(sources, out)
     for flag, value, low in (("--seed", options.seed, 0), ("--num-workers", options.num_workers, 0), ("-np/--num-processes", workers, 1),
-                             ("--shard-size", shard_size, 1), ("--size", size, 8)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or (flag == "--seed" and value >= 2**32):
-            raise SpineautoError(f"{flag} must be a whole number >= {low}{' and < 2**32' if flag == '--seed' else ''}, got {value!r}")
+                             ("--shard-size", shard_size, 1), ("--size", size, 16)):
+        high = {"--seed": ("2**32", 2**32), "--size": (str(MAX_SIZE + 1), MAX_SIZE + 1)}.get(flag)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high[1]):
+            raise SpineautoError(f"{flag} must be a whole number >= {low}{f' and < {high[0]}' if high else ''}, got {value!r}")
+    if channels not in (1, 3):
+        raise SpineautoError(f"--channels must be 1 or 3, got {channels!r}")
+    options.method = "simclr" if self_supervised else "supervised"
+    if not convert_only:
+        check_options(options)  # before hours of conversion, not after
     if Path(out).exists() and not Path(out).is_dir():
         raise SpineautoError(f"{out}: exists and is not a folder; -o names the folder for shards/ and the checkpoints, choose another")
     if is_main:  # DDP: rank 0 converts, the others read what it wrote (the same command reruns it idempotently)
@@ -61,5 +68,4 @@ def run_pretrain(sources: list[Path], out: Path, options: PretrainOptions, *, se
     index = sh.ShardSet(Path(out) / "shards").index
     if convert_only:
         return index, None
-    options.method = "simclr" if self_supervised else "supervised"
     return index, pretrain(Path(out) / "shards", out, options)

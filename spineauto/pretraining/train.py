@@ -145,6 +145,13 @@ class PretrainNet(nn.Module):
         return self.head(self.encoder(x)[-1].mean(dim=(2, 3)))
 
 
+def check_options(o: PretrainOptions) -> None:
+    """The training values, checked before any image is converted."""
+    if o.batch_size < (2 if o.method == "simclr" else 1) or o.epochs < 1 or not 0 < o.lr < float("inf"):
+        raise SpineautoError(f"--batch-size {o.batch_size} / --epochs {o.epochs} / --lr {o.lr}: batch >= 2 (SimCLR contrasts "
+                             "the batch), epochs >= 1, lr > 0")
+
+
 def pretrain(shard_folder: Path, out: Path, o: PretrainOptions) -> Path:
     """Train and write ``out/checkpoint_final.pt``; returns its path."""
     if o.method not in METHODS:
@@ -152,9 +159,7 @@ def pretrain(shard_folder: Path, out: Path, o: PretrainOptions) -> Path:
     shards = ShardSet(shard_folder)
     if o.method == "supervised" and not shards.classes:
         raise SpineautoError(f"{shard_folder}: unlabeled images; supervised pretraining needs a class-folder tree")
-    if o.batch_size < (2 if o.method == "simclr" else 1) or o.epochs < 1 or not o.lr > 0:
-        raise SpineautoError(f"--batch-size {o.batch_size} / --epochs {o.epochs} / --lr {o.lr}: batch >= 2 (SimCLR contrasts "
-                             "the batch), epochs >= 1, lr > 0")
+    check_options(o)
     out = Path(out)
     latest, final = out / "checkpoint_latest.pt", out / "checkpoint_final.pt"
     if (latest.is_file() or final.is_file()) and not (o.continue_training or o.overwrite):

@@ -25,7 +25,7 @@ from spineauto.datasets.dataset_json import load_dataset_json
 from spineauto.planning.fingerprint import TRAINING_RANGE_FILE, Fingerprint, training_range
 from spineauto.planning.plans import ConfigurationPlan, Plans
 from spineauto.preprocessing.manifest import MANIFEST, load_manifest, raw_changes
-from spineauto.training.checkpoint import LATEST, TOP_INDEX, copy_checkpoint, load_checkpoint
+from spineauto.training.checkpoint import LATEST, TOP_INDEX, copy_checkpoint, load_checkpoint, network_state
 from spineauto.training.config import RunConfig, check_same_run, plan_sha, resolve
 from spineauto.training.data import CaseStore
 from spineauto.training.run_config import RunSpec, resolve_run
@@ -224,6 +224,14 @@ def _training_checkpoint(path: Path) -> dict:
     saved = state.get("run_config") if isinstance(state, dict) else None
     if not isinstance(saved, dict) or "plan_sha" not in saved or "epoch" not in state:
         raise SpineautoError(f"{path}: not a spineauto training checkpoint (no run configuration); start over with --overwrite")
+    epoch, epochs = state["epoch"], saved.get("epochs")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0 or (isinstance(epochs, int) and epoch > epochs):
+        raise SpineautoError(f"{path}: damaged: epoch {str(epoch)[:40]!r} is not a count of finished epochs (0..{epochs}); "
+                             "start over with --overwrite")
+    for key, kind in (("optimizer", dict), ("rng", dict), ("history", list)):
+        if not isinstance(state.get(key), kind):
+            raise SpineautoError(f"{path}: damaged: its {key} is not a {kind.__name__}; start over with --overwrite")
+    network_state(state, path)  # NaN or infinite weights: a diverged run is not continued
     return state
 
 

@@ -212,11 +212,16 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
     def _restore(self, state: dict) -> None:
-        self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["scheduler"])
-        for cb, cb_state in zip(self.callbacks, state.get("callbacks") or []):
-            cb.load_state_dict(cb_state)
+        try:
+            self.network.load_state_dict(state["network"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["scheduler"])
+            for cb, cb_state in zip(self.callbacks, state.get("callbacks") or []):
+                cb.load_state_dict(cb_state)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:  # weights or optimizer of another shape
+            reason = " ".join(str(e).split())[:300]
+            raise SpineautoError(f"{self.run.resumed_from}: does not fit this run's network or optimizer ({type(e).__name__}: "
+                                 f"{reason}); start over with --overwrite") from None
         self.stop_reason = state.get("stopped")
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])

@@ -183,3 +183,80 @@ def test_evaluate_refuses_the_reference_as_its_own_prediction(world, tmp_path, c
     line = _one_error_line(err)
     assert code == 1 and str(tmp_path / "pred") in line and "ground-truth folder" in line, line
     assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.parametrize("tamper", ["epoch=-5", "epoch='x'", "epoch=10**12", "nan weights", "no rng", "history='oops'"])
+def test_continue_from_a_tampered_latest_falls_back_to_an_intact_checkpoint(tamper, tmp_path, monkeypatch, capsys, tmp_path_factory):
+    """A checkpoint_latest.pt that loads but holds nonsense (negative, text or huge epoch, NaN weights,
+    no RNG state, a history that is no list) was a traceback mid-training, a run "trained" past its end,
+    or a diverged run continued; now it is damaged like an unreadable one: the newest intact checkpoint
+    is continued, with a warning naming it."""
+    from train_support import RUN, copy_run, logged, planned, train, use
+
+    root = planned(tmp_path_factory)
+    fold = copy_run(_interrupted(tmp_path_factory), tmp_path / "results")
+    use(monkeypatch, root, tmp_path / "results")
+    state = torch.load(fold / "checkpoint_latest.pt", weights_only=False)
+    if tamper == "nan weights":
+        key = next(iter(state["network"]))
+        state["network"][key] = torch.full_like(state["network"][key], float("nan"))
+    elif tamper == "no rng":
+        del state["rng"]
+    else:
+        key, value = tamper.split("=")
+        state[key] = eval(value)  # noqa: S307 - the test's own literal
+    torch.save(state, fold / "checkpoint_latest.pt")
+    code, err = train(capsys, *RUN, "--continue")
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    assert logged(err, f"{fold / 'checkpoint_latest.pt'}:", "the newest intact checkpoint"), err[-2000:]
+    assert torch.load(fold / "checkpoint_latest.pt", weights_only=False)["epoch"] == 3
+
+
+def test_continue_from_weights_of_another_shape_is_one_line(tmp_path, monkeypatch, capsys, tmp_path_factory):
+    from train_support import RUN, copy_run, one_error, planned, train, use
+
+    root = planned(tmp_path_factory)
+    fold = copy_run(_interrupted(tmp_path_factory), tmp_path / "results")
+    use(monkeypatch, root, tmp_path / "results")
+    for p in fold.glob("checkpoint_*.pt"):
+        if p.name != "checkpoint_latest.pt":
+            p.unlink()
+    state = torch.load(fold / "checkpoint_latest.pt", weights_only=False)
+    key = next(iter(state["network"]))
+    state["network"][key] = torch.zeros(3, 3)
+    torch.save(state, fold / "checkpoint_latest.pt")
+    one_error(*train(capsys, *RUN, "--continue"), str(fold / "checkpoint_latest.pt"), "does not fit", "size mismatch", "--overwrite")
+
+
+def _interrupted(tmp_path_factory) -> Path:
+    from train_support import template
+
+    return template(tmp_path_factory, "interrupted_late", stop_after_epoch=1)
+
+
+def test_demo_workdir_follows_the_output_rule_and_counts_are_checked(world, tmp_path, capsys):
+    """`demo --workdir` a raw dataset or a trained fold wrote raw/ and preprocessed/ into it; `--cases -1`
+    was a ValueError traceback."""
+    raw = world["raw"] / "Dataset001_Ph"
+    fold = world["results"] / "Dataset001_Ph" / MODEL / "fold_0"
+    for workdir in (raw, fold, raw / "imagesTr" / "demo"):
+        before = sorted(p.name for p in workdir.parent.iterdir()) if not workdir.exists() else sorted(p.name for p in workdir.iterdir())
+        code, _, err = run_cli(capsys, "demo", "--workdir", str(workdir), "--cases", "2", "--epochs", "1", "--lesion-iters", "0")
+        line = _one_error_line(err)
+        assert code == 1 and "the demo's folder" in line and "--workdir" in line, line
+        after = sorted(p.name for p in workdir.parent.iterdir()) if not workdir.exists() else sorted(p.name for p in workdir.iterdir())
+        assert after == before
+    code, _, err = run_cli(capsys, "demo", "--workdir", str(tmp_path / "d"), "--cases", "-1")
+    assert code == 2 and "Traceback" not in err and "--cases" in err and not (tmp_path / "d").exists(), err
+
+
+@pytest.mark.parametrize("flag", [["--lr", "nan"], ["--lr", "-1"], ["--batch-size", "1"], ["--size", "100000"], ["--channels", "2"]])
+def test_pretrain_values_are_checked_before_any_image_is_converted(world, tmp_path, capsys, flag):
+    """--lr nan/-1 and --batch-size 1 were refused only after every image was converted into OUT/shards/
+    (hours on a large source); --size 100000 ran out of memory ("(unknown path): Cannot allocate memory")."""
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "pretrain", str(world["raw"] / "Dataset001_Ph" / "imagesTs"), "-o", str(out), "--self-supervised",
+                           "--epochs", "1", "--device", "cpu", "--num-workers", "0", *flag)
+    line = _one_error_line(err)
+    assert code == 1 and flag[0] in line, line
+    assert not out.exists()
