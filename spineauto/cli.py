@@ -88,15 +88,15 @@ def convert_bids(
 
 @convert_app.command("dicom")
 def convert_dicom(
-    root: Path = typer.Argument(..., help="Folder searched recursively for DICOM series (and their DICOM-SEG or NIfTI masks)."),
+    root: Path = typer.Argument(..., help="Folder searched recursively for DICOM series (and their DICOM-SEG, RTSTRUCT or NIfTI masks)."),
     dataset: int = typer.Option(..., "-d", "--dataset", help="New dataset id (1-999)."),
     name: str = typer.Option(..., "--name", help="Dataset name."),
     classes_from: Optional[Path] = typer.Option(None, "--classes-from", help="Rules file (YAML): head -> class -> {DICOM keyword: "
                                                 "regular expression}; each series gets the class whose rules match its header."),
-    label_name: str = typer.Option("cord", "--label-name", help="Name of value 1 of NIfTI masks beside a series (DICOM-SEG masks name their segments)."),
+    label_name: str = typer.Option("cord", "--label-name", help="Name of value 1 of NIfTI masks beside a series (DICOM-SEG and RTSTRUCT masks name their segments and ROIs)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset of that name."),
 ):
-    """Convert every DICOM series under ROOT into a case of Dataset<ID>_<NAME>: with a mask (a DICOM-SEG referencing it, or the
+    """Convert every DICOM series under ROOT into a case of Dataset<ID>_<NAME>: with a mask (a DICOM-SEG or RTSTRUCT referencing it, or the
     NIfTI file in its folder) and/or classes from --classes-from to imagesTr/labelsTr, else to imagesTs; prints what each series got and why."""
     from spineauto import paths
     from spineauto.cli_views import dicom_summary

@@ -158,5 +158,5 @@ def pipeline_verdict(raw: Path, out: Path, iterations: dict[str, int]) -> list[s
     if lesions and found < lesions or location < spines:
         lines.append("[yellow]this budget is too small to learn what it missed above[/] (lesions are a few voxels; location "
                      "needs many cases): the demo shows the pipeline's workings and its report, not a trained product. "
-                     "Train on real data, or longer (README, \"Pipeline demo\").")
+                     "Train on real data, or longer (README, \"The pipeline\").")
     return lines

@@ -210,3 +210,115 @@ def test_a_cord_model_trained_from_dicom_predicts_a_dicom_seg_on_the_source_seri
 
         model = load_model(spineauto_env["results"] / "Dataset010_Dicom" / "spineautoTrainer__spineautoPlans__2d", folds=["all"])
         predict_folder(model, spineauto_env["raw"] / "Dataset010_Dicom" / "imagesTs", tmp_path / "out2", dicom_seg=True)
+
+
+def write_rtstruct(path: Path, files: list[str], rois: dict[int, tuple[str, list[tuple[int, float, float, float, float]]]],
+                   reference_images: bool = True) -> None:
+    """An RT Structure Set on the series of ``files``: per ROI number (name, rectangles (slice, row0, row1, col0, col1)
+    in pixel coordinates), each a closed planar contour in patient mm; ``reference_images``: contours name their slice."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    slices = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    first = slices[0]
+    row_dir, col_dir = np.array(first.ImageOrientationPatient[:3], float), np.array(first.ImageOrientationPatient[3:], float)
+    dr, dc = (float(v) for v in first.PixelSpacing)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "RTSTRUCT", generate_uid(), first.StudyInstanceUID
+    ds.PatientID, ds.StructureSetLabel = first.PatientID, "cord"
+    series = Dataset()
+    series.SeriesInstanceUID = first.SeriesInstanceUID
+    study = Dataset()
+    study.RTReferencedSeriesSequence = Sequence([series])
+    frame = Dataset()
+    frame.FrameOfReferenceUID, frame.RTReferencedStudySequence = first.FrameOfReferenceUID, Sequence([study])
+    ds.ReferencedFrameOfReferenceSequence = Sequence([frame])
+    ds.StructureSetROISequence, ds.ROIContourSequence = Sequence(), Sequence()
+    for number, (name, rectangles) in rois.items():
+        roi = Dataset()
+        roi.ROINumber, roi.ROIName, roi.ReferencedFrameOfReferenceUID = number, name, first.FrameOfReferenceUID
+        ds.StructureSetROISequence.append(roi)
+        item = Dataset()
+        item.ReferencedROINumber, item.ContourSequence = number, Sequence()
+        for k, r0, r1, c0, c1 in rectangles:
+            origin = np.array(slices[k].ImagePositionPatient, float)
+            corners = [origin + c * dc * row_dir + r * dr * col_dir for r, c in ((r0, c0), (r0, c1), (r1, c1), (r1, c0))]
+            contour = Dataset()
+            contour.ContourGeometricType, contour.NumberOfContourPoints = "CLOSED_PLANAR", 4
+            contour.ContourData = [round(float(v), 4) for p in corners for v in p]
+            if reference_images:
+                image = Dataset()
+                image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID = slices[k].SOPClassUID, slices[k].SOPInstanceUID
+                contour.ContourImageSequence = Sequence([image])
+            item.ContourSequence.append(contour)
+        ds.ROIContourSequence.append(item)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def test_rtstruct_masks_are_rasterised_onto_their_series_and_another_series_is_refused(tmp_path):
+    import nibabel as nib
+
+    from spineauto.datasets.dicom import convert_dicom_dataset
+
+    rng = np.random.default_rng(3)
+    truth = {}
+    for s in range(2):
+        pixels, mask = _cord_scan(rng)
+        _, files = write_series(tmp_path / "root" / f"sub{s}" / "t2", pixels, "T2 SAG", patient=f"P{s}")
+        cols = np.nonzero(mask[:, 0, 0])[0]  # the cord's columns (X), every row and slice
+        c0, c1 = cols[0] - 0.5, cols[-1] + 0.5  # around pixel edges: these pixels and no others
+        hole = (2, 14.5, 17.5, c0 + 1, c1 - 1) if s == 1 else None  # a contour inside another of one ROI: a hole
+        cord = [(k, -0.5, 31.5, c0, c1) for k in range(5)] + ([hole] if hole else [])
+        lesion = [(2, 11.5, 14.5, cols[0] + 0.5, cols[0] + 2.5)]
+        # the lesion's contours name no image: they are placed by their position along the slice normal
+        write_rtstruct(tmp_path / "root" / f"sub{s}" / "rt" / "rs.dcm", files, {1: ("cord", cord), 2: ("lesion", lesion)},
+                       reference_images=s == 0)
+        if hole:
+            mask[cols[1]:cols[-1], 15:18, 2] = 0
+        truth[f"P{s}"] = mask
+    result = convert_dicom_dataset(tmp_path / "root", tmp_path / "raw" / "Dataset011_Rt")
+    ds = tmp_path / "raw" / "Dataset011_Rt"
+    meta = json.loads((ds / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "cord": 1, "lesion": 2}
+    assert sorted(r.mask for r in result.rows) == ["sub0/rt/rs.dcm", "sub1/rt/rs.dcm"]
+    for case, info in meta["cases"].items():
+        label = np.asarray(nib.load(ds / "labelsTr" / f"{case}.nii.gz").dataobj)
+        assert (label == 2).sum() == 6 and (label == 0).sum() == truth[info["subject"]].size - (truth[info["subject"]] > 0).sum()
+        np.testing.assert_array_equal(label, truth[info["subject"]])
+
+    pixels, _ = _cord_scan(rng)
+    _, files = write_series(tmp_path / "elsewhere" / "t2", pixels, "T2 SAG")
+    write_rtstruct(tmp_path / "root" / "sub0" / "rt" / "rs.dcm", files, {1: ("cord", [(0, 0, 4, 0, 4)])})
+    with pytest.raises(SpineautoError, match=r"sub0/rt/rs.dcm: RTSTRUCT references series .*, which is not among the series under"):
+        convert_dicom_dataset(tmp_path / "root", tmp_path / "raw" / "Dataset012_Rt")
+
+
+def test_bad_rtstructs_are_refused_in_one_line(tmp_path):
+    from spineauto.datasets.dicom import convert_dicom_dataset
+
+    pixels, _ = _cord_scan(np.random.default_rng(4))
+    _, files = write_series(tmp_path / "root" / "t2", pixels, "T2 SAG")
+    rs = tmp_path / "root" / "rt" / "rs.dcm"
+    write_rtstruct(rs, files, {300: ("cord", [(0, 0, 4, 0, 4)])})
+    with pytest.raises(SpineautoError, match=r"rt/rs.dcm: ROI number 300 \('cord'\) is not a label value 1..255; renumber the ROIs"):
+        convert_dicom_dataset(tmp_path / "root", tmp_path / "raw" / "Dataset001_A")
+    write_rtstruct(rs, files, {1: ("cord", [(0, 0, 4, 0, 4)])}, reference_images=False)
+    import pydicom
+
+    ds = pydicom.dcmread(rs)
+    contour = ds.ROIContourSequence[0].ContourSequence[0]
+    contour.ContourData = [v + 50.0 * (i % 3 == 0) for i, v in enumerate(contour.ContourData)]  # 50 mm off the sagittal slices
+    ds.save_as(rs)
+    with pytest.raises(SpineautoError, match=r"rt/rs.dcm: a contour of ROI 'cord' at .* mm along the slice normal lies on no slice of series"):
+        convert_dicom_dataset(tmp_path / "root", tmp_path / "raw" / "Dataset001_A")
+    del ds.ReferencedFrameOfReferenceSequence
+    ds.save_as(rs)
+    with pytest.raises(SpineautoError, match=r"rt/rs.dcm: RTSTRUCT references no image series \(ReferencedFrameOfReferenceSequence\)"):
+        convert_dicom_dataset(tmp_path / "root", tmp_path / "raw" / "Dataset001_A")

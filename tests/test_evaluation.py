@@ -241,3 +241,51 @@ def test_find_best_configuration_ranks_classification_by_balanced_accuracy(spine
     assert rows["cls"]["metric"] == "balanced accuracy" and rows["cls"]["cases"] == 4
     assert best["best"]["name"] == "cls"
     assert "spineauto predict -d Dataset003_View -c cls" in stdout
+
+
+def test_region_datasets_are_scored_per_region(tmp_path, capsys, spineauto_env):
+    """cord = {1, 2} contains the lesion (2): a prediction that calls the lesion cord has the whole cord region right."""
+    import nibabel as nib
+
+    raw = spineauto_env["raw"] / "Dataset008_Reg"
+    raw.mkdir()
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2w"}, "file_ending": ".nii.gz", "numTraining": 0,
+                                                  "labels": {"background": 0, "cord": [1, 2], "lesion": 2},
+                                                  "regions_class_order": [1, 2]}))
+    ref = np.zeros((12, 12, 6), np.uint8)
+    ref[3:9, 3:9, 1:5] = 1
+    ref[5:7, 5:7, 2:4] = 2  # 8 lesion voxels inside the 144-voxel cord region
+    pred = np.where(ref == 2, 1, ref).astype(np.uint8)  # the lesion called cord
+    for folder, data in (("gt", ref), ("pred", pred)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / folder / "a.nii.gz"))
+    code, _, err = run_cli(capsys, "evaluate", tmp_path / "pred", tmp_path / "gt", "-d", "8", "-o", tmp_path / "s.json")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "s.json").read_text())["metric_per_case"]["a"]
+    assert set(rows) == {"cord", "lesion"}
+    assert rows["cord"]["dice"] == 1.0 and rows["cord"]["n_ref"] == 144  # the region, not the painted value 1 (136 voxels)
+    assert rows["lesion"]["dice"] == 0.0 and rows["lesion"]["fn"] == 8
+
+
+def test_picture_distances_are_in_the_datasets_pixel_spacing(tmp_path, capsys, spineauto_env):
+    """PNG masks have no geometry: with -d their HD95/ASD are in mm of dataset.json's pixel_spacing, else pixels of 1 mm."""
+    from PIL import Image
+
+    raw = spineauto_env["raw"] / "Dataset009_Png"
+    raw.mkdir()
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "R"}, "file_ending": ".png", "numTraining": 0,
+                                                  "labels": {"background": 0, "cord": 1}, "pixel_spacing": 0.5}))
+    ref = np.zeros((40, 40), np.uint8)
+    ref[10:20, 10:20] = 1
+    for folder, data in (("gt", ref), ("pred", np.roll(ref, 4, axis=1))):  # the prediction 4 columns to the right
+        (tmp_path / folder).mkdir()
+        Image.fromarray(data).save(tmp_path / folder / "a.png")
+    cord = {}
+    for args in ((), ("-d", "9")):
+        code, _, err = run_cli(capsys, "evaluate", tmp_path / "pred", tmp_path / "gt", *args, "-o", tmp_path / f"s{len(args)}.json")
+        assert code == 0, err
+        cord[args] = json.loads((tmp_path / f"s{len(args)}.json").read_text())["metric_per_case"]["a"]["cord" if args else "label_1"]
+    plain, spaced = cord[()], cord[("-d", "9")]
+    assert plain["hd95"] == pytest.approx(4.0) and spaced["hd95"] == pytest.approx(2.0)  # 4 pixels of 0.5 mm
+    assert spaced["asd"] == pytest.approx(plain["asd"] / 2) and plain["asd"] > 0
+    assert spaced["dice"] == plain["dice"] == pytest.approx(0.6)

@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from conftest import run_cli
 from test_pipeline import _config, models, oracle  # noqa: F401 (fixtures)
@@ -232,3 +233,43 @@ def test_the_cord_choice_doubt_is_a_flag(models, oracle, tmp_path, monkeypatch):
     result = Pipeline.load(_config(tmp_path, models, lesion=None), device="cpu").run(image, name="x")
     assert result.status == "check" and result.flags == [
         {"stage": "cord", "code": "uncertain_cord", "reason": "uncertain cord: 2 tubes on the midline"}]
+
+
+def test_a_measurement_that_raises_is_a_flag_not_a_failed_case(models, oracle, tmp_path, monkeypatch):
+    from spineauto import Pipeline
+    from spineauto.pipeline import measurements
+
+    def broken(*a, **k):
+        raise IndexError("index 0 is out of bounds")
+    monkeypatch.setattr(measurements, "measure_cord", broken)
+    image = nib.load(str(sorted(models["inputs"].glob("*.nii.gz"))[0]))
+    result = Pipeline.load(_config(tmp_path, models), device="cpu").run(image, name="x")
+    assert result.status == "check" and result.cord.any() and "lesions" in result.measurements and "cord" not in result.measurements
+    assert result.flags == [{"stage": "cord", "code": "measurement_failed",
+                             "reason": "cord measurements failed (IndexError: index 0 is out of bounds)"}]
+
+
+def test_bad_qc_settings_are_one_line_errors(tmp_path):
+    from spineauto.errors import SpineautoError
+    from spineauto.pipeline.config import load_pipeline_config
+
+    path = tmp_path / "p.yaml"
+    for qc, message in (({"csa_mm2": {"cervical": [50, 40]}}, "qc.csa_mm2.cervical: give [low, high] with 0 <= low < high, got [50.0, 40.0]"),
+                        ({"min_probability": "high"}, "qc.min_probability: expected a number, got 'high'"),
+                        ({"max_piece": 2}, "qc: unknown key(s) ['max_piece'] (did you mean 'max_pieces'?)")):
+        path.write_text(yaml.safe_dump({"cord": {"model": {"dataset": 14}}, "qc": qc}))
+        with pytest.raises(SpineautoError) as e:
+            load_pipeline_config(path)
+        assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_input_check_without_a_training_range_uses_the_plan(tmp_path):
+    """A model folder from before training_range.json: the scan's in-plane voxel size against the plan's."""
+    from types import SimpleNamespace
+
+    from spineauto.pipeline.qc import QcConfig, input_flags
+
+    model = SimpleNamespace(folder=tmp_path, plan=SimpleNamespace(target_spacing=[0.5, 0.5]))
+    assert input_flags(QcConfig(), "cord", model, np.diag([1.0, 1.0, 5.0, 1]), (1, 64, 64, 12)) == []
+    flags = input_flags(QcConfig(), "cord", model, np.diag([2.0, 2.0, 5.0, 1]), (1, 64, 64, 12))
+    assert [f["reason"] for f in flags] == ["cord: in-plane voxel size 2 mm is over 3 x the model's 0.5 mm"]

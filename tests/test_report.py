@@ -68,6 +68,12 @@ def _case(out: Path, name: str, spec: PhantomSpec, status: str, reason: str | No
     cord, lesion = (lab > 0, lab == 2) if segmented else (None, None)
     images = write_overlays(np.asarray(image.dataobj), image.affine, cord, lesion, folder, name) if status != "failed" else {}
     stages = [_anatomy(0.97 if status != "stopped" else 0.12)]
+    if status == "check":  # more heads: the summary table must still fit the page
+        stages += [{"stage": "location_view", "kind": "classification", "model": "m", "folds": ["0"],
+                    "heads": {"location": {"class": "cervical", "probabilities": {"cervical": 0.91, "lumbar": 0.09}},
+                              "view": {"class": "sagittal", "probabilities": {"sagittal": 0.97, "axial": 0.03}}}},
+                   {"stage": "sequence", "kind": "classification", "model": "m", "folds": ["0"],
+                    "heads": {"sequence": {"class": "T2w", "probabilities": {"T2w": 0.88, "T1w": 0.12}}}}]
     if status in ("done", "check"):
         stages += [{"stage": "cord", "kind": "segmentation", "model": "Dataset102_Cord/3d_fullres", "folds": ["all"],
                     "mask": f"{name}_cord.nii.gz", "skipped": None, "seconds": 2.1},

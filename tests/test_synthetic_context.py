@@ -30,15 +30,21 @@ def context(cord_plans, monkeypatch):
     return ctx
 
 
-def test_whole_neck_context_only_for_a_cord_configuration_that_asks_for_it(cord_plans):
+def test_whole_neck_context_planned_for_a_cord_configuration_and_off_for_older_plans(cord_plans, tmp_path):
+    from spineauto.planning.planner import WHOLE_NECK_SHARE
+    from spineauto.planning.plans import Plans
     from spineauto.training.synthetic import neck_context
 
     plan = cord_plans.configurations["2d"]
-    assert plan.augmentation.whole_neck == 0.0  # the dataclass default: plans written before it train as they did
-    assert neck_context(cord_plans, plan) is None
-    on = dataclasses.replace(plan, augmentation=dataclasses.replace(plan.augmentation, whole_neck=0.3))
-    assert neck_context(cord_plans, on) is not None
-    assert neck_context(cord_plans, dataclasses.replace(on, localise=None)) is None  # no cord label to draw
+    assert plan.augmentation.whole_neck == WHOLE_NECK_SHARE > 0 and "whole-neck phantom" in plan.reasons["whole_neck"]
+    assert neck_context(cord_plans, plan).share == WHOLE_NECK_SHARE
+    assert neck_context(cord_plans, dataclasses.replace(plan, localise=None)) is None  # no cord label to draw
+    older = cord_plans.to_dict()  # planned before the field existed: trains (and resumes) without it
+    del older["configurations"]["2d"]["augmentation"]["whole_neck"]
+    (tmp_path / "plans.json").write_text(__import__("json").dumps(older))
+    old = Plans.load(tmp_path / "plans.json")
+    assert old.configurations["2d"].augmentation.whole_neck == 0.0
+    assert neck_context(old, old.configurations["2d"]) is None
 
 
 def test_whole_neck_patches_label_the_cord_only_and_never_the_same_contrast_twice(context):

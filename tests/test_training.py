@@ -35,6 +35,7 @@ def tiny_plan(plans_path: Path) -> None:
                           n_conv_per_stage=[2] * n, n_conv_per_stage_decoder=[2] * (n - 1))
     cfg["batch_size"] = 8
     cfg["optim"].update(optimizer="adam", initial_lr=0.003)
+    cfg["augmentation"]["whole_neck"] = 0.0  # the loop's code paths on the dataset's own cases (tests/test_synthetic_context.py: the context)
     plans_path.write_text(json.dumps(data, indent=1))
 
 

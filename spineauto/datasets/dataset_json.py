@@ -117,7 +117,7 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
     labels = raw.get("labels", {})
     regions: dict[str, list[int]] = {}
     if isinstance(labels, dict) and any(isinstance(v, list) for v in labels.values()):
-        labels, regions = _regions(labels, raw.get("regions_class_order"), problems)
+        labels, regions = region_labels(labels, raw.get("regions_class_order"), problems)
     elif isinstance(labels, dict) and "regions_class_order" in raw:
         problems.append("'regions_class_order' is given but no label is a region (a list of values, e.g. \"cord\": [1, 2])")
     if not isinstance(labels, dict) or (labels and not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values())):
@@ -143,14 +143,7 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
             problems.append(f"cases[{case!r}] must be an object")
             continue
         cases[case] = CaseInfo(subject=info.get("subject"), classes=dict(info.get("classes") or {}), metadata=dict(info.get("metadata") or {}))
-    pixel_spacing = raw.get("pixel_spacing")
-    if pixel_spacing is not None:
-        pair = pixel_spacing if isinstance(pixel_spacing, list) else [pixel_spacing, pixel_spacing]
-        if len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in pair):
-            problems.append(f"'pixel_spacing' must be a number of mm > 0 or [row, column] mm, not {pixel_spacing!r}")
-            pixel_spacing = None
-        else:
-            pixel_spacing = (float(pair[0]), float(pair[1]))
+    pixel_spacing = parse_pixel_spacing(raw.get("pixel_spacing"), problems)
     try:
         num_training = int(raw.get("numTraining", -1))
     except (TypeError, ValueError):
@@ -166,7 +159,19 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
     )
 
 
-def _regions(labels: dict, order, problems: list[str]) -> tuple[dict[str, int], dict[str, list[int]]]:
+def parse_pixel_spacing(value, problems: list[str]) -> tuple[float, float] | None:
+    """dataset.json's ``pixel_spacing`` (mm of a picture's rows and columns: a number or [row, column])
+    as (row, column); None when absent, or when invalid (with the problem added to ``problems``)."""
+    if value is None:
+        return None
+    pair = value if isinstance(value, list) else [value, value]
+    if len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in pair):
+        problems.append(f"'pixel_spacing' must be a number of mm > 0 or [row, column] mm, not {value!r}")
+        return None
+    return float(pair[0]), float(pair[1])
+
+
+def region_labels(labels: dict, order, problems: list[str]) -> tuple[dict[str, int], dict[str, list[int]]]:
     """nnU-Net's region labels: ``{"background": 0, "cord": [1, 2], "lesion": 2}`` with
     ``regions_class_order`` (the label value each region is written as, in the order they are painted:
     a later region overwrites an earlier one) -> (name -> written value, name -> label-map values).

@@ -8,7 +8,7 @@ into one stack per orientation, and repeated positions (several echoes or time p
 into one stack per repetition; ``metadata['stack']`` tells the stacks of one series apart. Every stack
 becomes a case named after its series (:func:`case_names`: the SeriesDescription, else the folder name,
 made filesystem-safe and unique), written as NIfTI by SimpleITK, geometry preserved. Segmentation
-objects (DICOM-SEG, RTSTRUCT) are no image series: they are left to :mod:`spineauto.datasets.dicom_masks`.
+objects (DICOM-SEG, RTSTRUCT) are no image series: :func:`find_masks` pairs them with the series they reference.
 
 A series with a slice missing or unreadable is refused, never spaced evenly over the hole: a file in a
 series folder that looks like a DICOM image (``DICM`` preamble or a DICOM file ending) but that GDCM
@@ -183,21 +183,22 @@ def _write_case(stage: Path, dataset_dir: Path, row: SeriesRow, image: sitk.Imag
 
 
 def find_masks(root: Path, stacks: list[DicomStack]) -> dict[int, Path]:
-    """id(stack) -> its mask file: a DICOM-SEG anywhere under ``root`` referencing its series, else the
-    one NIfTI file in its folder (a folder holding one stack). A DICOM-SEG of a series that is not under
-    ``root``, two masks for one series, or two NIfTI files in a series folder are one-line errors."""
-    from spineauto.io.dicom_seg import is_dicom_seg, referenced_series
+    """id(stack) -> its mask file: a DICOM-SEG or RTSTRUCT anywhere under ``root`` referencing its series,
+    else the one NIfTI file in its folder (a folder holding one stack). A DICOM-SEG or RTSTRUCT of a series
+    that is not under ``root``, two masks for one series, or two NIfTI files in a series folder are one-line errors."""
+    from spineauto.io import dicom_seg, rtstruct
 
     by_uid: dict[str, list[DicomStack]] = defaultdict(list)
     for stack in stacks:
         by_uid[stack.series_uid].append(stack)
     masks: dict[int, Path] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith((".nii", ".nii.gz", ".json", ".txt"))):
-        if not is_dicom_seg(path):
+        kind = dicom_seg.mask_object_kind(path)
+        if kind is None:
             continue
-        uid = referenced_series(path)
+        uid = (dicom_seg if kind == "DICOM-SEG" else rtstruct).referenced_series(path)
         if uid not in by_uid:
-            raise SpineautoError(f"{path}: DICOM-SEG references series {uid}, which is not among the series under {root}; "
+            raise SpineautoError(f"{path}: {kind} references series {uid}, which is not among the series under {root}; "
                                  "add that series or remove the segmentation")
         for stack in by_uid[uid]:
             if id(stack) in masks:
@@ -220,15 +221,16 @@ def find_masks(root: Path, stacks: list[DicomStack]) -> dict[int, Path]:
 
 
 def _read_mask(path: Path, stack: DicomStack, image: sitk.Image, root: Path) -> tuple[np.ndarray, dict[str, int] | None, str]:
-    """(label map (X, Y, Z) on ``image``, label name -> value (a DICOM-SEG's segments; None for a NIfTI
+    """(label map (X, Y, Z) on ``image``, label name -> value (a DICOM-SEG's segments, an RTSTRUCT's ROIs; None for a NIfTI
     mask, which has values only), the file relative to ``root``)."""
     from spineauto.io.formats import sitk_affine
     from spineauto.io.images import grid_mismatch, read_volume
 
     if not path.name.endswith((".nii", ".nii.gz")):
-        from spineauto.io.dicom_seg import read_seg_onto
+        from spineauto.io.dicom_seg import mask_object_kind, read_seg_onto
+        from spineauto.io.rtstruct import read_rtstruct_onto
 
-        labels, names = read_seg_onto(path, stack.files)
+        labels, names = (read_rtstruct_onto if mask_object_kind(path) == "RTSTRUCT" else read_seg_onto)(path, stack.files)
     else:
         data, affine = read_volume(path)
         problem = grid_mismatch(data.shape, affine, image.GetSize(), sitk_affine(image))

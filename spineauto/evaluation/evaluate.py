@@ -1,26 +1,28 @@
 """`spineauto evaluate`: compare a folder of predicted masks with a folder of reference masks.
 
 Per case and label: Dice and IoU (nnunetv2's definition: nan when the label is absent from both),
-HD95 and average symmetric surface distance in mm (from the NIfTI voxel sizes), relative volume
+HD95 and average symmetric surface distance in mm (from the files' voxel sizes; a picture's pixels are
+the dataset's ``pixel_spacing`` when a dataset is given, else 1 mm), relative volume
 difference; for lesion labels also lesion-wise detection (26-connected components, a predicted
 lesion is a hit if it overlaps a true one). Means skip nan. Written as JSON and CSV.
 
 The labels evaluated are those of the dataset (``-d``) when given, plus every other non-zero value
 found in the predictions or the references (``label_<value>``, with a warning when the dataset does
 not declare it): a false-positive label that only a prediction contains gets its row (Dice 0), it is
-never dropped.
+never dropped. A region label of the dataset (``regions_class_order``) is scored on every label-map
+value it covers.
 """
 from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from spineauto.datasets.dataset_json import lesion_labels
+from spineauto.datasets.dataset_json import lesion_labels, parse_pixel_spacing, region_labels
 from spineauto.errors import SpineautoError
 from spineauto.evaluation import metrics as M
 from spineauto.evaluation.files import check_writable, read_json_file, writing
@@ -38,8 +40,10 @@ LESION_METRICS = ("lesion_precision", "lesion_recall", "lesion_f1")
 
 @dataclass
 class LabelSet:
-    labels: dict[str, int]  # foreground name -> value
+    labels: dict[str, int]  # foreground name -> value (of a region: the value it is written as)
     lesion: list[str]
+    regions: dict[str, list[int]] = field(default_factory=dict)  # region name -> the label-map values it covers
+    pixel_spacing: tuple[float, float] | None = None  # mm of a picture's (row, column): dataset.json's pixel_spacing
 
 
 def mask_files(folder: Path) -> dict[str, Path]:
@@ -55,23 +59,31 @@ def case_names(folder: Path) -> list[str]:
 def with_values(labels: LabelSet | None, values: set[int]) -> LabelSet:
     """``labels`` plus ``label_<v>`` for every non-zero value in ``values`` it does not name (all of them without labels)."""
     declared = dict(labels.labels) if labels else {}
-    known = set(declared.values())
+    regions = dict(labels.regions) if labels else {}
+    known = set(declared.values()) | {v for members in regions.values() for v in members}
     extra = {f"label_{v}": v for v in sorted(values) if v != 0 and v not in known}
-    return LabelSet({**declared, **extra}, list(labels.lesion) if labels else [])
+    return LabelSet({**declared, **extra}, list(labels.lesion) if labels else [], regions, labels.pixel_spacing if labels else None)
 
 
 def labels_from_dataset_json(data: dict) -> LabelSet:
-    raw = data.get("labels", {})
-    if "regions_class_order" in data:  # region labels: each region is evaluated as the value it is written as
-        raw = {"background": 0, **dict(zip([k for k in raw if k != "background"], data["regions_class_order"]))}
+    """The labels a dataset.json declares; region labels (``regions_class_order``) are each scored on
+    every label-map value they cover, in the prediction and the reference alike (as nnU-Net scores them)."""
+    raw, regions, problems = data.get("labels", {}), {}, []
+    if any(isinstance(v, list) for v in raw.values()):
+        raw, regions = region_labels(raw, data.get("regions_class_order"), problems)
+    spacing = parse_pixel_spacing(data.get("pixel_spacing"), problems)
+    if problems:
+        raise ValueError("; ".join(problems))
     labels = {k: int(v) for k, v in raw.items() if int(v) != 0}
-    return LabelSet(labels, lesion_labels(labels, data.get("lesion_labels")))
+    return LabelSet(labels, lesion_labels(labels, data.get("lesion_labels")), regions, spacing)
 
 
 def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], labels: LabelSet) -> dict[str, dict[str, float]]:
+    """Per label (per region: all the values it covers) the voxel metrics, and lesion detection for lesion labels."""
     out = {}
     for name, v in labels.labels.items():
-        p, r = pred == v, ref == v
+        members = labels.regions.get(name, [v])
+        p, r = np.isin(pred, members), np.isin(ref, members)
         tp, fp, fn = M.confusion(p, r)
         dice = float("nan") if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
         iou = float("nan") if tp + fp + fn == 0 else tp / (tp + fp + fn)
@@ -130,12 +142,13 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
     if extra:
         log.warning("%d prediction(s) without ground truth ignored (first: %s)", len(extra), extra[0])
     declared = labels
+    spacing = declared.pixel_spacing if declared else None  # what a picture's pixels measure (else 1 mm)
     per_case, found = {}, set()
     for i, case in enumerate(cases):
         if progress:
             progress(case, i, len(cases))
-        ref, aff_r = read_volume(gt_files[case])
-        pred, aff_p = read_volume(pred_files[case])
+        ref, aff_r = read_volume(gt_files[case], pixel_spacing=spacing)
+        pred, aff_p = read_volume(pred_files[case], pixel_spacing=spacing)
         problem = grid_mismatch(pred.shape, aff_p, ref.shape, aff_r)
         if problem:
             raise SpineautoError(f"{pred_files[case]}: grid differs from the ground truth (prediction vs ground truth: {problem}); "
@@ -220,6 +233,7 @@ def dataset_labels(dataset: str) -> LabelSet:
                 raise SpineautoError(f"{c}: expected a dataset.json with \"labels\": {{name: value}}")
             try:
                 return labels_from_dataset_json(data)
-            except (TypeError, ValueError) as e:
-                raise SpineautoError(f"{c}: label values must be integers ({e})") from None
+            except (TypeError, ValueError) as e:  # a region or pixel_spacing problem, or a value that is no integer
+                raise SpineautoError(f"{c}: label values must be integers, or lists of them with regions_class_order, and "
+                                     f"pixel_spacing a size in mm ({e})") from None
     raise SpineautoError(f"dataset {name}: no dataset.json in {', '.join(str(c.parent) for c in candidates[:2])} or its model folders")

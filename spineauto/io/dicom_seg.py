@@ -19,15 +19,20 @@ logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module
 SOFTWARE = "spineauto"
 
 
-def is_dicom_seg(path: Path) -> bool:
-    """A DICOM file holding a Segmentation (by its SOP class), read header only; False for anything else."""
+SEG_STORAGE, RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.481.3"
+
+
+def mask_object_kind(path: Path) -> str | None:
+    """"DICOM-SEG" or "RTSTRUCT" for a DICOM file holding a Segmentation or an RT Structure Set (by its
+    SOP class or modality, read header only); None for anything else."""
     import pydicom
 
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID", "Modality"])
     except Exception:  # noqa: BLE001 - not DICOM at all
-        return False
-    return str(ds.get("SOPClassUID", "")) == "1.2.840.10008.5.1.4.1.1.66.4" or str(ds.get("Modality", "")) == "SEG"
+        return None
+    sop, modality = str(ds.get("SOPClassUID", "")), str(ds.get("Modality", ""))
+    return "DICOM-SEG" if SEG_STORAGE == sop or modality == "SEG" else "RTSTRUCT" if RTSTRUCT_STORAGE == sop or modality == "RTSTRUCT" else None
 
 
 def referenced_series(path: Path) -> str:

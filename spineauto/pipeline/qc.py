@@ -26,11 +26,12 @@ when nothing is flagged, else ``check`` with the flags as its reasons. The check
 
 Normal adult cord CSA (``NORMAL_CSA_MM2``, mm^2, overridable as ``qc.csa_mm2`` in the pipeline YAML):
 Frostell et al. 2016, "A Review of the Segmental Diameter of the Healthy Human Spinal Cord",
-Front. Neurol. 7:238, pool the segmental cord diameters of healthy adults: cervical about 13 mm
-transverse x 7-8 mm antero-posterior, thoracic about 8 x 6 mm, lumbar enlargement about
-9-10 x 7-8 mm, i.e. ellipse areas of about 75, 38 and 57 mm^2. The bounds are half and 1.5 times
-those areas (rounded): wide on purpose, to catch a failed segmentation (a quarter-filled cord, a
-blob in the face), not atrophy. An adult cord is about 45 cm long (the same review).
+Front. Neurol. 7:238, pool the segmental cord diameters of healthy adults (its abstract): transverse
+13.3 +- 2.2 mm at C5, 8.3 +- 2.1 at T8, 9.4 +- 1.5 at L3; antero-posterior 7.4 +- 1.6 at C5, 6.3 +- 2.0
+at T8, i.e. ellipse areas of about 77 mm^2 (C5) and 41 mm^2 (T8); the lumbar range assumes a cervical-
+like antero-posterior diameter. The bounds are roughly half and 1.5 times those areas: wide on purpose,
+to catch a failed segmentation (a quarter-filled cord, a blob in the face), not atrophy. An adult cord
+is about 45 cm long (a textbook figure, not from that review).
 """
 from __future__ import annotations
 

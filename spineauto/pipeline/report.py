@@ -215,7 +215,7 @@ def _tools(cases) -> str:
 def _summary(cases) -> str:
     stages = _classifications(cases)
     head = [("case", "text"), ("status", "text"), ("rating", "text"), ("flags", "text"), ("reason", "text"),
-            *[(h if h == st else f"{st}: {h}", "text") for st, h in stages], ("cord volume (mm³)", "number"),
+            *([("classes", "text")] if stages else []), ("cord volume (mm³)", "number"),
             ("CSA mean (mm²)", "number"), ("length (mm)", "number"), ("lesions", "number"), ("lesion volume (mm³)", "number"),
             ("time (s)", "number")]
     rows = []
@@ -227,9 +227,12 @@ def _summary(cases) -> str:
         cells = [f"<td><a class='nw' href='#case-{i}'>{escape(d['case'])}</a></td>",
                  f"<td data-v='{STATUS_ORDER.get(d['status'], 9)}'>{_badge(d['status'])}</td>", "<td class='rated'>–</td>",
                  f"<td>{''.join(f'<span class=chip>{escape(c)}</span>' for c in codes) or '–'}</td>",
-                 f"<td><span class='reason' title='{escape(reason)}'>{escape(reason)}</span></td>",
-                 *[f"<td><span class='nw'>{escape(c)} <span class='muted'>{'header' if src == 'header' else _num(p, 2)}</span></span></td>"
-                   if c else "<td>–</td>" for c, p, src in decided]]
+                 f"<td><span class='reason' title='{escape(reason)}'>{escape(reason)}</span></td>"]
+        if stages:  # one column, a line per head: the table stays within the page however many heads there are
+            lines = [f"<div class='nw'><span class='muted'>{escape(h)}</span> {escape(c)} "
+                     f"<span class='muted'>{'header' if src == 'header' else _num(p, 2)}</span></div>"
+                     for (_, h), (c, p, src) in zip(stages, decided) if c]
+            cells.append(f"<td>{''.join(lines) or '–'}</td>")
         values = [_get(ms, "cord", "volume_mm3"), _get(ms, "cord", "csa_mm2", "mean"), _get(ms, "cord", "length_mm"),
                   _get(ms, "lesions", "count"), _get(ms, "lesions", "total_volume_mm3"), d.get("seconds")]
         shown = [_num(values[0], 0), _num(values[1]), _num(values[2]), _num(values[3], 0), _num(values[4]), _num(values[5])]

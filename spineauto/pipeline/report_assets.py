@@ -20,7 +20,7 @@ table{border-collapse:collapse;font-size:13px}th,td{padding:4px 8px;border-botto
 th{background:#f0f2f4;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}.nw{white-space:nowrap}
 #summary{width:100%;table-layout:auto}#summary th{cursor:pointer;user-select:none;vertical-align:bottom}.scroll{overflow-x:auto}
 #summary th[aria-sort=ascending]::after{content:" ▲"}#summary th[aria-sort=descending]::after{content:" ▼"}
-.reason{display:block;max-width:20em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.reason{display:block;max-width:18em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 .badge{display:inline-block;padding:1px 9px;border-radius:10px;font-size:12px;font-weight:600}
 .badge.done{background:#dafbe1;color:#116329}.badge.check{background:#fff1c2;color:#7d4e00;outline:1px solid #d4a72c}
 .badge.stopped{background:#fff8c5;color:#7d4e00}.badge.failed{background:#ffebe9;color:#a40e26}

@@ -342,20 +342,35 @@ class Pipeline:
         result.stages.append(record)
 
     def _measure(self, scan: ScanInput, result: CaseResult) -> None:
-        from spineauto.pipeline.measurements import measure_cord, measure_lesions
-
+        """Cord and lesion measurements; a measurement that cannot be made is a flag, never a failed case."""
         if result.cord is not None and result.cord.sum() >= self.config.cord.min_voxels:  # fewer: flagged, not measured
-            cord = measure_cord(result.cord, scan.affine)
-            if cord.get("unmeasurable"):
-                result.flag("cord", "no_cord", f"no measurable cord ({cord['unmeasurable']})")
-            else:
-                result.measurements["cord"] = cord
-                level = result.classes.get("location_view", {}).get("location")
-                result.flags += qc.cord_flags(self.config.qc, result.cord, scan.affine, cord, level)
-                low, high, what = qc.csa_range(self.config.qc, level)
-                cord["plausible_csa_mm2"] = {"low": low, "high": high, "level": what}  # the report shades it
+            self._measured(result, "cord", lambda: self._measure_cord(scan, result))
         if result.lesion is not None:
-            result.measurements["lesions"] = measure_lesions(result.lesion, scan.affine)
+            from spineauto.pipeline.measurements import measure_lesions
+
+            self._measured(result, "lesion", lambda: result.measurements.update(lesions=measure_lesions(result.lesion, scan.affine)))
+
+    @staticmethod
+    def _measured(result: CaseResult, stage: str, measure) -> None:
+        try:
+            measure()
+        except Exception as e:  # noqa: BLE001 - the masks stay; the case says what could not be measured
+            log.error("%s: %s measurements failed: %s: %s", result.case, stage, type(e).__name__, e)
+            log.debug("%s", traceback.format_exc())
+            result.flag(stage, "measurement_failed", f"{stage} measurements failed ({type(e).__name__}: {e})")
+
+    def _measure_cord(self, scan: ScanInput, result: CaseResult) -> None:
+        from spineauto.pipeline.measurements import measure_cord
+
+        cord = measure_cord(result.cord, scan.affine)
+        if cord.get("unmeasurable"):
+            result.flag("cord", "no_cord", f"no measurable cord ({cord['unmeasurable']})")
+            return
+        result.measurements["cord"] = cord
+        level = result.classes.get("location_view", {}).get("location")
+        result.flags += qc.cord_flags(self.config.qc, result.cord, scan.affine, cord, level)
+        low, high, what = qc.csa_range(self.config.qc, level)
+        cord["plausible_csa_mm2"] = {"low": low, "high": high, "level": what}  # the report shades it
 
 
 def _model_label(ref: ModelRef, model: TrainedModel, bundle: tuple[Path, Path] | None) -> str:

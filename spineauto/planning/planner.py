@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,7 @@ def cord_label(labels: dict[str, int], lesion: list[str]) -> str | None:
 
 
 MIN_LOCALISE_MARGIN_MM = 5.0
+WHOLE_NECK_SHARE = 0.25  # augmentation.whole_neck of a one-channel `2d` cord configuration (README, "A scanner it never saw")
 
 
 def _localise(fp: Fingerprint, cord: str) -> tuple[LocalisePlan, str]:
@@ -229,6 +231,12 @@ def plan_dataset(fp: Fingerprint, preset: Path | None = None, gpu_memory_gb: flo
         configs["2d_cord_roi"] = _roi_configuration(fp, cord, lesion, target, reasons, common, budget)
     if cord and "2d" in configs:
         configs["2d"].localise, configs["2d"].reasons["localise"] = _localise(fp, cord)
+        if len(fp.channel_names) == 1:
+            configs["2d"].augmentation = replace(configs["2d"].augmentation, whole_neck=WHOLE_NECK_SHARE)
+            configs["2d"].reasons["whole_neck"] = (
+                f"{WHOLE_NECK_SHARE:g} of the training samples are whole-neck phantom patches, tissues at random intensities "
+                "(training/synthetic.py): a cord model sees the vertebral bodies, vessels and muscle of a whole neck "
+                "(measured in bench_generalisation: fewer false positives on a whole-neck scan)")
     plans = Plans(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=fp.labels, heads=fp.heads,
                   lesion_labels=lesion, configurations=configs, regions=dict(fp.regions),
                   foreground_intensity_properties_per_channel={str(c): s for c, s in enumerate(fp.intensity)})
