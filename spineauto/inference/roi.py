@@ -46,7 +46,11 @@ def check_roi_grid(path: Path, shape, affine: np.ndarray, image: str, pixel_spac
 def read_roi(path: Path, shape, affine: np.ndarray, image: str, pixel_spacing=None) -> np.ndarray:
     """The boolean mask (any value > 0) of ``path``, checked to lie in the image's grid."""
     check_roi_grid(path, shape, affine, image, pixel_spacing)
-    return read_volume(Path(path), pixel_spacing=pixel_spacing)[0] > 0
+    values = read_volume(Path(path), pixel_spacing=pixel_spacing)[0]
+    if values.dtype.kind == "f" and not np.isfinite(values).all():  # a damaged or probability file, not a mask
+        raise SpineautoError(f"{path}: the ROI mask holds NaN or infinite values; it must be a mask (0 outside, > 0 inside), "
+                             "e.g. what `spineauto predict` wrote with the cord model")
+    return values > 0
 
 
 def restrict_to_roi(labels: np.ndarray, roi: np.ndarray, affine: np.ndarray, distance_mm: float) -> np.ndarray:

@@ -287,3 +287,21 @@ def test_an_unforeseen_out_of_memory_is_one_line(world, tmp_path, capsys, monkey
                            "--device", "cpu")
     line = _one_error_line(err)
     assert code == 1 and "out of memory" in line, line
+
+
+def test_roi_mask_with_nan_is_refused(world, tmp_path):
+    """A --roi "mask" of NaN with 0.5 in the cord was used as the cord (NaN > 0 is False) without a word."""
+    import nibabel as nib
+    import numpy as np
+
+    from spineauto.errors import SpineautoError
+    from spineauto.inference.roi import read_roi
+
+    ref = next((world["raw"] / "Dataset001_Ph" / "labelsTs").glob("*.nii.gz"))
+    im = nib.load(ref)
+    values = np.where(np.asarray(im.dataobj) > 0, 0.5, np.nan).astype(np.float32)
+    nib.save(nib.Nifti1Image(values, im.affine), tmp_path / "roi.nii.gz")
+    assert read_roi(ref, im.shape, im.affine, "img").any()  # the reference itself is a fine ROI
+    with pytest.raises(SpineautoError, match="NaN or infinite") as e:
+        read_roi(tmp_path / "roi.nii.gz", im.shape, im.affine, "img")
+    assert str(tmp_path / "roi.nii.gz") in str(e.value)
