@@ -465,7 +465,7 @@ def report(output: Path = typer.Argument(..., help="A `spineauto pipeline` outpu
 
     if not Path(output).is_dir():
         raise SpineautoError(f"{output}: not a folder; pass the -o folder of `spineauto pipeline`")
-    console.print(f"[green]wrote[/] {escape(str(build_report(output)))}")
+    console.print(f"[green]wrote[/] {escape(str(build_report(output, require_cases=True)))}")
 
 
 @app.command("export")

@@ -37,6 +37,7 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
+from spineauto.errors import SpineautoError
 from spineauto.inference.export import writing
 from spineauto.io import csv_cells
 from spineauto.io.atomic import write_atomic
@@ -52,11 +53,15 @@ CSV_MEASURES = (("cord_volume_mm3", ("cord", "volume_mm3")), ("cord_csa_mean_mm2
                 ("lesion_total_volume_mm3", ("lesions", "total_volume_mm3")))
 
 
-def build_report(out_dir: Path) -> Path:
-    """Write ``out_dir/report.html`` and ``out_dir/pipeline.csv`` from the case JSONs; return the page."""
+def build_report(out_dir: Path, require_cases: bool = False) -> Path:
+    """Write ``out_dir/report.html`` and ``out_dir/pipeline.csv`` from the case JSONs; return the page.
+    ``require_cases``: a folder without any case JSON is refused (not a pipeline output: never written into)."""
     out_dir = Path(out_dir)
     check_output_apart([], out_dir, what="the report's folder", hint="pass the -o folder of `spineauto pipeline`")
     cases, malformed = load_cases(out_dir)
+    if require_cases and not cases and not malformed:
+        raise SpineautoError(f"{out_dir}: no pipeline case (<case>/<case>.json) in it, so not a `spineauto pipeline` output; "
+                             "pass the -o folder of `spineauto pipeline`")
     with writing(out_dir / "report.html"):
         write_atomic(out_dir / "pipeline.csv", lambda p: p.write_text(_csv(cases), encoding="utf-8", newline=""))
         page = write_atomic(out_dir / "report.html", lambda p: p.write_text(_html(out_dir, cases, malformed), encoding="utf-8"))

@@ -305,3 +305,20 @@ def test_roi_mask_with_nan_is_refused(world, tmp_path):
     with pytest.raises(SpineautoError, match="NaN or infinite") as e:
         read_roi(tmp_path / "roi.nii.gz", im.shape, im.affine, "img")
     assert str(tmp_path / "roi.nii.gz") in str(e.value)
+
+
+def test_report_refuses_a_folder_that_is_no_pipeline_output(world, tmp_path, capsys):
+    """`report FOLDER` on an empty folder, a prediction folder or any other wrote report.html and
+    pipeline.csv of 0 cases into it, exit 0."""
+    pred = tmp_path / "pred"
+    code, _, err = run_cli(capsys, "predict", "-d", "1", "-i", str(world["raw"] / "Dataset001_Ph" / "imagesTs"), "-o", str(pred),
+                           "--device", "cpu", "--no-tta")
+    assert code == 0, err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (pred, empty):
+        before = sorted(p.name for p in folder.iterdir())
+        code, _, err = run_cli(capsys, "report", str(folder))
+        line = _one_error_line(err)
+        assert code == 1 and str(folder) in line and "no pipeline case" in line, line
+        assert sorted(p.name for p in folder.iterdir()) == before

@@ -72,6 +72,8 @@ def test_report_refuses_a_raw_dataset_and_names_a_folder_in_the_way(world, tmp_p
     _refused(capsys, "report", str(raw), words=("raw dataset",))
     assert not (raw / "report.html").exists() and not (raw / "pipeline.csv").exists()
     (tmp_path / "run" / "report.html").mkdir(parents=True)
+    (tmp_path / "run" / "c1").mkdir()
+    (tmp_path / "run" / "c1" / "c1.json").write_text("{")  # a (damaged) case: a pipeline output, else refused for that
     line = _refused(capsys, "report", str(tmp_path / "run"), words=("report.html",))
     assert "tmp" not in Path(line.split(":")[1]).name
 
