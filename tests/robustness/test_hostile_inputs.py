@@ -10,33 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import planned_phantoms, remove_tree, run_cli
-from test_inference_support import make_model_folder
-from test_training import tiny_plan
-
-MODEL = "spineautoTrainer__spineautoPlans__2d"
-
-
-def _one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
+from conftest import run_cli
+from model_world import MODEL, model_world, one_error_line as _one_error_line
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    env = planned_phantoms(root, n_train=4, n_test=1, seed=0)
-    tiny_plan(env["preprocessed"] / "Dataset001_Ph" / "plans.json")
-    make_model_folder(env["preprocessed"] / "Dataset001_Ph", env["results"])
-    mp = pytest.MonkeyPatch()
-    for k, p in env.items():
-        mp.setenv(f"SPINEAUTO_{k.upper()}", str(p))
-    mp.setenv("WANDB_MODE", "disabled")
-    yield env
-    mp.undo()
-    remove_tree(root)
+    yield from model_world(tmp_path_factory, "hostile")
 
 
 def test_checkpoint_with_nan_weights_is_refused_by_predict_and_pretrained(world, tmp_path, capsys):

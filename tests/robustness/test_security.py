@@ -16,11 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import planned_phantoms, remove_tree, run_cli
-from test_inference_support import make_model_folder
-from test_training import tiny_plan
-
-MODEL = "spineautoTrainer__spineautoPlans__2d"
+from conftest import run_cli
+from model_world import MODEL, model_world, one_error_line as _one_error_line
 
 
 class _Payload:
@@ -38,27 +35,9 @@ def _evil_checkpoint(path: Path, marker: Path, network: dict | None = None) -> P
     return path
 
 
-def _one_error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert "Traceback" not in err, err
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("security")
-    env = planned_phantoms(root, n_train=4, n_test=1, seed=0)
-    tiny_plan(env["preprocessed"] / "Dataset001_Ph" / "plans.json")
-    make_model_folder(env["preprocessed"] / "Dataset001_Ph", env["results"])
-    mp = pytest.MonkeyPatch()
-    for k, p in env.items():
-        mp.setenv(f"SPINEAUTO_{k.upper()}", str(p))
-    mp.setenv("WANDB_MODE", "disabled")
-    yield env
-    mp.undo()
-    remove_tree(root)
+    yield from model_world(tmp_path_factory, "security")
 
 
 def test_model_bundle_with_a_pickled_payload_is_refused_without_running_it(world, tmp_path, capsys):
