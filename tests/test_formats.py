@@ -103,6 +103,14 @@ def test_3d_tif_reads_its_spacing_file_as_nnunet_and_refuses_without_it(tmp_path
     out = write_label_map(tmp_path / "out" / "c.tif", (data[0] > 10).astype(np.uint8), tmp_path / "c_0000.tif")
     assert json.loads((tmp_path / "out" / "c.json").read_text())["spacing"] == [3.0, 0.5, 0.25]
     np.testing.assert_array_equal(read_volume(out)[0], data[0] > 10)
+    # cases whose names end in four digits: each mask keeps its own spacing file (not one shared "scan.json")
+    for case, spacing in (("scan_0012", [3.0, 0.5, 0.25]), ("scan_0013", [2.0, 1.0, 1.0])):
+        tifffile.imwrite(tmp_path / f"{case}_0000.tif", vol, photometric="minisblack")
+        (tmp_path / f"{case}.json").write_text(json.dumps({"spacing": spacing}))
+        write_label_map(tmp_path / "out" / f"{case}.tif", (data[0] > 10).astype(np.uint8), tmp_path / f"{case}_0000.tif")
+    assert not (tmp_path / "out" / "scan.json").exists()
+    np.testing.assert_allclose(np.diag(read_volume(tmp_path / "out" / "scan_0012.tif")[1])[:3], [0.25, 0.5, 3.0])
+    np.testing.assert_allclose(np.diag(read_volume(tmp_path / "out" / "scan_0013.tif")[1])[:3], [1.0, 1.0, 2.0])
 
 
 def test_unknown_ending_is_refused_in_one_line(tmp_path):

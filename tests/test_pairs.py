@@ -90,7 +90,10 @@ def test_bad_pairs_are_refused_in_one_line_and_write_nothing(tmp_path):
         convert_pairs(images, masks, tmp_path / "D2", labels=parse_labels(["cord=2"]))
     with pytest.raises(SpineautoError, match=r"--label 'cord': expected NAME=VALUE"):
         parse_labels(["cord"])
-    assert not (tmp_path / "D1").exists() and not (tmp_path / "D2").exists()
+    io.imsave(masks / "a.png", np.full((12, 16), 300, np.uint16), check_contrast=False)  # would wrap to 44 in a uint8 label map
+    with pytest.raises(SpineautoError, match=r"m/a.png: mask has non-integer, negative or > 255 values"):
+        convert_pairs(images, masks, tmp_path / "D3")
+    assert not any((tmp_path / d).exists() for d in ("D1", "D2", "D3"))
 
 
 def test_a_mask_in_another_grid_is_refused_naming_both_files(tmp_path):

@@ -140,8 +140,8 @@ def convert_pairs(images_dir: Path, masks_dir: Path, dataset_dir: Path, labels: 
             if problem:
                 raise SpineautoError(f"{mask}: mask grid does not match its image {image.name}: {problem}; "
                                      "resample the mask onto the image or pair it with the right image")
-            if not np.array_equal(seg, np.round(seg)) or seg.min() < 0:
-                raise SpineautoError(f"{mask}: mask has non-integer or negative values; a mask holds label values 0, 1, 2 ...")
+            if not np.array_equal(seg, np.round(seg)) or seg.min() < 0 or seg.max() > 255:
+                raise SpineautoError(f"{mask}: mask has non-integer, negative or > 255 values; a mask holds label values 0, 1, 2 ...")
             values = set(np.unique(seg).astype(int).tolist())
             if labels is not None and values - set(labels.values()):
                 raise SpineautoError(f"{mask}: label values {sorted(values - set(labels.values()))} not given by --label "

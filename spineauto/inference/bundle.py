@@ -20,6 +20,7 @@ import atexit
 import errno
 import os
 import shutil
+import socket
 import tempfile
 import zipfile
 import zlib
@@ -54,7 +55,7 @@ def open_bundle(path: Path) -> Path:
             members = z.infolist()
             check_members(path, members, Path(tempfile.gettempdir()))
             remove_orphans(Path(tempfile.gettempdir()))
-            dest = Path(tempfile.mkdtemp(prefix=f"spineauto_bundle_{os.getpid()}_"))
+            dest = Path(tempfile.mkdtemp(prefix=f"spineauto_bundle_{os.getpid()}_{_HOST}_"))
             atexit.register(shutil.rmtree, dest, True)
             z.extractall(dest)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
@@ -70,9 +71,13 @@ def open_bundle(path: Path) -> Path:
     return tops[0]
 
 
+_HOST = "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"  # process ids mean something on one host only
+
+
 def remove_orphans(tmp: Path) -> None:
-    """Remove the unpacked bundles of processes that are gone (killed before their exit handler ran)."""
-    for folder in tmp.glob("spineauto_bundle_*_*"):
+    """Remove the unpacked bundles of this host's processes that are gone (killed before their exit
+    handler ran); a folder of another host (a shared TMPDIR) or of an older naming is left alone."""
+    for folder in tmp.glob(f"spineauto_bundle_*_{_HOST}_*"):
         pid = folder.name.split("_")[2]
         if not pid.isdigit():
             continue

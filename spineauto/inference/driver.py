@@ -123,7 +123,7 @@ def localise(model: TrainedModel, case: CaseSource, first: CaseInference, props:
     layout, box_props = case.preprocessed_around(model, along, loc.margin_mm)
     second = infer(model, layout, box_props, case.name, tta, batch_slices, probabilities)
     choice = choose_cord_component(second.labels, value, affine)
-    second.labels, second.qc = choice.seg, _merge(second.qc, choice.reasons)
+    second.labels, second.qc = choice.seg, _merge(_merge(first.qc, second.qc), choice.reasons)
     second.classification = first.classification
     return second
 

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from spineauto import paths
+from spineauto.datasets.dataset_json import parse_pixel_spacing
 from spineauto.errors import SpineautoError
 from spineauto.inference.bundle import model_folder_of
 from spineauto.inference.postprocessing import POSTPROCESSING_FILE, load_postprocessing
@@ -52,9 +53,11 @@ class TrainedModel:
             value = read_json(self.folder / "dataset.json").get("pixel_spacing")
         except (OSError, ValueError, AttributeError):
             return None
-        if value is None:
-            return None
-        return (float(value[0]), float(value[1])) if isinstance(value, list) else (float(value), float(value))
+        problems: list[str] = []
+        spacing = parse_pixel_spacing(value, problems)
+        if problems:
+            raise SpineautoError(f"{self.folder / 'dataset.json'}: {problems[0]}")
+        return spacing
 
     @property
     def label_values(self) -> list[int]:

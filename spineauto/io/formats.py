@@ -122,11 +122,13 @@ def _tiff_spacing(path: Path) -> list[float]:
 
 
 def _tiff_aux(path: Path) -> Path:
-    """nnU-Net's spacing file of a 3D tif: ``img_0000.tif`` -> ``img.json``, ``img.tif`` -> ``img.json``."""
+    """nnU-Net's spacing file of a 3D tif: ``img.tif`` -> ``img.json`` (a mask, or any file that has one),
+    else a channel file's case: ``img_0000.tif`` -> ``img.json`` (so a mask ``scan_0012.tif`` keeps its own)."""
     stem = strip_ending(path.name)
-    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
-        stem = stem[:-5]
-    return path.with_name(stem + ".json")
+    exact = path.with_name(stem + ".json")
+    if exact.is_file() or not (len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit()):
+        return exact
+    return path.with_name(stem[:-5] + ".json")
 
 
 def _read_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -229,5 +231,5 @@ def mask_writer(labels: np.ndarray, reference: Path) -> tuple[Callable[[Path], N
 def tiff_aux_for(target: Path, reference: Path) -> tuple[Path, str] | None:
     """The spacing file a mask written as a 3D .tif needs beside it (nnU-Net's convention), or None."""
     if ending_of(reference) in TIFF_ENDINGS and _is_3d_tiff(Path(reference)):
-        return _tiff_aux(Path(target)), _tiff_aux(Path(reference)).read_text()
+        return Path(target).with_name(strip_ending(Path(target).name) + ".json"), _tiff_aux(Path(reference)).read_text()
     return None

@@ -137,7 +137,7 @@ def header_problem(img, path: Path | None = None) -> str | None:
     if np.dtype(img.get_data_dtype()).kind == "c":
         return f"complex voxel values ({img.get_data_dtype()}); save the magnitude (or real part) as a real-valued image"
     hdr = img.header
-    if isinstance(hdr, nib.Nifti1Header) and path is not None:  # nibabel mends pixdim on load: read the stored one
+    if isinstance(hdr, nib.Nifti1Header) and path is not None and int(hdr["sform_code"]) == 0:  # nibabel mends pixdim on load: read the stored one
         with nib.openers.ImageOpener(str(path)) as f:
             hdr = type(hdr).from_fileobj(f, check=False)
     if isinstance(hdr, nib.Nifti1Header) and int(hdr["sform_code"]) == 0:

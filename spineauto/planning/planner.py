@@ -210,7 +210,7 @@ def plan_dataset(fp: Fingerprint, preset: Path | None = None, gpu_memory_gb: flo
         configs["2d"] = ConfigurationPlan(name="2d", task="segmentation", patch_size=patch, batch_size=bs, network=net,
                                           reasons=dict(reasons), **common)
         if fp.regions:  # nnU-Net's region training: one sigmoid output per region, Dice + BCE on each
-            configs["2d"].network = NetworkPlan(**{**net.__dict__, "output_activation": "sigmoid"})
+            configs["2d"].network = replace(net, output_activation="sigmoid")
             configs["2d"].loss.name = "dice_bce"
             configs["2d"].reasons["loss"] = f"region-based labels {dict(fp.regions)}: a sigmoid output per region (nnU-Net's Dice + BCE)"
     if heads:

@@ -112,7 +112,6 @@ def raw_changes(manifest: dict, info: DatasetInfo) -> dict[str, list[str]] | Non
         for name in sorted(names | set(files)):
             why = file_problem(info.folder / name, files[name], full_hash=False) if name in files else "is new"
             if why:
-                why = {"h": "changed size", "d": "changed content"}.get(why[0], why)
                 changes["changed"].append(f"{case} ({name} {why})")
                 break
     return changes

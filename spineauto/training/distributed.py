@@ -152,8 +152,9 @@ class CpuSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         c = x.shape[1]
         dims = [d for d in range(x.dim()) if d != 1]
-        count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
-        totals = _AllReduceSum.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        xf = x.float()  # statistics in float32 whatever the autocast dtype: E[x^2] - mean^2 cancels in bfloat16
+        count = torch.full((1,), x.numel() / c, dtype=xf.dtype, device=x.device)
+        totals = _AllReduceSum.apply(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
         n = totals[-1]
         mean = totals[:c] / n
         var = (totals[c:2 * c] / n - mean * mean).clamp_min(0)
@@ -164,8 +165,9 @@ class CpuSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
         shape = [1, c] + [1] * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+        return y.to(x.dtype)
 
 
 def convert_sync_batchnorm(network: torch.nn.Module) -> int:
