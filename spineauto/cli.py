@@ -153,9 +153,10 @@ def convert_sparse(
     dataset: str = typer.Option(..., "-d", "--dataset", help="The raw dataset (id or name) the case is added to: one channel, NIfTI."),
     case: str = typer.Option(..., "--case", help="Name of the new training case, e.g. t2s_uncropped."),
     margin_mm: float = typer.Option(15.0, "--margin-mm", help="In-plane distance (mm) from the carried mask within which nothing "
-                                    "is labelled (ignore); background beyond. At least the headers' misalignment (see the overlay)."),
+                                    "is labelled (ignore); background beyond. At least the headers' misalignment (check with --overlay)."),
     uncovered: str = typer.Option("nearest", "--uncovered", help="Slices the mask does not reach: 'nearest' ignores the margin around "
                                   "the carried mask of the nearest slice it reaches, 'ignore' the whole slice."),
+    overlay: Optional[Path] = typer.Option(None, "--overlay", help="Also draw the labels over the scan's slices into this .png (look before training)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a case of that name."),
 ):
     """Add a whole-field-of-view scan to a raw dataset as a sparsely labelled case: the cropped scan's mask carried through the
@@ -164,7 +165,8 @@ def convert_sparse(
     from spineauto import paths
     from spineauto.datasets.sparse import add_sparse_case
 
-    r = add_sparse_case(paths.raw_dataset(dataset), wide, mask, case, margin_mm=margin_mm, uncovered=uncovered, overwrite=overwrite)
+    r = add_sparse_case(paths.raw_dataset(dataset), wide, mask, case, margin_mm=margin_mm, uncovered=uncovered, overwrite=overwrite,
+                        overlay=overlay)
     console.print(f"[green]wrote[/] {escape(str(r.image))} and {escape(str(r.label))}: {r.covered} of {r.slices} slices reached by "
                   f"the mask, {100 * r.background_share:.1f}% background, {100 * r.ignore_share:.1f}% ignore (value {r.ignore_label})")
 

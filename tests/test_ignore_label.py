@@ -237,8 +237,10 @@ def test_convert_sparse_labels_background_far_from_the_carried_mask_and_ignore_n
 
     wide, crop = _wide_and_crop(tmp_path)
     ds = _dataset_json(spineauto_env["raw"] / "Dataset005_Wide", labels={"background": 0, "cord": 1}, numTraining=0)
-    code, out, err = run_cli(capsys, "convert", "sparse", str(wide), str(crop), "-d", "5", "--case", "neck", "--margin-mm", "6")
+    code, out, err = run_cli(capsys, "convert", "sparse", str(wide), str(crop), "-d", "5", "--case", "neck", "--margin-mm", "6",
+                             "--overlay", str(tmp_path / "look.png"))
     assert code == 0, err
+    assert (tmp_path / "look.png").read_bytes()[:4] == b"\x89PNG"
     info = load_dataset_json(ds)
     assert info.ignore_label == 2 and info.labels == {"background": 0, "cord": 1} and info.training_cases() == ["neck"]
     assert json.loads((ds / "dataset.json").read_text())["numTraining"] == 1
@@ -265,6 +267,7 @@ def test_convert_sparse_labels_background_far_from_the_carried_mask_and_ignore_n
     (["--margin-mm", "0"], "--margin-mm 0.0: must be a number of mm > 0"),
     (["--uncovered", "all"], "uncovered slices: 'all' is none of nearest, ignore"),
     (["--case", "a/b"], "--case 'a/b': letters, digits"),
+    (["--overlay", "look.jpg"], "--overlay look.jpg: a .png file to write"),
 ])
 def test_convert_sparse_refuses_bad_values_in_one_line(tmp_path, spineauto_env, capsys, args, message):
     wide, crop = _wide_and_crop(tmp_path)

@@ -17,7 +17,8 @@ interpolation, every voxel the mask touches counts), and the wide scan is labell
 Slices are taken along the wide scan's thickest voxel axis (the through-plane axis of an axial
 scan). The mask's own label values are never written: the case teaches only where the structure is
 not. :func:`add_sparse_case` adds such a case to a raw dataset and declares ``ignore`` in its
-dataset.json (the highest value, as nnU-Net v2 requires) when it has none.
+dataset.json (the highest value, as nnU-Net v2 requires) when it has none; with ``overlay`` it also
+draws the label map over the scan, to be looked at before training.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def sparse_labels(carried: np.ndarray, spacing, margin_mm: float, ignore: int, u
 
 
 def add_sparse_case(dataset_dir: Path, wide: Path, mask: Path, case: str, margin_mm: float = 15.0, uncovered: str = "nearest",
-                    overwrite: bool = False) -> SparseCase:
+                    overwrite: bool = False, overlay: Path | None = None) -> SparseCase:
     """Add ``wide`` as training case ``case`` of the raw dataset ``dataset_dir`` (one channel, NIfTI),
     labelled from the cropped scan's ``mask`` (on another grid of the same session, see the module)."""
     dataset_dir, wide, mask = Path(dataset_dir), Path(wide), Path(mask)
@@ -104,10 +105,14 @@ def add_sparse_case(dataset_dir: Path, wide: Path, mask: Path, case: str, margin
     if not case or not all(ch.isalnum() or ch in "-_." for ch in case):
         raise SpineautoError(f"--case {case!r}: letters, digits, '-', '_' and '.' only")
     image_out, label_out = info.channel_files(case)[0], info.label_file(case)
+    if overlay is not None and Path(overlay).suffix.lower() != ".png":
+        raise SpineautoError(f"--overlay {overlay}: a .png file to write")
     if (image_out.exists() or label_out.exists()) and not overwrite:
         raise SpineautoError(f"{image_out}: case {case!r} is already in {dataset_dir.name}; choose another --case or pass --overwrite")
     for out in (image_out, label_out):
         check_output_apart([wide, mask], out, protect=(), what=f"case {case}'s files", hint="choose another --case")
+    if overlay is not None:
+        check_output_apart([wide, mask], Path(overlay), what="the overlay", hint="choose another --overlay file")
     images = {}
     for path, what in ((wide, "wide scan"), (mask, "cropped scan's mask")):
         try:
@@ -132,10 +137,36 @@ def add_sparse_case(dataset_dir: Path, wide: Path, mask: Path, case: str, margin
     write_atomic(image_out, lambda p: shutil.copyfile(wide, p), suffix=info.file_ending)
     save_nifti(label_out, nib.Nifti1Image(labels, target.affine, header))
     _declare_ignore(dataset_dir / "dataset.json", ignore, len(info.training_cases()))
+    if overlay is not None:
+        write_overlay(Path(overlay), np.asanyarray(target.dataobj), labels, carried, axis, ignore, f"{case}: margin {margin_mm:g} mm")
     log.info("%s: case %s: %d of %d slices reached by the carried mask; %.1f%% background, %.1f%% ignore", dataset_dir.name, case,
              covered, labels.shape[axis], 100 * np.mean(labels == 0), 100 * np.mean(labels == ignore))
     return SparseCase(case, image_out, label_out, ignore, labels.shape[axis], covered, float(np.mean(labels == 0)),
                       float(np.mean(labels == ignore)))
+
+
+def write_overlay(path: Path, image: np.ndarray, labels: np.ndarray, carried: np.ndarray, axis: int, ignore: int, title: str) -> Path:
+    """Every slice of the wide scan (up to 12, evenly spread): ignore shaded, the carried mask outlined in red: look before training."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = image.shape[axis]
+    picks = np.unique(np.linspace(0, n - 1, min(n, 12)).round().astype(int))
+    cols = min(len(picks), 6)
+    fig = Figure(figsize=(3 * cols, 3 * -(-len(picks) // cols)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(-(-len(picks) // cols), cols, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, k in zip(axes, picks):
+        img, lab, car = (np.take(a, k, axis=axis).T for a in (image, labels, carried))
+        ax.imshow(img, cmap="gray", origin="lower")
+        ax.imshow(np.ma.masked_where(lab != ignore, lab), cmap="autumn_r", alpha=0.35, origin="lower")  # yellow
+        if car.any():
+            ax.contour(car, [0.5], colors="r", linewidths=0.8)
+        ax.set_title(f"slice {k}{'' if car.any() else ' (not reached)'}", fontsize=8)
+    fig.suptitle(f"{title}: shaded = ignore, unshaded = background, red = the carried mask", fontsize=9)
+    return write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=60), suffix=".png")
 
 
 def _declare_ignore(path: Path, ignore: int, n_training: int) -> None:
