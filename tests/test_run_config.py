@@ -106,7 +106,7 @@ def _with(plan, **sections):
 
 
 # -- built-ins ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("loss", ["dice_ce", "dice_focal", "tversky", "focal_tversky", "dice_bce"])
+@pytest.mark.parametrize("loss", ["dice_ce", "dice_ce_soft", "dice_focal", "tversky", "focal_tversky", "dice_bce"])
 def test_each_builtin_loss_decreases_on_phantoms(phantoms, loss):
     plans = _plans(phantoms)
     plan = _with(plans.configuration("2d"), loss={"name": loss}, optim={"optimizer": "adam", "initial_lr": 0.003, "schedule": "constant"})
