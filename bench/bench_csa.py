@@ -1,7 +1,7 @@
 """Benchmark: is the cord's cross-sectional area (CSA) the same whatever the contrast?
 
 One trained cord model (``-m``, a model folder or bundle) predicts, with ``--save-probabilities`` and
-the defaults (TTA, the model's postprocessing and calibration):
+the defaults (TTA, the model's postprocessing):
 
 - *phantoms of one anatomy in several contrasts*: ``--anatomies`` subjects
   (:mod:`spineauto.datasets.phantoms`, alternately cervical and thoracic), each rendered as an axial
@@ -17,10 +17,9 @@ the defaults (TTA, the model's postprocessing and calibration):
 Per contrast: the mean CSA error against the reference (over the reference's slices) of the mask as
 written, of the cord probability thresholded at other values (then the cord component), and of the
 soft CSA (sum of the cord probabilities x voxel area, inside the written cord dilated by 2 voxels
-in-plane); and the inter-contrast coefficient of variation (sample standard deviation / mean of the
-contrasts' mean CSA, per subject, then averaged). With ``--calibrate`` the threshold that
-:func:`spineauto.evaluation.calibration.choose_threshold` picks on a separate set of phantoms
-(other seeds) is reported too.
+in-plane), of an area from the image's own partial volume around the written cord
+(:func:`image_partial_volume`); and the inter-contrast coefficient of variation (sample standard deviation / mean of the
+contrasts' mean CSA, per subject, then averaged). The Dice of the masks as written closes the output.
 
     python bench/bench_csa.py -m /tmp/bench-csa/full_seed0/spineauto_plan_seed0/sa_results/Dataset930_SCTReal/spineautoTrainer__spineautoPlans__2d
 """
@@ -129,29 +128,47 @@ def soft_region(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return ndimage.binary_dilation(mask, st, iterations=SOFT_MARGIN_VOXELS) if mask.any() else mask
 
 
-def measure_case(out: Path, refs: Path, case: str, calibrated: float | None = None) -> dict[str, float]:
-    """Mean CSA (mm^2) of the reference and of each measure of one case; ``calibrated``: the model's
-    calibration.json threshold, applied to the probabilities as predict applies it (then the cord component)."""
+def image_partial_volume(image: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Cord fractions from the image, per slice: (I - ring) / (cord - ring) clipped to [0, 1] within the mask
+    dilated by 3 voxels, where cord is the median inside the eroded mask and ring the median 2-4 voxels
+    outside it (CSF around a cord; a classical partial-volume area, tried as a contrast-free boundary)."""
+    from scipy import ndimage
+
+    ax = through_axis(affine)
+    st = ndimage.generate_binary_structure(2, 1)
+    out = np.zeros(mask.shape)
+    for k in range(mask.shape[ax]):
+        sl = tuple(k if i == ax else slice(None) for i in range(3))
+        m, img = mask[sl], image[sl].astype(np.float64)
+        if not m.any():
+            continue
+        inner = ndimage.binary_erosion(m, st)
+        inner = inner if inner.any() else m
+        ring = ndimage.binary_dilation(m, st, 4) & ~ndimage.binary_dilation(m, st, 2)
+        cord, around = np.median(img[inner]), np.median(img[ring])
+        frac = np.clip((img - around) / (cord - around), 0, 1) if cord != around else m.astype(float)
+        out[sl] = frac * ndimage.binary_dilation(m, st, 3)
+    return out
+
+
+def measure_case(out: Path, images: Path, refs: Path, case: str, extra: tuple[float, ...] = ()) -> dict[str, float]:
+    """Mean CSA (mm^2) of the reference and of each measure of one case (``extra``: more thresholds), and the
+    Dice of the mask as written."""
     from spineauto.inference.export import read_probabilities
 
     ref_img = nib.load(str(refs / f"{case}.nii.gz"))
     ref, affine = np.asanyarray(ref_img.dataobj) > 0, ref_img.affine
     written = np.asanyarray(nib.load(str(out / f"{case}.nii.gz")).dataobj) == 1
     probs = read_probabilities(out / f"{case}.npz")[0]
+    image = np.asanyarray(nib.load(str(images / f"{case}_0000.nii.gz")).dataobj)
     p = probs[1].reshape(ref.shape)
-    res = {"reference": mean_csa(ref, ref, affine), "as written": mean_csa(written, ref, affine),
-           "soft": mean_csa(p * soft_region(written, affine), ref, affine)}
-    for t in THRESHOLDS + ((calibrated,) if calibrated else ()):
-        res[f"t={t:g}" + (" (calibration.json)" if t == calibrated else "")] = mean_csa(keep_cord_component((p >= t).astype(np.uint8), 1, affine) > 0, ref, affine)
+    res = {"reference": mean_csa(ref, ref, affine), "dice": 2 * float((written & ref).sum()) / max(1, int(written.sum() + ref.sum())),
+           "as written": mean_csa(written, ref, affine),
+           "soft": mean_csa(p * soft_region(written, affine), ref, affine),
+           "image partial volume": mean_csa(image_partial_volume(image, written, affine), ref, affine)}
+    for t in sorted(set(THRESHOLDS + tuple(extra))):
+        res[f"t={t:g}"] = mean_csa(keep_cord_component((p >= t).astype(np.uint8), 1, affine) > 0, ref, affine)
     return res
-
-
-def calibrated(model: Path) -> float | None:
-    """The cord threshold of the model's calibration.json, if it has one."""
-    from spineauto.inference.calibration import CALIBRATION_FILE, load_calibration
-
-    f = Path(model) / CALIBRATION_FILE
-    return load_calibration(f).get(1) if f.is_file() else None
 
 
 def cv(values: list[float]) -> float:
@@ -159,7 +176,7 @@ def cv(values: list[float]) -> float:
 
 
 def table(cases: dict[str, dict], csa: dict[str, dict[str, float]], mt: dict[str, dict[str, float]]) -> str:
-    measures = [m for m in next(iter(csa.values())) if m != "reference"]
+    measures = [m for m in next(iter(csa.values())) if m not in ("reference", "dice")]
     header = ["measure"] + [f"{c} CSA error %" for c in CONTRASTS] + ["mean abs error %", "inter-contrast CV %",
                                                                       "mt0 error %", "mt1 error %", "mt0/mt1 CV %"]
     rows = []
@@ -192,27 +209,29 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_csa"))
     ap.add_argument("--reuse", action="store_true", help="keep predictions already in --work")
-    ap.add_argument("--calibrate", action="store_true", help="also choose a threshold on other phantoms (spineauto calibrate's rule)")
+    ap.add_argument("--thresholds", type=float, nargs="*", default=(), help="more thresholds to report")
     args = ap.parse_args()
     images, refs = args.work / "images", args.work / "refs"
     if not args.reuse:
         shutil.rmtree(images, ignore_errors=True)
     cases = render_subjects(images, refs, args.anatomies, args.seed)
     predict(args.model, images, args.work / "pred", args.reuse, cases)
-    csa = {k: measure_case(args.work / "pred", refs, k, calibrated(args.model)) for k in cases}
+    csa = {k: measure_case(args.work / "pred", images, refs, k, args.thresholds) for k in cases}
     mt = {}
     if SHARED_DATA.is_dir():
         mt_images = args.work / "mt_images"
         mt_images.mkdir(parents=True, exist_ok=True)
         real_pair(mt_images, refs)
         predict(args.mt_model or args.model, mt_images, args.work / "mt_pred", args.reuse, MT)
-        mt = {k: measure_case(args.work / "mt_pred", refs, k, calibrated(args.mt_model or args.model)) for k in MT}
+        mt = {k: measure_case(args.work / "mt_pred", mt_images, refs, k, args.thresholds) for k in MT}
     print(f"\n{command_line()}\n")
     print(reference_lines(cases, csa))
     if mt:
         print("mt reference: " + ", ".join(f"{k} {mt[k]['reference']:.1f} mm²" for k in MT)
               + f" (manual masks; CV {100 * cv([mt[k]['reference'] for k in MT]):.1f} %)")
     print(table(cases, csa, mt))
+    dice = [f"{c} {statistics.mean(csa[k]['dice'] for k in csa if cases[k]['contrast'] == c):.3f}" for c in CONTRASTS]
+    print("Dice of the masks as written: " + ", ".join(dice + [f"{k} {mt[k]['dice']:.3f}" for k in mt]))
 
 
 if __name__ == "__main__":

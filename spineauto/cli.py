@@ -372,37 +372,6 @@ def evaluate(
     console.print(f"[green]wrote[/] {escape(str(json_path))} and {escape(str(csv_path))}")
 
 
-@_command("calibrate")
-def calibrate(
-    dataset: Optional[str] = typer.Option(None, "-d", "--dataset", help="Dataset id or name (or give -m)."),
-    configuration: str = typer.Option("2d", "-c", "--configuration", help="Trained configuration."),
-    folds: Optional[List[str]] = typer.Option(None, "-f", "--folds", help="Folds to ensemble, as predict (default every trained fold)."),
-    checkpoint: str = typer.Option("final", "--checkpoint", help="best, final or latest."),
-    model_folder: Optional[Path] = typer.Option(None, "-m", "--model", help="This model folder instead of the one of -d/-c (not a bundle)."),
-    label: str = typer.Option("cord", "--label", help="The label whose threshold is chosen."),
-    subjects: int = typer.Option(6, "--subjects", min=1, max=50, help="Phantom subjects, each rendered in T1w, T2*w and T2w."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the phantoms."),
-    no_tta: bool = typer.Option(False, "--no-tta", help="Calibrate for prediction without TTA."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-):
-    """Choose the label's probability threshold so that its CSA matches the truth in every contrast (phantoms); writes calibration.json."""
-    from spineauto import paths
-    from spineauto.cli_views import calibration_summary, case_progress, make_progress
-    from spineauto.devices import resolve_device
-    from spineauto.evaluation.calibration import calibrate as choose
-    from spineauto.inference.model import load_model
-
-    if model_folder is None and dataset is None:
-        raise SpineautoError("calibrate: give the model with -d (and -c) or -m")
-    folder = Path(model_folder) if model_folder else paths.model_folder(dataset, configuration)
-    if folder.suffix == ".zip":
-        raise SpineautoError(f"{folder}: a bundle cannot be calibrated in place; calibrate the model folder, then export it")
-    model = load_model(folder, _split_folds(folds), checkpoint, resolve_device(device), configuration=configuration)
-    with make_progress(console) as progress:
-        data = choose(model, label, subjects, seed, tta=not no_tta, progress=case_progress(progress, "calibrate"))
-    calibration_summary(console, model.folder, data)
-
-
 @_command("find_best_configuration")
 def find_best_configuration(
     dataset: str = DatasetOpt,

@@ -72,14 +72,6 @@ def predict_summary(console: Console, model, result, output, tta: bool) -> None:
                   f"({'TTA' if tta else 'no TTA'}, {model.device}, {sum(secs) / max(1, len(secs)):.2f} s/case)")
 
 
-def calibration_summary(console: Console, folder, data: dict) -> None:
-    (value, t), = data["thresholds"].items()
-    err = lambda d: ", ".join(f"{g} {100 * e:+.1f}%" for g, e in d.items())  # noqa: E731
-    console.print(f"[green]wrote[/] {escape(str(folder))}/calibration.json: {escape(data['label'])} (label {value}) where its probability "
-                  f">= {t:g}, chosen on {escape(data['chosen_on'])}")
-    console.print(f"  mean CSA error there: {escape(err(data['mean_csa_error']))}; at 0.5: {escape(err(data['mean_csa_error_at_0.5']))}")
-
-
 def evaluation_table(summary: dict) -> Table:
     from spineauto.evaluation.evaluate import LESION_METRICS, VOXEL_METRICS
 

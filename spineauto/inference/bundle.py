@@ -1,7 +1,7 @@
 """Opening bundles: a zip (``spineauto export``) that ``predict`` and ``pipeline`` accept directly.
 
 A bundle holds one top-level folder: a model folder (``plans.json``, ``dataset.json``,
-``postprocessing.json`` and ``calibration.json`` when decided, the chosen checkpoints; no raw or preprocessed data, as
+``postprocessing.json`` when decided, the chosen checkpoints; no raw or preprocessed data, as
 nnU-Net's model zips) or a pipeline (``pipeline.yaml`` and its model folders). Opening a bundle
 extracts it once per process into a temporary folder that is removed at exit (or SIGTERM); one
 left by a killed process is removed by the next bundle opened.

@@ -87,7 +87,7 @@ class CaseInference:
 def infer(model: TrainedModel, layout: np.ndarray, props: dict, case: str, tta: bool = True, batch_slices: int | None = None,
           probabilities: bool = False) -> CaseInference:
     """Run the networks once over a preprocessed case and restore what the configuration outputs."""
-    restoration = Restoration(props, probabilities, model.calibration) if model.plan.has_segmentation else None  # fed slab by slab
+    restoration = Restoration(props, probabilities) if model.plan.has_segmentation else None  # fed slab by slab
     out = run_networks(model.networks, layout, model.plan, model.device, tta=tta, batch_slices=batch_slices,
                        seg_sink=restoration.add if restoration else None, region_order=model.plans.region_order)
     result = CaseInference(None, None, None)

@@ -1,5 +1,5 @@
 """A trained model loaded from its self-contained model folder (``plans.json`` with the intensity
-statistics, ``dataset.json``, postprocessing, calibrated thresholds and fold checkpoints); nothing from the raw or
+statistics, ``dataset.json``, postprocessing and fold checkpoints); nothing from the raw or
 preprocessed data. The trainer wraps its live network in the same :class:`TrainedModel` to validate."""
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from spineauto import paths
 from spineauto.datasets.dataset_json import parse_pixel_spacing
 from spineauto.errors import SpineautoError
 from spineauto.inference.bundle import model_folder_of
-from spineauto.inference.calibration import CALIBRATION_FILE, load_calibration
 from spineauto.inference.postprocessing import POSTPROCESSING_FILE, load_postprocessing
 from spineauto.io.checkpoints import load_checkpoint, network_state
 from spineauto.planning.plans import ConfigurationPlan, IntensityStats, Plans
@@ -36,7 +35,6 @@ class TrainedModel:
     folds: list[str]
     device: torch.device
     postprocessing: dict = field(default_factory=dict)
-    calibration: dict[int, float] = field(default_factory=dict)  # label value -> probability threshold (calibration.json)
 
     @property
     def intensity(self) -> list[IntensityStats]:
@@ -151,7 +149,7 @@ def ensemble_plan(fold_plans: list[ConfigurationPlan], names: list[str], folder:
 
 def load_model(folder: Path, folds: Sequence[str] | None = None, checkpoint: str = "final",
                device: torch.device | str = "cpu", configuration: str | None = None) -> TrainedModel:
-    """Load plans, intensity statistics, postprocessing, calibration and the folds' networks from ``folder``
+    """Load plans, intensity statistics, postprocessing and the folds' networks from ``folder``
     (a model folder, or a bundle .zip of one)."""
     folder = model_folder_of(Path(folder))
     if checkpoint not in CHECKPOINTS:
@@ -174,9 +172,6 @@ def load_model(folder: Path, folds: Sequence[str] | None = None, checkpoint: str
     nets = [load_checkpoint_network(f, p, len(plans.channel_names), plans.num_classes, device) for f, p in zip(files, fold_plans)]
     pp_file = folder / POSTPROCESSING_FILE
     postprocessing = load_postprocessing(pp_file, plans.labels.values()) if pp_file.exists() else {}
-    cal_file = folder / CALIBRATION_FILE
-    calibration = load_calibration(cal_file, plans.labels.values()) if cal_file.exists() else {}
     log.info("loaded %s: %s (%s checkpoints) on %s", folder.name, ", ".join(f.parent.name for f in files), checkpoint, device)
     return TrainedModel(folder=folder, plans=plans, plan=plan, networks=nets,
-                        folds=[f.parent.name for f in files], device=device, postprocessing=postprocessing,
-                        calibration=calibration)
+                        folds=[f.parent.name for f in files], device=device, postprocessing=postprocessing)

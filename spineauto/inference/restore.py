@@ -3,8 +3,7 @@
 The inverse of :func:`spineauto.preprocessing.preprocess.preprocess_array`, done without the memory
 blow-up nnU-Net users report (its issue #2912: every channel of the whole volume resampled at once in
 float64): slices are resampled in-plane in small chunks with bilinear interpolation on the device the
-probabilities already live on, argmax is taken per chunk (or a model's calibrated thresholds,
-:mod:`spineauto.inference.calibration`), and only uint8 labels are kept. The
+probabilities already live on, argmax is taken per chunk, and only uint8 labels are kept. The
 probabilities can arrive slab by slab as the networks finish them (:class:`Restoration`), so a
 case's whole probability volume never exists. Full probabilities in the input grid are built only
 when asked (``--save-probabilities``).
@@ -17,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spineauto.inference.calibration import labels_from_probabilities
 from spineauto.io.geometry import CaseGeometry
 
 CHUNK_PIXELS = 2 ** 24  # resampled values (K * slices * H * W) per chunk
@@ -36,16 +34,14 @@ def _chunks(probs: torch.Tensor, cropped: list[int]):
 
 class Restoration:
     """Probabilities at the target spacing, given slab by slab (:func:`spineauto.inference.predictor.run_networks`'s
-    ``seg_sink``) -> uint8 labels, and with ``probabilities`` the probabilities too, in the input's grid.
-    ``thresholds`` ({label value: t}, a model's calibration): such a label wherever its probability >= t."""
+    ``seg_sink``) -> uint8 labels, and with ``probabilities`` the probabilities too, in the input's grid."""
 
-    def __init__(self, props: dict, probabilities: bool = False, thresholds: dict[int, float] | None = None):
+    def __init__(self, props: dict, probabilities: bool = False):
         self.geom = CaseGeometry.from_dict(props["geometry"])
         self.cropped = list(props["cropped_shape"])
         self._labels = np.zeros(self.geom.layout_shape, dtype=np.uint8)
         self._probs: np.ndarray | None = None
         self.keep_probabilities = probabilities
-        self.thresholds = dict(thresholds or {})
 
     def add(self, first: int, probs: torch.Tensor) -> None:
         """(K, n, h, w) probabilities of the preprocessed slices ``first`` .. ``first + n``."""
@@ -53,7 +49,7 @@ class Restoration:
         with torch.inference_mode():
             for s0, part in _chunks(probs, self.cropped):
                 at = s0_ + first + s0
-                lab = labels_from_probabilities(part, self.thresholds).to(torch.uint8).cpu().numpy()
+                lab = part.argmax(1).to(torch.uint8).cpu().numpy()
                 self._labels[at:at + lab.shape[0], h0:h1, w0:w1] = lab
                 if self.keep_probabilities:
                     if self._probs is None:  # background is 1 outside the crop

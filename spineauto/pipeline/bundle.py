@@ -1,7 +1,7 @@
 """`spineauto export`: a trained model, or a whole pipeline with its models, as one zip.
 
 A model bundle is ``<model folder name>/`` with ``plans.json``, ``dataset.json``,
-``postprocessing.json`` and ``calibration.json`` (when decided), ``training_range.json`` and the chosen checkpoint
+``postprocessing.json`` (when decided), ``training_range.json`` and the chosen checkpoint
 of the chosen folds with their ``run_config.yaml`` (the plan each fold was trained with). A pipeline
 bundle is ``pipeline/`` with ``pipeline.yaml`` (its models rewritten to the bundled folders) and
 ``models/<stage>/<model folder name>/`` for every model it names (a model that serves several
@@ -21,14 +21,13 @@ import yaml
 from spineauto import paths
 from spineauto.errors import SpineautoError
 from spineauto.inference.bundle import model_folder_of, write_zip
-from spineauto.inference.calibration import CALIBRATION_FILE
 from spineauto.inference.model import CHECKPOINTS, RUN_CONFIG_FILE, select_folds
 from spineauto.inference.postprocessing import POSTPROCESSING_FILE
 from spineauto.planning.fingerprint import TRAINING_RANGE_FILE
 from spineauto.pipeline.config import ModelRef, load_pipeline_config
 from spineauto.schema import to_dict
 
-MODEL_FILES = ("plans.json", "dataset.json", POSTPROCESSING_FILE, CALIBRATION_FILE, TRAINING_RANGE_FILE)
+MODEL_FILES = ("plans.json", "dataset.json", POSTPROCESSING_FILE, TRAINING_RANGE_FILE)
 
 
 def model_files(folder: Path, folds: Sequence[str] | None, checkpoint: str, prefix: str) -> list[tuple[Path, str]]:
