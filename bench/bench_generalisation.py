@@ -62,7 +62,6 @@ VARIANTS: dict[str, dict] = {
     "no-whole-neck": {"augmentation": {"whole_neck": 0.0}},
     "whole-neck": {"augmentation": {"whole_neck": 0.25}},
     "whole-neck-half": {"augmentation": {"whole_neck": 0.5}},
-    "soft-labels": {"loss": {"name": "dice_ce_soft"}},
 }
 POSTPROCESSINGS = {  # (mask, affine) -> mask
     "as written": lambda m, affine: m,

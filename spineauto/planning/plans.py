@@ -88,7 +88,7 @@ class OptimPlan:
 
 @dataclass
 class LossPlan:
-    name: str = "dice_ce"  # dice_ce | dice_ce_soft | dice_focal | tversky | focal_tversky | dice_bce (training/losses.py) or package.module:Name
+    name: str = "dice_ce"  # dice_ce | dice_focal | tversky | focal_tversky | dice_bce (training/losses.py) or package.module:Name
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     label_smoothing: float = 0.1  # classification heads

@@ -6,9 +6,7 @@ A loss declares the output activation it trains (``activation``: softmax or sigm
 configuration copies it into ``network.output_activation`` so that validation and prediction turn
 logits into labels the same way (sigmoid: a label where its probability exceeds 0.5).
 
-Built-ins: ``dice_ce`` (nnU-Net's Dice + cross-entropy, the default), ``dice_ce_soft`` (the same against
-partial-volume targets: the one-hot label map blurred in-plane, soft labels as Spinal Cord Toolbox's
-contrast-agnostic model trains with), ``dice_focal``, ``tversky`` and
+Built-ins: ``dice_ce`` (nnU-Net's Dice + cross-entropy, the default), ``dice_focal``, ``tversky`` and
 ``focal_tversky`` (small lesions: false negatives weigh more), ``dice_bce`` (sigmoid outputs, nnU-Net's
 region loss). Soft Dice and cross-entropy come from nnunetv2; focal and Tversky terms are written
 here on the same batch-level statistics.
@@ -60,44 +58,6 @@ def _dice_ce(plans: Plans, plan: ConfigurationPlan, ddp: bool) -> nn.Module:
 
     return DC_and_CE_loss({"batch_dice": True, "smooth": SMOOTH, "do_bg": False, "ddp": ddp}, {},
                           weight_ce=plan.loss.ce_weight, weight_dice=plan.loss.dice_weight, dice_class=MemoryEfficientSoftDiceLoss)
-
-
-SOFT_SIGMA_VOXELS = 0.5  # dice_ce_soft: Gaussian sigma of the in-plane blur, voxels (a boundary about one voxel wide)
-
-
-def soft_targets(target: torch.Tensor, k: int, sigma: float = SOFT_SIGMA_VOXELS) -> torch.Tensor:
-    """(B, 1, ..., H, W) label map -> (B, K, ..., H, W) one-hot blurred over H and W by a normalised Gaussian
-    (edges reflected): every voxel still sums to 1 and each label keeps its mass (its area); a voxel on a
-    boundary becomes a partial-volume mix."""
-    onehot = torch.nn.functional.one_hot(target[:, 0].long().clamp(0, k - 1), k).movedim(-1, 1).float()
-    r = max(1, int(round(3 * sigma)))
-    x = torch.arange(-r, r + 1, dtype=torch.float32, device=target.device)
-    g = torch.exp(-0.5 * (x / sigma) ** 2)
-    g = g / g.sum()
-    shape = onehot.shape
-    flat = onehot.reshape(-1, 1, *shape[-2:])
-    flat = torch.nn.functional.pad(flat, (r, r, r, r), mode="reflect" if min(shape[-2:]) > r else "replicate")
-    flat = torch.nn.functional.conv2d(flat, g.view(1, 1, 1, -1))
-    flat = torch.nn.functional.conv2d(flat, g.view(1, 1, -1, 1))
-    return flat.reshape(shape)
-
-
-class SoftDiceCE(nn.Module):
-    """dice_weight * soft Dice + ce_weight * cross-entropy, both against :func:`soft_targets`."""
-
-    def __init__(self, dice: nn.Module, dice_weight: float, ce_weight: float, sigma: float = SOFT_SIGMA_VOXELS):
-        super().__init__()
-        self.dice, self.dice_weight, self.ce_weight, self.sigma = dice, dice_weight, ce_weight, sigma
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        soft = soft_targets(target, logits.shape[1], self.sigma)
-        ce = -(soft * torch.log_softmax(logits.float(), 1)).sum(1).mean()
-        return self.dice_weight * self.dice(logits, soft) + self.ce_weight * ce
-
-
-@_register("dice_ce_soft")
-def _dice_ce_soft(plans: Plans, plan: ConfigurationPlan, ddp: bool) -> nn.Module:
-    return SoftDiceCE(_dice(ddp, _softmax), plan.loss.dice_weight, plan.loss.ce_weight)
 
 
 class DiceFocal(nn.Module):
