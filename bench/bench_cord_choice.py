@@ -32,6 +32,7 @@ from bench_generalisation import build_tests, dice, localising, one_pass_model  
 from common import REPO, VENV_BIN, bench_env, check_run, command_line, format_table, run_measured  # noqa: E402
 
 RIGHT_PRECISION = 0.25  # the kept tube is the cord when at least this share of it lies on the reference
+SCORED = ("dice", "neck", "uncropped")  # bench_generalisation's kinds of test case with a reference
 
 
 def predict(run_dir: Path, images: Path, out: Path, tta: bool, checkout: Path, model: Path | None, reuse: bool) -> None:
@@ -49,8 +50,6 @@ def predict(run_dir: Path, images: Path, out: Path, tta: bool, checkout: Path, m
 def score(out: Path, raw: Path, tests: dict) -> list[dict]:
     rows = []
     for case, info in tests.items():
-        if "ref" not in info or info["kind"] not in ("dice", "neck", "uncropped"):
-            continue
         ref = info["ref"]
         kept = np.asanyarray(nib.load(str(out / f"{case}.nii.gz")).dataobj) > 0
         whole = np.asanyarray(nib.load(str(raw / f"{case}.nii.gz")).dataobj) > 0
@@ -80,7 +79,13 @@ def main() -> None:
             raise SystemExit(f"{run_dir}: no trained model; run bench_generalisation.py --scenarios full --variants plan first")
         if not localising(run_dir):
             raise SystemExit(f"{run_dir}: the plan has no localise plan (no cord component to check)")
-        images, tests = build_tests(work, (), args.phantoms, seed)
+        everything, tests = build_tests(work, (), args.phantoms, seed)
+        tests = {c: t for c, t in tests.items() if t["kind"] in SCORED}
+        images = work / "choice_images"  # the scored cases only (not DWI / fMRI, which have no masks)
+        shutil.rmtree(images, ignore_errors=True)
+        images.mkdir()
+        for case in tests:
+            (images / f"{case}_0000.nii.gz").symlink_to(everything / f"{case}_0000.nii.gz")
         for tta in (True, False):
             mode = "tta" if tta else "no-tta"
             raw = run_dir / f"choice_raw_{mode}"
