@@ -74,7 +74,7 @@ NAMES = ["the unmirrored pass", "the pass mirrored on in-plane axis 0", "the pas
 
 def test_passes_that_agree_say_nothing_and_passes_that_put_the_cord_elsewhere_are_named():
     """The averaged mask holds one tube: the choice is clear by itself. Four passes each marking it
-    (one with a stray island too) agree; a pass whose own mask is a tube 20 mm to the side, and one
+    (one with a stray island too, one only a piece of it, drawn wider) agree; a pass whose own mask is a tube 20 mm to the side, and one
     that marks nothing, are each an "uncertain cord" reason with the figures."""
     seg = np.zeros((60, 80, 10), np.uint8)
     cord = np.zeros(seg.shape, bool)
@@ -84,8 +84,10 @@ def test_passes_that_agree_say_nothing_and_passes_that_put_the_cord_elsewhere_ar
     side[8:13, 38:43, 1:9] = True  # 20 mm to the (RAS) left, its own pass's only tube
     island = np.zeros(seg.shape, bool)
     island[50:52, 70:72, 4] = True
+    shifted = np.zeros(seg.shape, bool)
+    shifted[30:37, 38:43, 2:5] = True  # a piece of the tube, drawn wider: 105 voxels, 45 of them on the kept one
     prob = _probability(cord=(cord, 0.9))
-    agree = CordEvidence(1, prob, _passes(cord, cord | island, cord, cord), NAMES)
+    agree = CordEvidence(1, prob, _passes(cord, cord | island, shifted, cord), NAMES)
     assert choose_cord_component(seg, 1, AFFINE, agree).reasons == []
     nothing = np.zeros(seg.shape, bool)
     disagree = CordEvidence(1, prob, _passes(cord, side, cord | island, nothing), NAMES)

@@ -53,7 +53,9 @@ CANAL_DEPTH_MM = 25.0  # how far behind the most central tube the cord may lie: 
 CONFIDENCE_MARGIN = 0.2  # with probabilities: a midline tube whose mean cord probability is this much below the most
 # confident one's is passed over by rule 4 (a faint tube behind the cord: fat, a partial-volume rim); the false tubes of
 # a real neck are about as confident as the cord (mean 0.69-0.86 vs 0.78-0.95), so only a clearly fainter one loses
-PASS_AGREEMENT = 0.5  # a test-time-augmentation pass agrees when at least this share of its own cord lies on the kept one
+PASS_AGREEMENT = 0.1  # a test-time-augmentation pass agrees when at least this share of its own choice lies on the kept
+# tube: the same tube drawn wider, shifted or cut into pieces shares a good part of it (a third, seen on small models),
+# another structure (a vertebral body 15 mm in front, a vessel alongside) shares nothing
 UNCERTAIN_CORD = "uncertain cord"  # how every cord-choice QC reason begins
 
 
@@ -211,7 +213,8 @@ class _Tubes:
 
 def _pass_disagreements(kept: np.ndarray, tubes: _Tubes, best: int, evidence: CordEvidence, affine: np.ndarray) -> list[str]:
     """Each test-time-augmentation pass's own cord choice (mask only) against the kept tube: a reason
-    per pass that marks no cord, or whose choice has less than :data:`PASS_AGREEMENT` of its voxels on it."""
+    per pass that marks no cord, or whose choice has less than :data:`PASS_AGREEMENT` of its voxels on it
+    (another tube)."""
     reasons = []
     n_passes = len(evidence.pass_names)
     for i, name in enumerate(evidence.pass_names):
