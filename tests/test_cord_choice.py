@@ -47,6 +47,12 @@ def test_a_fainter_tube_behind_is_passed_over_where_the_mask_alone_keeps_it():
     (reason,) = choice.reasons
     assert reason.startswith(f"{UNCERTAIN_CORD}: 2 tubes on the midline; kept one (490 voxels on 10 levels, cord probability mass 465, "
                              "mean 0.95) 15 mm in front of a fainter one (250 voxels on 10 levels, cord probability mass 137, mean 0.55")
+    probs = np.zeros((3, *seg.shape), np.float32)  # an ensemble's averaged probabilities: channel k is label k
+    probs[1] = faint.probability / 255.0
+    probs[0] = 1 - probs[1]
+    averaged = CordEvidence.from_probabilities(probs, 1)
+    assert averaged.probability.dtype == np.uint8 and averaged.passes is None
+    np.testing.assert_array_equal(choose_cord_component(seg, 1, AFFINE, averaged).seg, choice.seg)
 
 
 def test_tubes_about_as_confident_keep_the_anatomy_and_name_each_ones_probability_mass():
