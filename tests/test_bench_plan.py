@@ -76,33 +76,6 @@ def test_nnunet_reading_check_compares_stored_shapes(raw, tmp_path):
     assert "predicted transposed shape" in bench_plan.check_nnunet_reading(tmp_path, "mt1", [40, 40, 5], spacing, [1.6875, 1.6875])
 
 
-def test_bench_one_pass_model_predicts_without_the_cord_component_in_every_fold(tmp_path):
-    """Each fold predicts with its own run_config.yaml: the bench's raw-output model must drop localise
-    there too (with plans.json alone its "raw" rows were the cord component's output)."""
-    import yaml
-
-    import bench_generalisation
-    from spineauto.inference.model import fold_plan
-    from spineauto.planning.plans import ConfigurationPlan, IntensityStats, LocalisePlan, NetworkPlan, Plans
-    from spineauto.schema import to_dict
-
-    net = NetworkPlan(architecture="unet", features_per_stage=[8, 16], kernel_sizes=[[3, 3]] * 2, strides=[[1, 1], [2, 2]],
-                      n_conv_per_stage=[2] * 2, n_conv_per_stage_decoder=[2])
-    plan = ConfigurationPlan(name="2d", task="segmentation", data_identifier="2d", slicing="axial", isotropic_plane="axial",
-                             target_spacing=[1, 1], patch_size=[16, 16], batch_size=2, normalization=["ZScoreNormalization"],
-                             use_mask_for_norm=[False], network=net, localise=LocalisePlan(label="cord"))
-    model = tmp_path / "sa_results" / "Dataset930_SCTReal" / "spineautoTrainer__spineautoPlans__2d"
-    (model / "fold_all").mkdir(parents=True)
-    Plans(dataset_name="Dataset930_SCTReal", channel_names={"0": "MRI"}, labels={"background": 0, "cord": 1}, heads={},
-          lesion_labels=[], configurations={"2d": plan},
-          foreground_intensity_properties_per_channel={"0": IntensityStats(0, 1, 0, -1, 1, -2, 2)}).save(model / "plans.json")
-    (model / "fold_all" / "run_config.yaml").write_text(yaml.safe_dump({"configuration": to_dict(plan), "overrides": {}}))
-    assert fold_plan(model / "fold_all", plan).localise is not None
-    one_pass = bench_generalisation.one_pass_model(tmp_path)
-    plans = Plans.load(one_pass / "plans.json")
-    assert plans.configuration("2d").localise is None and fold_plan(one_pass / "fold_all", plans.configuration("2d")).localise is None
-
-
 def test_bench_scores_the_uncropped_scan_on_held_out_levels_only():
     import bench_generalisation as B
 
