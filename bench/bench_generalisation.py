@@ -62,6 +62,7 @@ VARIANTS: dict[str, dict] = {
     "no-whole-neck": {"augmentation": {"whole_neck": 0.0}},
     "whole-neck": {"augmentation": {"whole_neck": 0.25}},
     "whole-neck-half": {"augmentation": {"whole_neck": 0.5}},
+    "composite": {"augmentation": {"composite": 0.5}},  # half the whole-neck samples: a real crop in the phantom's canal
 }
 POSTPROCESSINGS = {  # (mask, affine) -> mask
     "as written": lambda m, affine: m,
