@@ -352,3 +352,26 @@ def test_find_best_postprocessing_chooses_the_cord_component_where_the_largest_i
     write_json(tmp_path / "bad.json", {"largest_component_labels": [], "cord_component_labels": [3]})
     with pytest.raises(Exception, match="not labels of the model"):
         load_postprocessing(tmp_path / "bad.json", [0, 1])
+
+
+def test_bench_one_pass_model_predicts_without_the_localise_plan_of_its_folds(bright_model, tmp_path):
+    """bench_generalisation's raw rows: the copy of a model folder it predicts "one pass" with has no localise
+    plan in plans.json nor in a fold's run_config.yaml (the plan a fold predicts with), so no cord choice runs."""
+    import json
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from spineauto.inference.model import load_model
+
+    src = tmp_path / "run" / "sa_results" / "Dataset001_Ph" / "spineautoTrainer__spineautoPlans__2d"
+    shutil.copytree(bright_model.folder, src)
+    configuration = json.loads((src / "plans.json").read_text())["configurations"]["2d"]
+    (src / "fold_all" / "run_config.yaml").write_text(yaml.safe_dump({"configuration": configuration}))
+    assert load_model(src, folds=["all"]).plan.localise is not None  # the fold's own plan localises
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_generalisation import one_pass_model
+
+    assert load_model(one_pass_model(tmp_path / "run"), folds=["all"], configuration="2d").plan.localise is None
