@@ -63,6 +63,7 @@ VARIANTS: dict[str, dict] = {
     "whole-neck": {"augmentation": {"whole_neck": 0.25}},
     "whole-neck-half": {"augmentation": {"whole_neck": 0.5}},
     "composite": {"augmentation": {"composite": 0.5}},  # half the whole-neck samples: a real crop in the phantom's canal
+    "composite-extra": {"augmentation": {"whole_neck": 0.375, "composite": 1 / 3}},  # 12.5 % composites on top of the 25 % phantoms
 }
 POSTPROCESSINGS = {  # (mask, affine) -> mask
     "as written": lambda m, affine: m,
