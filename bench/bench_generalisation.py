@@ -68,6 +68,8 @@ VARIANTS: dict[str, dict] = {
     "whole-neck": {"augmentation": {"whole_neck": 0.25}},
     "whole-neck-half": {"augmentation": {"whole_neck": 0.5}},
     "sparse-uncropped": {},  # a data variant: see SPARSE_VARIANTS
+    "composite": {"augmentation": {"composite": 0.5}},  # half the whole-neck samples: a real crop in the phantom's canal
+    "composite-extra": {"augmentation": {"whole_neck": 0.375, "composite": 1 / 3}},  # 12.5 % composites on top of the 25 % phantoms
 }
 SPARSE_VARIANTS = {"sparse-uncropped"}  # the plan, with t2s_uncropped added as a sparse case (its held-out levels all ignore)
 SPARSE_MARGIN_MM = 15.0  # spineauto convert sparse's default: the carried cord lies up to ~10 mm off on this pair
@@ -333,7 +335,7 @@ def add_sparse_uncropped(folder: Path, dataset_id: int, env: dict) -> None:
 
 
 def run_scenario(work: Path, scenario: str, variants: list[str], tools: list[str], seed: int, samples: int, phantoms: int,
-                 dataset_id: int, reuse: bool = False) -> list[dict]:
+                 dataset_id: int, reuse: bool = False, one_pass_only: bool = False) -> list[dict]:
     held_out = () if scenario == "full" else GROUPS[scenario.split("-", 1)[1]]
     train_cases = [c for c in REAL_CASES if c not in held_out]
     work.mkdir(parents=True, exist_ok=True)
@@ -362,6 +364,8 @@ def run_scenario(work: Path, scenario: str, variants: list[str], tools: list[str
             if tool == "spineauto" and localising(run_dir):  # the same model without its localise plan (no cord component)
                 todo.append((run_dir / "pred_one_pass", _with_output(predict, run_dir / "pred_one_pass") + ["-m", str(one_pass_model(run_dir))]))
                 preds = {"as planned": run_dir / "pred", "one pass": run_dir / "pred_one_pass"}
+                if one_pass_only:  # its "cord" rows are what the plan predicts (one pass + the same cord choice)
+                    todo, preds = todo[1:], {"one pass": run_dir / "pred_one_pass"}
             for folder, cmd in todo:
                 if not (reuse and all((folder / f"{c}.nii.gz").is_file() for c in tests)):
                     shutil.rmtree(folder, ignore_errors=True)
@@ -452,6 +456,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 seed, the full scenario, 3,000 samples")
     ap.add_argument("--json", type=Path, help="also write every row here")
     ap.add_argument("--reuse", action="store_true", help="keep models and predictions already in --work (rescore them)")
+    ap.add_argument("--one-pass-only", action="store_true",
+                    help="predict each spineauto model once, without its localise plan (half the prediction time): raw rows, and "
+                         "as the default prediction the cord postprocessing of them (one pass + the same cord choice)")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.scenarios, args.samples = [0], ["full"], 3000
@@ -461,7 +468,7 @@ def main() -> None:
     for seed in args.seeds:
         for i, scenario in enumerate(args.scenarios):
             rows += run_scenario(args.work / f"{scenario}_seed{seed}", scenario, args.variants, args.tools, seed, args.samples,
-                                 args.phantoms, 930 + i, args.reuse)
+                                 args.phantoms, 930 + i, args.reuse, args.one_pass_only)
     if args.json:
         args.json.write_text(json.dumps([{k: v for k, v in r.items()} for r in rows], indent=1, default=str))
     print(f"\n{command_line()}\n{args.samples} training samples per model; seeds {args.seeds}\n")

@@ -121,6 +121,7 @@ class AugmentationPlan:
     bias_field: float = 0.3  # per sample: a smooth multiplicative bias field (another coil)
     whole_neck: float = 0.0  # per sample of a cord model: a whole-neck phantom patch, tissues at random intensities,
     # instead of a real crop (training/synthetic.py); the planner sets it for a `2d` cord configuration
+    composite: float = 0.0  # of those whole-neck samples: the share whose spinal canal holds a real training crop (its cord the label)
     transforms: list[dict[str, Any]] = field(default_factory=list)  # extra transforms after these: {name: registered or package.module:Name, ...arguments}
 
 
@@ -407,7 +408,7 @@ def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> No
     positive("loss.label_smoothing", lo.label_smoothing, strict=False, top=1.0, top_open=True)
     a = cfg.augmentation
     positive("augmentation.probability", a.probability, strict=False, top=1.0)
-    for key in ("intensity_curves", "inversion", "non_monotone", "bias_field", "whole_neck"):
+    for key in ("intensity_curves", "inversion", "non_monotone", "bias_field", "whole_neck", "composite"):
         positive(f"augmentation.{key}", getattr(a, key), strict=False, top=1.0)
     positive("augmentation.rotation_degrees", a.rotation_degrees, strict=False)
     positive("augmentation.noise_variance", a.noise_variance, strict=False)
