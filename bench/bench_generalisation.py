@@ -62,7 +62,12 @@ VARIANTS: dict[str, dict] = {
     "no-whole-neck": {"augmentation": {"whole_neck": 0.0}},
     "whole-neck": {"augmentation": {"whole_neck": 0.25}},
     "whole-neck-half": {"augmentation": {"whole_neck": 0.5}},
+    # nnU-Net's base recipe, one difference at a time (README "Benchmarks against nnU-Net v2 2.8.1")
+    "he-init": {"network": {"init": "he"}},
+    "torch-init": {"network": {"init": "torch"}},
+    "fp32": {},  # trained without bf16 autocast on a CPU that has it (nnU-Net autocasts on CUDA only): TRAIN_ARGS
 }
+TRAIN_ARGS: dict[str, list[str]] = {"fp32": ["--no-amp"]}  # spineauto train options of a variant
 POSTPROCESSINGS = {  # (mask, affine) -> mask
     "as written": lambda m, affine: m,
     "largest": lambda m, affine: keep_largest_component(m.astype(np.uint8), 1) > 0,
@@ -279,7 +284,7 @@ def train_model(run_dir: Path, tool: str, variant: str, train_cases: list[str], 
     if tool == "spineauto":
         train = [str(VENV_BIN / "python"), "-m", "spineauto", "train", "-d", str(dataset_id), "-c", "2d", "-f", "all",
                  "--epochs", str(epochs), "--iters-per-epoch", str(per_epoch), "--val-iters", "2", "--wandb", "disabled",
-                 "--device", "cpu", "--seed", str(seed), "--no-validate"]
+                 "--device", "cpu", "--seed", str(seed), "--no-validate", *TRAIN_ARGS.get(variant, [])]
     else:
         train = [str(VENV_BIN / "nnUNetv2_train"), str(dataset_id), "2d", "all", "-tr", "nnUNetTrainerBench", "-device", "cpu"]
     t = run_measured(train, env, timeout_s=7200)
@@ -288,7 +293,7 @@ def train_model(run_dir: Path, tool: str, variant: str, train_cases: list[str], 
 
 
 def run_scenario(work: Path, scenario: str, variants: list[str], tools: list[str], seed: int, samples: int, phantoms: int,
-                 dataset_id: int, reuse: bool = False) -> list[dict]:
+                 dataset_id: int, reuse: bool = False, no_tta: bool = False) -> list[dict]:
     held_out = () if scenario == "full" else GROUPS[scenario.split("-", 1)[1]]
     train_cases = [c for c in REAL_CASES if c not in held_out]
     work.mkdir(parents=True, exist_ok=True)
@@ -317,6 +322,11 @@ def run_scenario(work: Path, scenario: str, variants: list[str], tools: list[str
             if tool == "spineauto" and localising(run_dir):  # the same model without its localise plan (no cord component)
                 todo.append((run_dir / "pred_one_pass", _with_output(predict, run_dir / "pred_one_pass") + ["-m", str(one_pass_model(run_dir))]))
                 preds = {"as planned": run_dir / "pred", "one pass": run_dir / "pred_one_pass"}
+            if no_tta:  # every prediction again without test-time mirroring
+                flag = "--no-tta" if tool == "spineauto" else "--disable_tta"
+                for (folder, cmd), inference in zip(list(todo), list(preds)):
+                    todo.append((folder.with_name(folder.name + "_no_tta"), _with_output(cmd, folder.with_name(folder.name + "_no_tta")) + [flag]))
+                    preds[f"{inference}, no TTA"] = folder.with_name(folder.name + "_no_tta")
             for folder, cmd in todo:
                 if not (reuse and all((folder / f"{c}.nii.gz").is_file() for c in tests)):
                     shutil.rmtree(folder, ignore_errors=True)
@@ -404,6 +414,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 seed, the full scenario, 3,000 samples")
     ap.add_argument("--json", type=Path, help="also write every row here")
     ap.add_argument("--reuse", action="store_true", help="keep models and predictions already in --work (rescore them)")
+    ap.add_argument("--no-tta", action="store_true", help="also predict and score every model without test-time mirroring")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.scenarios, args.samples = [0], ["full"], 3000
@@ -413,7 +424,7 @@ def main() -> None:
     for seed in args.seeds:
         for i, scenario in enumerate(args.scenarios):
             rows += run_scenario(args.work / f"{scenario}_seed{seed}", scenario, args.variants, args.tools, seed, args.samples,
-                                 args.phantoms, 930 + i, args.reuse)
+                                 args.phantoms, 930 + i, args.reuse, args.no_tta)
     if args.json:
         args.json.write_text(json.dumps([{k: v for k, v in r.items()} for r in rows], indent=1, default=str))
     print(f"\n{command_line()}\n{args.samples} training samples per model; seeds {args.seeds}\n")
