@@ -245,13 +245,20 @@ def localising(run_dir: Path) -> bool:
 
 
 def one_pass_model(run_dir: Path) -> Path:
-    """A copy of the run's model folder without its localise plan (one pass, no cord component)."""
+    """A copy of the run's model folder without its localise plan (one pass, no cord component): in
+    plans.json and in each fold's run_config.yaml (the plan a fold was trained with, which prediction prefers)."""
+    import yaml
+
     src, dst = _model_folder(run_dir), run_dir / "one_pass_model"
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
     plans = json.loads((dst / "plans.json").read_text())
     plans["configurations"]["2d"]["localise"] = None
     (dst / "plans.json").write_text(json.dumps(plans, indent=1))
+    for run_config in dst.glob("fold_*/run_config.yaml"):
+        data = yaml.safe_load(run_config.read_text())
+        data["configuration"]["localise"] = None
+        run_config.write_text(yaml.safe_dump(data))
     return dst
 
 
