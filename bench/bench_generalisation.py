@@ -22,8 +22,10 @@ cropped near the cord). Every model trains on fold ``all`` for the same number o
 Each spineauto prediction is scored as written (the model's own postprocessing) and with two
 postprocessings applied here: keep the largest component, and keep the cord component
 (:func:`spineauto.inference.postprocessing.keep_cord_component`). nnU-Net's masks the same way.
-A *variant* is a preset applied to spineauto's plan (``--variants``, see VARIANTS): the levers
-measured one at a time.
+A *variant* is a preset applied to spineauto's plan (``--variants``, see VARIANTS; a few add train
+options, TRAIN_ARGS): the levers measured one at a time. "One pass" is a copy of the model without its
+localise plan (in plans.json and each fold's run_config.yaml): the network's raw output. ``--no-tta``
+predicts and scores every model a second time without test-time mirroring.
 
     .venv/bin/python bench/bench_generalisation.py --quick      # 1 seed, full scenario, 3,000 samples
     .venv/bin/python bench/bench_generalisation.py --samples 12000 --scenarios full loco-T1w loco-T2starw
