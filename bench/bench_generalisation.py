@@ -90,6 +90,13 @@ def carried_mask(mask_path: Path, target: nib.Nifti1Image) -> np.ndarray:
     return m > 0.5
 
 
+def shift_image(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A phantom image with the shift of the bench: a strong linear in-plane bias field and 2x noise (Rician)."""
+    u, v = np.meshgrid(np.linspace(-1, 1, img.shape[0]), np.linspace(-1, 1, img.shape[1]), indexing="ij")
+    img = img * np.exp(rng.uniform(-0.6, 0.6) * u + rng.uniform(-0.6, 0.6) * v)[..., None]
+    return np.hypot(img + rng.normal(0, 0.05 * img.max(), img.shape), rng.normal(0, 0.05 * img.max(), img.shape))
+
+
 def shifted_phantoms(folder: Path, n_per_contrast: int, seed: int, neck: bool = False) -> list[str]:
     """Axial phantoms unlike any training case: 2.5x field of view, stronger bias, 2x noise. With
     ``neck``: 3x field of view, cervical, cropped so that the field of view is centred on the vertebral
@@ -104,11 +111,7 @@ def shifted_phantoms(folder: Path, n_per_contrast: int, seed: int, neck: bool = 
             location = "cervical" if neck else str(rng.choice(["cervical", "thoracic"]))
             spec = PhantomSpec(contrast, "axial", location, 0, int(rng.integers(2**31 - 1)), fov_scale=3.0 if neck else 2.5)
             p = render_phantom(spec)
-            img = np.asarray(p.image.dataobj, dtype=np.float32)
-            u, v = np.meshgrid(np.linspace(-1, 1, img.shape[0]), np.linspace(-1, 1, img.shape[1]), indexing="ij")
-            bias = np.exp(rng.uniform(-0.6, 0.6) * u + rng.uniform(-0.6, 0.6) * v)[..., None]
-            img = img * bias
-            img = np.hypot(img + rng.normal(0, 0.05 * img.max(), img.shape), rng.normal(0, 0.05 * img.max(), img.shape))
+            img = shift_image(np.asarray(p.image.dataobj, dtype=np.float32), rng)
             label, affine = (np.asarray(p.label.dataobj) > 0).astype(np.uint8), p.image.affine.copy()
             if neck:  # centre the in-plane field of view on the vertebral body
                 c = np.round(np.argwhere(np.isin(p.tissues, (BONE, DISC))).mean(0)).astype(int)
@@ -247,8 +250,8 @@ def localising(run_dir: Path) -> bool:
 
 
 def one_pass_model(run_dir: Path) -> Path:
-    """A copy of the run's model folder without its localise plan (one pass, no cord component): in
-    plans.json and in each fold's run_config.yaml (the plan a fold was trained with, which prediction prefers)."""
+    """A copy of the run's model folder without its localise plan (one pass, no cord component), in
+    ``plans.json`` and in every fold's ``run_config.yaml`` (the plan the fold predicts with)."""
     import yaml
 
     src, dst = _model_folder(run_dir), run_dir / "one_pass_model"
@@ -257,10 +260,10 @@ def one_pass_model(run_dir: Path) -> Path:
     plans = json.loads((dst / "plans.json").read_text())
     plans["configurations"]["2d"]["localise"] = None
     (dst / "plans.json").write_text(json.dumps(plans, indent=1))
-    for run_config in dst.glob("fold_*/run_config.yaml"):
+    for run_config in dst.glob("fold_*/run_config.yaml"):  # each fold predicts with its own plan: that one too
         data = yaml.safe_load(run_config.read_text())
         data["configuration"]["localise"] = None
-        run_config.write_text(yaml.safe_dump(data))
+        run_config.write_text(yaml.safe_dump(data, sort_keys=False))
     return dst
 
 

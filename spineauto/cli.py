@@ -277,7 +277,7 @@ _EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": False}
 @_command("predict", context_settings=_EXTRA_ARGS)
 def predict(
     ctx: typer.Context,
-    dataset: str = DatasetOpt,
+    dataset: Optional[str] = typer.Option(None, "-d", "--dataset", help="Dataset id (1) or folder name (Dataset001_Name) whose model to use; not needed with -m."),
     input: Path = typer.Option(..., "-i", "--input", help="Folder of image files (<case>_0000.nii.gz or <case>.nii.gz; .nrrd, .mha, .png ... alike), one image file, or a folder of DICOM series."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder for the masks (in each input's format; DICOM input: <case>.nii.gz)."),
     configuration: str = typer.Option("2d", "-c", "--configuration", help="Trained configuration."),
@@ -310,6 +310,8 @@ def predict(
             raise SpineautoError(f"unexpected argument(s) {' '.join(ctx.args)}; folds go after -f (e.g. -f 0 1 2 or -f all)")
         folds += ctx.args
     torch.backends.cudnn.benchmark = True  # every forward pass has the same tile shape
+    if model_folder is None and dataset is None:
+        raise SpineautoError("predict needs a model: -d DATASET (its trained -c configuration) or -m MODEL_FOLDER")
     folder = Path(model_folder) if model_folder else paths.model_folder(dataset, configuration)
     model = load_model(folder, folds, checkpoint, resolve_device(device), configuration=configuration)
     with make_progress(console) as progress:

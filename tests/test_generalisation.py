@@ -352,3 +352,25 @@ def test_find_best_postprocessing_chooses_the_cord_component_where_the_largest_i
     write_json(tmp_path / "bad.json", {"largest_component_labels": [], "cord_component_labels": [3]})
     with pytest.raises(Exception, match="not labels of the model"):
         load_postprocessing(tmp_path / "bad.json", [0, 1])
+
+
+def test_the_benchmarks_one_pass_model_has_no_localise_plan_in_any_fold(bright_model, tmp_path):
+    """bench_generalisation's raw output ("one pass") comes from a copy of the model without its localise
+    plan; each fold predicts with the plan of its own run_config.yaml, so the copy must clear it there too
+    (it did not: the "raw" rows were the cord component's)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from spineauto.inference.model import load_model
+    from spineauto.training.run_config import write_run_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_generalisation import one_pass_model
+
+    run_dir = tmp_path / "run"
+    folder = run_dir / "sa_results" / "Dataset001_Ph" / "spineautoTrainer__spineautoPlans__2d"
+    shutil.copytree(bright_model.folder, folder)
+    write_run_config(folder / "fold_all", bright_model.plan, {"dataset": "Dataset001_Ph"}, {})
+    assert load_model(folder, folds=["all"]).plan.localise is not None
+    assert load_model(one_pass_model(run_dir), folds=["all"], configuration="2d").plan.localise is None

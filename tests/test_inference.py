@@ -313,11 +313,14 @@ def test_model_folder_of_plans_schema_1_still_predicts(env, planned, capsys, tmp
     outs = {}
     for name, folder in (("new", planned[1]), ("old", old)):
         out = tmp_path / f"pred_{name}"  # not tmp_path/old: that folder holds the model (an output never contains one)
-        code, _, err = run_cli(capsys, "predict", "-m", folder, "-d", "1", "-i", inp, "-o", out, "--no-tta", "--device", "cpu")
+        dataset = ["-d", "1"] if name == "new" else []  # -m alone names the model: no dataset needed
+        code, _, err = run_cli(capsys, "predict", "-m", folder, *dataset, "-i", inp, "-o", out, "--no-tta", "--device", "cpu")
         assert code == 0, err
         outs[name] = {p.name: np.asanyarray(nib.load(str(p)).dataobj) for p in out.glob("*.nii.gz")}
     assert outs["new"].keys() == outs["old"].keys() and len(outs["new"]) == 2
     assert all(np.array_equal(outs["new"][k], outs["old"][k]) for k in outs["new"])  # z-score normalisation: per-image
+    code, _, err = run_cli(capsys, "predict", "-i", inp, "-o", tmp_path / "pred_none", "--device", "cpu")
+    _one_line_error(code, err, "-d DATASET", "-m MODEL_FOLDER")
 
 
 def _one_line_error(code, err, *needles):

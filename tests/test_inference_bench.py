@@ -49,20 +49,3 @@ def test_match_nnunet_plan(tmp_path):
     n_mine = sum(p.numel() for n, p in mine.named_parameters() if not n.startswith("heads."))
     assert n_mine == n_theirs  # the same network, parameter for parameter
 
-
-def test_one_pass_model_drops_localise_from_plans_and_every_folds_run_config(tmp_path):
-    """bench_generalisation's raw ("one pass") predictions: prediction prefers a fold's run_config.yaml over
-    plans.json, so the copy must drop the localise plan (the cord component) from both."""
-    import yaml
-
-    import bench_generalisation as bg
-
-    model = tmp_path / "sa_results" / "Dataset930_X" / "spineautoTrainer__spineautoPlans__2d"
-    localise = {"label": "cord", "margin_mm": 11.1, "second_pass": False}
-    (model / "fold_all").mkdir(parents=True)
-    (model / "plans.json").write_text(json.dumps({"configurations": {"2d": {"localise": localise}}}))
-    (model / "fold_all" / "run_config.yaml").write_text(yaml.safe_dump({"configuration": {"name": "2d", "localise": localise}}))
-    copy = bg.one_pass_model(tmp_path)
-    assert json.loads((copy / "plans.json").read_text())["configurations"]["2d"]["localise"] is None
-    assert yaml.safe_load((copy / "fold_all" / "run_config.yaml").read_text())["configuration"] == {"name": "2d", "localise": None}
-    assert json.loads((model / "plans.json").read_text())["configurations"]["2d"]["localise"] == localise  # the model is untouched

@@ -11,7 +11,9 @@ output the driver writes, as the configuration has them:
 - ``<case>.npz``: probabilities in the input's grid (``save_probabilities``), for ensembles;
 - ``<case>.json`` and ``classification.csv``: each head's class and probabilities;
 - ``<case>.json`` of a segmentation whose output may be wrong: ``qc``, a list of reasons (today the cord
-  choice's "uncertain cord: ...", :func:`~spineauto.inference.postprocessing.choose_cord_component`);
+  choice's "uncertain cord: ...", :func:`~spineauto.inference.postprocessing.choose_cord_component`,
+  which weighs the network's cord probability and, with test-time augmentation, whether each
+  mirrored pass alone puts the cord on the same tube: the one pass of the networks hands both over);
   a classification's ``<case>.json`` carries the same ``qc`` list (empty when nothing was doubtful).
 
 Every write is atomic; a failing case (a :class:`~spineauto.errors.SpineautoError`, an OS error
@@ -35,8 +37,8 @@ from spineauto.inference.classify import CaseClassification, aggregate_slices, w
 from spineauto.inference.export import (check_writable, error_message, failures_error, remove_case_outputs, remove_temporaries,
                                         warn_undeclared_labels, write_probabilities, writing)
 from spineauto.inference.model import TrainedModel
-from spineauto.inference.postprocessing import apply_postprocessing, choose_cord_component, superior_axis
-from spineauto.inference.predictor import run_networks
+from spineauto.inference.postprocessing import CordEvidence, apply_postprocessing, choose_cord_component, superior_axis
+from spineauto.inference.predictor import pass_names, run_networks
 from spineauto.inference.restore import Restoration
 from spineauto.io.atomic import write_json
 
@@ -82,18 +84,33 @@ class CaseInference:
     probabilities: np.ndarray | None  # (K, X, Y, Z) float32 when asked
     classification: CaseClassification | None
     qc: list[str] = field(default_factory=list)  # why the output may be wrong (the cord choice's "uncertain cord: ...")
+    cord_evidence: CordEvidence | None = None  # the cord's probability (and passes), until the localise plan's choice
+
+
+def cord_label(model: TrainedModel) -> int | None:
+    """The label value whose component is the cord: the localise plan's, else the first postprocessing cord label."""
+    if model.plan.localise is not None:
+        return int(model.plans.labels[model.plan.localise.label])
+    labels = model.postprocessing.get("cord_component_labels", [])
+    return int(labels[0]) if labels else None
 
 
 def infer(model: TrainedModel, layout: np.ndarray, props: dict, case: str, tta: bool = True, batch_slices: int | None = None,
           probabilities: bool = False) -> CaseInference:
     """Run the networks once over a preprocessed case and restore what the configuration outputs."""
-    restoration = Restoration(props, probabilities) if model.plan.has_segmentation else None  # fed slab by slab
+    cord = cord_label(model) if model.plan.has_segmentation else None
+    restoration = (Restoration(props, probabilities, cord, pass_names(model.plan.augmentation.mirror_axes))
+                   if model.plan.has_segmentation else None)  # fed slab by slab
     out = run_networks(model.networks, layout, model.plan, model.device, tta=tta, batch_slices=batch_slices,
-                       seg_sink=restoration.add if restoration else None, region_order=model.plans.region_order)
+                       seg_sink=restoration.add if restoration else None, region_order=model.plans.region_order,
+                       pass_channel=cord, pass_sink=restoration.add_passes if restoration else None)
     result = CaseInference(None, None, None)
     if restoration is not None:
+        evidence = restoration.cord_evidence()
         result.labels = apply_postprocessing(restoration.labels(), model.postprocessing, np.asarray(props["geometry"]["affine"], float),
-                                             qc=result.qc)
+                                             qc=result.qc, evidence=evidence)
+        if model.plan.localise is not None:  # for localise()'s cord choice; otherwise let go now
+            result.cord_evidence = evidence
         if probabilities:
             result.probabilities = restoration.probabilities()
     if out.cls is not None:
@@ -112,8 +129,8 @@ def localise(model: TrainedModel, case: CaseSource, first: CaseInference, props:
     loc = model.plan.localise
     value = model.plans.labels[loc.label]
     affine = np.asarray(props["geometry"]["affine"], dtype=float)
-    choice = choose_cord_component(first.labels, value, affine)
-    first.labels, first.qc = choice.seg, _merge(first.qc, choice.reasons)
+    choice = choose_cord_component(first.labels, value, affine, first.cord_evidence)
+    first.labels, first.qc, first.cord_evidence = choice.seg, _merge(first.qc, choice.reasons), None
     cord = first.labels == value
     if not loc.second_pass or not cord.any():
         return first
@@ -122,8 +139,8 @@ def localise(model: TrainedModel, case: CaseSource, first: CaseInference, props:
     along = np.broadcast_to(cord.any(axis=si, keepdims=True), cord.shape)
     layout, box_props = case.preprocessed_around(model, along, loc.margin_mm)
     second = infer(model, layout, box_props, case.name, tta, batch_slices, probabilities)
-    choice = choose_cord_component(second.labels, value, affine)
-    second.labels, second.qc = choice.seg, _merge(_merge(first.qc, second.qc), choice.reasons)
+    choice = choose_cord_component(second.labels, value, affine, second.cord_evidence)
+    second.labels, second.qc, second.cord_evidence = choice.seg, _merge(_merge(first.qc, second.qc), choice.reasons), None
     second.classification = first.classification
     return second
 

@@ -19,7 +19,7 @@ from spineauto.errors import SpineautoError
 from spineauto.inference.export import (check_output_apart, check_writable, error_message, failures_error, read_probabilities,
                                         remove_case_outputs, remove_temporaries, warn_undeclared_labels, write_mask,
                                         write_probabilities)
-from spineauto.inference.postprocessing import apply_postprocessing
+from spineauto.inference.postprocessing import CordEvidence, apply_postprocessing
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,10 @@ def ensemble_case(folders: Sequence[Path], case: str, output: Path, save_probabi
     probs, header, shape, labels = average_probabilities([f / f"{case}.npz" for f in folders])
     if labels is None:  # a file without declared labels: channel k is label k
         labels = list(range(probs.shape[0]))
-    mask = apply_postprocessing(probs.argmax(0).astype(np.uint8), postprocessing, header.get_best_affine())  # channel k is label value k
+    cord = postprocessing.get("cord_component_labels", [])  # the cord choice weighs the averaged cord probability
+    evidence = CordEvidence.from_probabilities(probs, int(cord[0])) if cord and int(cord[0]) < probs.shape[0] else None
+    mask = apply_postprocessing(probs.argmax(0).astype(np.uint8), postprocessing, header.get_best_affine(),  # channel k is label value k
+                                evidence=evidence)
     warn_undeclared_labels(case, mask, labels)
     target = write_mask(output / f"{case}.nii.gz", mask, header=header, shape=shape)
     if save_probabilities:

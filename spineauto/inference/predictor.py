@@ -12,7 +12,10 @@ augmentation over ``plan.augmentation.mirror_axes``) together, once; from that o
 - classification heads: each tile's softmax, averaged over the slice's tiles, giving ``(S, K)``
   slice probabilities per head (each slice seen as in training: patch-sized windows).
 
-Networks (folds) and mirrors are averaged for both. The case runs in slabs of whole slices, so a
+Networks (folds) and mirrors are averaged for both. With ``pass_channel`` (the cord label), each
+mirrored pass's own probability of that one channel (averaged over the networks) is handed over
+too, slab by slab, so that the cord choice can tell whether the passes agree
+(:class:`spineauto.inference.restore.Restoration` keeps one bit per pass and voxel of it). The case runs in slabs of whole slices, so a
 caller that takes the probabilities slab by slab (the case driver restores each into the mask at
 once) never holds a whole case's probabilities: beyond the case itself, memory is bounded by the
 slab and the tile batch, whatever the number of slices.
@@ -43,6 +46,12 @@ def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
     """Every non-empty subset of the spatial mirror axes, as tensor dims of a (B, C, H, W) batch."""
     dims = [int(a) + 2 for a in mirror_axes if 0 <= int(a) < 2]
     return [c for n in range(1, len(dims) + 1) for c in itertools.combinations(dims, n)]
+
+
+def pass_names(mirror_axes: Sequence[int]) -> list[str]:
+    """What to call each pass of a test-time-augmented prediction, in :func:`run_networks`' order."""
+    return ["the unmirrored pass"] + [f"the pass mirrored on in-plane axis {' and '.join(str(d - 2) for d in dims)}"
+                                      for dims in mirror_combinations(mirror_axes)]
 
 
 def default_batch(patch_size: Sequence[int], device: torch.device) -> int:
@@ -86,7 +95,8 @@ class NetworkOutput:
 
 def run_networks(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: ConfigurationPlan, device: torch.device,
                  tta: bool = True, batch_slices: int | None = None, amp: bool = True,
-                 seg_sink: Callable[[int, torch.Tensor], None] | None = None, region_order: list[int] | None = None) -> NetworkOutput:
+                 seg_sink: Callable[[int, torch.Tensor], None] | None = None, region_order: list[int] | None = None,
+                 pass_channel: int | None = None, pass_sink: Callable[[int, torch.Tensor], None] | None = None) -> NetworkOutput:
     """One sliding-window pass over a preprocessed case (C, S, H, W): segmentation probabilities
     and/or slice probabilities per classification head, as the plan's task has them.
 
@@ -103,6 +113,11 @@ def run_networks(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: Co
     ``(K, n, H, W)`` go to ``seg_sink(first_slice, probabilities)`` and are not kept, so the memory
     the pass needs does not grow with the number of slices (``NetworkOutput.seg`` is then None);
     without it they are joined into the whole case's.
+
+    ``pass_channel`` and ``pass_sink`` (test-time augmentation on, more than one pass): each slab's
+    probability of output channel ``pass_channel`` per pass (the unmirrored one first, then
+    :func:`mirror_combinations`' order), averaged over the networks but not over the mirrors,
+    go to ``pass_sink(first_slice, (passes, n, H, W))``: one channel per pass, held for one slab.
     """
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
@@ -113,9 +128,11 @@ def run_networks(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: Co
     mirrors = [()] + (mirror_combinations(plan.augmentation.mirror_axes) if tta else [])
     height, width = (max(s, p) for s, p in zip(data.shape[2:], patch))  # the padded slice
     steps = compute_steps_for_sliding_window((height, width), patch, STEP_SIZE)
+    want_passes = pass_channel is not None and pass_sink is not None and len(mirrors) > 1 and plan.has_segmentation
     tiles = _TilePass(list(networks), plan, patch, list(itertools.product(steps[0], steps[1])), batch_slices or default_batch(patch, device),
                       mirrors, 1.0 / (len(networks) * len(mirrors)),
-                      torch.autocast("cuda", dtype=torch.float16) if (amp and device.type == "cuda") else nullcontext())
+                      torch.autocast("cuda", dtype=torch.float16) if (amp and device.type == "cuda") else nullcontext(),
+                      pass_channel=pass_channel if want_passes else None)
     per_slab = max(1, SLAB_PIXELS // (height * width))
     slabs: list[torch.Tensor] = []
     heads: dict[str, list[torch.Tensor]] = {}
@@ -128,9 +145,11 @@ def run_networks(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: Co
                 weight[y:y + patch[0], z:z + patch[1]] += tiles.gauss
         for first in range(0, data.shape[1], per_slab):
             x, crop = _padded_slab(data[:, first:first + per_slab], patch, device)
-            acc, slab_heads = tiles(x)
+            acc, slab_heads, passes = tiles(x)
             for head, p in slab_heads.items():
                 heads.setdefault(head, []).append(p)
+            if passes is not None:
+                pass_sink(first, passes.div_(weight)[(slice(None), slice(None), *crop)])
             if acc is not None:
                 probs = acc.div_(weight)[(slice(None), slice(None), *crop)]
                 if region_order:
@@ -166,27 +185,34 @@ class _TilePass:
     scale: float  # 1 / (networks x mirrors)
     autocast: Any
     gauss: torch.Tensor | None = None  # the importance map (segmentation)
+    pass_channel: int | None = None  # also sum this channel per mirror (pass), over the networks
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """(C, n, H, W) -> the Gaussian-weighted probability sum (K, n, H, W) (None without segmentation)
-        and, per classification head, the sum of its tiles' probabilities per slice (n, K)."""
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], torch.Tensor | None]:
+        """(C, n, H, W) -> the Gaussian-weighted probability sum (K, n, H, W) (None without segmentation),
+        per classification head the sum of its tiles' probabilities per slice (n, K), and with
+        ``pass_channel`` that channel's Gaussian-weighted sum per pass (passes, n, H, W) (else None)."""
         ph, pw = self.patch
         want_seg, want_cls = self.plan.has_segmentation, self.plan.has_classification
         n = x.shape[1]
         tiles = [(s, y, z) for s in range(n) for y, z in self.offsets]
-        acc, cls_sum = None, {}
+        acc, cls_sum, pass_acc = None, {}, None
+        ch = self.pass_channel
         for start in range(0, len(tiles), self.batch):
             chunk = tiles[start:start + self.batch]
             xb = torch.stack([x[:, s, y:y + ph, z:z + pw] for s, y, z in chunk])
-            probs, heads = None, {}
+            probs, heads, per_pass = None, {}, None
             for net in self.networks:
-                for dims in self.mirrors:
+                for m, dims in enumerate(self.mirrors):
                     with self.autocast:
                         out = net(torch.flip(xb, dims) if dims else xb)
                     if want_seg:
                         p = seg_probabilities(_seg_logits(out), self.plan.network.output_activation)  # softmax, or sigmoid (> 0.5)
                         if dims:
                             p = torch.flip(p, dims)
+                        if ch is not None:
+                            if per_pass is None:
+                                per_pass = torch.zeros((len(self.mirrors), *p[:, ch].shape), device=p.device)
+                            per_pass[m] += p[:, ch]  # before p joins (and becomes) the running sum
                         probs = p if probs is None else probs.add_(p)
                     if want_cls:
                         for head, logits in out["cls"].items():
@@ -196,19 +222,31 @@ class _TilePass:
                 probs.mul_(self.scale).mul_(self.gauss)
                 if acc is None:
                     acc = torch.zeros((probs.shape[1], n, *x.shape[2:]), device=x.device)
-                if len(self.offsets) == 1:  # one tile per slice: a single strided add
-                    s0 = chunk[0][0]
-                    acc[:, s0:s0 + len(chunk)] += probs.transpose(0, 1)
-                else:
-                    for i, (s, y, z) in enumerate(chunk):
-                        acc[:, s, y:y + ph, z:z + pw] += probs[i]
+                _add_tiles(acc, probs.transpose(0, 1), chunk, self.offsets, self.patch)
+                if per_pass is not None:
+                    per_pass.mul_(self.gauss / len(self.networks))
+                    if pass_acc is None:
+                        pass_acc = torch.zeros((len(self.mirrors), n, *x.shape[2:]), device=x.device)
+                    _add_tiles(pass_acc, per_pass, chunk, self.offsets, self.patch)
             if heads:
                 index = torch.tensor([s for s, _, _ in chunk], device=x.device)
             for head, p in heads.items():
                 if head not in cls_sum:
                     cls_sum[head] = torch.zeros((n, p.shape[1]), dtype=torch.float64, device=x.device)
                 cls_sum[head].index_add_(0, index, p.double() * self.scale)
-        return acc, cls_sum
+        return acc, cls_sum, pass_acc
+
+
+def _add_tiles(acc: torch.Tensor, tiles: torch.Tensor, chunk: list[tuple[int, int, int]], offsets: list[tuple[int, int]],
+               patch: tuple[int, ...]) -> None:
+    """Add tiles (C, B, ph, pw) at their (slice, y, z) corners of ``chunk`` into ``acc`` (C, n, H, W)."""
+    ph, pw = patch
+    if len(offsets) == 1:  # one tile per slice: a single strided add
+        s0 = chunk[0][0]
+        acc[:, s0:s0 + len(chunk)] += tiles
+    else:
+        for i, (s, y, z) in enumerate(chunk):
+            acc[:, s, y:y + ph, z:z + pw] += tiles[:, i]
 
 
 def predict_layout(networks: list[torch.nn.Module], data: np.ndarray, plan: ConfigurationPlan, device: torch.device,

@@ -6,7 +6,10 @@ float64): slices are resampled in-plane in small chunks with bilinear interpolat
 probabilities already live on, argmax is taken per chunk, and only uint8 labels are kept. The
 probabilities can arrive slab by slab as the networks finish them (:class:`Restoration`), so a
 case's whole probability volume never exists. Full probabilities in the input grid are built only
-when asked (``--save-probabilities``).
+when asked (``--save-probabilities``). For the cord choice, the cord label's probability is kept
+as uint8 (probability x 255) and, with test-time augmentation, one bit per pass where that pass
+alone marks the cord (:class:`~spineauto.inference.postprocessing.CordEvidence`): at most two uint8
+volumes beside the labels, whatever the number of channels and passes (up to 8).
 A stored label map (a preprocessed training case's reference) goes back the same way, as one-hot
 probabilities (:func:`restore_label_map`).
 """
@@ -16,9 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spineauto.inference.postprocessing import CordEvidence
 from spineauto.io.geometry import CaseGeometry
 
 CHUNK_PIXELS = 2 ** 24  # resampled values (K * slices * H * W) per chunk
+MAX_PASSES = 8  # passes a uint8 holds one bit each of (2D test-time augmentation has at most 4)
 
 
 def _chunks(probs: torch.Tensor, cropped: list[int]):
@@ -34,14 +39,22 @@ def _chunks(probs: torch.Tensor, cropped: list[int]):
 
 class Restoration:
     """Probabilities at the target spacing, given slab by slab (:func:`spineauto.inference.predictor.run_networks`'s
-    ``seg_sink``) -> uint8 labels, and with ``probabilities`` the probabilities too, in the input's grid."""
+    ``seg_sink``) -> uint8 labels, and with ``probabilities`` the probabilities too, in the input's grid.
 
-    def __init__(self, props: dict, probabilities: bool = False):
+    With ``cord_label`` (the label value whose component is the cord, = its channel): that channel's
+    probability as uint8, and each pass's own probability of it (``pass_sink``, :meth:`add_passes`)
+    as one bit per pass (set where that pass gives the cord at least 0.5), for :meth:`cord_evidence`."""
+
+    def __init__(self, props: dict, probabilities: bool = False, cord_label: int | None = None, pass_names: list[str] | None = None):
         self.geom = CaseGeometry.from_dict(props["geometry"])
         self.cropped = list(props["cropped_shape"])
         self._labels = np.zeros(self.geom.layout_shape, dtype=np.uint8)
         self._probs: np.ndarray | None = None
         self.keep_probabilities = probabilities
+        self.cord_label = cord_label
+        self._cord = np.zeros(self.geom.layout_shape, dtype=np.uint8) if cord_label is not None else None
+        self._passes: np.ndarray | None = None  # uint8 bit i: pass i marks the cord
+        self.pass_names = list(pass_names or [])
 
     def add(self, first: int, probs: torch.Tensor) -> None:
         """(K, n, h, w) probabilities of the preprocessed slices ``first`` .. ``first + n``."""
@@ -51,12 +64,40 @@ class Restoration:
                 at = s0_ + first + s0
                 lab = part.argmax(1).to(torch.uint8).cpu().numpy()
                 self._labels[at:at + lab.shape[0], h0:h1, w0:w1] = lab
+                if self._cord is not None:
+                    q = part[:, self.cord_label].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+                    self._cord[at:at + q.shape[0], h0:h1, w0:w1] = q
                 if self.keep_probabilities:
                     if self._probs is None:  # background is 1 outside the crop
                         self._probs = np.zeros((part.shape[1], *self.geom.layout_shape), dtype=np.float32)
                         self._probs[0] = 1
                     arr = part.transpose(0, 1).cpu().numpy()
                     self._probs[:, at:at + arr.shape[1], h0:h1, w0:w1] = arr
+
+    def add_passes(self, first: int, passes: torch.Tensor) -> None:
+        """(P, n, h, w): each pass's probability of the cord label on the preprocessed slices ``first`` .. ``first + n``."""
+        if not 1 < passes.shape[0] <= MAX_PASSES:
+            raise ValueError(f"Restoration: {passes.shape[0]} passes; between 2 and {MAX_PASSES} are kept")
+        (s0_, _), (h0, h1), (w0, w1) = self.geom.bbox
+        if self._passes is None:
+            self._passes = np.zeros(self.geom.layout_shape, dtype=np.uint8)
+        bits = torch.tensor([1 << i for i in range(passes.shape[0])], dtype=torch.uint8, device=passes.device)
+        with torch.inference_mode():
+            for s0, part in _chunks(passes, self.cropped):  # (n, P, h, w)
+                at = s0_ + first + s0
+                packed = ((part >= 0.5).to(torch.uint8) * bits[:, None, None]).sum(1, dtype=torch.uint8).cpu().numpy()
+                self._passes[at:at + packed.shape[0], h0:h1, w0:w1] = packed
+
+    def cord_evidence(self) -> CordEvidence | None:
+        """The cord label's probability and each pass's cord in the input's grid (``cord_label``; None
+        without). Called once, after the last slab: the layout copies are let go."""
+        if self._cord is None:
+            return None
+        back = lambda a: self.geom.from_layout(a[None])[0]  # noqa: E731
+        cord, self._cord = back(self._cord), None
+        passes = back(self._passes) if self._passes is not None else None
+        self._passes = None
+        return CordEvidence(self.cord_label, cord, passes, self.pass_names if passes is not None else [])
 
     def labels(self) -> np.ndarray:
         """uint8 (X, Y, Z) in the input's voxel grid."""
