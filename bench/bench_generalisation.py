@@ -22,10 +22,16 @@ cropped near the cord). Every model trains on fold ``all`` for the same number o
 Each spineauto prediction is scored as written (the model's own postprocessing) and with two
 postprocessings applied here: keep the largest component, and keep the cord component
 (:func:`spineauto.inference.postprocessing.keep_cord_component`). nnU-Net's masks the same way.
-A *variant* is a preset applied to spineauto's plan (``--variants``, see VARIANTS; a few add train
-options, TRAIN_ARGS): the levers measured one at a time. "One pass" is a copy of the model without its
-localise plan (in plans.json and each fold's run_config.yaml): the network's raw output. ``--no-tta``
-predicts and scores every model a second time without test-time mirroring.
+A *variant* is a preset applied to spineauto's plan (``--variants``, see VARIANTS; a few add
+train options, TRAIN_ARGS): the levers measured one at a time. ``sparse-uncropped`` changes the data instead: the plan, trained on the six
+cases plus ``t2s_uncropped`` as a sparse case (``spineauto convert sparse``: background farther than
+15 mm from the carried ``t2s`` cord, nnU-Net's ignore label near it) whose levels SPARSE_HELD_OUT
+(slices along S-I) are all ignore. The uncropped scan is then scored twice for every model: on all
+the levels the carried cord reaches, and on the held-out levels only (``held-out`` columns), the
+only fair comparison for a model that trained on the other levels.
+"One pass" is a copy of the model without its localise plan (in plans.json and each fold's
+run_config.yaml): the network's raw output. ``--no-tta`` predicts and scores every model a second time
+without test-time mirroring.
 
     .venv/bin/python bench/bench_generalisation.py --quick      # 1 seed, full scenario, 3,000 samples
     .venv/bin/python bench/bench_generalisation.py --samples 12000 --scenarios full loco-T1w loco-T2starw
@@ -68,8 +74,12 @@ VARIANTS: dict[str, dict] = {
     "he-init": {"network": {"init": "he"}},
     "torch-init": {"network": {"init": "torch"}},
     "fp32": {},  # trained without bf16 autocast on a CPU that has it (nnU-Net autocasts on CUDA only): TRAIN_ARGS
+    "sparse-uncropped": {},  # a data variant: see SPARSE_VARIANTS
 }
 TRAIN_ARGS: dict[str, list[str]] = {"fp32": ["--no-amp"]}  # spineauto train options of a variant
+SPARSE_VARIANTS = {"sparse-uncropped"}  # the plan, with t2s_uncropped added as a sparse case (its held-out levels all ignore)
+SPARSE_MARGIN_MM = 15.0  # spineauto convert sparse's default: the carried cord lies up to ~10 mm off on this pair
+SPARSE_HELD_OUT = tuple(range(6, 11))  # levels (slices) of t2s_uncropped never labelled in training, scored in the held-out columns
 POSTPROCESSINGS = {  # (mask, affine) -> mask
     "as written": lambda m, affine: m,
     "largest": lambda m, affine: keep_largest_component(m.astype(np.uint8), 1) > 0,
@@ -160,12 +170,19 @@ def tube_stats(mask: np.ndarray, affine: np.ndarray) -> dict:
     return {"components": n, "slice_share": float(per_slice.mean()), "one_tube": bool(n == 1 and per_slice.all())}
 
 
-def uncropped_stats(mask: np.ndarray, carried: np.ndarray, affine: np.ndarray) -> dict:
-    """Recall of the carried cord; false-positive mm^3 over FP_DISTANCE_MM from it on its slices."""
+def uncropped_stats(mask: np.ndarray, carried: np.ndarray, affine: np.ndarray, levels: tuple[int, ...] | None = None) -> dict:
+    """Recall of the carried cord; false-positive mm^3 over FP_DISTANCE_MM from it on its slices; with
+    ``levels``, all three on those slices only (the rest of the scan cut away first)."""
     from scipy import ndimage
 
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     ax = through_axis(affine)
+    if levels is not None:
+        keep = np.zeros(mask.shape[ax], bool)
+        keep[list(levels)] = True
+        shape = [1, 1, 1]
+        shape[ax] = -1
+        mask, carried = mask & keep.reshape(shape), carried & keep.reshape(shape)
     covered = carried.any(axis=tuple(i for i in range(3) if i != ax))
     far = np.zeros_like(mask)
     for k in np.flatnonzero(covered):
@@ -197,6 +214,7 @@ def score_folder(pred: Path, tests: dict) -> list[dict]:
                     row.update({f"neck_{k}": v for k, v in uncropped_stats(mask, info["ref"], img.affine).items()})
             elif info["kind"] == "uncropped":
                 row.update(uncropped_stats(mask, info["ref"], img.affine))
+                row.update({f"heldout_{k}": v for k, v in uncropped_stats(mask, info["ref"], img.affine, SPARSE_HELD_OUT).items()})
             else:
                 row.update(tube_stats(mask, img.affine))
             rows.append(row)
@@ -275,9 +293,11 @@ def _with_output(cmd: list[str], out: Path) -> list[str]:
 
 def train_model(run_dir: Path, tool: str, variant: str, train_cases: list[str], dataset_id: int, samples: int, seed: int) -> dict:
     """Plan, preprocess and train one model on fold ``all`` for ``samples`` samples; what it took."""
-    write_real_dataset(run_dir / "raw", dataset_id, cases=train_cases)
+    folder = write_real_dataset(run_dir / "raw", dataset_id, cases=train_cases)
     batch = 4
     env = bench_env(run_dir, "cpu", 1, 1)
+    if variant in SPARSE_VARIANTS:
+        add_sparse_uncropped(folder, dataset_id, env)
     if tool == "spineauto":
         cmd = [str(VENV_BIN / "python"), "-m", "spineauto", "plan_and_preprocess", "-d", str(dataset_id), "-np", "2"]
         if VARIANTS[variant]:
@@ -302,6 +322,22 @@ def train_model(run_dir: Path, tool: str, variant: str, train_cases: list[str], 
     t = run_measured(train, env, timeout_s=7200)
     check_run(t, f"{tool} {variant} train")
     return {"batch": batch, "iters": epochs * per_epoch, "train_s": round(t.wall_s, 1)}
+
+
+def add_sparse_uncropped(folder: Path, dataset_id: int, env: dict) -> None:
+    """t2s_uncropped into the raw dataset as a sparse case (the CLI, as a user would), then its
+    SPARSE_HELD_OUT levels set to ignore: no label of theirs reaches training."""
+    check_run(run_measured([str(VENV_BIN / "python"), "-m", "spineauto", "convert", "sparse", str(SHARED_DATA / UNLABELLED["t2s_uncropped"]),
+                            str(SHARED_DATA / REAL_CASES["t2s"][1]), "-d", str(dataset_id), "--case", "t2s_uncropped",
+                            "--margin-mm", str(SPARSE_MARGIN_MM)], env), "convert sparse")
+    label_file = folder / "labelsTr" / "t2s_uncropped.nii.gz"
+    img = nib.load(str(label_file))
+    labels = np.asanyarray(img.dataobj).copy()
+    ignore = json.loads((folder / "dataset.json").read_text())["labels"]["ignore"]
+    sl = [slice(None)] * 3
+    sl[through_axis(img.affine)] = list(SPARSE_HELD_OUT)
+    labels[tuple(sl)] = ignore
+    nib.save(nib.Nifti1Image(labels, img.affine, img.header), str(label_file))
 
 
 def run_scenario(work: Path, scenario: str, variants: list[str], tools: list[str], seed: int, samples: int, phantoms: int,
@@ -392,7 +428,9 @@ def tables(rows: list[dict]) -> str:
         for case in ("t2s_uncropped",):
             for scen in sorted({r["scenario"] for r in sel if r["case"] == case}):
                 u = [r for r in sel if r["case"] == case and r["scenario"] == scen]
-                line += [_fmt([r["recall"] for r in u]), _fmt([r["fp_mm3"] for r in u], 0), _fmt([r["components"] for r in u], 1)]
+                line += [_fmt([r["recall"] for r in u]), _fmt([r["fp_mm3"] for r in u], 0), _fmt([r["components"] for r in u], 1),
+                         _fmt([r["heldout_recall"] for r in u]), _fmt([r["heldout_fp_mm3"] for r in u], 0),
+                         _fmt([r["heldout_components"] for r in u], 1)]
         u = [r for r in sel if r.get("kind") == "neck"]
         if u:
             line += [_fmt([r["neck_fp_mm3"] for r in u], 0), _fmt([r["neck_components"] for r in u], 1)]
@@ -405,7 +443,8 @@ def tables(rows: list[dict]) -> str:
     header += [f"{s}: {c} Dice" for s, c in dice_cols]
     header += [f"{c} CSA error %" for _, c in dice_cols if c.split(" ")[-1] in PHANTOM_CONTRASTS]
     for scen in sorted({r["scenario"] for r in rows if r["case"] == "t2s_uncropped"}):
-        header += [f"{scen}: uncropped recall", f"{scen}: FP mm³ > {FP_DISTANCE_MM:g} mm", f"{scen}: components"]
+        header += [f"{scen}: uncropped recall", f"{scen}: FP mm³ > {FP_DISTANCE_MM:g} mm", f"{scen}: components",
+                   f"{scen}: held-out levels recall", f"{scen}: held-out FP mm³", f"{scen}: held-out components"]
     if any(r.get("kind") == "neck" for r in rows):
         header += [f"neck phantoms: FP mm³ > {FP_DISTANCE_MM:g} mm", "neck phantoms: components"]
     header += [f"{c}: components / slice share / one tube" for c in ("dwi_mean", "fmri_tsnr") if any(r["case"] == c for r in rows)]

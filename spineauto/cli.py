@@ -146,6 +146,31 @@ def convert_pairs(
     pairs_summary(console, report)
 
 
+@convert_app.command("sparse")
+def convert_sparse(
+    wide: Path = typer.Argument(..., help="The uncropped scan (NIfTI), e.g. a whole-neck field of view."),
+    mask: Path = typer.Argument(..., help="The mask (any value > 0) of a cropped scan of the same session, on the crop's grid."),
+    dataset: str = typer.Option(..., "-d", "--dataset", help="The raw dataset (id or name) the case is added to: one channel, NIfTI."),
+    case: str = typer.Option(..., "--case", help="Name of the new training case, e.g. t2s_uncropped."),
+    margin_mm: float = typer.Option(15.0, "--margin-mm", help="In-plane distance (mm) from the carried mask within which nothing "
+                                    "is labelled (ignore); background beyond. At least the headers' misalignment (check with --overlay)."),
+    uncovered: str = typer.Option("nearest", "--uncovered", help="Slices the mask does not reach: 'nearest' ignores the margin around "
+                                  "the carried mask of the nearest slice it reaches, 'ignore' the whole slice."),
+    overlay: Optional[Path] = typer.Option(None, "--overlay", help="Also draw the labels over the scan's slices into this .png (look before training)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a case of that name."),
+):
+    """Add a whole-field-of-view scan to a raw dataset as a sparsely labelled case: the cropped scan's mask carried through the
+    affines, background farther than --margin-mm from it, nnU-Net's 'ignore' label near it (declared in dataset.json, the
+    highest value, when absent). Nothing is labelled as the structure itself: the case teaches where it is not."""
+    from spineauto import paths
+    from spineauto.datasets.sparse import add_sparse_case
+
+    r = add_sparse_case(paths.raw_dataset(dataset), wide, mask, case, margin_mm=margin_mm, uncovered=uncovered, overwrite=overwrite,
+                        overlay=overlay)
+    console.print(f"[green]wrote[/] {escape(str(r.image))} and {escape(str(r.label))}: {r.covered} of {r.slices} slices reached by "
+                  f"the mask, {100 * r.background_share:.1f}% background, {100 * r.ignore_share:.1f}% ignore (value {r.ignore_label})")
+
+
 @app.command("pretrain")
 def pretrain(
     sources: List[Path] = typer.Argument(..., help="Supervised: one class-folder tree (ROOT/<class>/.../<image>). Self-supervised: any "
@@ -351,12 +376,14 @@ def evaluate(
     gt_dir: Path = typer.Argument(..., help="Folder of ground-truth <case>.nii.gz (e.g. labelsTs), or for classification a labels file: dataset.json (its cases' classes) or a CSV case,head,class."),
     dataset: Optional[str] = typer.Option(None, "-d", "--dataset", help="Dataset id or name: labels and lesion labels from its dataset.json."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="summary.json to write (a .csv is written beside it); default PRED_DIR/summary.json."),
+    ignore_label: Optional[int] = typer.Option(None, "--ignore-label", help="Reference voxels of this value are unlabelled and count in no "
+                                               "metric (default: the dataset's 'ignore' label with -d, nnU-Net's sparse labels)."),
 ):
     """Dice, IoU, HD95, ASD, volume difference per label; lesion-wise detection for lesion labels."""
     from rich.console import Console
 
     from spineauto.cli_views import case_progress, evaluation_table, make_progress
-    from spineauto.evaluation.evaluate import check_summary_target, dataset_labels, evaluate_folders, write_summary
+    from spineauto.evaluation.evaluate import check_summary_target, dataset_labels, evaluate_folders, with_ignore, write_summary
 
     if Path(gt_dir).is_file():  # a labels file (dataset.json cases, or CSV case,head,class): classification
         from spineauto.evaluation.classification import evaluate_prediction_folder, print_report
@@ -366,6 +393,8 @@ def evaluate(
         print_report(console, evaluate_prediction_folder(pred_dir, gt_dir, out_dir=out_dir), out_dir / "summary_classification.json")
         return
     labels = dataset_labels(dataset) if dataset else None
+    if ignore_label is not None:
+        labels = with_ignore(labels, ignore_label)
     check_summary_target(output or Path(pred_dir) / "summary.json", gt_dir)
     with make_progress(console) as progress:
         summary = evaluate_folders(pred_dir, gt_dir, labels, progress=case_progress(progress, "evaluate"))

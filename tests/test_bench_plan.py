@@ -74,3 +74,18 @@ def test_nnunet_reading_check_compares_stored_shapes(raw, tmp_path):
     assert bench_plan.check_nnunet_reading(tmp_path, "mt1", transposed, spacing, [1.6875, 1.6875]) == ""
     assert "predicted preprocessed shape" in bench_plan.check_nnunet_reading(tmp_path, "mt1", transposed, spacing, [0.84375, 0.84375])
     assert "predicted transposed shape" in bench_plan.check_nnunet_reading(tmp_path, "mt1", [40, 40, 5], spacing, [1.6875, 1.6875])
+
+
+def test_bench_scores_the_uncropped_scan_on_held_out_levels_only():
+    import bench_generalisation as B
+
+    affine = np.diag([0.5, 0.5, 7.5, 1.0])
+    carried = np.zeros((40, 40, 6), bool)
+    carried[18:22, 18:22] = True
+    mask = carried.copy()
+    mask[2:6, 2:6, 1] = True  # a false positive on a training level (1)
+    mask[30:34, 30:34, 4] = True  # and one on a held-out level (4)
+    every = B.uncropped_stats(mask, carried, affine)
+    held = B.uncropped_stats(mask, carried, affine, levels=(3, 4, 5))
+    assert every["fp_mm3"] == 2 * 16 * 0.5 * 0.5 * 7.5 and every["components"] == 3
+    assert held["fp_mm3"] == 16 * 0.5 * 0.5 * 7.5 and held["components"] == 2 and held["recall"] == 1.0

@@ -4,6 +4,11 @@ Any nnU-Net v2 raw dataset works unchanged, in any ``file_ending`` :mod:`spineau
 reads. spineauto adds optional keys: ``heads`` (head name -> its class names), ``cases`` (case id ->
 subject, classes, metadata) and ``pixel_spacing`` (mm per pixel of 2D pictures, which carry no
 geometry: a number or [row, column]; 1 mm when absent). See raw_data_templates/README.md.
+
+Sparse labels follow nnU-Net v2 (>= 2.2): a label named ``ignore`` (one integer, the highest value:
+every other value + 1) marks voxels nobody labelled. It is no class: it is kept out of ``labels``
+(and so out of the network's outputs) and held in ``ignore_label``; training masks it out of the loss,
+sampling and validation, ``evaluate`` out of every metric.
 """
 from __future__ import annotations
 
@@ -35,6 +40,12 @@ class DatasetInfo:
     lesion_labels: list[str] = field(default_factory=list)
     pixel_spacing: tuple[float, float] | None = None
     regions: dict[str, list[int]] = field(default_factory=dict)  # region name -> label-map values (region-based labels)
+    ignore_label: int | None = None  # the value of unlabelled voxels (nnU-Net's "ignore"); not a class
+
+    @property
+    def class_values(self) -> list[int]:
+        """The label-map values that are classes (of a region dataset: every value of a region); never the ignore value."""
+        return sorted(set(self.labels.values()) | {v for values in self.regions.values() for v in values})
 
     @property
     def num_channels(self) -> int:
@@ -46,8 +57,8 @@ class DatasetInfo:
 
     @property
     def label_values(self) -> list[int]:
-        """The values a label map may hold (of a region dataset: every value of a region)."""
-        return sorted(set(self.labels.values()) | {v for values in self.regions.values() for v in values})
+        """The values a label map may hold: the classes' and the ignore value."""
+        return self.class_values + ([self.ignore_label] if self.ignore_label is not None else [])
 
     def training_cases(self) -> list[str]:
         return _cases_in(self.folder / "imagesTr", self.file_ending)
@@ -115,6 +126,7 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
         problems.append("'channel_names' must map channel numbers to names, e.g. {\"0\": \"MRI\"}")
         channels = {}
     labels = raw.get("labels", {})
+    labels, ignore = split_ignore(labels, problems)
     regions: dict[str, list[int]] = {}
     if isinstance(labels, dict) and any(isinstance(v, list) for v in labels.values()):
         labels, regions = region_labels(labels, raw.get("regions_class_order"), problems)
@@ -128,6 +140,7 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
     elif labels and not regions and sorted({0, *labels.values()}) != list(range(max(labels.values()) + 1)):
         problems.append(f"'labels' values must be consecutive 0, 1, 2 ... (one output channel each, as nnU-Net), "
                         f"not {sorted(set(labels.values()))[:10]}; renumber the label maps and dataset.json")
+    check_ignore(ignore, labels, regions, problems)
     heads = raw.get("heads", {})
     if not isinstance(heads, dict) or not all(isinstance(v, list) for v in heads.values()):
         problems.append("'heads' must map head names to lists of class names")
@@ -155,8 +168,33 @@ def load_dataset_json(folder: Path) -> DatasetInfo:
         folder=folder, name=raw.get("name", folder.name), channel_names={str(k): v for k, v in channels.items()},
         labels={"background": 0, **labels} if labels else {}, num_training=num_training, file_ending=raw["file_ending"],
         heads={k: list(v) for k, v in heads.items()}, cases=cases, lesion_labels=lesion_labels(labels, raw.get("lesion_labels")),
-        pixel_spacing=pixel_spacing, regions=regions,
+        pixel_spacing=pixel_spacing, regions=regions, ignore_label=ignore,
     )
+
+
+IGNORE = "ignore"  # nnU-Net v2's name of the label of unlabelled voxels
+
+
+def split_ignore(labels, problems: list[str]) -> tuple:
+    """(``labels`` without ``ignore``, the ignore value or None); a bad ``ignore`` goes to ``problems``."""
+    if not isinstance(labels, dict) or IGNORE not in labels:
+        return labels, None
+    rest = {k: v for k, v in labels.items() if k != IGNORE}
+    value = labels[IGNORE]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        problems.append(f"label 'ignore' must be one integer value > 0 (the highest; nnU-Net's convention), not {value!r}")
+        return rest, None
+    return rest, value
+
+
+def check_ignore(ignore: int | None, labels: dict, regions: dict[str, list[int]], problems: list[str]) -> None:
+    """nnU-Net's rule: the ignore value is the highest, every class value (region members included) + 1."""
+    if ignore is None or not isinstance(labels, dict):
+        return
+    values = {v for v in labels.values() if isinstance(v, int)} | {v for members in regions.values() for v in members} | {0}
+    if ignore != max(values) + 1:
+        problems.append(f"label 'ignore' = {ignore} must be the highest value, {max(values) + 1} (every other label value + 1, "
+                        f"as nnU-Net requires); renumber it in dataset.json and the label maps")
 
 
 def parse_pixel_spacing(value, problems: list[str]) -> tuple[float, float] | None:

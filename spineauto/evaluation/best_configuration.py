@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from spineauto import paths
+from spineauto.datasets.dataset_json import IGNORE
 from spineauto.errors import SpineautoError
 from spineauto.evaluation.files import check_writable, read_json_file, writing
 from spineauto.evaluation.metrics import dice
@@ -105,10 +106,15 @@ def _validation_files(folder: Path, ending: str, fold: str = "[0-9]*") -> dict[s
     return files
 
 
-def _mean_fg_dice(preds: dict[str, np.ndarray], refs: dict[str, np.ndarray], labels: dict[str, int]) -> float:
+def labelled_dice(pred: np.ndarray, ref: np.ndarray, v: int, ignore: int | None = None) -> float:
+    """Dice of label ``v``, voxels the reference marks ``ignore`` (unlabelled) left out."""
+    return dice((pred == v) & (ref != ignore), ref == v)
+
+
+def _mean_fg_dice(preds: dict[str, np.ndarray], refs: dict[str, np.ndarray], labels: dict[str, int], ignore: int | None = None) -> float:
     vals = []
     for v in labels.values():
-        per = [dice(preds[c] == v, refs[c] == v) for c in refs]
+        per = [labelled_dice(preds[c], refs[c], v, ignore) for c in refs]
         per = [d for d in per if np.isfinite(d)]
         if per:
             vals.append(float(np.mean(per)))
@@ -116,19 +122,22 @@ def _mean_fg_dice(preds: dict[str, np.ndarray], refs: dict[str, np.ndarray], lab
 
 
 def _score(name: str, members: list[str], preds: dict[str, np.ndarray], refs: dict[str, np.ndarray],
-           labels: dict[str, int], pp_file: Path, outputs: dict[Path, dict], affines: dict[str, np.ndarray]) -> Candidate:
-    pp = decide_postprocessing(preds, refs, labels, affines)
+           labels: dict[str, int], pp_file: Path, outputs: dict[Path, dict], affines: dict[str, np.ndarray],
+           ignore: int | None = None) -> Candidate:
+    pp = decide_postprocessing(preds, refs, labels, affines, ignore)
     outputs[pp_file] = pp
     post = {c: apply_postprocessing(p, pp, affines.get(c)) for c, p in preds.items()}
-    return Candidate(name, members, _mean_fg_dice(preds, refs, labels), _mean_fg_dice(post, refs, labels), pp, str(pp_file), len(refs))
+    return Candidate(name, members, _mean_fg_dice(preds, refs, labels, ignore), _mean_fg_dice(post, refs, labels, ignore), pp,
+                     str(pp_file), len(refs))
 
 
 def decide_postprocessing(preds: dict[str, np.ndarray], refs: dict[str, np.ndarray], labels: dict[str, int],
-                          affines: dict[str, np.ndarray] | None = None) -> dict:
+                          affines: dict[str, np.ndarray] | None = None, ignore: int | None = None) -> dict:
     """nnU-Net's rule, with a spine-aware option: per label, keep only its largest component, or
     (with ``affines``, the cases' voxel-to-world matrices) only its cord component (a tube along
     S-I: :func:`~spineauto.inference.postprocessing.keep_cord_component`), whichever raises the
-    label's mean Dice over the cases most; neither when none raises it."""
+    label's mean Dice over the cases most; neither when none raises it. Voxels a reference marks
+    ``ignore`` (unlabelled) count in no Dice."""
     def mean(values: list[float]) -> float:
         vals = [v for v in values if np.isfinite(v)]
         return float(np.mean(vals)) if vals else float("nan")
@@ -141,8 +150,8 @@ def decide_postprocessing(preds: dict[str, np.ndarray], refs: dict[str, np.ndarr
     for name, v in labels.items():
         if v == 0:
             continue
-        b = mean([dice(preds[c] == v, refs[c] == v) for c in refs])
-        after = {k: mean([dice(fn(preds[c], v, c) == v, refs[c] == v) for c in refs]) for k, fn in options.items()}
+        b = mean([labelled_dice(preds[c], refs[c], v, ignore) for c in refs])
+        after = {k: mean([labelled_dice(fn(preds[c], v, c), refs[c], v, ignore) for c in refs]) for k, fn in options.items()}
         best = max(after, key=lambda k: np.nan_to_num(after[k], nan=-1.0))
         use = bool(np.isfinite(after[best]) and np.isfinite(b) and after[best] > b)
         report[name] = {"dice_before": b, **{f"dice_{k}": a for k, a in after.items()}, "dice_after": after["largest_component"],
@@ -284,7 +293,7 @@ def _segmentation_candidates(name: str, results: Path, trained: dict[str, Path],
                              notes: list[str], outputs: dict[Path, dict]) -> list[Candidate]:
     ref_dir = Path(reference_dir) if reference_dir else paths.raw_dataset(name) / "labelsTr"
     first = next(iter(trained.values()))
-    labels = _model_labels(first / "dataset.json")
+    labels, ignore = _model_labels(first / "dataset.json")
     volumes = {cfg: {c: read_volume(p) for c, p in _validation_files(folder, ".nii.gz").items()} for cfg, folder in trained.items()}
     preds = {cfg: {c: v[0].round().astype(np.int16) for c, v in vols.items()} for cfg, vols in volumes.items()}
     affines = {c: v[1] for vols in volumes.values() for c, v in vols.items()}
@@ -292,8 +301,8 @@ def _segmentation_candidates(name: str, results: Path, trained: dict[str, Path],
     if not cases:
         raise SpineautoError(f"{results}: the configurations share no validation case; compare them one at a time with -c")
     refs = {c: load_reference(c, ref_dir, name, first) for c in cases}
-    candidates = [_score(cfg, [cfg], {c: preds[cfg][c] for c in cases}, refs, labels, folder / POSTPROCESSING_FILE, outputs, affines)
-                  for cfg, folder in trained.items()]
+    candidates = [_score(cfg, [cfg], {c: preds[cfg][c] for c in cases}, refs, labels, folder / POSTPROCESSING_FILE, outputs, affines,
+                         ignore) for cfg, folder in trained.items()]
     if ensembles and len(trained) > 1:
         probs = {cfg: _validation_files(folder, ".npz") for cfg, folder in trained.items()}
         for k in range(2, len(trained) + 1):
@@ -303,16 +312,17 @@ def _segmentation_candidates(name: str, results: Path, trained: dict[str, Path],
                     notes.append(f"ensemble {'+'.join(combo)} skipped: {', '.join(lacking)} saved no validation probabilities "
                                  "(train with `spineauto train --npz` to compare ensembles)")
                     continue
-                candidates.append(_score_ensemble(combo, probs, cases, refs, labels, results, outputs, affines))
+                candidates.append(_score_ensemble(combo, probs, cases, refs, labels, results, outputs, affines, ignore))
     return candidates
 
 
-def _model_labels(path: Path) -> dict[str, int]:
-    """Foreground labels of a model folder's dataset.json."""
+def _model_labels(path: Path) -> tuple[dict[str, int], int | None]:
+    """Foreground labels of a model folder's dataset.json, and its ignore value (None without one)."""
     data = read_json_file(path, "the model's dataset.json")
     labels = data.get("labels") if isinstance(data, dict) else None
     try:
-        return {str(k): int(v) for k, v in labels.items() if int(v) != 0}
+        ignore = labels.get(IGNORE)
+        return {str(k): int(v) for k, v in labels.items() if int(v) != 0 and k != IGNORE}, None if ignore is None else int(ignore)
     except (AttributeError, TypeError, ValueError):
         raise SpineautoError(f"{path}: expected \"labels\": {{name: integer value}}; copy the dataset's dataset.json into the model folder") from None
 
@@ -355,12 +365,13 @@ def load_reference(case: str, ref_dir: Path, dataset: str, model_folder: Path) -
     return restore_label_map(np.load(seg_file), read_json_file(props_file, "the preprocessed case's properties"))
 
 
-def _score_ensemble(combo, probs, cases, refs, labels, results: Path, outputs: dict[Path, dict], affines: dict) -> Candidate:
+def _score_ensemble(combo, probs, cases, refs, labels, results: Path, outputs: dict[Path, dict], affines: dict,
+                    ignore: int | None = None) -> Candidate:
     from spineauto.inference.ensemble import average_probabilities
 
     preds = {c: average_probabilities([probs[cfg][c] for cfg in combo])[0].argmax(0).astype(np.int16) for c in cases}
     name = "+".join(combo)
-    return _score(name, list(combo), preds, refs, labels, results / f"ensemble__{name}__{POSTPROCESSING_FILE}", outputs, affines)
+    return _score(name, list(combo), preds, refs, labels, results / f"ensemble__{name}__{POSTPROCESSING_FILE}", outputs, affines, ignore)
 
 
 def inference_commands(dataset: str, best: Candidate, trained: dict[str, Path]) -> list[str]:

@@ -10,19 +10,21 @@ The labels evaluated are those of the dataset (``-d``) when given, plus every ot
 found in the predictions or the references (``label_<value>``, with a warning when the dataset does
 not declare it): a false-positive label that only a prediction contains gets its row (Dice 0), it is
 never dropped. A region label of the dataset (``regions_class_order``) is scored on every label-map
-value it covers.
+value it covers. Voxels a reference marks with the dataset's ignore label (nnU-Net's sparse labels) count
+in no metric: they are set to background in the prediction and the reference alike before scoring
+(as nnunetv2's ``compute_metrics`` leaves them out of tp/fp/fn); the ignore value gets no row.
 """
 from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from spineauto.datasets.dataset_json import lesion_labels, parse_pixel_spacing, region_labels
+from spineauto.datasets.dataset_json import check_ignore, lesion_labels, parse_pixel_spacing, region_labels, split_ignore
 from spineauto.errors import SpineautoError
 from spineauto.evaluation import metrics as M
 from spineauto.evaluation.files import check_writable, read_json_file, writing
@@ -44,6 +46,7 @@ class LabelSet:
     lesion: list[str]
     regions: dict[str, list[int]] = field(default_factory=dict)  # region name -> the label-map values it covers
     pixel_spacing: tuple[float, float] | None = None  # mm of a picture's (row, column): dataset.json's pixel_spacing
+    ignore: int | None = None  # the references' value of unlabelled voxels (dataset.json's "ignore"), scored nowhere
 
 
 def mask_files(folder: Path) -> dict[str, Path]:
@@ -62,20 +65,34 @@ def with_values(labels: LabelSet | None, values: set[int]) -> LabelSet:
     regions = dict(labels.regions) if labels else {}
     known = set(declared.values()) | {v for members in regions.values() for v in members}
     extra = {f"label_{v}": v for v in sorted(values) if v != 0 and v not in known}
-    return LabelSet({**declared, **extra}, list(labels.lesion) if labels else [], regions, labels.pixel_spacing if labels else None)
+    return LabelSet({**declared, **extra}, list(labels.lesion) if labels else [], regions, labels.pixel_spacing if labels else None,
+                    labels.ignore if labels else None)
+
+
+def with_ignore(labels: LabelSet | None, ignore: int) -> LabelSet:
+    """``labels`` (None: found in the masks) with ``ignore`` as the references' value of unlabelled voxels;
+    refused in one line when it is a class of the dataset, or background."""
+    if ignore <= 0 or (labels is not None and (ignore in labels.labels.values() or any(ignore in m for m in labels.regions.values()))):
+        raise SpineautoError(f"--ignore-label {ignore}: is {'background' if ignore <= 0 else 'a class of the dataset'}; "
+                             "give the value of the unlabelled voxels (nnU-Net's 'ignore': the highest value)")
+    if labels is not None and labels.ignore is not None and labels.ignore != ignore:
+        raise SpineautoError(f"--ignore-label {ignore}: the dataset's dataset.json says ignore = {labels.ignore}; leave the option out")
+    return replace(labels, ignore=ignore) if labels is not None else LabelSet({}, [], ignore=ignore)
 
 
 def labels_from_dataset_json(data: dict) -> LabelSet:
     """The labels a dataset.json declares; region labels (``regions_class_order``) are each scored on
     every label-map value they cover, in the prediction and the reference alike (as nnU-Net scores them)."""
-    raw, regions, problems = data.get("labels", {}), {}, []
+    regions, problems = {}, []
+    raw, ignore = split_ignore(data.get("labels", {}), problems)
     if any(isinstance(v, list) for v in raw.values()):
         raw, regions = region_labels(raw, data.get("regions_class_order"), problems)
+    check_ignore(ignore, raw, regions, problems)
     spacing = parse_pixel_spacing(data.get("pixel_spacing"), problems)
     if problems:
         raise ValueError("; ".join(problems))
     labels = {k: int(v) for k, v in raw.items() if int(v) != 0}
-    return LabelSet(labels, lesion_labels(labels, data.get("lesion_labels")), regions, spacing)
+    return LabelSet(labels, lesion_labels(labels, data.get("lesion_labels")), regions, spacing, ignore)
 
 
 def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], labels: LabelSet) -> dict[str, dict[str, float]]:
@@ -156,13 +173,16 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
         for path, mask in ((pred_files[case], pred), (gt_files[case], ref)):
             check_label_mask(path, mask)
         pred, ref = pred.astype(np.int16), ref.astype(np.int16)
+        if declared is not None and declared.ignore is not None:  # unlabelled voxels: no metric counts them
+            unlabelled = ref == declared.ignore
+            pred[unlabelled], ref[unlabelled] = 0, 0
         values = {int(v) for v in np.union1d(np.unique(pred), np.unique(ref))}
         found |= values
         per_case[case] = evaluate_case(pred, ref, voxel_sizes(aff_r), with_values(declared, values))
     if progress:
         progress("", len(cases), len(cases))
     labels = with_values(declared, found)
-    undeclared = [n for n in labels.labels if declared is not None and n not in declared.labels]
+    undeclared = [n for n in labels.labels if declared is not None and declared.labels and n not in declared.labels]
     if undeclared:
         log.warning("value(s) %s found in the predictions or references but not declared by the dataset; evaluated as %s",
                     ", ".join(str(labels.labels[n]) for n in undeclared), ", ".join(undeclared))
@@ -174,7 +194,7 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, labels: LabelSet | None = Non
         keys = VOXEL_METRICS + (LESION_METRICS if name in labels.lesion else ())
         mean[name] = {k: _nanmean([per_case[c][name][k] for c in cases]) for k in keys}
     foreground = {k: _nanmean([mean[n][k] for n in labels.labels]) for k in VOXEL_METRICS}
-    return {"prediction_folder": str(pred_dir), "reference_folder": str(gt_dir), "labels": labels.labels,
+    return {"prediction_folder": str(pred_dir), "reference_folder": str(gt_dir), "labels": labels.labels, "ignore_label": labels.ignore,
             "lesion_labels": labels.lesion, "mean": mean, "foreground_mean": foreground, "metric_per_case": per_case}
 
 

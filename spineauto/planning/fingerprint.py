@@ -61,6 +61,7 @@ class Fingerprint:
     isotropic_plane: str = "sagittal"  # slicing plane for near-isotropic blocks (see choose_slice_axis)
     lesion_labels: list[str] = field(default_factory=list)  # declared in dataset.json (else found by name)
     regions: dict[str, list[int]] = field(default_factory=dict)  # region-based labels (dataset.json): name -> label-map values
+    ignore_label: int | None = None  # dataset.json's "ignore": unlabelled voxels, left out of every statistic here
     schema_version: int = SCHEMA_VERSION
 
     def save(self, path: Path) -> Path:
@@ -112,6 +113,8 @@ def scan_case(info: DatasetInfo, case: str, verify: bool = True, seed: int = 0):
     bbox = get_bbox_from_mask(nonzero)
     cropped_shape = [b - a for a, b in bbox]
     if seg is not None:
+        if info.ignore_label is not None:  # unlabelled voxels are no class: out of the counts, extents and foreground
+            seg = np.where(seg == info.ignore_label, 0, seg)
         fg = geom.to_layout(seg) > 0
         label_voxels = {str(int(v)): int(c) for v, c in zip(*np.unique(seg, return_counts=True))}
         label_extent = _label_extents(geom.to_layout(seg))
@@ -177,7 +180,7 @@ def fingerprint_dataset(info: DatasetInfo, verify: bool = True, workers: int = 2
         counts[h] = {k: counts[h].get(k, 0) for k in classes}
     return Fingerprint(dataset_name=info.folder.name, channel_names=info.channel_names, labels=info.labels,
                        heads=info.heads, cases=fps, intensity=pooled, class_counts=counts, isotropic_plane=isotropic_plane,
-                       lesion_labels=list(info.lesion_labels), regions=dict(info.regions))
+                       lesion_labels=list(info.lesion_labels), regions=dict(info.regions), ignore_label=info.ignore_label)
 
 
 def _isotropic_plane(fps: list[CaseFingerprint]) -> str:

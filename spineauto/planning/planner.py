@@ -238,7 +238,7 @@ def plan_dataset(fp: Fingerprint, preset: Path | None = None, gpu_memory_gb: flo
                 "(training/synthetic.py): a cord model sees the vertebral bodies, vessels and muscle of a whole neck "
                 "(measured in bench_generalisation: fewer false positives on a whole-neck scan)")
     plans = Plans(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=fp.labels, heads=fp.heads,
-                  lesion_labels=lesion, configurations=configs, regions=dict(fp.regions),
+                  lesion_labels=lesion, configurations=configs, regions=dict(fp.regions), ignore_label=fp.ignore_label,
                   foreground_intensity_properties_per_channel={str(c): s for c, s in enumerate(fp.intensity)})
     if preset is not None:
         plans = apply_preset(plans, preset)

@@ -230,6 +230,9 @@ class Plans:
     # region-based labels (nnU-Net's): region name -> the label-map values it covers, in painting order; the
     # region is output channel labels[name] (sigmoid) and written as that value, a later region over an earlier
     regions: dict[str, list[int]] = field(default_factory=dict)
+    # nnU-Net's ignore label: the label-map value of voxels nobody labelled (no output channel, masked out of
+    # the loss and every metric); None when the dataset has none. Plans written before it load with None.
+    ignore_label: int | None = None
 
     def configuration(self, name: str) -> ConfigurationPlan:
         if name not in self.configurations:

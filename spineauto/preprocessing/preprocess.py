@@ -154,18 +154,25 @@ def case_seed(case: str, salt: str = "") -> int:
 
 
 def class_locations(seg: np.ndarray, labels: list[int], rng: np.random.Generator) -> dict[str, list[list[int]]]:
-    out = {}
-    for v in labels:
-        if v == 0:
-            continue
-        idx = np.argwhere(seg[0] == v)
-        if len(idx) > LOCATIONS_PER_LABEL:
-            idx = idx[rng.choice(len(idx), LOCATIONS_PER_LABEL, replace=False)]
-        out[str(v)] = idx.tolist()
-    return out
+    """Up to LOCATIONS_PER_LABEL (slice, row, column) voxels of each foreground value in ``labels``
+    (the classes: never the ignore value, which foreground oversampling must not target)."""
+    return {str(v): _sample_locations(seg[0] == v, rng) for v in labels if v != 0}
 
 
-def _source_hash(files: list[Path], plan: ConfigurationPlan, intensity, pixel_spacing=None) -> str:
+def annotated_locations(seg: np.ndarray, ignore: int, rng: np.random.Generator) -> list[list[int]]:
+    """Voxels anyone labelled (not ``ignore``, background included): where a sparse case's random
+    patches are centred, as nnU-Net samples only annotated regions of a dataset with an ignore label."""
+    return _sample_locations((seg[0] != ignore) & (seg[0] >= 0), rng)
+
+
+def _sample_locations(mask: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
+    idx = np.argwhere(mask)
+    if len(idx) > LOCATIONS_PER_LABEL:
+        idx = idx[rng.choice(len(idx), LOCATIONS_PER_LABEL, replace=False)]
+    return idx.tolist()
+
+
+def _source_hash(files: list[Path], plan: ConfigurationPlan, intensity, pixel_spacing=None, ignore_label=None) -> str:
     h = hashlib.sha1()
     for f in files:  # named within the dataset (imagesTr/x_0000.nii.gz): a moved or copied dataset keeps its cases
         st = f.stat()
@@ -176,6 +183,8 @@ def _source_hash(files: list[Path], plan: ConfigurationPlan, intensity, pixel_sp
         key.append(plan.roi.__dict__)
     if pixel_spacing is not None:  # only then: likewise
         key.append(list(pixel_spacing))
+    if ignore_label is not None:  # likewise: a dataset that gains an ignore label resamples its patches' centres
+        key.append({"ignore": ignore_label})
     h.update(json.dumps(key, default=str).encode())
     return h.hexdigest()
 
@@ -220,7 +229,7 @@ def preprocess_case(info: DatasetInfo, case: str, plan: ConfigurationPlan, inten
     """Preprocess one training case into ``out_dir``: (written, its files' manifest entries); written is
     False when it was already up to date, the entries None when the case is not part of the plan's data."""
     files = info.image_files(case) + ([info.label_file(case)] if info.has_segmentation else [])
-    digest = _source_hash(files, plan, intensity, info.pixel_spacing)
+    digest = _source_hash(files, plan, intensity, info.pixel_spacing, info.ignore_label)
     npy_name, seg_name, props_name = case_file_names(case)
     props_path = out_dir / props_name
     kept = _up_to_date(out_dir, case, digest)
@@ -251,7 +260,9 @@ def preprocess_case(info: DatasetInfo, case: str, plan: ConfigurationPlan, inten
     props.update(case=case, subject=info.subject_of(case), classes=dict(cinfo.classes) if cinfo else {}, source_hash=digest)
     written = {}
     if seg_p is not None:
-        props["class_locations"] = class_locations(seg_p, info.label_values, np.random.default_rng(case_seed(case)))
+        props["class_locations"] = class_locations(seg_p, info.class_values, np.random.default_rng(case_seed(case)))
+        if info.ignore_label is not None:
+            props["annotated_locations"] = annotated_locations(seg_p, info.ignore_label, np.random.default_rng(case_seed(case, "annotated:")))
         written[seg_name] = save_npy(out_dir / seg_name, seg_p)
     written[npy_name] = save_npy(out_dir / npy_name, data)
     props["files"] = {name: {k: v for k, v in file_entry(path).items() if k != "mtime_ns"} for name, path in written.items()}

@@ -3,7 +3,8 @@
 The data side is pluggable like the task side: a *sampler* turns (cases, batch size, rng, patch
 size) into a numpy batch dict. :class:`SegmentationPatchSampler` is the segmentation one (random
 slices, foreground oversampling from the props' ``class_locations``, zero padding where a slice is
-smaller than the patch); a classification slice sampler returns ``{"data", "cls": {head: (B,)}}``
+smaller than the patch; in a dataset with an ignore label the other patches are centred on a voxel
+someone labelled, the props' ``annotated_locations``, as nnU-Net's); a classification slice sampler returns ``{"data", "cls": {head: (B,)}}``
 the same way.
 
 Every batch is a pure function of its key ``(split, epoch, iteration)`` and the run's seed and
@@ -103,10 +104,13 @@ class SegmentationPatchSampler:
         need = [max(0, p - n) for p, n in zip(size, (h, w))]
         lb = [-(n // 2) for n in need]
         ub = [n + nd // 2 + nd % 2 - p for n, nd, p in zip((h, w), need, size)]
-        locations = self.store.props[case].get("class_locations") or {}
+        props = self.store.props[case]
+        locations = props.get("class_locations") or {}
         present = [k for k, v in locations.items() if len(v)]
-        if force_fg and present:
-            locs = locations[present[int(rng.integers(len(present)))]]
+        locs = locations[present[int(rng.integers(len(present)))]] if force_fg and present else None
+        if locs is None and props.get("annotated_locations"):  # sparse labels: centred on a labelled voxel (nnU-Net's rule)
+            locs = props["annotated_locations"]
+        if locs:
             s, cy, cx = locs[int(rng.integers(len(locs)))]
             y0 = int(np.clip(cy - size[0] // 2, lb[0], ub[0]))
             x0 = int(np.clip(cx - size[1] // 2, lb[1], ub[1]))

@@ -11,6 +11,13 @@ Built-ins: ``dice_ce`` (nnU-Net's Dice + cross-entropy, the default), ``dice_foc
 region loss). Soft Dice and cross-entropy come from nnunetv2; focal and Tversky terms are written
 here on the same batch-level statistics.
 
+A dataset with an ignore label (``plans.ignore_label``, nnU-Net's sparse labels): every built-in loss
+leaves the voxels of that value out, Dice and cross-entropy alike (nnunetv2's own ``ignore_label`` /
+``use_ignore_label`` for ``dice_ce`` and ``dice_bce``, a loss mask here for the others); deep supervision
+downsamples the label map by nearest neighbour, so an ignore voxel stays ignore at every resolution.
+A plug-in loss receives the label map with the ignore value in it: it must say it masks it
+(``handles_ignore_label = True``), else training is refused.
+
 A plug-in loss is a ``torch.nn.Module`` subclass, built as ``Name(**loss.kwargs)`` and called as
 ``loss(logits, target)``; a class attribute ``activation = "sigmoid"`` makes it a sigmoid loss.
 """
@@ -41,6 +48,14 @@ def _register(name: str, activation: str = "softmax"):
     return deco
 
 
+def ignore_mask(target: torch.Tensor, ignore: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(target with the ignore value set to 0, the mask of labelled voxels), or (target, None) without an ignore label."""
+    if ignore is None:
+        return target, None
+    mask = target != ignore
+    return torch.where(mask, target, torch.zeros_like(target)), mask
+
+
 def _dice(ddp: bool, nonlin) -> nn.Module:
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
@@ -57,46 +72,52 @@ def _dice_ce(plans: Plans, plan: ConfigurationPlan, ddp: bool) -> nn.Module:
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
     return DC_and_CE_loss({"batch_dice": True, "smooth": SMOOTH, "do_bg": False, "ddp": ddp}, {},
-                          weight_ce=plan.loss.ce_weight, weight_dice=plan.loss.dice_weight, dice_class=MemoryEfficientSoftDiceLoss)
+                          weight_ce=plan.loss.ce_weight, weight_dice=plan.loss.dice_weight, ignore_label=plans.ignore_label,
+                          dice_class=MemoryEfficientSoftDiceLoss)
 
 
 class DiceFocal(nn.Module):
     """dice_weight * soft Dice + ce_weight * focal loss (cross-entropy weighted by (1 - p_true)^gamma)."""
 
-    def __init__(self, dice: nn.Module, gamma: float, dice_weight: float, focal_weight: float):
+    def __init__(self, dice: nn.Module, gamma: float, dice_weight: float, focal_weight: float, ignore: int | None = None):
         super().__init__()
-        self.dice, self.gamma, self.dice_weight, self.focal_weight = dice, gamma, dice_weight, focal_weight
+        self.dice, self.gamma, self.dice_weight, self.focal_weight, self.ignore = dice, gamma, dice_weight, focal_weight, ignore
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        t = target[:, 0].long()
+        target, mask = ignore_mask(target.long(), self.ignore)
+        t = target[:, 0]
         logp = torch.log_softmax(logits.float(), 1).gather(1, t[:, None])[:, 0]
-        focal = (-(1 - logp.exp()) ** self.gamma * logp).mean()
-        return self.dice_weight * self.dice(logits, target) + self.focal_weight * focal
+        focal = -(1 - logp.exp()) ** self.gamma * logp
+        focal = focal.mean() if mask is None else (focal * mask[:, 0]).sum() / mask.sum().clamp(min=1)
+        return self.dice_weight * self.dice(logits, target, loss_mask=mask) + self.focal_weight * focal
 
 
 @_register("dice_focal")
 def _dice_focal(plans: Plans, plan: ConfigurationPlan, ddp: bool) -> nn.Module:
     lo = plan.loss
-    return DiceFocal(_dice(ddp, _softmax), lo.focal_gamma, lo.dice_weight, lo.ce_weight)
+    return DiceFocal(_dice(ddp, _softmax), lo.focal_gamma, lo.dice_weight, lo.ce_weight, plans.ignore_label)
 
 
 class Tversky(nn.Module):
     """1 - Tversky index, per foreground label over the whole batch, averaged; ``gamma`` != 1: focal
     Tversky, mean of (1 - TI)^gamma (Abraham & Khan, 2019). alpha weighs false positives, beta false negatives."""
 
-    def __init__(self, alpha: float, beta: float, gamma: float = 1.0, ddp: bool = False):
+    def __init__(self, alpha: float, beta: float, gamma: float = 1.0, ddp: bool = False, ignore: int | None = None):
         super().__init__()
-        self.alpha, self.beta, self.gamma, self.ddp = alpha, beta, gamma, ddp
+        self.alpha, self.beta, self.gamma, self.ddp, self.ignore = alpha, beta, gamma, ddp, ignore
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(logits.float(), 1)[:, 1:]
+        target, mask = ignore_mask(target.long(), self.ignore)
+        if mask is not None:
+            probs = probs * mask
         onehot = torch.zeros_like(probs)
-        t = target[:, 0].long()
+        t = target[:, 0]
         onehot.scatter_(1, (t - 1).clamp(min=0)[:, None], (t > 0)[:, None].to(probs.dtype))
         dims = (0, *range(2, probs.ndim))
         tp = (probs * onehot).sum(dims)
         fp = (probs * (1 - onehot)).sum(dims)
-        fn = ((1 - probs) * onehot).sum(dims)
+        fn = ((1 - probs) * onehot).sum(dims)  # onehot is 0 where ignored: no false negatives there
         if self.ddp and torch.distributed.is_available() and torch.distributed.is_initialized():
             from nnunetv2.utilities.ddp_allgather import AllGatherGrad
 
@@ -107,31 +128,32 @@ class Tversky(nn.Module):
 
 @_register("tversky")
 def _tversky(plans: Plans, plan: ConfigurationPlan, ddp: bool) -> nn.Module:
-    return Tversky(plan.loss.tversky_alpha, plan.loss.tversky_beta, 1.0, ddp)
+    return Tversky(plan.loss.tversky_alpha, plan.loss.tversky_beta, 1.0, ddp, plans.ignore_label)
 
 
 @_register("focal_tversky")
 def _focal_tversky(plans: Plans, plan: ConfigurationPlan, ddp: bool) -> nn.Module:
-    return Tversky(plan.loss.tversky_alpha, plan.loss.tversky_beta, plan.loss.tversky_gamma, ddp)
+    return Tversky(plan.loss.tversky_alpha, plan.loss.tversky_beta, plan.loss.tversky_gamma, ddp, plans.ignore_label)
 
 
 class RegionTargets(nn.Module):
     """Sigmoid losses train channel k (k >= 1) on its region: the label-map values ``members[k - 1]``
-    (a region of dataset.json, e.g. cord = {1, 2}), by default ``label == k``; channel 0 is unused."""
+    (a region of dataset.json, e.g. cord = {1, 2}), by default ``label == k``; channel 0 is unused.
+    With ``ignore``: the mask of ignored voxels goes last, where nnunetv2's ``DC_and_BCE_loss(use_ignore_label=True)`` reads it."""
 
-    def __init__(self, loss: nn.Module, members: list[list[int]] | None = None):
+    def __init__(self, loss: nn.Module, members: list[list[int]] | None = None, ignore: int | None = None):
         super().__init__()
         self.loss = loss
         self.members = members
+        self.ignore = ignore
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target.long()
-        if self.members is None:
-            k = torch.arange(1, logits.shape[1], device=target.device).view(1, -1, *([1] * (target.ndim - 2)))
-            return self.loss(logits[:, 1:], (target == k).to(logits.dtype))
-        values = [torch.tensor(m, device=target.device) for m in self.members]
-        regions = torch.cat([torch.isin(target, v) for v in values], dim=1)  # target (B, 1, ...) -> (B, R, ...)
-        return self.loss(logits[:, 1:], regions.to(logits.dtype))
+        members = self.members or [[k] for k in range(1, logits.shape[1])]
+        channels = [torch.isin(target, torch.tensor(m, device=target.device)) for m in members]  # (B, 1, ...) each
+        if self.ignore is not None:
+            channels.append(target == self.ignore)
+        return self.loss(logits[:, 1:], torch.cat(channels, dim=1).to(logits.dtype))
 
 
 @_register("dice_bce", activation="sigmoid")
@@ -141,8 +163,8 @@ def _dice_bce(plans: Plans, plan: ConfigurationPlan, ddp: bool) -> nn.Module:
 
     return RegionTargets(DC_and_BCE_loss({}, {"batch_dice": True, "do_bg": True, "smooth": SMOOTH, "ddp": ddp},
                                          weight_ce=plan.loss.ce_weight, weight_dice=plan.loss.dice_weight,
-                                         dice_class=MemoryEfficientSoftDiceLoss),
-                         [plans.members(k) for k in range(1, plans.num_classes)] if plans.regions else None)
+                                         use_ignore_label=plans.ignore_label is not None, dice_class=MemoryEfficientSoftDiceLoss),
+                         [plans.members(k) for k in range(1, plans.num_classes)] if plans.regions else None, plans.ignore_label)
 
 
 def resolve_loss(plan: ConfigurationPlan):
@@ -169,6 +191,10 @@ def build_base_loss(plans: Plans, plan: ConfigurationPlan, ddp: bool) -> nn.Modu
     obj = resolve_loss(plan)
     if plan.loss.name in LOSSES:
         return obj(plans, plan, ddp)
+    if plans.ignore_label is not None and not getattr(obj, "handles_ignore_label", False):
+        raise SpineautoError(f"loss.name {plan.loss.name!r}: dataset {plans.dataset_name} has an ignore label (value {plans.ignore_label}: "
+                             "unlabelled voxels), which this plug-in loss would train as a class; use a built-in loss, or mask "
+                             "those voxels in it and set its class attribute handles_ignore_label = True")
     return obj(**plan.loss.kwargs)
 
 

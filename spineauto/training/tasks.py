@@ -60,7 +60,7 @@ def register_task(name: str):
 @register_task("segmentation")
 class SegmentationTask:
     """The plan's loss (training/losses.py; default nnunetv2's Dice + cross-entropy), deep supervision,
-    pseudo-Dice per foreground label."""
+    pseudo-Dice per foreground label (voxels of the dataset's ignore label counted nowhere)."""
 
     name = "segmentation"
     monitor = "pseudo_dice"
@@ -75,6 +75,7 @@ class SegmentationTask:
         self.activation = plan.network.output_activation
         self.order = plans.region_order  # region-based labels: the painting order of their sigmoid channels
         self.members = [plans.members(k) for k in range(1, self.num_classes)]  # what channel k's Dice counts
+        self.ignore = plans.ignore_label
         if self.order and self.activation != "sigmoid":
             raise SpineautoError(f"configuration {plan.name!r}: dataset {plans.dataset_name} has region labels {plans.regions}, which "
                                  f"train sigmoid outputs; loss {plan.loss.name!r} trains {self.activation} ones (use dice_bce)")
@@ -96,10 +97,11 @@ class SegmentationTask:
     def val_stats(self, output: dict, batch: dict) -> dict[str, torch.Tensor]:
         pred = seg_labels(self._top(output), self.activation, self.order)
         ref = batch["seg"][:, 0].long()
+        labelled = ref != self.ignore if self.ignore is not None else torch.ones_like(ref, dtype=torch.bool)
         stats = torch.zeros(3, self.num_classes - 1, dtype=torch.float64, device=pred.device)
         for k in range(1, self.num_classes):  # per label, or per region (a region's Dice counts all its values)
             members = torch.tensor(self.members[k - 1], device=pred.device)
-            p, r = torch.isin(pred, members), torch.isin(ref, members)
+            p, r = torch.isin(pred, members) & labelled, torch.isin(ref, members)
             tp = (p & r).sum()
             stats[0, k - 1] = tp
             stats[1, k - 1] = p.sum() - tp
@@ -117,7 +119,7 @@ class SegmentationTask:
 
     def example(self, batch: dict, output: dict) -> dict | None:
         seg = batch["seg"][:, 0]
-        i = int((seg > 0).flatten(1).sum(1).argmax())
+        i = int(self._foreground(seg).flatten(1).sum(1).argmax())
         pred = seg_labels(self._top(output)[i:i + 1], self.activation, self.order)[0]
         return {"image": batch["data"][i, 0].float().cpu().numpy(), "truth": seg[i].cpu().numpy(),
                 "prediction": pred.cpu().numpy(), "key": batch["keys"][i] if batch.get("keys") else ""}
@@ -126,10 +128,13 @@ class SegmentationTask:
         """Up to ``n`` samples of the batch, most foreground first (the segmentation sampler's images)."""
         seg = batch["seg"][:, 0]
         pred = seg_labels(self._top(output), self.activation, self.order)
-        order = (seg > 0).flatten(1).sum(1).argsort(descending=True)[:n].tolist()
+        order = self._foreground(seg).flatten(1).sum(1).argsort(descending=True)[:n].tolist()
         keys = batch.get("keys") or [""] * len(seg)
         return [{"image": batch["data"][i, 0].float().cpu().numpy(), "truth": seg[i].cpu().numpy(),
                  "prediction": pred[i].cpu().numpy(), "key": keys[i]} for i in order]
+
+    def _foreground(self, seg: torch.Tensor) -> torch.Tensor:
+        return (seg > 0) & (seg != self.ignore) if self.ignore is not None else seg > 0
 
     def epoch_images(self, folder: Path) -> dict[str, Path]:
         return {}

@@ -5,7 +5,8 @@ validates through its own predictor.
 Written to ``fold_k/validation/``: ``<case>.nii.gz`` masks in each case's own voxel grid (with the
 raw image's affine), ``<case>.npz`` probabilities when asked (``train --npz``: what
 ``find_best_configuration`` ensembles from), ``summary.json`` with per-case and mean Dice per label
-(per region for region-based labels: a region's Dice counts every value it covers)
+(per region for region-based labels: a region's Dice counts every value it covers; voxels of the
+dataset's ignore label count nowhere)
 (against the raw label file when the raw dataset is at hand, else against the preprocessed labels
 restored to the input grid); for classification heads ``<case>.json``, ``classification.csv``,
 ``summary_classification.json`` and confusion matrices.
@@ -74,7 +75,8 @@ def validate_fold(model: TrainedModel, store: CaseStore, cases: list[str], out_d
             if ref.shape != pred.labels.shape:
                 log.warning("%s: reference shape %s differs from the prediction %s; Dice skipped", case.name, ref.shape, pred.labels.shape)
             else:
-                per_case.append({"case": case.name, "dice": {names[v]: dice(np.isin(pred.labels, model.plans.members(v)),
+                labelled = ref != model.plans.ignore_label  # all True without an ignore label (None)
+                per_case.append({"case": case.name, "dice": {names[v]: dice(np.isin(pred.labels, model.plans.members(v)) & labelled,
                                                                             np.isin(ref, model.plans.members(v))) for v in sorted(names)}})
         if progress:
             progress(case.name)
