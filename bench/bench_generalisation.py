@@ -22,13 +22,16 @@ cropped near the cord). Every model trains on fold ``all`` for the same number o
 Each spineauto prediction is scored as written (the model's own postprocessing) and with two
 postprocessings applied here: keep the largest component, and keep the cord component
 (:func:`spineauto.inference.postprocessing.keep_cord_component`). nnU-Net's masks the same way.
-A *variant* is a preset applied to spineauto's plan (``--variants``, see VARIANTS): the levers
-measured one at a time. ``sparse-uncropped`` changes the data instead: the plan, trained on the six
+A *variant* is a preset applied to spineauto's plan (``--variants``, see VARIANTS; a few add
+train options, TRAIN_ARGS): the levers measured one at a time. ``sparse-uncropped`` changes the data instead: the plan, trained on the six
 cases plus ``t2s_uncropped`` as a sparse case (``spineauto convert sparse``: background farther than
 15 mm from the carried ``t2s`` cord, nnU-Net's ignore label near it) whose levels SPARSE_HELD_OUT
 (slices along S-I) are all ignore. The uncropped scan is then scored twice for every model: on all
 the levels the carried cord reaches, and on the held-out levels only (``held-out`` columns), the
 only fair comparison for a model that trained on the other levels.
+"One pass" is a copy of the model without its localise plan (in plans.json and each fold's
+run_config.yaml): the network's raw output. ``--no-tta`` predicts and scores every model a second time
+without test-time mirroring.
 
     .venv/bin/python bench/bench_generalisation.py --quick      # 1 seed, full scenario, 3,000 samples
     .venv/bin/python bench/bench_generalisation.py --samples 12000 --scenarios full loco-T1w loco-T2starw
@@ -67,10 +70,15 @@ VARIANTS: dict[str, dict] = {
     "no-whole-neck": {"augmentation": {"whole_neck": 0.0}},
     "whole-neck": {"augmentation": {"whole_neck": 0.25}},
     "whole-neck-half": {"augmentation": {"whole_neck": 0.5}},
+    # nnU-Net's base recipe, one difference at a time (README "Benchmarks against nnU-Net v2 2.8.1")
+    "he-init": {"network": {"init": "he"}},
+    "torch-init": {"network": {"init": "torch"}},
+    "fp32": {},  # trained without bf16 autocast on a CPU that has it (nnU-Net autocasts on CUDA only): TRAIN_ARGS
     "sparse-uncropped": {},  # a data variant: see SPARSE_VARIANTS
     "composite": {"augmentation": {"composite": 0.5}},  # half the whole-neck samples: a real crop in the phantom's canal
     "composite-extra": {"augmentation": {"whole_neck": 0.375, "composite": 1 / 3}},  # 12.5 % composites on top of the 25 % phantoms
 }
+TRAIN_ARGS: dict[str, list[str]] = {"fp32": ["--no-amp"]}  # spineauto train options of a variant
 SPARSE_VARIANTS = {"sparse-uncropped"}  # the plan, with t2s_uncropped added as a sparse case (its held-out levels all ignore)
 SPARSE_MARGIN_MM = 15.0  # spineauto convert sparse's default: the carried cord lies up to ~10 mm off on this pair
 SPARSE_HELD_OUT = tuple(range(6, 11))  # levels (slices) of t2s_uncropped never labelled in training, scored in the held-out columns
@@ -310,7 +318,7 @@ def train_model(run_dir: Path, tool: str, variant: str, train_cases: list[str], 
     if tool == "spineauto":
         train = [str(VENV_BIN / "python"), "-m", "spineauto", "train", "-d", str(dataset_id), "-c", "2d", "-f", "all",
                  "--epochs", str(epochs), "--iters-per-epoch", str(per_epoch), "--val-iters", "2", "--wandb", "disabled",
-                 "--device", "cpu", "--seed", str(seed), "--no-validate"]
+                 "--device", "cpu", "--seed", str(seed), "--no-validate", *TRAIN_ARGS.get(variant, [])]
     else:
         train = [str(VENV_BIN / "nnUNetv2_train"), str(dataset_id), "2d", "all", "-tr", "nnUNetTrainerBench", "-device", "cpu"]
     t = run_measured(train, env, timeout_s=7200)
@@ -335,7 +343,7 @@ def add_sparse_uncropped(folder: Path, dataset_id: int, env: dict) -> None:
 
 
 def run_scenario(work: Path, scenario: str, variants: list[str], tools: list[str], seed: int, samples: int, phantoms: int,
-                 dataset_id: int, reuse: bool = False, one_pass_only: bool = False) -> list[dict]:
+                 dataset_id: int, reuse: bool = False, one_pass_only: bool = False, no_tta: bool = False) -> list[dict]:
     held_out = () if scenario == "full" else GROUPS[scenario.split("-", 1)[1]]
     train_cases = [c for c in REAL_CASES if c not in held_out]
     work.mkdir(parents=True, exist_ok=True)
@@ -366,6 +374,11 @@ def run_scenario(work: Path, scenario: str, variants: list[str], tools: list[str
                 preds = {"as planned": run_dir / "pred", "one pass": run_dir / "pred_one_pass"}
                 if one_pass_only:  # its "cord" rows are what the plan predicts (one pass + the same cord choice)
                     todo, preds = todo[1:], {"one pass": run_dir / "pred_one_pass"}
+            if no_tta:  # every prediction again without test-time mirroring
+                flag = "--no-tta" if tool == "spineauto" else "--disable_tta"
+                for (folder, cmd), inference in zip(list(todo), list(preds)):
+                    todo.append((folder.with_name(folder.name + "_no_tta"), _with_output(cmd, folder.with_name(folder.name + "_no_tta")) + [flag]))
+                    preds[f"{inference}, no TTA"] = folder.with_name(folder.name + "_no_tta")
             for folder, cmd in todo:
                 if not (reuse and all((folder / f"{c}.nii.gz").is_file() for c in tests)):
                     shutil.rmtree(folder, ignore_errors=True)
@@ -459,6 +472,7 @@ def main() -> None:
     ap.add_argument("--one-pass-only", action="store_true",
                     help="predict each spineauto model once, without its localise plan (half the prediction time): raw rows, and "
                          "as the default prediction the cord postprocessing of them (one pass + the same cord choice)")
+    ap.add_argument("--no-tta", action="store_true", help="also predict and score every model without test-time mirroring")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.scenarios, args.samples = [0], ["full"], 3000
@@ -468,7 +482,7 @@ def main() -> None:
     for seed in args.seeds:
         for i, scenario in enumerate(args.scenarios):
             rows += run_scenario(args.work / f"{scenario}_seed{seed}", scenario, args.variants, args.tools, seed, args.samples,
-                                 args.phantoms, 930 + i, args.reuse, args.one_pass_only)
+                                 args.phantoms, 930 + i, args.reuse, args.one_pass_only, args.no_tta)
     if args.json:
         args.json.write_text(json.dumps([{k: v for k, v in r.items()} for r in rows], indent=1, default=str))
     print(f"\n{command_line()}\n{args.samples} training samples per model; seeds {args.seeds}\n")

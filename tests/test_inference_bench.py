@@ -48,3 +48,4 @@ def test_match_nnunet_plan(tmp_path):
     n_theirs = sum(p.numel() for p in net.parameters())
     n_mine = sum(p.numel() for n, p in mine.named_parameters() if not n.startswith("heads."))
     assert n_mine == n_theirs  # the same network, parameter for parameter
+

@@ -365,3 +365,36 @@ def test_find_best_configuration_ensembles_what_training_wrote(phantoms, monkeyp
     assert rows["2d+2d_wide"].dice == pytest.approx(float(np.mean(ens)), abs=1e-6) and rows["2d+2d_wide"].cases == len(cases)
     assert result.best is max(result.candidates, key=lambda c: c.best_dice)
     assert (phantoms / "ensemble" / DATASET / "best_configuration.json").is_file()
+
+
+def test_he_initialisation_is_nnunets_weight_for_weight_and_torch_keeps_pytorchs():
+    """network.init "he" starts from exactly the weights nnU-Net's get_network_from_plans(allow_init=True) gives the
+    same U-Net under the same seed (InitWeights_He(1e-2): zero biases); "torch" from PyTorch's defaults (allow_init=False)."""
+    import dataclasses
+
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from spineauto.networks.build import build_network
+    from spineauto.networks.registry import common_kwargs
+    from spineauto.planning.plans import ConfigurationPlan, NetworkPlan
+
+    net = NetworkPlan(features_per_stage=[8, 16, 32], kernel_sizes=[[3, 3]] * 3, strides=[[1, 1], [2, 2], [2, 2]],
+                      n_conv_per_stage=[2, 2, 2], n_conv_per_stage_decoder=[2, 2], init="he")
+    plan = ConfigurationPlan(name="2d", task="segmentation", data_identifier="2d", slicing="per_case", isotropic_plane="axial",
+                             target_spacing=[1, 1], patch_size=[32, 32], batch_size=2, normalization=["ZScoreNormalization"],
+                             use_mask_for_norm=[False], network=net)
+    kw = {k: v for k, v in dataclasses.asdict(net).items() if k in ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage",
+                                                                      "n_conv_per_stage_decoder")}
+    arch = {**kw, **common_kwargs(net), "n_stages": 3}
+    for init, allow in (("he", True), ("torch", False)):
+        torch.manual_seed(3)
+        theirs = get_network_from_plans("dynamic_network_architectures.architectures.unet.PlainConvUNet", dict(arch), [], 1, 2,
+                                        allow_init=allow, deep_supervision=True).state_dict()
+        torch.manual_seed(3)
+        mine = build_network(dataclasses.replace(plan, network=dataclasses.replace(net, init=init)), 1, 2).state_dict()
+        assert set(mine) == set(theirs)
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), init
+        biases = [v for k, v in mine.items() if k.endswith("conv.bias")]
+        assert biases and all(b.abs().max() == 0 for b in biases) == (init == "he")
+    first = mine["encoder.stages.0.0.convs.0.conv.weight"]  # torch: kaiming uniform (a = sqrt 5), std 1/sqrt(3 fan_in)
+    assert abs(first.std().item() * (3 * 9) ** 0.5 - 1) < 0.3

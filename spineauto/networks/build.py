@@ -72,6 +72,8 @@ def build_network(plan: ConfigurationPlan, in_channels: int, num_classes: int) -
     if p.kwargs and p.architecture in REGISTRY:
         raise SpineautoError(f"network.kwargs: the built-in architecture {p.architecture!r} takes no kwargs (got {sorted(p.kwargs)})")
     unet = builder(p, in_channels, max(num_classes, 2), p.deep_supervision and plan.has_segmentation)
+    if p.init == "he" and hasattr(unet, "initialize"):  # nnU-Net's (dynamic-network-architectures' InitWeights_He(1e-2))
+        unet.apply(unet.initialize)
     encoder = unet.encoder
     encoder.return_skips = True
     decoder = unet.decoder if plan.has_segmentation else None

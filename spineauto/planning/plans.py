@@ -52,6 +52,7 @@ class NetworkPlan:
     output_activation: Literal["softmax", "sigmoid"] = "softmax"  # sigmoid: per-label probabilities thresholded at 0.5 (the loss decides)
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a plug-in network class
     depth: int = 18  # resnet_unet / resnet: torchvision ResNet-18, 34 or 50 encoder (the per-stage lists above shape nothing but deep supervision's output count)
+    init: Literal["he", "torch"] = "torch"  # he: nnU-Net's He initialisation (a = 0.01, zero biases) of the built-in U-Nets; torch: PyTorch's defaults
 
     @property
     def n_stages(self) -> int:
