@@ -75,8 +75,6 @@ VARIANTS: dict[str, dict] = {
     "torch-init": {"network": {"init": "torch"}},
     "fp32": {},  # trained without bf16 autocast on a CPU that has it (nnU-Net autocasts on CUDA only): TRAIN_ARGS
     "sparse-uncropped": {},  # a data variant: see SPARSE_VARIANTS
-    "composite": {"augmentation": {"composite": 0.5}},  # half the whole-neck samples: a real crop in the phantom's canal
-    "composite-extra": {"augmentation": {"whole_neck": 0.375, "composite": 1 / 3}},  # 12.5 % composites on top of the 25 % phantoms
 }
 TRAIN_ARGS: dict[str, list[str]] = {"fp32": ["--no-amp"]}  # spineauto train options of a variant
 SPARSE_VARIANTS = {"sparse-uncropped"}  # the plan, with t2s_uncropped added as a sparse case (its held-out levels all ignore)

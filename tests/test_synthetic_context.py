@@ -49,13 +49,6 @@ def test_whole_neck_context_planned_for_a_cord_configuration_and_off_for_older_p
     old = Plans.load(tmp_path / "plans.json")
     assert old.configurations["2d"].augmentation.whole_neck == 0.0
     assert neck_context(old, old.configurations["2d"]) is None
-    assert plan.augmentation.composite == 0.0  # composites: an option, off in the plan
-    del older["configurations"]["2d"]["augmentation"]["composite"]  # planned before composites: none drawn
-    (tmp_path / "plans.json").write_text(__import__("json").dumps(older))
-    old = Plans.load(tmp_path / "plans.json").configurations["2d"]
-    assert old.augmentation.composite == 0.0
-    old = dataclasses.replace(old, augmentation=dataclasses.replace(old.augmentation, whole_neck=0.25))
-    assert neck_context(cord_plans, old, object(), ["case"]).crops is None
 
 
 def test_whole_neck_patches_label_the_cord_only_and_never_the_same_contrast_twice(context):
@@ -108,65 +101,53 @@ def test_whole_neck_share_of_training_batches_and_none_of_validation(context):
     assert (batches[(VAL, 0, 0)]["data"] == 7).all()
 
 
-@pytest.fixture
-def composites(planned, cord_plans, context):
-    """The context with every whole-neck sample a composite, real crops from the fixture's preprocessed phantoms."""
-    from spineauto.training.data import CaseStore
+def test_plans_and_run_configs_written_with_composites_load_and_draw_the_same_batches(cord_plans, context, tmp_path, caplog):
+    """``augmentation.composite`` (real crops in whole-neck phantoms) was taken out: a plans.json that still
+    carries it loads as the plan it was (a warning when it was on), and its whole-neck context mixes exactly
+    the batches of composite 0 before, :meth:`patch` alone replayed from the same generator; a fold's
+    run_config.yaml that carries it still gives the fold its own plan, and ``--config`` takes it back."""
+    import json
+
+    import yaml
+
+    from spineauto.inference.model import fold_plan
+    from spineauto.planning.plans import Plans
+    from spineauto.schema import to_dict
+    from spineauto.training.run_config import RunSpec, read_overrides, write_run_config
     from spineauto.training.synthetic import neck_context
 
-    store = CaseStore.load(planned / context.plan.data_identifier)
-    plan = dataclasses.replace(context.plan, augmentation=dataclasses.replace(context.plan.augmentation, composite=1.0))
-    ctx = neck_context(cord_plans, plan, store, sorted(store.props))
+    older = cord_plans.to_dict()
+    older["configurations"]["2d"]["augmentation"]["whole_neck"] = context.share
+    for value, warned in ((0.0, False), (0.5, True)):
+        older["configurations"]["2d"]["augmentation"]["composite"] = value
+        (tmp_path / "plans.json").write_text(json.dumps(older))
+        caplog.clear()
+        old = Plans.load(tmp_path / "plans.json")
+        assert ("augmentation.composite" in caplog.text) == warned
+        assert to_dict(old.configurations["2d"]) == to_dict(context.plan)
+    ctx = neck_context(old, old.configurations["2d"])
     ctx._maps, ctx._cord = context.maps(), context._cord  # the two maps already drawn
-    return ctx
-
-
-def test_composite_pastes_the_real_crop_and_labels_its_cord_only(composites):
-    """A composite slice: inside the pasted disc the image is the real crop's (exactly where the blend
-    weight is 1, a mix of it and the phantom on the feather) and the label is the real crop's cord;
-    outside the disc the label is background, the phantom's own cord included (it became CSF)."""
-    from spineauto.training.synthetic import FEATHER_MM, _shifted
-
-    store, cord_value = composites.crops.store, composites.cord_value
-    rng = np.random.default_rng(3)
-    made = [c for c in (composites.composite_slice(rng) for _ in range(12)) if c is not None]
-    assert len(made) >= 8
-    for c in made:
-        (case, s), (oy, ox) = c.source, c.offset
-        real = _shifted(np.asarray(store.data(case)[0, s]), oy, ox, c.image.shape)
-        cord = _shifted(np.asarray(store.seg(case)[0, s]) == cord_value, oy, ox, c.image.shape)
-        full, feather = c.weight == 1, (c.weight > 0) & (c.weight < 1)
-        assert full.sum() > 50 and feather.any()
-        np.testing.assert_allclose(c.image[full], real[full], rtol=1e-6)
-        assert not np.allclose(c.image[feather], real[feather])  # blended there
-        assert cord.sum() > 10 and (c.label == cord_value).sum() == cord.sum() and full[cord].all()  # the whole real cord
-        assert (c.label[c.weight < 0.5] == 0).all() and set(np.unique(c.label)) == {0, cord_value}
-        ring = np.hypot(*np.nonzero(feather)[::-1] - np.array(c.centre)[::-1, None])  # the feather is FEATHER_MM wide
-        assert ring.max() - ring.min() <= FEATHER_MM / composites.plan.target_spacing[0] + 1.5
-
-
-def test_composites_in_batches_hold_the_real_cord_and_setting_zero_changes_nothing(cord_plans, context, composites):
-    """``composite`` 0 (older plans, the default) draws nothing more than the whole-neck patches did: each
-    batch is the one replayed from the same generator with :meth:`patch` alone; with 1, every replaced
-    sample holds the cord in view and the batches change."""
-    from spineauto.training.synthetic import neck_context
 
     def batch():
         return {"data": np.full((8, 1, 48, 48), 7.0, np.float32), "seg": np.zeros((8, 1, 48, 48), np.int16)}
 
-    off = neck_context(cord_plans, context.plan, composites.crops.store, composites.crops.cases)  # composite: 0
-    assert off.composite == 0 and off.crops is None
-    off._maps, off._cord = context._maps, context._cord
-    changed = 0
+    replaced = 0
     for key in range(4):
-        zero, on = off.mix(batch(), np.random.default_rng(key), 2), composites.mix(batch(), np.random.default_rng(key), 2)
-        rng, replay = np.random.default_rng(key), batch()
+        mixed, rng, replay = ctx.mix(batch(), np.random.default_rng(key), 2), np.random.default_rng(key), batch()
         for i in range(8):
             if rng.uniform() < context.share:
                 replay["data"][i], replay["seg"][i] = context.patch(rng, [48, 48], on_cord=i >= 6)
-        np.testing.assert_array_equal(zero["data"], replay["data"])
-        np.testing.assert_array_equal(zero["seg"], replay["seg"])
-        replaced = (on["data"] != 7).reshape(8, -1).any(1)
-        assert ((on["seg"][replaced] == composites.cord_value).reshape(replaced.sum(), -1).any(1)).all()
-        changed += not np.array_equal(zero["data"], on["data"])
-    assert changed == 4
+        np.testing.assert_array_equal(mixed["data"], replay["data"])
+        np.testing.assert_array_equal(mixed["seg"], replay["seg"])
+        replaced += int((mixed["data"] != 7).reshape(8, -1).any(1).sum())
+    assert replaced > 4
+
+    own = dataclasses.replace(context.plan, optim=dataclasses.replace(context.plan.optim, initial_lr=0.0042))
+    path = write_run_config(tmp_path, own, {"seed": 0}, {})
+    written = yaml.safe_load(path.read_text())
+    written["configuration"]["augmentation"]["composite"] = 0.5  # as a fold trained with composites wrote it
+    path.write_text(yaml.safe_dump(written))
+    caplog.clear()
+    assert fold_plan(tmp_path, context.plan).optim.initial_lr == 0.0042 and "unreadable" not in caplog.text
+    overrides, _, _ = read_overrides(RunSpec(config=path), "2d")
+    assert "composite" not in overrides["augmentation"] and overrides["optim"]["initial_lr"] == 0.0042

@@ -16,7 +16,7 @@ from spineauto.errors import SpineautoError
 from spineauto.inference.bundle import model_folder_of
 from spineauto.inference.postprocessing import POSTPROCESSING_FILE, load_postprocessing
 from spineauto.io.checkpoints import load_checkpoint, network_state
-from spineauto.planning.plans import ConfigurationPlan, IntensityStats, Plans
+from spineauto.planning.plans import ConfigurationPlan, IntensityStats, Plans, upgrade_configuration
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = ("final", "best", "latest")
@@ -124,6 +124,7 @@ def fold_plan(fold_dir: Path, plan: ConfigurationPlan) -> ConfigurationPlan:
         return plan
     try:
         data = load_yaml_mapping(path, "run configuration", "").get("configuration")  # bounded: a bundle's file
+        upgrade_configuration(data, str(path))
         own = from_dict(ConfigurationPlan, {**data, "reasons": plan.reasons}, str(path))
     except (AttributeError, TypeError, SpineautoError) as e:
         log.warning("%s: unreadable (%s); fold %s uses the model folder's plans.json", path, str(e).splitlines()[0], fold_dir.name)

@@ -7,6 +7,7 @@ that decided its value.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from spineauto.errors import SpineautoError
 from spineauto.io.atomic import read_json, write_json
 from spineauto.plugins import is_import_string
 from spineauto.schema import from_dict, to_dict
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: the per-channel intensity statistics moved from fingerprint.json into the plans
 
@@ -122,7 +125,6 @@ class AugmentationPlan:
     bias_field: float = 0.3  # per sample: a smooth multiplicative bias field (another coil)
     whole_neck: float = 0.0  # per sample of a cord model: a whole-neck phantom patch, tissues at random intensities,
     # instead of a real crop (training/synthetic.py); the planner sets it for a `2d` cord configuration
-    composite: float = 0.0  # of those whole-neck samples: the share whose spinal canal holds a real training crop (its cord the label)
     transforms: list[dict[str, Any]] = field(default_factory=list)  # extra transforms after these: {name: registered or package.module:Name, ...arguments}
 
 
@@ -302,10 +304,20 @@ class Plans:
         if isinstance(data, dict) and data.get("schema_version") == 1:
             data = migrate_v1(data, Path(path))
         for cfg in (data.get("configurations") or {}).values() if isinstance(data, dict) else ():
-            aug = cfg.get("augmentation") if isinstance(cfg, dict) else None
-            if isinstance(aug, dict):  # planned before non-monotone curves existed: trained (and resumed) without them
-                aug.setdefault("non_monotone", 0.0)
+            upgrade_configuration(cfg, str(path))
         return cls.from_dict(data, where=str(path))
+
+
+def upgrade_configuration(cfg: Any, where: str) -> None:
+    """A configuration mapping spineauto wrote before (plans.json, fold_k/run_config.yaml), in place: a field
+    it predates at the value it was trained with; a retired option dropped (a warning when it was on)."""
+    aug = cfg.get("augmentation") if isinstance(cfg, dict) else None
+    if not isinstance(aug, dict):
+        return
+    aug.setdefault("non_monotone", 0.0)  # planned before non-monotone curves existed: trained (and resumed) without them
+    if aug.pop("composite", None):  # real crops composited into whole-neck phantoms: taken out after commit 4f4ab0d
+        log.warning("%s: augmentation.composite (real crops in whole-neck phantoms) is no longer an option; "
+                    "this plan trains without it", where)
 
 
 def preprocessing_key(cfg: ConfigurationPlan) -> dict:
@@ -409,7 +421,7 @@ def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> No
     positive("loss.label_smoothing", lo.label_smoothing, strict=False, top=1.0, top_open=True)
     a = cfg.augmentation
     positive("augmentation.probability", a.probability, strict=False, top=1.0)
-    for key in ("intensity_curves", "inversion", "non_monotone", "bias_field", "whole_neck", "composite"):
+    for key in ("intensity_curves", "inversion", "non_monotone", "bias_field", "whole_neck"):
         positive(f"augmentation.{key}", getattr(a, key), strict=False, top=1.0)
     positive("augmentation.rotation_degrees", a.rotation_degrees, strict=False)
     positive("augmentation.noise_variance", a.noise_variance, strict=False)

@@ -25,7 +25,7 @@ from pathlib import Path
 from spineauto.errors import SpineautoError
 from spineauto.inference.model import RUN_CONFIG_FILE
 from spineauto.io.atomic import json_safe, write_atomic
-from spineauto.planning.plans import ConfigurationPlan, Plans
+from spineauto.planning.plans import ConfigurationPlan, Plans, upgrade_configuration
 from spineauto.schema import convert, deep_merge, load_yaml_mapping, load_yaml_text, to_dict
 
 # keys that decide the preprocessed data (or the dataset's labels): changed by re-planning, not at train time
@@ -85,6 +85,7 @@ def read_overrides(spec: RunSpec, configuration: str) -> tuple[dict, str | None,
         data = load_yaml_mapping(path, "run configuration", "give a run YAML (plans/runs/example_run.yaml) or a preset of plans/")
         if "configuration" in data and "run" in data:  # a run's own run_config.yaml: its configuration again
             data = dict(data["configuration"] or {})
+            upgrade_configuration(data, str(path))
         elif "configurations" in data:  # a preset
             unknown = sorted(set(data) - {"description", "configurations"})
             if unknown:

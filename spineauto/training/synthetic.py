@@ -12,15 +12,6 @@ its own texture), so no contrast order can be learnt from them, only shape and c
 phantoms' tissue maps go through the plan's geometry (reorientation to the slice-first RAS layout,
 the target in-plane spacing, nearest neighbour) once per process; a sample then costs a table look-up, a blur and
 noise. The batchgenerators transforms of the plan follow as for real samples.
-
-A phantom's cord never looks like a real one. A share of the whole-neck samples
-(``augmentation.composite``, off unless set) are therefore *composites*: an axial cross-section of a
-real training case (:class:`RealCrops`: its normalised image and its label, a disc around its cord)
-takes the place of the phantom's spinal canal, its cord centred where the phantom's was, blended
-over FEATHER_MM. The phantom's cord becomes CSF; the phantom tissues the blend's border crosses take
-the mean of the real image under that border, the others random intensities within the real image's
-range, so there is no step at the border to key on. The label is the real label inside the disc and
-background outside it; the view is always on the cord.
 """
 from __future__ import annotations
 
@@ -31,7 +22,6 @@ from scipy import ndimage
 
 from spineauto.datasets.phantoms import CSF, GM, LESION, TISSUES, WM, PhantomSpec, phantom_tissues
 from spineauto.planning.plans import ConfigurationPlan, Plans
-from spineauto.training.data import CaseStore
 
 POOL = 8  # phantom tissue maps per process (drawn once, from a fixed seed: the same maps in every worker and run)
 POOL_SEED = 19
@@ -39,55 +29,15 @@ FOV_SCALES = (2.0, 3.0)  # in-plane field of view of the phantoms, times a cord 
 CORD_TISSUES = (WM, GM, LESION)  # the phantom tissues of the cord label
 MAX_TUBES = 6  # extra round structures per sample (vessels, oesophagus, trachea), each with its own random intensity
 TUBE_RADIUS_MM = (1.5, 9.0)
-# Composites (a real crop in the phantom's canal):
-CROSS_SECTION_MM = 10.0  # a real slice shows the cord's cross-section when its cord piece lies this close to its centre
-FEATHER_MM = 2.5  # width of the linear blend at the border of the pasted disc
-CSF_MARGIN_MM = 1.5  # at least this much real tissue between the cord and the blend
-PASTE_RADIUS_MM = 16.0  # the disc's radius is drawn up to this (and up to the real crop's edge)
-CROP_TRIES = 4  # real (case, slice) draws before a composite gives way to a phantom patch
 
 
-def neck_context(plans: Plans, plan: ConfigurationPlan, store: CaseStore | None = None,
-                 cases: list[str] | tuple = ()) -> "NeckContext | None":
+def neck_context(plans: Plans, plan: ConfigurationPlan) -> "NeckContext | None":
     """The whole-neck context of a configuration: a segmentation of one channel with a cord label
-    (``plan.localise``) and ``augmentation.whole_neck`` > 0; None otherwise. Composites
-    (``augmentation.composite`` > 0) take their real crops from ``cases`` of ``store``."""
+    (``plan.localise``) and ``augmentation.whole_neck`` > 0; None otherwise."""
     share = float(plan.augmentation.whole_neck)
     if share <= 0 or plan.localise is None or plan.task != "segmentation" or len(plans.channel_names) != 1:
         return None
-    cord_value = int(plans.labels[plan.localise.label])
-    composite = float(plan.augmentation.composite)
-    crops = RealCrops(store, list(cases), cord_value) if composite > 0 and store is not None and len(cases) else None
-    return NeckContext(plan, cord_value, share, composite if crops else 0.0, crops)
-
-
-@dataclass
-class RealCrops:
-    """Axial cross-sections of the cord in real training cases: the slice through one of the cord voxels
-    a case's props list (``class_locations``), kept when the cord's connected piece on it lies within
-    CROSS_SECTION_MM of its centre (a sagittal or coronal slice shows the cord as a band)."""
-
-    store: CaseStore
-    cases: list[str]
-    cord_value: int
-
-    def draw(self, rng: np.random.Generator, spacing: float):
-        """(image (h, w), label (h, w), cord centre (y, x), cord radius, (case, slice)) in voxels, or None
-        after CROP_TRIES misses."""
-        for _ in range(CROP_TRIES):
-            case = self.cases[int(rng.integers(len(self.cases)))]
-            locs = (self.store.props[case].get("class_locations") or {}).get(str(self.cord_value)) or []
-            if not len(locs):
-                continue
-            s, y, x = (int(v) for v in locs[int(rng.integers(len(locs)))])
-            label = np.asarray(self.store.seg(case)[0, s])
-            pieces, _ = ndimage.label(label == self.cord_value)
-            cord = np.argwhere(pieces == pieces[y, x])
-            centre = cord.mean(0)
-            radius = float(np.sqrt(((cord - centre) ** 2).sum(1).max())) + 0.5
-            if radius * spacing <= CROSS_SECTION_MM:
-                return np.asarray(self.store.data(case)[0, s], np.float32), label, centre, radius, (case, s)
-        return None
+    return NeckContext(plan, int(plans.labels[plan.localise.label]), share)
 
 
 @dataclass
@@ -95,8 +45,6 @@ class NeckContext:
     plan: ConfigurationPlan
     cord_value: int
     share: float
-    composite: float = 0.0  # of the replaced samples: the share that are composites (a real crop in the canal)
-    crops: RealCrops | None = None
     _maps: list = field(default_factory=list, repr=False)  # (S, H, W) int8 tissue codes in the plan's layout
     _cord: list = field(default_factory=list, repr=False)  # (n, 3) cord voxels of each map
 
@@ -147,14 +95,11 @@ class NeckContext:
 
     def mix(self, batch: dict, rng: np.random.Generator, n_foreground: int) -> dict:
         """``batch`` ({"data": (B, 1, h, w), "seg": (B, 1, h, w)}) with each sample replaced by a whole-neck
-        patch with probability ``share``; the last ``n_foreground`` samples' patches are centred on the cord.
-        A share ``composite`` of the replaced samples are composites (see :meth:`composite_patch`)."""
+        patch with probability ``share``; the last ``n_foreground`` samples' patches are centred on the cord."""
         b = batch["data"].shape[0]
         for i in range(b):
             if rng.uniform() < self.share:
-                size = batch["data"].shape[2:]
-                sample = self.composite_patch(rng, size) if self.composite and rng.uniform() < self.composite else None
-                batch["data"][i], batch["seg"][i] = sample or self.patch(rng, size, i >= b - n_foreground)
+                batch["data"][i], batch["seg"][i] = self.patch(rng, batch["data"].shape[2:], i >= b - n_foreground)
         return batch
 
     def patch(self, rng: np.random.Generator, size, on_cord: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -173,67 +118,8 @@ class NeckContext:
         n = len(TISSUES) + 2 * MAX_TUBES
         mean, texture = rng.uniform(0, 1, n), rng.uniform(0, 0.08, n)
         mean[0] = rng.uniform(0, 0.1)  # air: dark on every MRI contrast
-        img = _render(plane, mean, texture, 1.0, rng)
+        img = _render(plane, mean, texture, rng)
         return _window(img, np.where(np.isin(plane, CORD_TISSUES), self.cord_value, 0), y0, x0, h, w)
-
-    def composite_patch(self, rng: np.random.Generator, size) -> tuple[np.ndarray, np.ndarray] | None:
-        """One (1, h, w) composite, the real cord in view (moved by up to a quarter of the view), the slice
-        z-scored as in :meth:`patch`; None when no real cross-section was drawn."""
-        c = self.composite_slice(rng) if self.crops is not None else None
-        if c is None:
-            return None
-        h, w = int(size[0]), int(size[1])
-        y0, x0 = _around(rng, *c.centre, h, w)
-        return _window(_zscore(c.image), c.label, y0, x0, h, w)
-
-    def composite_slice(self, rng: np.random.Generator) -> "Composite | None":
-        """A whole slice of a random pool map with a disc of a real crop (image and label, centred on its cord)
-        in its canal; None when no real cross-section was drawn."""
-        spacing = float(self.plan.target_spacing[0])
-        crop = self.crops.draw(rng, spacing)
-        if crop is None:
-            return None
-        real, real_label, (ry, rx), cord_radius, source = crop
-        feather = FEATHER_MM / spacing
-        low = cord_radius + CSF_MARGIN_MM / spacing + feather  # the whole real cord at full weight
-        room = min(ry, real.shape[0] - 1 - ry, rx, real.shape[1] - 1 - rx)  # the disc stays inside the crop
-        if room < low:
-            return None
-        radius = rng.uniform(low, max(low, min(room, PASTE_RADIUS_MM / spacing)))
-        maps, k = self.maps(), int(rng.integers(POOL))
-        plane = maps[k][int(self._cord[k][int(rng.integers(len(self._cord[k])))][0])].copy()
-        cord = np.isin(plane, CORD_TISSUES)
-        oy, ox = (int(round(v)) for v in np.argwhere(cord).mean(0) - (ry, rx))  # plane voxel = crop voxel + (oy, ox)
-        plane[cord] = CSF  # the canal without the phantom's cord
-        plane = self._with_tubes(plane, rng)
-        under = _shifted(real, oy, ox, plane.shape)
-        yy, xx = np.mgrid[:plane.shape[0], :plane.shape[1]]
-        weight = np.clip((radius - np.hypot(yy - (ry + oy), xx - (rx + ox))) / feather, 0.0, 1.0)
-        n = len(TISSUES) + 2 * MAX_TUBES
-        lo, hi = (float(v) for v in np.percentile(real, [1, 99]))
-        span = max(hi - lo, 1e-3)
-        mean, texture = rng.uniform(lo, hi, n), rng.uniform(0, 0.08, n)
-        mean[0] = lo - span * rng.uniform(0, 0.1)  # air: dark on every MRI contrast
-        border = (weight > 0) & (weight < 1)
-        for t in np.unique(plane[border]):  # the tissues the border crosses continue the real image there
-            mean[t] = under[border & (plane == t)].mean()
-        image = weight * under + (1 - weight) * _render(plane, mean, texture, span, rng, zscore=False)
-        label = np.where(weight >= 0.5, _shifted(real_label, oy, ox, plane.shape), 0).astype(np.int16)
-        return Composite(image, label, weight, source, (oy, ox), (ry + oy, rx + ox))
-
-
-@dataclass
-class Composite:
-    """A composite slice (a slice of a pool map, before normalisation), its label, and how it was made:
-    the real crop's blend weight (1 inside the disc, a linear ramp over FEATHER_MM, 0 outside), the real
-    (case, slice), its offset (slice voxel = crop voxel + offset) and the disc's centre (y, x)."""
-
-    image: np.ndarray
-    label: np.ndarray
-    weight: np.ndarray
-    source: tuple[str, int]
-    offset: tuple[int, int]
-    centre: tuple[float, float]
 
 
 def _around(rng: np.random.Generator, cy, cx, h: int, w: int) -> tuple[int, int]:
@@ -241,28 +127,13 @@ def _around(rng: np.random.Generator, cy, cx, h: int, w: int) -> tuple[int, int]
     return int(cy) - h // 2 + int(rng.integers(-h // 4, h // 4 + 1)), int(cx) - w // 2 + int(rng.integers(-w // 4, w // 4 + 1))
 
 
-def _render(plane: np.ndarray, mean: np.ndarray, texture: np.ndarray, span: float, rng: np.random.Generator,
-            zscore: bool = True) -> np.ndarray:
-    """A tissue map at the given intensities: texture (times ``span``), partial volume (a blur), noise; z-scored
-    over the whole slice (the plan's normalisation, as a whole-neck scan gets it) unless ``zscore`` is False."""
-    img = mean[plane] + span * texture[plane] * rng.standard_normal(plane.shape)
+def _render(plane: np.ndarray, mean: np.ndarray, texture: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A tissue map at the given intensities: texture, partial volume (a blur), noise; z-scored over the whole
+    slice (the plan's normalisation, as a whole-neck scan gets it)."""
+    img = mean[plane] + texture[plane] * rng.standard_normal(plane.shape)
     img = ndimage.gaussian_filter(img, rng.uniform(0.3, 1.2))  # partial volume
-    img += span * rng.uniform(0.005, 0.04) * rng.standard_normal(plane.shape)
-    return _zscore(img) if zscore else img
-
-
-def _zscore(img: np.ndarray) -> np.ndarray:
+    img += rng.uniform(0.005, 0.04) * rng.standard_normal(plane.shape)
     return (img - img.mean()) / max(float(img.std()), 1e-6)
-
-
-def _shifted(array: np.ndarray, oy: int, ox: int, shape) -> np.ndarray:
-    """``array`` moved by (oy, ox) onto a zero grid of ``shape``."""
-    out = np.zeros(shape, array.dtype)
-    ys, xs = max(oy, 0), max(ox, 0)
-    ye, xe = min(oy + array.shape[0], shape[0]), min(ox + array.shape[1], shape[1])
-    if ye > ys and xe > xs:
-        out[ys:ye, xs:xe] = array[ys - oy:ye - oy, xs - ox:xe - ox]
-    return out
 
 
 def _window(img: np.ndarray, label: np.ndarray, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:

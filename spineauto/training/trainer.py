@@ -253,7 +253,7 @@ class Trainer:
         transforms = build_transforms(plan.patch_size, plan.augmentation, plan.has_segmentation, remap_contrast=not plan.has_classification)
         batches = KeyedBatches(self.task.make_sampler(self.run.store), transforms, self.run.train_cases, self.run.val_cases,
                                rank_bs, plan.patch_size, sample_size, cfg.seed, self.info.rank,
-                               context=neck_context(self.run.plans, plan, self.run.store, self.run.train_cases))
+                               context=neck_context(self.run.plans, plan))
         t = plan.trainer
         self.keys = EpochKeys(self.start_epoch, cfg.epochs, cfg.iters_per_epoch, cfg.val_iters, t.accumulate, t.val_every)
         pin = self.device.type == "cuda" if t.pin_memory is None else t.pin_memory
