@@ -12,7 +12,10 @@ the defaults (TTA, the model's postprocessing):
   mean CSA with the continuous one (pi x semi-axes), so the reference's own error is known;
 - *the real pair on one grid*: ``mt/mt0`` (MT off) and ``mt/mt1`` (MT on), the same cord in two
   contrasts, each against its own manual mask. A model trained on them (the ``full`` scenario) has seen
-  them: pass ``--mt-model`` trained without them (``bench_generalisation.py --scenarios loco-MT``).
+  them: pass ``--mt-model`` trained without them (``bench_generalisation.py --scenarios loco-MT``);
+- *probes* (on unless ``--no-probes``): the same anatomies once more, each in a contrast with one tissue's
+  intensity changed (PROBES), to tell a contrast's deficit from the CSF's polarity: a T2w whose CSF is
+  darker than the cord, a T1w whose CSF is brighter than it.
 
 Per contrast: the mean CSA error against the reference (over the reference's slices) of the mask as
 written, of the cord probability thresholded at other values (then the cord component), and of the
@@ -26,6 +29,7 @@ contrasts' mean CSA, per subject, then averaged). The Dice of the masks as writt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import sys
@@ -39,9 +43,12 @@ from bench_generalisation import shift_image, through_axis  # noqa: E402
 from common import REPO, SHARED_DATA, VENV_BIN, check_run, command_line, format_table, run_measured  # noqa: E402
 
 sys.path.insert(0, str(REPO))
+from spineauto.datasets.phantoms import CSF  # noqa: E402
 from spineauto.inference.postprocessing import keep_cord_component  # noqa: E402
 
 CONTRASTS = ("T1w", "T2starw", "T2w")
+# probe: (contrast, {tissue code: mean intensity}) over the phantom's table (datasets/phantoms.py _INTENSITY)
+PROBES = {"T2w_darkCSF": ("T2w", {CSF: 0.10}), "T1w_brightCSF": ("T1w", {CSF: 0.95})}
 MT = ("mt0", "mt1")
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 SOFT_MARGIN_VOXELS = 2
@@ -49,26 +56,41 @@ SOFT_MARGIN_VOXELS = 2
 
 # ----------------------------------------------------------------------------------------------- test data
 
-def render_subjects(folder: Path, refs: Path, n: int, seed: int) -> dict[str, dict]:
-    """``n`` anatomies x CONTRASTS, shifted, into ``folder`` (their masks into ``refs``);
-    {case: {subject, contrast, continuous (mm^2 per slice)}}."""
+@contextlib.contextmanager
+def tissue_table(contrast: str, overrides: dict[int, float]):
+    """The phantoms' mean intensities of ``contrast`` with ``overrides`` (tissue code: intensity) while inside."""
+    from spineauto.datasets import phantoms
+
+    saved = phantoms._INTENSITY[contrast]
+    phantoms._INTENSITY[contrast] = tuple(overrides.get(t, v) for t, v in enumerate(saved))
+    try:
+        yield
+    finally:
+        phantoms._INTENSITY[contrast] = saved
+
+
+def render_subjects(folder: Path, refs: Path, n: int, seed: int, probes: dict | None = None) -> dict[str, dict]:
+    """``n`` anatomies x CONTRASTS (and x ``probes``: {name: (contrast, overrides)}), shifted, into ``folder``
+    (their masks into ``refs``); {case: {subject, contrast (a probe's name), continuous (mm^2 per slice)}}."""
     from spineauto.datasets.phantoms import PhantomSpec, _sampled_anatomy, render_phantom
 
     folder.mkdir(parents=True, exist_ok=True)
     refs.mkdir(parents=True, exist_ok=True)
     cases = {}
+    looks = {c: (c, {}) for c in CONTRASTS} | dict(probes or {})
     for i in range(n):
         location = ("cervical", "thoracic")[i % 2]
         s = seed * 1000 + i
-        for contrast in CONTRASTS:
+        for look, (contrast, overrides) in looks.items():
             spec = PhantomSpec(contrast, "axial", location, 0, s, subject_seed=s, fov_scale=2.5)
-            p = render_phantom(spec)
+            with tissue_table(contrast, overrides):
+                p = render_phantom(spec)
             img = shift_image(np.asarray(p.image.dataobj, dtype=np.float32), np.random.default_rng([s, 7]))
-            name = f"csa{seed}_{i}_{contrast}"
+            name = f"csa{seed}_{i}_{look}"
             nib.save(nib.Nifti1Image(img.astype(np.float32), p.image.affine), str(folder / f"{name}_0000.nii.gz"))
             nib.save(nib.Nifti1Image((np.asarray(p.label.dataobj) > 0).astype(np.uint8), p.image.affine), str(refs / f"{name}.nii.gz"))
             a = _sampled_anatomy(spec)[0]
-            cases[name] = {"subject": f"phantom {i}", "contrast": contrast, "continuous": float(np.pi * a.cord[0] * a.cord[1])}
+            cases[name] = {"subject": f"phantom {i}", "contrast": look, "continuous": float(np.pi * a.cord[0] * a.cord[1])}
     return cases
 
 
@@ -183,7 +205,7 @@ def table(cases: dict[str, dict], csa: dict[str, dict[str, float]], mt: dict[str
     for m in measures:
         err = {c: [100 * (csa[k][m] / csa[k]["reference"] - 1) for k in csa if cases[k]["contrast"] == c] for c in CONTRASTS}
         subjects = sorted({cases[k]["subject"] for k in csa})
-        cvs = [100 * cv([csa[k][m] for k in csa if cases[k]["subject"] == s]) for s in subjects]
+        cvs = [100 * cv([csa[k][m] for k in csa if cases[k]["subject"] == s and cases[k]["contrast"] in CONTRASTS]) for s in subjects]
         row = [m] + [f"{statistics.mean(err[c]):+.1f}" for c in CONTRASTS]
         row += [f"{statistics.mean(abs(statistics.mean(err[c])) for c in CONTRASTS):.1f}", f"{statistics.mean(cvs):.1f}"]
         if mt and all(m in mt[c] for c in MT):
@@ -192,6 +214,20 @@ def table(cases: dict[str, dict], csa: dict[str, dict[str, float]], mt: dict[str
             row += ["-"] * 3
         rows.append(row)
     return format_table(header[:len(rows[0])], rows)
+
+
+def probe_table(cases: dict[str, dict], csa: dict[str, dict[str, float]]) -> str:
+    """Per probe and its contrast as rendered: the mean CSA error of the mask as written, and its Dice."""
+    rows = []
+    for name, (contrast, overrides) in PROBES.items():
+        for look in (contrast, name):
+            keys = [k for k in csa if cases[k]["contrast"] == look]
+            if keys:
+                err = statistics.mean(100 * (csa[k]["as written"] / csa[k]["reference"] - 1) for k in keys)
+                dice = statistics.mean(csa[k]["dice"] for k in keys)
+                rows.append([look, ", ".join(f"tissue {t}: {v:g}" for t, v in overrides.items()) if look == name else "as rendered",
+                             f"{err:+.1f}", f"{dice:.3f}"])
+    return format_table(["phantoms", "intensities changed", "CSA error % (as written)", "Dice"], rows)
 
 
 def reference_lines(cases: dict[str, dict], csa: dict[str, dict[str, float]]) -> str:
@@ -210,11 +246,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_csa"))
     ap.add_argument("--reuse", action="store_true", help="keep predictions already in --work")
     ap.add_argument("--thresholds", type=float, nargs="*", default=(), help="more thresholds to report")
+    ap.add_argument("--no-probes", dest="probes", action="store_false", help="leave out the probes (PROBES: one tissue's intensity changed)")
     args = ap.parse_args()
     images, refs = args.work / "images", args.work / "refs"
     if not args.reuse:
         shutil.rmtree(images, ignore_errors=True)
-    cases = render_subjects(images, refs, args.anatomies, args.seed)
+    cases = render_subjects(images, refs, args.anatomies, args.seed, PROBES if args.probes else None)
     predict(args.model, images, args.work / "pred", args.reuse, cases)
     csa = {k: measure_case(args.work / "pred", images, refs, k, args.thresholds) for k in cases}
     mt = {}
@@ -230,6 +267,9 @@ def main() -> None:
         print("mt reference: " + ", ".join(f"{k} {mt[k]['reference']:.1f} mm²" for k in MT)
               + f" (manual masks; CV {100 * cv([mt[k]['reference'] for k in MT]):.1f} %)")
     print(table(cases, csa, mt))
+    if args.probes:
+        print("\nprobes: the same anatomies with one tissue's intensity changed (is the deficit the contrast's or the CSF's?)")
+        print(probe_table(cases, csa))
     dice = [f"{c} {statistics.mean(csa[k]['dice'] for k in csa if cases[k]['contrast'] == c):.3f}" for c in CONTRASTS]
     print("Dice of the masks as written: " + ", ".join(dice + [f"{k} {mt[k]['dice']:.3f}" for k in mt]))
 

@@ -53,3 +53,29 @@ def test_csa_measures_on_a_known_disc():
 def test_inter_contrast_variation_is_the_sample_cv():
     assert bench_csa.cv([50.0, 50.0, 50.0]) == 0.0
     assert bench_csa.cv([40.0, 50.0, 60.0]) == pytest.approx(10.0 / 50.0)
+
+
+def test_probes_change_only_the_csf_and_leave_the_table_as_it_was(tmp_path):
+    """A probe is its contrast's phantom with the CSF's intensity changed: same cord, same grid; the ring of CSF
+    around the cord turns darker than the cord (T2w) or brighter (T1w), the cord's inside keeps its signal."""
+    from scipy import ndimage
+
+    from spineauto.datasets import phantoms
+
+    table_before = dict(phantoms._INTENSITY)
+    cases = bench_csa.render_subjects(tmp_path / "img", tmp_path / "ref", 1, seed=5, probes=bench_csa.PROBES)
+    assert phantoms._INTENSITY == table_before
+    assert {c["contrast"] for c in cases.values()} == set(bench_csa.CONTRASTS) | set(bench_csa.PROBES)
+
+    def load(kind, name):
+        return np.asanyarray(nib.load(str(tmp_path / kind / f"csa5_0_{name}.nii.gz")).dataobj).astype(float)
+
+    ref = load("ref", "T2w") > 0
+    inside = ndimage.binary_erosion(ref, iterations=2)
+    ring = ndimage.binary_dilation(ref, iterations=2) & ~ndimage.binary_dilation(ref, iterations=1)
+    for probe, (contrast, _) in bench_csa.PROBES.items():
+        np.testing.assert_array_equal(load("ref", probe) > 0, ref)
+        base, changed = load("img", f"{contrast}_0000"), load("img", f"{probe}_0000")
+        assert changed[inside].mean() == pytest.approx(base[inside].mean(), rel=0.02)
+        cord_minus_ring = [img[inside].mean() - img[ring].mean() for img in (base, changed)]
+        assert np.sign(cord_minus_ring[0]) != np.sign(cord_minus_ring[1])  # the CSF crossed the cord's intensity
