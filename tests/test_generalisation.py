@@ -10,7 +10,8 @@ from scipy.stats import spearmanr
 from spineauto.datasets.phantoms import PhantomSpec, render_phantom
 from spineauto.inference.postprocessing import keep_cord_component, keep_largest_component, superior_axis
 from spineauto.planning.plans import AugmentationPlan
-from spineauto.training.augment import ContrastRemapTransform, build_transforms, random_bias_field, random_intensity_curve
+from spineauto.training.augment import (CORD_CONTRAST_GAP, ContrastRemapTransform, build_transforms, cord_contrast_curve,
+                                       random_bias_field, random_intensity_curve)
 
 
 def _ramp() -> np.ndarray:
@@ -63,6 +64,53 @@ def test_non_monotone_curves_reorder_tissues_and_keep_mean_and_spread():
         for a, y in zip(ramp.ravel().round(6), out[b].ravel()):
             assert values.setdefault(a, y) == y
         assert abs(out[b].mean() - ramp.mean()) < 1e-4 and abs(out[b].std() - ramp.std()) < 1e-4
+
+
+def _cord_in_csf(cord_level: float = -1.0, csf_level: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """A disc (the cord, radius 8 voxels) in a ring of CSF (to radius 12) in tissue, blurred at its edges."""
+    from scipy import ndimage
+
+    d = np.hypot(*np.meshgrid(np.arange(48) - 23.5, np.arange(48) - 23.5, indexing="ij"))
+    x = np.where(d <= 8, cord_level, np.where(d <= 12, csf_level, 0.0))
+    return ndimage.gaussian_filter(x, 1.0).astype(np.float32), d <= 8
+
+
+def test_cord_contrast_curves_redraw_the_cords_polarity_and_keep_its_edge():
+    """The cord and its surround go to levels at least the gap apart, brighter or darker alike, through one
+    curve of intensity: the edge (where the profile is halfway between cord and CSF) stays where it was."""
+    x, cord = _cord_in_csf()
+    profile = lambda img: img[24, 24:40]  # noqa: E731  centre outwards
+    edge = lambda p: int(np.argmax(np.abs(p - p[0]) >= 0.5 * np.abs(p[10] - p[0])))  # noqa: E731  first past halfway to the CSF
+    np.random.seed(4)
+    polarity = []
+    for _ in range(40):
+        y = cord_contrast_curve(x, cord)
+        assert y.mean() == pytest.approx(x.mean(), abs=1e-4) and y.std() == pytest.approx(x.std(), rel=1e-3)
+        u = (y - np.percentile(y, 0.5)) / (np.percentile(y, 99.5) - np.percentile(y, 0.5))
+        assert abs(u[cord].mean() - u[10:14, 24].mean()) > 0.5 * CORD_CONTRAST_GAP  # cord and CSF still apart
+        assert abs(edge(profile(y)) - edge(profile(x))) <= 1
+        polarity.append(np.sign(y[cord].mean() - profile(y)[10]))
+    assert 10 <= polarity.count(1.0) <= 30  # the cord brighter than its CSF in about half the draws
+    assert cord_contrast_curve(x, np.zeros_like(cord)) is None  # no cord in view: no curve
+    flat, _ = _cord_in_csf(1.0, 1.0)
+    assert cord_contrast_curve(flat, cord) is None  # nothing to tell the cord from its surround
+
+
+def test_cord_contrast_runs_on_cord_samples_only_and_draws_nothing_when_off():
+    x, cord = _cord_in_csf()
+    batch = lambda: {"data": np.stack([x[None]] * 6).copy(), "seg": np.stack([cord[None].astype(np.int16) * 2] * 6)}  # noqa: E731
+    np.random.seed(2)
+    before = ContrastRemapTransform(1.0, 0.25, 0.3, 0.5)(**batch())["data"]
+    np.random.seed(2)
+    off = ContrastRemapTransform(1.0, 0.25, 0.3, 0.5, p_cord=0.0, cord_value=2)(**batch())["data"]
+    np.testing.assert_array_equal(off, before)  # off: the stream and the samples of older plans
+    np.random.seed(2)
+    on = ContrastRemapTransform(0.0, 0.0, 0.0, p_cord=1.0, cord_value=2)(**batch())["data"]
+    brighter = [np.sign(on[b, 0][cord].mean() - on[b, 0][24, 34:36].mean()) for b in range(6)]
+    assert not np.allclose(on, x[None, None]) and len(set(brighter)) == 2
+    np.random.seed(2)
+    other_label = ContrastRemapTransform(0.0, 0.0, 0.0, p_cord=1.0, cord_value=1)(**batch())["data"]
+    np.testing.assert_array_equal(other_label, np.stack([x[None]] * 6))  # no cord voxel of that value: untouched
 
 
 def _tube_and_blob(sagittal: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -123,6 +123,8 @@ class AugmentationPlan:
     inversion: float = 0.25  # share of the monotone curves that also invert the contrast (T1w-like <-> T2w-like)
     non_monotone: float = 0.5  # share of the curves drawn through random knots: tissues change their order (T2w <-> T1w-like)
     bias_field: float = 0.3  # per sample: a smooth multiplicative bias field (another coil)
+    cord_contrast: float = 0.0  # per sample of a cord model: a curve through the cord's and its surround's intensities
+    # sends them to random levels, either brighter (training/augment.py cord_contrast_curve); instead of intensity_curves
     whole_neck: float = 0.0  # per sample of a cord model: a whole-neck phantom patch, tissues at random intensities,
     # instead of a real crop (training/synthetic.py); the planner sets it for a `2d` cord configuration
     transforms: list[dict[str, Any]] = field(default_factory=list)  # extra transforms after these: {name: registered or package.module:Name, ...arguments}
@@ -421,7 +423,7 @@ def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> No
     positive("loss.label_smoothing", lo.label_smoothing, strict=False, top=1.0, top_open=True)
     a = cfg.augmentation
     positive("augmentation.probability", a.probability, strict=False, top=1.0)
-    for key in ("intensity_curves", "inversion", "non_monotone", "bias_field", "whole_neck"):
+    for key in ("intensity_curves", "inversion", "non_monotone", "bias_field", "cord_contrast", "whole_neck"):
         positive(f"augmentation.{key}", getattr(a, key), strict=False, top=1.0)
     positive("augmentation.rotation_degrees", a.rotation_degrees, strict=False)
     positive("augmentation.noise_variance", a.noise_variance, strict=False)

@@ -2,8 +2,8 @@
 
 As nnU-Net (v1, 2D): a larger patch is sampled (so that rotation and scaling never bring the
 image border in), ``SpatialTransform`` rotates/scales and center-crops it to the patch size, then
-intensity transforms (segmentation only: random intensity curves, contrast inversion and bias
-fields; then noise, blur, brightness, contrast, low resolution, gamma) and mirroring.
+intensity transforms (segmentation only: random intensity curves, contrast inversion, bias
+fields and, for a cord model, curves that redraw the cord's contrast to its surround; then noise, blur, brightness, contrast, low resolution, gamma) and mirroring.
 Every random draw comes from numpy's global generator, which the data worker seeds per batch, so a
 batch is a pure function of its key (reproducible resume, any number of workers).
 """
@@ -68,14 +68,51 @@ def random_bias_field(x: np.ndarray, max_coefficient: float = 0.5, order: int = 
     return _restandardise((x - lo) * np.exp(log_field), x)
 
 
-class ContrastRemapTransform:
-    """Per sample and channel: a random intensity curve (probability ``p_curve``; a share
-    ``p_non_monotone`` of them not monotone, and of the monotone ones a share ``p_invert`` inverted)
-    and a random bias field (``p_bias``), so that a contrast, coil or site the training cases lack
-    looks like one they have. Numpy's global generator (seeded per batch)."""
+def cord_contrast_curve(x: np.ndarray, cord: np.ndarray) -> np.ndarray | None:
+    """``x`` through a random shape-preserving cubic whose knots are the cord's and its surround's median
+    intensities (the surround: 1-3 voxels outside ``cord``, mostly CSF), sent to random levels at least
+    CORD_CONTRAST_GAP apart, cord brighter or darker alike; the darkest and brightest intensities go to random
+    levels too. A function of intensity alone, so no edge is drawn where the image has none: the cord's own
+    boundary stays where it was, its polarity and contrast to the CSF drawn anew. None when there is no cord
+    in view or no contrast to the surround. Mean and spread kept."""
+    from scipy import ndimage
+    from scipy.interpolate import PchipInterpolator
 
-    def __init__(self, p_curve: float, p_invert: float, p_bias: float, p_non_monotone: float = 0.0):
+    if cord.sum() < 4:
+        return None
+    ring = ndimage.binary_dilation(cord, iterations=3) & ~ndimage.binary_dilation(cord, iterations=1)
+    if not ring.any():
+        return None
+    u = _unit_range(x)
+    uc, ur = (float(np.median(u[m])) for m in (cord, ring))
+    if abs(uc - ur) < 0.05:
+        return None
+    a = np.random.uniform(0, 1)
+    b = np.random.uniform(0, 1 - CORD_CONTRAST_GAP)
+    b = b + CORD_CONTRAST_GAP if b >= a - CORD_CONTRAST_GAP else b  # |a - b| >= the gap, either order
+    knots = [(uc, a), (ur, b)]
+    ends = [(e, np.random.uniform(0, 1)) for e in (0.0, 1.0)]  # drawn always: the stream does not depend on the image
+    knots += [k for k in ends if min(abs(k[0] - uc), abs(k[0] - ur)) > 0.1]  # the darkest and brightest tissues, where not the cord's or CSF's
+    knots.sort()
+    xs = [k for k, _ in knots]
+    y = PchipInterpolator(xs, [v for _, v in knots])(np.clip(u, xs[0], xs[-1]))  # flat beyond the outer knots
+    return _restandardise(y, x)
+
+
+CORD_CONTRAST_GAP = 0.25  # the least difference between the cord's and its surround's new levels (on [0, 1])
+
+
+class ContrastRemapTransform:
+    """Per sample and channel: a random bias field (``p_bias``), then a curve: of a cord model (``cord_value``)
+    with probability ``p_cord`` the cord-contrast curve (:func:`cord_contrast_curve`), otherwise with
+    probability ``p_curve`` a random intensity curve (a share ``p_non_monotone`` of them not monotone, and
+    of the monotone ones a share ``p_invert`` inverted), so that a contrast, coil or site the training
+    cases lack looks like one they have. Numpy's global generator (seeded per batch)."""
+
+    def __init__(self, p_curve: float, p_invert: float, p_bias: float, p_non_monotone: float = 0.0,
+                 p_cord: float = 0.0, cord_value: int | None = None):
         self.p_curve, self.p_invert, self.p_bias, self.p_non_monotone = p_curve, p_invert, p_bias, p_non_monotone
+        self.p_cord, self.cord_value = (p_cord, cord_value) if cord_value is not None else (0.0, None)
 
     def __call__(self, **batch):
         data = batch["data"]
@@ -84,18 +121,25 @@ class ContrastRemapTransform:
                 x = data[b, c]
                 if np.random.uniform() < self.p_bias:
                     x = random_bias_field(x)
-                if np.random.uniform() < self.p_curve:
+                y = None
+                if self.p_cord and np.random.uniform() < self.p_cord:  # no draw when off: same stream as before
+                    y = cord_contrast_curve(x, batch["seg"][b, 0] == self.cord_value)
+                if y is not None:
+                    x = y
+                elif np.random.uniform() < self.p_curve:
                     monotone = self.p_non_monotone == 0 or np.random.uniform() >= self.p_non_monotone  # no draw when off: same stream as before
                     x = random_intensity_curve(x, invert=monotone and np.random.uniform() < self.p_invert, monotone=monotone)
                 data[b, c] = x
         return batch
 
 
-def build_transforms(patch_size: list[int], aug: AugmentationPlan, with_seg: bool, remap_contrast: bool = True):
+def build_transforms(patch_size: list[int], aug: AugmentationPlan, with_seg: bool, remap_contrast: bool = True,
+                     cord_value: int | None = None):
     """A batchgenerators ``Compose`` working on ``{"data": (B,C,H,W), "seg": (B,1,H,W)}``.
 
     ``remap_contrast``: the contrast remapping (intensity curves, inversion, bias fields); off for
-    classification heads, which may have to tell contrasts apart."""
+    classification heads, which may have to tell contrasts apart. ``cord_value``: the cord label of a
+    cord model (for ``augmentation.cord_contrast``)."""
     from batchgenerators.transforms.abstract_transforms import Compose
     from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
                                                              ContrastAugmentationTransform, GammaTransform)
@@ -114,8 +158,9 @@ def build_transforms(patch_size: list[int], aug: AugmentationPlan, with_seg: boo
             order_seg=1, random_crop=False, p_el_per_sample=p, p_scale_per_sample=p, p_rot_per_sample=p,
             independent_scale_for_each_axis=False),
     ]
-    if remap_contrast and (aug.intensity_curves > 0 or aug.bias_field > 0):
-        transforms.append(ContrastRemapTransform(aug.intensity_curves, aug.inversion, aug.bias_field, aug.non_monotone))
+    if remap_contrast and (aug.intensity_curves > 0 or aug.bias_field > 0 or aug.cord_contrast > 0):
+        transforms.append(ContrastRemapTransform(aug.intensity_curves, aug.inversion, aug.bias_field, aug.non_monotone,
+                                                 aug.cord_contrast if with_seg else 0.0, cord_value))
     if aug.noise_variance > 0:
         transforms.append(GaussianNoiseTransform(noise_variance=(0, aug.noise_variance), p_per_sample=0.1))
     if max(aug.blur_sigma) > 0:

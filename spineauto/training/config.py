@@ -43,7 +43,7 @@ _ADDED_WITH_RUN_CONFIGS = {  # plan fields added with the run configurations (sp
     "network": ("output_activation", "kwargs"),
     "optim": ("warmup_epochs", "min_lr", "plateau_patience", "plateau_factor", "plateau_monitor", "optimizer_kwargs", "schedule_kwargs"),
     "loss": ("name", "focal_gamma", "tversky_alpha", "tversky_beta", "tversky_gamma", "kwargs"),
-    "augmentation": ("transforms",),
+    "augmentation": ("transforms", "cord_contrast"),
 }
 _NETWORK_DEFAULTS = {"output_activation": "softmax", "kwargs": {}}
 
