@@ -76,6 +76,7 @@ VARIANTS: dict[str, dict] = {
     "fp32": {},  # trained without bf16 autocast on a CPU that has it (nnU-Net autocasts on CUDA only): TRAIN_ARGS
     "sparse-uncropped": {},  # a data variant: see SPARSE_VARIANTS
     "cord-contrast": {"augmentation": {"cord_contrast": 0.5}},  # half the samples: the cord's and its surround's levels redrawn
+    "cord-contrast-quarter": {"augmentation": {"cord_contrast": 0.25, "intensity_curves": 1 / 3}},  # as many samples remapped as the plan
 }
 TRAIN_ARGS: dict[str, list[str]] = {"fp32": ["--no-amp"]}  # spineauto train options of a variant
 SPARSE_VARIANTS = {"sparse-uncropped"}  # the plan, with t2s_uncropped added as a sparse case (its held-out levels all ignore)
