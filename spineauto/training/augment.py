@@ -3,7 +3,8 @@
 As nnU-Net (v1, 2D): a larger patch is sampled (so that rotation and scaling never bring the
 image border in), ``SpatialTransform`` rotates/scales and center-crops it to the patch size, then
 intensity transforms (segmentation only: random intensity curves, contrast inversion, bias
-fields and, for a cord model, curves that redraw the cord's contrast to its surround; then noise, blur, brightness, contrast, low resolution, gamma) and mirroring.
+fields and, for a cord model, curves that redraw the cord's contrast to its surround; then noise,
+blur, brightness, contrast, low resolution, gamma) and mirroring.
 Every random draw comes from numpy's global generator, which the data worker seeds per batch, so a
 batch is a pure function of its key (reproducible resume, any number of workers).
 """
