@@ -263,6 +263,27 @@ def test_convert_sparse_labels_background_far_from_the_carried_mask_and_ignore_n
     assert load_dataset_json(ds).ignore_label == 2  # declared once, kept
 
 
+def test_convert_sparse_declares_ignore_before_any_label_file_holds_it(tmp_path, spineauto_env, capsys, monkeypatch):
+    """A run killed while the files are written never leaves a label map with a value dataset.json does not declare."""
+    from spineauto.datasets import sparse
+
+    wide, crop = _wide_and_crop(tmp_path)
+    ds = _dataset_json(spineauto_env["raw"] / "Dataset005_Wide", labels={"background": 0, "cord": 1}, numTraining=0)
+    declared_at_write = []
+    real_save = sparse.save_nifti
+
+    def save_and_look(path, img):
+        declared_at_write.append(json.loads((ds / "dataset.json").read_text())["labels"].get("ignore"))
+        real_save(path, img)
+        raise KeyboardInterrupt  # killed right after the label file is written
+
+    monkeypatch.setattr(sparse, "save_nifti", save_and_look)
+    with pytest.raises(KeyboardInterrupt):
+        sparse.add_sparse_case(ds, wide, crop, "neck")
+    labels = np.asanyarray(nib.load(str(ds / "labelsTr" / "neck.nii.gz")).dataobj)
+    assert declared_at_write == [2] and json.loads((ds / "dataset.json").read_text())["labels"]["ignore"] == 2 == labels.max()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--margin-mm", "0"], "--margin-mm 0.0: must be a number of mm > 0"),
     (["--uncovered", "all"], "uncovered slices: 'all' is none of nearest, ignore"),

@@ -134,6 +134,9 @@ def add_sparse_case(dataset_dir: Path, wide: Path, mask: Path, case: str, margin
     header.set_data_dtype(np.uint8)
     image_out.parent.mkdir(parents=True, exist_ok=True)
     label_out.parent.mkdir(parents=True, exist_ok=True)
+    # dataset.json declares the ignore value before any label file holds it: a run killed in between leaves a
+    # dataset that still plans (an image without labels is named by plan_and_preprocess; rerun with --overwrite)
+    _declare_ignore(dataset_dir / "dataset.json", ignore, len(info.training_cases()))
     write_atomic(image_out, lambda p: shutil.copyfile(wide, p), suffix=info.file_ending)
     save_nifti(label_out, nib.Nifti1Image(labels, target.affine, header))
     _declare_ignore(dataset_dir / "dataset.json", ignore, len(info.training_cases()))
