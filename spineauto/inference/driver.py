@@ -90,7 +90,7 @@ class CaseInference:
 def cord_label(model: TrainedModel) -> int | None:
     """The label value whose component is the cord: the localise plan's, else the first postprocessing cord label."""
     if model.plan.localise is not None:
-        return int(model.plans.labels[model.plan.localise.label])
+        return model.plans.cord_value(model.plan)
     labels = model.postprocessing.get("cord_component_labels", [])
     return int(labels[0]) if labels else None
 

@@ -262,6 +262,10 @@ class Plans:
                 return list(values)
         return [value]
 
+    def cord_value(self, plan: ConfigurationPlan) -> int | None:
+        """The label value of the cord that ``plan`` localises (``localise.label``); None without a localise plan."""
+        return int(self.labels[plan.localise.label]) if plan.localise is not None else None
+
     @property
     def num_classes(self) -> int:
         """Segmentation output channels (background included)."""

@@ -37,7 +37,7 @@ def neck_context(plans: Plans, plan: ConfigurationPlan) -> "NeckContext | None":
     share = float(plan.augmentation.whole_neck)
     if share <= 0 or plan.localise is None or plan.task != "segmentation" or len(plans.channel_names) != 1:
         return None
-    return NeckContext(plan, int(plans.labels[plan.localise.label]), share)
+    return NeckContext(plan, plans.cord_value(plan), share)
 
 
 @dataclass

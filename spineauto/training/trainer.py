@@ -250,9 +250,8 @@ class Trainer:
         plan, cfg = self.plan, self.config
         rank_bs = rank_batch_size(cfg.batch_size, self.info)
         sample_size = initial_patch_size(plan.patch_size, plan.augmentation)
-        cord_value = int(self.run.plans.labels[plan.localise.label]) if plan.localise is not None else None
         transforms = build_transforms(plan.patch_size, plan.augmentation, plan.has_segmentation, remap_contrast=not plan.has_classification,
-                                      cord_value=cord_value)
+                                      cord_value=self.run.plans.cord_value(plan))
         batches = KeyedBatches(self.task.make_sampler(self.run.store), transforms, self.run.train_cases, self.run.val_cases,
                                rank_bs, plan.patch_size, sample_size, cfg.seed, self.info.rank,
                                context=neck_context(self.run.plans, plan))
