@@ -85,6 +85,7 @@ YAML_CASES = {  # run YAML text -> words of the error
     "plateau_monitor_unknown": ("optim: {schedule: reduce_on_plateau, plateau_monitor: validation_loss}\n",
                                 ("optim.plateau_monitor", "'validation_loss' is not a key", "did you mean 'val_loss'?")),
     "non_monotone_share_above_one": ("augmentation: {non_monotone: 1.5}\n", ("augmentation.non_monotone", ">= 0 and <= 1")),
+    "cord_contrast_share_negative": ("augmentation: {cord_contrast: -0.2}\n", ("augmentation.cord_contrast", ">= 0 and <= 1")),
     "retired_composite_key": ("augmentation: {composite: 0.5}\n", ("unknown key 'augmentation.composite'",)),  # taken out after 4f4ab0d
     "preset_without_configuration": ("configurations:\n  cls: {batch_size: 4}\n", ("this preset has no configuration '2d'", "has: cls")),
 }
