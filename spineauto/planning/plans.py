@@ -85,6 +85,7 @@ class OptimPlan:
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)  # further keyword arguments of the optimiser (e.g. betas)
     schedule_kwargs: dict[str, Any] = field(default_factory=dict)  # further keyword arguments of a plug-in schedule
     grad_clip: float = 12.0
+    weight_average: float = 0.0  # the share of training at its end whose weights are averaged, every step (SWA / SWAD); 0: off
     epochs: int = 100
     iters_per_epoch: int = 250
     val_iters: int = 20
@@ -398,6 +399,7 @@ def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> No
     positive("optim.weight_decay", o.weight_decay, strict=False)
     positive("optim.momentum", o.momentum, strict=False, top=1.0, top_open=True)
     positive("optim.grad_clip", o.grad_clip, strict=False)
+    positive("optim.weight_average", o.weight_average, strict=False, top=1.0)
     for key in ("epochs", "iters_per_epoch"):
         if getattr(o, key) < 1:
             fail(f"optim.{key}", ">= 1", getattr(o, key))

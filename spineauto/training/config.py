@@ -41,7 +41,8 @@ def plan_sha(plan: ConfigurationPlan) -> str:
 
 _ADDED_WITH_RUN_CONFIGS = {  # plan fields added with the run configurations (spineauto train --config)
     "network": ("output_activation", "kwargs"),
-    "optim": ("warmup_epochs", "min_lr", "plateau_patience", "plateau_factor", "plateau_monitor", "optimizer_kwargs", "schedule_kwargs"),
+    "optim": ("warmup_epochs", "min_lr", "plateau_patience", "plateau_factor", "plateau_monitor", "optimizer_kwargs", "schedule_kwargs",
+              "weight_average"),
     "loss": ("name", "focal_gamma", "tversky_alpha", "tversky_beta", "tversky_gamma", "kwargs"),
     "augmentation": ("transforms", "cord_contrast"),
 }

@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from spineauto.devices import cpu_native_bf16, resolve_device
 from spineauto.errors import SpineautoError
@@ -196,6 +197,9 @@ class Trainer:
                      checkpoint_activations(self.network))
         self.scaler = torch.amp.GradScaler("cuda") if (amp and device.type == "cuda" and amp_dtype == torch.float16) else None
         self.start_epoch, self.ema, self.best = 0, None, {"epoch": None, "ema": -math.inf}
+        total_steps = self.config.epochs * self.config.iters_per_epoch  # weights averaged after this step (optim.weight_average)
+        self.average_after = total_steps - round(total_steps * o.weight_average) if o.weight_average > 0 else None
+        self.averaged: AveragedModel | None = None
         self.topk = ckpt.TopK(top_k)
         self.logger = LocalLogger(run.fold_dir)
         self.wandb_id: str | None = None
@@ -226,6 +230,8 @@ class Trainer:
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.start_epoch = int(state["epoch"])
+        if state.get("averaged") is not None:
+            self._averaged().load_state_dict(state["averaged"])
         self.ema, self.best = state.get("ema"), state.get("best", self.best)
         self.topk.entries = list(state.get("topk", []))
         self.logger.history = list(state.get("history", []))
@@ -243,7 +249,19 @@ class Trainer:
                 "run_config": self.config.to_dict(), "task": self.plan.task, "in_channels": self.in_channels,
                 "num_classes": self.run.plans.num_classes, "rng": ckpt.rng_state(), "history": self.logger.history,
                 "ema": self.ema, "best": self.best, "topk": self.topk.entries, "wandb_run_id": self.wandb_id,
-                "trainer": "spineautoTrainer"}
+                "averaged": self.averaged.state_dict() if self.averaged is not None else None, "trainer": "spineautoTrainer"}
+
+    def _averaged(self) -> AveragedModel:
+        """The running mean of the weights (``optim.weight_average``; buffers too), made on first use."""
+        if self.averaged is None:
+            self.averaged = AveragedModel(self.network, use_buffers=True)
+        return self.averaged
+
+    def _take_average(self) -> None:
+        """The last epoch ends with the averaged weights: the final checkpoint and prediction use them."""
+        if self.averaged is not None:
+            self.network.load_state_dict(self.averaged.module.state_dict())
+            log.info("final weights: the mean of the last %d steps' (optim.weight_average)", int(self.averaged.n_averaged))
 
     # -- loop ----------------------------------------------------------------------------------
     def _loader(self):
@@ -390,6 +408,8 @@ class Trainer:
             loss = self._train_step([self._to_device(next(batches)) for _ in range(accumulate)])
             total += loss
             step = epoch * cfg.iters_per_epoch + i + 1
+            if self.average_after is not None and step > self.average_after:
+                self._averaged().update_parameters(self.network)
             if self.info.is_main and log_every and step % log_every == 0 and self.trackers:
                 self.trackers.log_step(step, {"train_loss": float(loss)})  # the rate per step: the lr_monitor callback
             if self.info.is_main:
@@ -450,6 +470,9 @@ class Trainer:
         record.update(monitor=monitor, ema=self.ema, best_epoch=self.best["epoch"])
         for callback in self.callbacks:  # before the checkpoint: their state (and a stop they ask for) is part of it
             callback.on_epoch_end(self, record)
+        final = epoch + 1 == self.config.epochs or bool(self.stop_reason)
+        if final:
+            self._take_average()
         self.logger.history.append(record)  # part of the checkpoint; the file line follows in _report
         latest = ckpt.save_checkpoint(fold_dir / ckpt.LATEST, self.state(epoch + 1))
         self.logger.history.pop()
@@ -462,7 +485,7 @@ class Trainer:
             (fold_dir / e["file"]).unlink(missing_ok=True)
         if self.topk.k > 0:
             self.topk.write(fold_dir, f"ema_{monitor}")
-        if epoch + 1 == self.config.epochs or self.stop_reason:
+        if final:
             ckpt.copy_checkpoint(latest, fold_dir / ckpt.FINAL)
         return is_best
 
