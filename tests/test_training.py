@@ -147,6 +147,41 @@ def test_resume_equals_uninterrupted(phantoms):
     assert [r["train_loss"] for r in fold_history(resumed)] == pytest.approx([r["train_loss"] for r in fold_history(straight)], abs=1e-6)
 
 
+def test_weight_average_is_the_mean_of_the_last_steps_and_resumes(phantoms):
+    """optim.weight_average 0.5 over 6 one-step epochs: the final weights are the mean of those after
+    steps 4, 5 and 6 of the same run without it (averaging draws no random number), and a run killed
+    inside the averaged span resumes to the same mean (the running mean is part of the checkpoint)."""
+    seen = []
+
+    def keep_weights(trainer, record):
+        seen.append({k: v.detach().clone() for k, v in trainer.network.state_dict().items()})
+
+    run = dict(epochs=6, iters_per_epoch=1)
+    _train(phantoms, "plain", callbacks=[keep_weights], **run)
+    averaged = _train(phantoms, "averaged", config_set=["optim.weight_average=0.5"], **run)
+
+    def interrupt_after_fifth_epoch(trainer, record):
+        if record["epoch"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(phantoms, "averaged_resumed", config_set=["optim.weight_average=0.5"], callbacks=[interrupt_after_fifth_epoch], **run)
+    latest = next((phantoms / "averaged_resumed").rglob("checkpoint_latest.pt"))
+    assert int(torch.load(latest, weights_only=False)["averaged"]["n_averaged"]) == 2  # steps 4 and 5
+    resumed = _train(phantoms, "averaged_resumed", continue_training=True)
+    final = torch.load(averaged / "checkpoint_final.pt", weights_only=False)["network"]
+    final_resumed = torch.load(resumed / "checkpoint_final.pt", weights_only=False)["network"]
+    moved = 0
+    for k, last in seen[-1].items():
+        if not last.is_floating_point():
+            continue
+        mean = sum(w[k] for w in seen[3:]) / 3
+        torch.testing.assert_close(final[k], mean, atol=1e-6, rtol=1e-5, msg=k)
+        torch.testing.assert_close(final_resumed[k], mean, atol=1e-6, rtol=1e-5, msg=k)
+        moved += not torch.allclose(mean, last, atol=1e-6)
+    assert moved > 0  # the mean is not the last step's weights
+
+
 def test_sigkill_mid_epoch_then_continue_completes(phantoms):
     env = dict(os.environ, SPINEAUTO_RESULTS=str(phantoms / "killed"), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "spineauto", "train", "-d", "1", "-f", "0", "--epochs", "3", "--iters-per-epoch", "6",
