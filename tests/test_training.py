@@ -148,8 +148,8 @@ def test_resume_equals_uninterrupted(phantoms):
 
 
 def test_weight_average_is_the_mean_of_the_last_steps_and_resumes(phantoms):
-    """optim.weight_average 0.5 over 6 one-step epochs: the final weights are the mean of those after
-    steps 4, 5 and 6 of the same run without it (averaging draws no random number), and a run killed
+    """optim.weight_average 0.5 (the cord plan's) over 6 one-step epochs: the final weights are the mean of
+    those after steps 4, 5 and 6 of the same run without it (averaging draws no random number), and a run killed
     inside the averaged span resumes to the same mean (the running mean is part of the checkpoint)."""
     seen = []
 
@@ -157,7 +157,7 @@ def test_weight_average_is_the_mean_of_the_last_steps_and_resumes(phantoms):
         seen.append({k: v.detach().clone() for k, v in trainer.network.state_dict().items()})
 
     run = dict(epochs=6, iters_per_epoch=1)
-    _train(phantoms, "plain", callbacks=[keep_weights], **run)
+    _train(phantoms, "plain", callbacks=[keep_weights], config_set=["optim.weight_average=0"], **run)
     averaged = _train(phantoms, "averaged", config_set=["optim.weight_average=0.5"], **run)
 
     def interrupt_after_fifth_epoch(trainer, record):
@@ -180,6 +180,22 @@ def test_weight_average_is_the_mean_of_the_last_steps_and_resumes(phantoms):
         torch.testing.assert_close(final_resumed[k], mean, atol=1e-6, rtol=1e-5, msg=k)
         moved += not torch.allclose(mean, last, atol=1e-6)
     assert moved > 0  # the mean is not the last step's weights
+
+
+def test_weight_averaging_planned_for_the_cord_configuration_and_off_for_older_plans(phantoms, tmp_path):
+    from spineauto.planning.planner import WEIGHT_AVERAGE_SHARE
+    from spineauto.planning.plans import Plans
+
+    plans = Plans.load(phantoms / "preprocessed" / DATASET / "plans.json")
+    plan = plans.configurations["2d"]
+    assert plan.optim.weight_average == WEIGHT_AVERAGE_SHARE > 0 and "mean of those" in plan.reasons["weight_average"]
+    assert all(c.optim.weight_average == 0 for name, c in plans.configurations.items() if name != "2d")
+    older = plans.to_dict()  # planned before the field existed: trains and resumes as it did
+    del older["configurations"]["2d"]["optim"]["weight_average"]
+    (tmp_path / "plans.json").write_text(json.dumps(older))
+    assert Plans.load(tmp_path / "plans.json").configurations["2d"].optim.weight_average == 0.0
+    with pytest.raises(SpineautoError, match="optim.weight_average"):
+        _train(phantoms, "bad_average", epochs=1, iters_per_epoch=1, config_set=["optim.weight_average=1.5"])
 
 
 def test_sigkill_mid_epoch_then_continue_completes(phantoms):
@@ -395,9 +411,10 @@ def test_find_best_configuration_ensembles_what_training_wrote(phantoms, monkeyp
     refs = {p.name[:-7]: read_volume(p)[0].round() for p in (phantoms / "raw" / DATASET / "labelsTr").glob("*.nii.gz")}
     cases = sorted(p.name[:-4] for p in (folds["2d"] / "validation").glob("*.npz"))
     assert cases and cases == sorted(p.name[:-4] for p in (folds["2d_wide"] / "validation").glob("*.npz"))
-    ens = [dice(average_probabilities([folds[c] / "validation" / f"{case}.npz" for c in folds])[0].argmax(0) == 1, refs[case] == 1)
-           for case in cases]
-    assert rows["2d+2d_wide"].dice == pytest.approx(float(np.mean(ens)), abs=1e-6) and rows["2d+2d_wide"].cases == len(cases)
+    ens = {case: average_probabilities([folds[c] / "validation" / f"{case}.npz" for c in folds])[0].argmax(0) for case in cases}
+    per_label = [[dice(ens[case] == v, refs[case] == v) for case in cases] for v in data["labels"].values() if v]
+    per_label = [np.nanmean(d) for d in per_label if not np.isnan(d).all()]  # a label absent from both: not scored
+    assert rows["2d+2d_wide"].dice == pytest.approx(float(np.mean(per_label)), abs=1e-6) and rows["2d+2d_wide"].cases == len(cases)
     assert result.best is max(result.candidates, key=lambda c: c.best_dice)
     assert (phantoms / "ensemble" / DATASET / "best_configuration.json").is_file()
 
