@@ -78,14 +78,14 @@ VARIANTS: dict[str, dict] = {
     "cord-contrast": {"augmentation": {"cord_contrast": 0.5}},  # half the samples: the cord's and its surround's levels redrawn
     "cord-contrast-quarter": {"augmentation": {"cord_contrast": 0.25, "intensity_curves": 1 / 3}},  # as many samples remapped as the plan
     "sparse-cord-contrast": {"augmentation": {"cord_contrast": 0.5}},  # both: the sparse case and cord-contrast curves
-    "no-weight-average": {"optim": {"weight_average": 0.0}},  # the final weights are the last step's
-    "sparse-no-weight-average": {"optim": {"weight_average": 0.0}},  # the recipe (sparse case) without weight averaging
-    "sparse-weight-average-quarter": {"optim": {"weight_average": 0.25}},  # averaged over the last quarter (plan: half)
-    "sparse-cord-contrast-no-average": {"augmentation": {"cord_contrast": 0.5}, "optim": {"weight_average": 0.0}},
+    "weight-average": {"optim": {"weight_average": 0.5}},  # the final weights: the mean over the last half of training
+    "sparse-weight-average": {"optim": {"weight_average": 0.5}},  # the recipe (sparse case) with it
+    "sparse-weight-average-quarter": {"optim": {"weight_average": 0.25}},  # the same over the last quarter
+    "sparse-cord-contrast-average": {"augmentation": {"cord_contrast": 0.5}, "optim": {"weight_average": 0.5}},  # all three
 }
 TRAIN_ARGS: dict[str, list[str]] = {"fp32": ["--no-amp"]}  # spineauto train options of a variant
-SPARSE_VARIANTS = {"sparse-uncropped", "sparse-cord-contrast", "sparse-no-weight-average", "sparse-weight-average-quarter",
-                   "sparse-cord-contrast-no-average"}  # the plan, with t2s_uncropped added as a sparse case (its held-out levels all ignore)
+SPARSE_VARIANTS = {"sparse-uncropped", "sparse-cord-contrast", "sparse-weight-average", "sparse-weight-average-quarter",
+                   "sparse-cord-contrast-average"}  # the plan, with t2s_uncropped added as a sparse case (its held-out levels all ignore)
 SPARSE_MARGIN_MM = 15.0  # spineauto convert sparse's default: the carried cord lies up to ~10 mm off on this pair
 SPARSE_HELD_OUT = tuple(range(6, 11))  # levels (slices) of t2s_uncropped never labelled in training, scored in the held-out columns
 POSTPROCESSINGS = {  # (mask, affine) -> mask

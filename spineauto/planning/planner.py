@@ -115,7 +115,6 @@ def cord_label(labels: dict[str, int], lesion: list[str]) -> str | None:
 
 MIN_LOCALISE_MARGIN_MM = 5.0
 WHOLE_NECK_SHARE = 0.25  # augmentation.whole_neck of a one-channel `2d` cord configuration (README, "A scanner it never saw")
-WEIGHT_AVERAGE_SHARE = 0.5  # optim.weight_average of a `2d` cord configuration (the same section)
 
 
 def _localise(fp: Fingerprint, cord: str) -> tuple[LocalisePlan, str]:
@@ -232,10 +231,6 @@ def plan_dataset(fp: Fingerprint, preset: Path | None = None, gpu_memory_gb: flo
         configs["2d_cord_roi"] = _roi_configuration(fp, cord, lesion, target, reasons, common, budget)
     if cord and "2d" in configs:
         configs["2d"].localise, configs["2d"].reasons["localise"] = _localise(fp, cord)
-        configs["2d"].optim = replace(configs["2d"].optim, weight_average=WEIGHT_AVERAGE_SHARE)
-        configs["2d"].reasons["weight_average"] = (
-            f"the final weights are the mean of those after each step of the last {WEIGHT_AVERAGE_SHARE:.0%} of training "
-            "(measured in bench_generalisation: fewer false positives on a real whole-neck scan in three seeds of three)")
         if len(fp.channel_names) == 1:
             configs["2d"].augmentation = replace(configs["2d"].augmentation, whole_neck=WHOLE_NECK_SHARE)
             configs["2d"].reasons["whole_neck"] = (
