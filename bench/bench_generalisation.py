@@ -82,11 +82,13 @@ VARIANTS: dict[str, dict] = {
     "sparse-weight-average": {"optim": {"weight_average": 0.5}},  # the recipe (sparse case) with it
     "sparse-weight-average-quarter": {"optim": {"weight_average": 0.25}},  # the same over the last quarter
     "sparse-cord-contrast-average": {"augmentation": {"cord_contrast": 0.5}, "optim": {"weight_average": 0.5}},  # all three
+    "sparse-margin-10": {},  # the sparse case with background from 10 mm of the carried cord (SPARSE_MARGINS)
 }
 TRAIN_ARGS: dict[str, list[str]] = {"fp32": ["--no-amp"]}  # spineauto train options of a variant
 SPARSE_VARIANTS = {"sparse-uncropped", "sparse-cord-contrast", "sparse-weight-average", "sparse-weight-average-quarter",
-                   "sparse-cord-contrast-average"}  # the plan, with t2s_uncropped added as a sparse case (its held-out levels all ignore)
+                   "sparse-cord-contrast-average", "sparse-margin-10"}  # the plan, with t2s_uncropped added as a sparse case (its held-out levels all ignore)
 SPARSE_MARGIN_MM = 15.0  # spineauto convert sparse's default: the carried cord lies up to ~10 mm off on this pair
+SPARSE_MARGINS = {"sparse-margin-10": 10.0}  # variants with another margin (the carried cord's offset here: up to ~8.5 mm)
 SPARSE_HELD_OUT = tuple(range(6, 11))  # levels (slices) of t2s_uncropped never labelled in training, scored in the held-out columns
 POSTPROCESSINGS = {  # (mask, affine) -> mask
     "as written": lambda m, affine: m,
@@ -305,7 +307,7 @@ def train_model(run_dir: Path, tool: str, variant: str, train_cases: list[str], 
     batch = 4
     env = bench_env(run_dir, "cpu", 1, 1)
     if variant in SPARSE_VARIANTS:
-        add_sparse_uncropped(folder, dataset_id, env)
+        add_sparse_uncropped(folder, dataset_id, env, SPARSE_MARGINS.get(variant, SPARSE_MARGIN_MM))
     if tool == "spineauto":
         cmd = [str(VENV_BIN / "python"), "-m", "spineauto", "plan_and_preprocess", "-d", str(dataset_id), "-np", "2"]
         if VARIANTS[variant]:
@@ -332,12 +334,12 @@ def train_model(run_dir: Path, tool: str, variant: str, train_cases: list[str], 
     return {"batch": batch, "iters": epochs * per_epoch, "train_s": round(t.wall_s, 1)}
 
 
-def add_sparse_uncropped(folder: Path, dataset_id: int, env: dict) -> None:
+def add_sparse_uncropped(folder: Path, dataset_id: int, env: dict, margin_mm: float = SPARSE_MARGIN_MM) -> None:
     """t2s_uncropped into the raw dataset as a sparse case (the CLI, as a user would), then its
     SPARSE_HELD_OUT levels set to ignore: no label of theirs reaches training."""
     check_run(run_measured([str(VENV_BIN / "python"), "-m", "spineauto", "convert", "sparse", str(SHARED_DATA / UNLABELLED["t2s_uncropped"]),
                             str(SHARED_DATA / REAL_CASES["t2s"][1]), "-d", str(dataset_id), "--case", "t2s_uncropped",
-                            "--margin-mm", str(SPARSE_MARGIN_MM)], env), "convert sparse")
+                            "--margin-mm", str(margin_mm)], env), "convert sparse")
     label_file = folder / "labelsTr" / "t2s_uncropped.nii.gz"
     img = nib.load(str(label_file))
     labels = np.asanyarray(img.dataobj).copy()
