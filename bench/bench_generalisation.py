@@ -318,6 +318,8 @@ def train_model(run_dir: Path, tool: str, variant: str, train_cases: list[str], 
     else:
         check_run(run_measured([str(VENV_BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "2d",
                                 "-np", "2", "-npfp", "2"], env), "nnU-Net plan_and_preprocess")
+        plans = json.loads(next((run_dir / "nn_preprocessed").glob("Dataset*/nnUNetPlans.json")).read_text())
+        batch = int(plans["configurations"]["2d"]["batch_size"])  # 4 for the six cases; 24 with the sparse case
     iters = max(1, round(samples / batch))
     epochs = max(1, min(30, iters // 50))
     per_epoch = max(1, round(iters / epochs))
