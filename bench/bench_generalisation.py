@@ -6,8 +6,9 @@ cropped near the cord). Every model trains on fold ``all`` for the same number o
 
 - ``full``: all six cases; tested on shift no training case has:
   * ``t2s_uncropped`` (320x320, the whole neck at 0.5 mm): the ``t2s`` cord mask carried over
-    through the affines (nearest neighbour; the two grids differ by a small shear, so exact Dice
-    means little): cord recall, false-positive volume farther than 5 mm from the carried cord on
+    through the affines (nearest neighbour; the two headers disagree by a shear: the carried cord lies
+    4-8 mm beside the cord on levels 3-6, less above, so recall stays low for every model and exact
+    Dice means nothing): cord recall, false-positive volume farther than 5 mm from the carried cord on
     the slices it covers, and the number of connected components;
   * ``dwi_mean`` and ``fmri_tsnr`` (no masks): components, the share of slices with cord, and
     whether the result is one tube through every slice;
