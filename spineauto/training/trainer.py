@@ -368,8 +368,8 @@ class Trainer:
                         log.info("%s; stopped after epoch %d (checkpoint_final.pt is its checkpoint)", self.stop_reason, epoch)
                 if self.info.enabled:
                     self._share_stop()
-                if epoch + 1 == cfg.epochs or self.stop_reason:
-                    self._take_average()  # every rank ends with the same weights (rank 0 took them for its checkpoint)
+                if not main and (epoch + 1 == cfg.epochs or self.stop_reason):
+                    self._take_average()  # the other ranks end with the weights rank 0 took for its checkpoint
                 if self.stop_reason:
                     break
             if main:
