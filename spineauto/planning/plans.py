@@ -128,6 +128,8 @@ class AugmentationPlan:
     # sends them to random levels, either brighter (training/augment.py cord_contrast_curve); instead of intensity_curves
     whole_neck: float = 0.0  # per sample of a cord model: a whole-neck phantom patch, tissues at random intensities,
     # instead of a real crop (training/synthetic.py); the planner sets it for a `2d` cord configuration
+    vertebral_cortex: float = 0.0  # per whole-neck patch: the vertebral bodies drawn with a cortical shell of its own
+    # random intensity (a round body in a ring, in front of the canal, is not the cord)
     transforms: list[dict[str, Any]] = field(default_factory=list)  # extra transforms after these: {name: registered or package.module:Name, ...arguments}
 
 
@@ -429,7 +431,7 @@ def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> No
     positive("loss.label_smoothing", lo.label_smoothing, strict=False, top=1.0, top_open=True)
     a = cfg.augmentation
     positive("augmentation.probability", a.probability, strict=False, top=1.0)
-    for key in ("intensity_curves", "inversion", "non_monotone", "bias_field", "cord_contrast", "whole_neck"):
+    for key in ("intensity_curves", "inversion", "non_monotone", "bias_field", "cord_contrast", "whole_neck", "vertebral_cortex"):
         positive(f"augmentation.{key}", getattr(a, key), strict=False, top=1.0)
     positive("augmentation.rotation_degrees", a.rotation_degrees, strict=False)
     positive("augmentation.noise_variance", a.noise_variance, strict=False)

@@ -44,7 +44,7 @@ _ADDED_WITH_RUN_CONFIGS = {  # plan fields added with the run configurations (sp
     "optim": ("warmup_epochs", "min_lr", "plateau_patience", "plateau_factor", "plateau_monitor", "optimizer_kwargs", "schedule_kwargs",
               "weight_average"),
     "loss": ("name", "focal_gamma", "tversky_alpha", "tversky_beta", "tversky_gamma", "kwargs"),
-    "augmentation": ("transforms", "cord_contrast"),
+    "augmentation": ("transforms", "cord_contrast", "vertebral_cortex"),
 }
 _NETWORK_DEFAULTS = {"output_activation": "softmax", "kwargs": {}}
 

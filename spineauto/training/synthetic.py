@@ -29,6 +29,7 @@ FOV_SCALES = (2.0, 3.0)  # in-plane field of view of the phantoms, times a cord 
 CORD_TISSUES = (WM, GM, LESION)  # the phantom tissues of the cord label
 MAX_TUBES = 6  # extra round structures per sample (vessels, oesophagus, trachea), each with its own random intensity
 TUBE_RADIUS_MM = (1.5, 9.0)
+CORTEX_MM = (0.7, 2.5)  # thickness of a vertebral body's cortical shell (augmentation.vertebral_cortex), partial volume included
 
 
 def neck_context(plans: Plans, plan: ConfigurationPlan) -> "NeckContext | None":
@@ -37,7 +38,7 @@ def neck_context(plans: Plans, plan: ConfigurationPlan) -> "NeckContext | None":
     share = float(plan.augmentation.whole_neck)
     if share <= 0 or plan.localise is None or plan.task != "segmentation" or len(plans.channel_names) != 1:
         return None
-    return NeckContext(plan, plans.cord_value(plan), share)
+    return NeckContext(plan, plans.cord_value(plan), share, float(plan.augmentation.vertebral_cortex))
 
 
 @dataclass
@@ -45,6 +46,7 @@ class NeckContext:
     plan: ConfigurationPlan
     cord_value: int
     share: float
+    cortex: float = 0.0  # share of the patches whose vertebral bodies get a cortical shell
     _maps: list = field(default_factory=list, repr=False)  # (S, H, W) int8 tissue codes in the plan's layout
     _cord: list = field(default_factory=list, repr=False)  # (n, 3) cord voxels of each map
 
@@ -93,6 +95,18 @@ class NeckContext:
             out[(yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2] = len(TISSUES) + 2 * j
         return out
 
+    def _with_cortex(self, plane: np.ndarray, mean: np.ndarray, texture: np.ndarray, rng: np.random.Generator):
+        """``plane`` with a shell of random thickness (CORTEX_MM) around each vertebral body, a tissue of its own
+        with its own random intensity: the body becomes a round structure in a ring in front of the canal, as a
+        real vertebral body or dens in its dark cortex is, and the label says it is not the cord."""
+        from spineauto.datasets.phantoms import BONE
+
+        bone = plane == BONE
+        px = max(1, int(round(rng.uniform(*CORTEX_MM) / float(self.plan.target_spacing[0]))))
+        out = plane.copy()
+        out[bone & ~ndimage.binary_erosion(bone, iterations=px)] = len(mean)
+        return out, np.append(mean, rng.uniform(0, 1)), np.append(texture, rng.uniform(0, 0.08))
+
     def mix(self, batch: dict, rng: np.random.Generator, n_foreground: int) -> dict:
         """``batch`` ({"data": (B, 1, h, w), "seg": (B, 1, h, w)}) with each sample replaced by a whole-neck
         patch with probability ``share``; the last ``n_foreground`` samples' patches are centred on the cord."""
@@ -118,6 +132,8 @@ class NeckContext:
         n = len(TISSUES) + 2 * MAX_TUBES
         mean, texture = rng.uniform(0, 1, n), rng.uniform(0, 0.08, n)
         mean[0] = rng.uniform(0, 0.1)  # air: dark on every MRI contrast
+        if self.cortex > 0 and rng.uniform() < self.cortex:
+            plane, mean, texture = self._with_cortex(plane, mean, texture, rng)
         img = _render(plane, mean, texture, rng)
         return _window(img, np.where(np.isin(plane, CORD_TISSUES), self.cord_value, 0), y0, x0, h, w)
 
