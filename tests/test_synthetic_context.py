@@ -151,3 +151,45 @@ def test_plans_and_run_configs_written_with_composites_load_and_draw_the_same_ba
     assert fold_plan(tmp_path, context.plan).optim.initial_lr == 0.0042 and "unreadable" not in caplog.text
     overrides, _, _ = read_overrides(RunSpec(config=path), "2d")
     assert "composite" not in overrides["augmentation"] and overrides["optim"]["initial_lr"] == 0.0042
+
+
+def test_vertebral_cortex_rings_each_body_with_a_tissue_of_its_own_and_is_off_by_default(cord_plans, context):
+    """``augmentation.vertebral_cortex``: the outer shell of every vertebral body becomes a new tissue with its
+    own intensity (the body's interior stays bone, nothing else changes, the label is untouched); off, a patch
+    is drawn exactly as before (same generator stream); older plans load with it off; 1.5 is refused."""
+    import json
+
+    from scipy import ndimage
+
+    from spineauto.datasets.phantoms import BONE
+    from spineauto.errors import SpineautoError
+    from spineauto.planning.plans import Plans
+    from spineauto.training.synthetic import CORTEX_MM, neck_context
+
+    plan = cord_plans.configurations["2d"]
+    assert plan.augmentation.vertebral_cortex == 0 and context.cortex == 0  # an option, off in the plan
+    m = context.maps()[0]
+    plane = next(m[s] for s in range(m.shape[0]) if (m[s] == BONE).sum() > 200)
+    bone = plane == BONE
+    mean, texture = np.linspace(0, 1, 30), np.full(30, 0.01)
+    out, mean2, texture2 = context._with_cortex(plane, mean, texture, np.random.default_rng(0))
+    shell = out == 30
+    assert len(mean2) == len(texture2) == 31 and (mean2[:30] == mean).all()
+    assert (bone & ~ndimage.binary_erosion(bone) <= shell).all() and (plane[shell] == BONE).all()  # the border, in bone
+    assert (out == BONE).any() and (out[~shell] == plane[~shell]).all()  # an interior left, the rest unchanged
+    depth = ndimage.distance_transform_edt(bone)[shell].max() * plan.target_spacing[0]
+    assert depth <= CORTEX_MM[1] + plan.target_spacing[0]
+
+    ringed = dataclasses.replace(context, cortex=1.0)
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    np.testing.assert_array_equal(context.patch(rng_a, [64, 64], True)[0], dataclasses.replace(context, cortex=0.0).patch(rng_b, [64, 64], True)[0])
+    a, b = ringed.patch(np.random.default_rng(5), [64, 64], True), context.patch(np.random.default_rng(5), [64, 64], True)
+    np.testing.assert_array_equal(a[1], b[1])  # the same label: the cortex is background
+    on = dataclasses.replace(plan, augmentation=dataclasses.replace(plan.augmentation, vertebral_cortex=0.5))
+    assert neck_context(cord_plans, on).cortex == 0.5
+    older = cord_plans.to_dict()
+    del older["configurations"]["2d"]["augmentation"]["vertebral_cortex"]
+    assert Plans.from_dict(json.loads(json.dumps(older))).configurations["2d"].augmentation.vertebral_cortex == 0.0
+    older["configurations"]["2d"]["augmentation"]["vertebral_cortex"] = 1.5
+    with pytest.raises(SpineautoError, match="augmentation.vertebral_cortex"):
+        Plans.from_dict(older)
