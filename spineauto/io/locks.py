@@ -99,7 +99,8 @@ def _acquire(path: Path, what: str) -> dict:
             holder = _wait_for_content(path)
             if holder is not None and holder_alive(holder):
                 raise SpineautoError(_held_message(path, what, holder)) from None
-            _take_over(path, holder)
+            if holder is not None or path.exists():  # gone meanwhile: released, nothing to take over
+                _take_over(path, holder)
             continue
         except OSError as e:
             raise SpineautoError(_os_message(path, e, what)) from None
@@ -123,7 +124,9 @@ def _release(path: Path, token: str) -> None:
 
 
 def _take_over(path: Path, stale: dict | None) -> None:
-    """Remove a stale lock, unless someone else replaced it meanwhile (a guard file serialises takers-over)."""
+    """Remove a stale lock, unless someone else replaced it meanwhile (a guard file serialises takers-over).
+    ``stale`` None: an unreadable file, removed only while it is still unreadable and older than
+    WRITE_GRACE_S (a file another process has just created is empty too, until it writes who it is)."""
     guard = path.with_name(path.name + ".takeover")
     try:
         fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -138,7 +141,8 @@ def _take_over(path: Path, stale: dict | None) -> None:
     os.close(fd)
     try:
         now = read_lock(path)
-        same = (now is None and stale is None) or (now is not None and stale is not None and now.get("token") == stale.get("token"))
+        same = (now.get("token") == stale.get("token") if now is not None and stale is not None
+                else now is None and stale is None and _age(path) > WRITE_GRACE_S)
         if same and path.exists():
             path.unlink()
             if stale is None:

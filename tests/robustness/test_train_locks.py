@@ -89,6 +89,30 @@ def test_processes_racing_for_a_stale_lock_take_it_over_once(tmp_path):
     assert records[-1]["log"].count(f"taking over the lock of pid {dead.pid}") == 1
 
 
+def test_a_lock_file_just_created_by_another_process_is_never_taken_over(tmp_path, monkeypatch):
+    """The holder releases between our failed create and our read, and a third process creates the file again
+    (empty until it writes who it is): that file is not a stale one, and it must stay."""
+    from spineauto.io import locks
+
+    lock = tmp_path / "fold.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now", "token": "holder"}))
+    wait, swapped = locks._wait_for_content, []
+
+    def released_and_recreated(path):
+        if not swapped:
+            path.unlink()
+            path.touch()  # the third process, between its create and its write
+            swapped.append(True)
+            return None
+        return wait(path)
+
+    monkeypatch.setattr(locks, "_wait_for_content", released_and_recreated)
+    with pytest.raises(SpineautoError, match="taking this lock right now"):
+        with exclusive_lock(lock, "the test"):
+            pass
+    assert swapped and lock.exists() and lock.read_text() == ""
+
+
 # -- the train command against a locked fold ---------------------------------------------------------------------
 HOLDER = r"""
 import sys, time
