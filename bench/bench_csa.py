@@ -13,6 +13,9 @@ the defaults (TTA, the model's postprocessing):
 - *the real pair on one grid*: ``mt/mt0`` (MT off) and ``mt/mt1`` (MT on), the same cord in two
   contrasts, each against its own manual mask. A model trained on them (the ``full`` scenario) has seen
   them: pass ``--mt-model`` trained without them (``bench_generalisation.py --scenarios loco-MT``);
+- *the labels* (``--labels``, no model): the real manual cord masks' mean CSA on the S-I levels each shares
+  with ``t2``'s, against ``t2``'s there: one subject, so the differences are the contrasts' outlining habits,
+  which a model trained on those masks learns with the cord;
 - *probes* (on unless ``--no-probes``): the same anatomies once more, each in a contrast with one tissue's
   intensity changed (PROBES), to tell a contrast's deficit from the CSF's polarity: a T2w whose CSF is
   darker than the cord, a T1w whose CSF is brighter than it.
@@ -237,9 +240,37 @@ def reference_lines(cases: dict[str, dict], csa: dict[str, dict[str, float]]) ->
             f"range {min(e):+.1f} .. {max(e):+.1f} % over {len(e)} cases; mean CSA {statistics.mean(c['reference'] for c in csa.values()):.1f} mm²")
 
 
+def label_conventions(reference: str = "t2") -> str:
+    """The training labels themselves: each real manual cord mask's mean CSA on the world levels (S-I) it shares
+    with ``reference``'s mask, against ``reference``'s there. One subject, one session: the same cord, so what
+    differs is how each contrast was outlined (a model that learns its labels learns that too)."""
+    from common import REAL_CASES
+
+    def profile(case: str) -> tuple[np.ndarray, np.ndarray]:
+        img = nib.load(str(SHARED_DATA / REAL_CASES[case][1]))
+        mask, affine = np.asanyarray(img.dataobj) > 0, img.affine
+        ax = int(np.argmax(np.abs(affine[2, :3])))  # the voxel axis nearest to S-I
+        other = tuple(i for i in range(3) if i != ax)
+        area = mask.sum(axis=other) * float(np.prod(np.linalg.norm(affine[:3, :3], axis=0)[list(other)]))
+        z = affine[2, ax] * np.arange(mask.shape[ax]) + affine[2, 3]  # world S of each level through the volume's corner
+        return z[area > 0], area[area > 0]
+
+    zr, ar = profile(reference)
+    rows = []
+    for case in REAL_CASES:
+        z, a = profile(case)
+        lo, hi = max(z.min(), zr.min()), min(z.max(), zr.max())
+        if case == reference or lo >= hi:
+            continue
+        mine, ref = a[(z >= lo) & (z <= hi)].mean(), ar[(zr >= lo) & (zr <= hi)].mean()
+        rows.append([case, f"{lo:.0f} .. {hi:.0f}", f"{mine:.1f}", f"{ref:.1f}", f"{100 * (mine / ref - 1):+.1f} %"])
+    return format_table(["manual mask", "shared S-I range (mm)", "its mean CSA mm²", f"{reference}'s there", "difference"], rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-m", "--model", type=Path, required=True, help="cord model folder (or bundle) predicting the phantoms")
+    ap.add_argument("-m", "--model", type=Path, help="cord model folder (or bundle) predicting the phantoms")
+    ap.add_argument("--labels", action="store_true", help="only the training labels' own CSA per contrast on shared levels (no model)")
     ap.add_argument("--mt-model", type=Path, help="model for mt0/mt1 (default: --model; it should not have trained on them)")
     ap.add_argument("--anatomies", type=int, default=4, help="phantom subjects, each in 3 contrasts")
     ap.add_argument("--seed", type=int, default=3)
@@ -248,6 +279,12 @@ def main() -> None:
     ap.add_argument("--thresholds", type=float, nargs="*", default=(), help="more thresholds to report")
     ap.add_argument("--no-probes", dest="probes", action="store_false", help="leave out the probes (PROBES: one tissue's intensity changed)")
     args = ap.parse_args()
+    if args.labels:
+        print(f"\n{command_line()}\n\nthe real manual masks against t2's on the levels they share (one subject):")
+        print(label_conventions())
+        return
+    if args.model is None:
+        ap.error("-m/--model is required (or --labels)")
     images, refs = args.work / "images", args.work / "refs"
     if not args.reuse:
         shutil.rmtree(images, ignore_errors=True)
