@@ -81,8 +81,12 @@ def test_sigkill_at_a_seeded_moment_then_rerun_equals_uninterrupted(case, root, 
     proc = spawn(*RUN)
     try:
         _wait_for(fold, writes, proc, time.time() + 120)
-        if case == 0:  # the running train holds the fold: a second one is refused, naming it
-            code, err = train(capsys, *RUN, "--continue")
+        if case == 0:  # the running train holds the fold: a second one is refused, naming it; the first is
+            os.killpg(proc.pid, signal.SIGSTOP)  # frozen meanwhile, so that a slow refusal on a loaded machine
+            try:  # cannot let it finish before the moment (it still holds the lock: alive, only stopped)
+                code, err = train(capsys, *RUN, "--continue")
+            finally:
+                os.killpg(proc.pid, signal.SIGCONT)
             one_error(code, err, f"is locked by pid {proc.pid} on this host since")
         time.sleep(delay)
     finally:
