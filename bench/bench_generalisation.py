@@ -89,12 +89,11 @@ VARIANTS: dict[str, dict] = {
     "sparse-margin-10": {},  # the sparse case with background from 10 mm of the carried cord (SPARSE_MARGINS)
     "sparse-curves-quarter": {"augmentation": {"intensity_curves": 0.25}},  # the recipe, half as many samples through a curve
     "sparse-monotone": {"augmentation": {"non_monotone": 0.0}},  # the recipe, monotone curves only (tissues keep or invert their order)
-    "sparse-boundary-ignore": {"loss": {"boundary_ignore": 1}},  # the recipe, the real labels' edge ignored: the phantoms set where the cord ends
 }
 TRAIN_ARGS: dict[str, list[str]] = {"fp32": ["--no-amp"]}  # spineauto train options of a variant
 SPARSE_VARIANTS = {"sparse-uncropped", "sparse-cord-contrast", "sparse-weight-average", "sparse-weight-average-quarter",
                    "sparse-cord-contrast-average", "sparse-margin-10", "sparse-cortex", "sparse-no-whole-neck",
-                   "sparse-no-intensity-aug", "sparse-curves-quarter", "sparse-monotone", "sparse-boundary-ignore"}  # the plan, with t2s_uncropped added as a sparse case (its held-out levels all ignore)
+                   "sparse-no-intensity-aug", "sparse-curves-quarter", "sparse-monotone"}  # the plan, with t2s_uncropped added as a sparse case (its held-out levels all ignore)
 SPARSE_MARGIN_MM = 15.0  # spineauto convert sparse's default: the carried cord lies up to ~10 mm off on this pair
 SPARSE_MARGINS = {"sparse-margin-10": 10.0}  # variants with another margin (the carried cord's offset here: up to ~8.5 mm)
 SPARSE_HELD_OUT = tuple(range(6, 11))  # levels (slices) of t2s_uncropped never labelled in training, scored in the held-out columns

@@ -161,65 +161,6 @@ def test_oversampling_never_targets_ignore_and_other_patches_centre_on_labelled_
         assert centre == 1 if i % 2 == 0 else centre in (0, 1)
 
 
-
-# -- a band of ignore around the real labels' boundary (loss.boundary_ignore) --------------------------
-def _disc_batch(ignore: int = 3) -> np.ndarray:
-    yy, xx = np.mgrid[:24, :24]
-    seg = np.zeros((2, 1, 24, 24), np.int16)
-    seg[0, 0][(yy - 12) ** 2 + (xx - 12) ** 2 <= 25] = 1  # a cord of radius 5 ...
-    seg[0, 0][(yy - 12) ** 2 + (xx - 12) ** 2 <= 2] = 2  # ... with a lesion in it
-    seg[0, 0, :, 20:] = ignore  # and unlabelled columns
-    seg[1, 0, :, :6] = 1  # a cord cut by the patch's own edge
-    return seg
-
-
-@pytest.mark.parametrize("width", [1, 2])
-def test_boundary_band_ignores_both_sides_of_the_outer_edge_only(width):
-    from scipy import ndimage
-
-    from spineauto.training.data import boundary_band
-
-    seg = _disc_batch()
-    out = boundary_band(seg, 3, width)
-    fg = seg[0, 0] == 1
-    fg |= seg[0, 0] == 2
-    dist_in = ndimage.distance_transform_cdt(fg, metric="taxicab")  # steps to the nearest background voxel
-    dist_out = ndimage.distance_transform_cdt(~fg, metric="taxicab")  # steps to the nearest cord voxel
-    band = (fg & (dist_in <= width)) | (~fg & (dist_out <= width))
-    labelled = seg[0, 0] != 3
-    assert (out[0, 0][band & labelled] == 3).all()
-    np.testing.assert_array_equal(out[0, 0][~band], seg[0, 0][~band])  # the core, the lesion, far background, old ignore
-    assert (out[0, 0] == 2).sum() == (seg[0, 0] == 2).sum() and (out[0, 0] == 1).sum() == (fg & (dist_in > width)).sum() - (seg[0, 0] == 2).sum()
-    assert (out[1, 0, :, 0] == 1).all(), "where the cord leaves the patch there is no boundary"
-    assert (out[1, 0, :, 6 - width:6 + width] == 3).all() and (out[1, 0, :, :6 - width] == 1).all()
-
-
-def test_boundary_band_is_in_training_batches_only_and_follows_the_plan(tmp_path):
-    """The segmentation task's sampler carries the plan's width and the dataset's ignore label; training
-    batches get the band, validation batches keep the labels as drawn; a plan asking for it without an
-    ignore label is refused in one line."""
-    from spineauto.planning.plans import _check_configuration
-    from spineauto.training.data import TRAIN, VAL, CaseStore, KeyedBatches
-    from spineauto.training.tasks import SegmentationTask
-
-    plans, plan = _plans("dice_ce")
-    plan.loss.boundary_ignore = 1
-    _check_configuration(plan, plans, "plans")
-    sampler = SegmentationTask(plans, plan).make_sampler(CaseStore(tmp_path, {}))
-    assert (sampler.boundary_ignore, sampler.ignore) == (1, 3)
-    sampler.sample = lambda cases, b, rng, size: {"data": np.zeros((2, 1, 24, 24), np.float32), "seg": _disc_batch(), "keys": ["c", "c"]}
-    batches = KeyedBatches(sampler, lambda **b: b, ["c"], ["c"], 2, [24, 24], [24, 24], seed=0, rank=0)
-    train, val = batches[(TRAIN, 0, 0)]["seg"].numpy(), batches[(VAL, 0, 0)]["seg"].numpy()
-    np.testing.assert_array_equal(val, _disc_batch())
-    assert (train == 3).sum() > (val == 3).sum() + 40 and ((train == 1) | (train == 2)).sum() < (val == 1).sum()
-    plans.ignore_label = None
-    with pytest.raises(SpineautoError, match=r"plans\.loss\.boundary_ignore: must be 0 for dataset D, which has no ignore label") as e:
-        _check_configuration(plan, plans, "plans")
-    assert "\n" not in str(e.value)
-    plans.ignore_label, plan.loss.boundary_ignore = 3, 4
-    with pytest.raises(SpineautoError, match=r"boundary_ignore: must be a whole number of voxels, 0 to 3, got 4"):
-        _check_configuration(plan, plans, "plans")
-
 # -- evaluate ----------------------------------------------------------------------------------------
 def _masks(tmp_path: Path, ref: np.ndarray, pred: np.ndarray) -> tuple[Path, Path]:
     for name, arr in (("gt", ref), ("pred", pred)):

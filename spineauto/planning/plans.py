@@ -104,10 +104,6 @@ class LossPlan:
     tversky_beta: float = 0.7  # tversky / focal_tversky: weight of false negatives (> alpha favours recall: small lesions)
     tversky_gamma: float = 0.75  # focal_tversky: loss = (1 - Tversky index) ** gamma
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a plug-in loss class
-    # voxels on either side of the foreground's outer boundary in the real training patches set to the dataset's
-    # ignore label (in no loss): where the cord ends is then learnt from the whole-neck phantoms' geometric truth,
-    # not from each contrast's annotation habit (training/data.py boundary_band); 0: off
-    boundary_ignore: int = 0
 
 
 @dataclass
@@ -433,11 +429,6 @@ def _check_configuration(cfg: ConfigurationPlan, plans: Plans, where: str) -> No
             where_ = f"trainer.callbacks[{i}]" if i < len(t.callbacks) else f"augmentation.transforms[{i - len(t.callbacks)}]"
             fail(where_, "a mapping with a name (registered or package.module:Name) and its arguments", entry)
     positive("loss.label_smoothing", lo.label_smoothing, strict=False, top=1.0, top_open=True)
-    if not isinstance(lo.boundary_ignore, int) or isinstance(lo.boundary_ignore, bool) or not 0 <= lo.boundary_ignore <= 3:
-        fail("loss.boundary_ignore", "a whole number of voxels, 0 to 3", lo.boundary_ignore)
-    if lo.boundary_ignore and plans.ignore_label is None:
-        fail("loss.boundary_ignore", f"0 for dataset {plans.dataset_name}, which has no ignore label (add one to dataset.json's labels, "
-             "e.g. with `spineauto convert sparse`)", lo.boundary_ignore)
     a = cfg.augmentation
     positive("augmentation.probability", a.probability, strict=False, top=1.0)
     for key in ("intensity_curves", "inversion", "non_monotone", "bias_field", "cord_contrast", "whole_neck", "vertebral_cortex"):

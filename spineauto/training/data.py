@@ -80,41 +80,12 @@ def crop_padded(array: np.ndarray, s: int, y0: int, x0: int, size: list[int]) ->
     return out
 
 
-def boundary_band(seg: np.ndarray, ignore: int, width: int) -> np.ndarray:
-    """``seg`` (B, 1, h, w) with the voxels within ``width`` of the foreground's outer boundary, in-plane and
-    on either side, set to ``ignore`` (the cord's edge and the ring just outside it). Inner boundaries (a lesion
-    in the cord) and voxels already ``ignore`` stay as they are; a patch's own edge is no boundary."""
-    from scipy import ndimage
-
-    out = seg.copy()
-    cross = ndimage.generate_binary_structure(2, 1)
-    for b in range(seg.shape[0]):
-        labelled = seg[b, 0] != ignore
-        fg = (seg[b, 0] > 0) & labelled
-        if not fg.any():
-            continue
-        grown = ndimage.binary_dilation(fg, cross, iterations=width)
-        core = ndimage.binary_erosion(fg, cross, iterations=width, border_value=1)
-        out[b, 0][grown & ~core & labelled] = ignore
-    return out
-
-
 @dataclass
 class SegmentationPatchSampler:
-    """Random 2D patches; the last ``round(B * oversample)`` samples of a batch hold foreground (nnU-Net's rule).
-    With ``boundary_ignore`` (and the dataset's ``ignore`` label), :meth:`for_training` sets a band of that many
-    voxels around the foreground's boundary to ignore in training batches (plan ``loss.boundary_ignore``)."""
+    """Random 2D patches; the last ``round(B * oversample)`` samples of a batch hold foreground (nnU-Net's rule)."""
 
     store: CaseStore
     oversample: float = 0.33
-    boundary_ignore: int = 0
-    ignore: int | None = None
-
-    def for_training(self, batch: dict) -> dict:
-        """A batch of real patches as training sees it (validation batches keep their labels)."""
-        if self.boundary_ignore and self.ignore is not None:
-            batch["seg"] = boundary_band(batch["seg"], self.ignore, self.boundary_ignore)
-        return batch
 
     def sample(self, cases: list[str], batch_size: int, rng: np.random.Generator, size: list[int]) -> dict:
         n_fg = int(round(batch_size * self.oversample))
@@ -169,8 +140,6 @@ class KeyedBatches(torch.utils.data.Dataset):
         rng = np.random.default_rng(ss)
         if split == TRAIN and self.transforms is not None:
             batch = self.sampler.sample(self.cases[TRAIN], self.batch_size, rng, self.sample_size)
-            if hasattr(self.sampler, "for_training"):
-                batch = self.sampler.for_training(batch)
             if self.context is not None:
                 batch = self.context.mix(batch, rng, int(round(self.batch_size * getattr(self.sampler, "oversample", 0.0))))
             state = ss.generate_state(2)

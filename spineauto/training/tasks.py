@@ -84,7 +84,7 @@ class SegmentationTask:
     def make_sampler(self, store):
         from spineauto.training.data import SegmentationPatchSampler
 
-        return SegmentationPatchSampler(store, self.plan.foreground_oversampling, self.plan.loss.boundary_ignore, self.ignore)
+        return SegmentationPatchSampler(store, self.plan.foreground_oversampling)
 
     def loss(self, output: dict, batch: dict) -> torch.Tensor:
         return self.criterion(output["seg"], batch["seg"].long())
