@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generalisation import shift_image, through_axis  # noqa: E402
-from common import REPO, SHARED_DATA, VENV_BIN, check_run, command_line, format_table, run_measured  # noqa: E402
+from common import REAL_CASES, REPO, SHARED_DATA, VENV_BIN, check_run, command_line, format_table, run_measured  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from spineauto.datasets.phantoms import CSF  # noqa: E402
@@ -244,8 +244,6 @@ def label_conventions(reference: str = "t2") -> str:
     """The training labels themselves: each real manual cord mask's mean CSA on the world levels (S-I) it shares
     with ``reference``'s mask, against ``reference``'s there. One subject, one session: the same cord, so what
     differs is how each contrast was outlined (a model that learns its labels learns that too)."""
-    from common import REAL_CASES
-
     def profile(case: str) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(str(SHARED_DATA / REAL_CASES[case][1]))
         mask, affine = np.asanyarray(img.dataobj) > 0, img.affine
