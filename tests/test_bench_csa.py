@@ -79,3 +79,28 @@ def test_probes_change_only_the_csf_and_leave_the_table_as_it_was(tmp_path):
         assert changed[inside].mean() == pytest.approx(base[inside].mean(), rel=0.02)
         cord_minus_ring = [img[inside].mean() - img[ring].mean() for img in (base, changed)]
         assert np.sign(cord_minus_ring[0]) != np.sign(cord_minus_ring[1])  # the CSF crossed the cord's intensity
+
+
+def test_label_conventions_compares_masks_on_the_levels_they_share_whatever_their_orientation(tmp_path, monkeypatch):
+    """A sagittal reference (S-I along its second voxel axis) and an axial mask (S-I along its third, 2 mm slices)
+    of vertical cords with known cross-sections, overlapping on part of their S-I range: the table holds the
+    axial mask's area against the reference's on the shared range only; a mask sharing no level gets no row."""
+    sag = np.zeros((20, 40, 20), np.uint8)  # x = R-L, y = S-I (1 mm), z = A-P
+    sag[5:15, :, 5:13] = 1  # 10 x 8 mm = 80 mm² on every level, S from 0 to 39 mm ...
+    sag[5:15, :10, 9:13] = 0  # ... but 40 mm² on levels S 0..9, outside the axial mask's range
+    sag_affine = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], float)
+    ax = np.zeros((30, 30, 10), np.uint8)  # 0.5 mm in-plane, 2 mm slices from S 20 to 38
+    ax[5:25, 5:19, :] = 1  # 10 x 7 mm = 70 mm²
+    ax_affine = np.diag([0.5, 0.5, 2.0, 1.0])
+    ax_affine[2, 3] = 20.0
+    far = ax.copy()
+    far_affine = ax_affine.copy()
+    far_affine[2, 3] = 100.0
+    for name, data, affine in (("sag", sag, sag_affine), ("ax", ax, ax_affine), ("far", far, far_affine)):
+        nib.save(nib.Nifti1Image(data, affine), str(tmp_path / f"{name}.nii.gz"))
+    monkeypatch.setattr(bench_csa, "SHARED_DATA", tmp_path)
+    monkeypatch.setattr(bench_csa, "REAL_CASES", {k: ("", f"{k}.nii.gz") for k in ("sag", "ax", "far")})
+    rows = [line for line in bench_csa.label_conventions("sag").splitlines() if line.startswith("| ax") or line.startswith("| far")]
+    assert len(rows) == 1, "a mask sharing no level with the reference gets no row"
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells == ["ax", "20 .. 38", "70.0", "80.0", "-12.5 %"]
