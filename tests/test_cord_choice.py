@@ -157,7 +157,8 @@ def planned(tmp_path_factory):
 
 def test_each_pass_is_handed_over_as_its_own_mirrored_prediction_slab_by_slab(planned, monkeypatch):
     """``pass_sink`` gets, per slab, the cord channel of every pass (unmirrored first, then the mirror
-    combinations) as that mirrored input alone predicts it; their mean is the averaged probability.
+    combinations) as that mirrored input alone predicts it; the averaged prediction is
+    the softmax of their mean logits.
     Without test-time augmentation nothing is handed over."""
     from spineauto.inference import predictor
 
@@ -173,12 +174,15 @@ def test_each_pass_is_handed_over_as_its_own_mirrored_prediction_slab_by_slab(pl
     assert [(first, p.shape[:2]) for first, p in got] == [(0, (4, 2)), (2, (4, 2)), (4, (4, 1))]
     passes = torch.cat([p for _, p in got], 1).numpy()
     assert passes.dtype == np.float32 and passes.shape == (4, *data.shape[1:])
+    alone = []
     for m, dims in enumerate([()] + predictor.mirror_combinations(plan.augmentation.mirror_axes)):
         flipped = np.flip(data, axis=dims).copy() if dims else data  # (C, S, H, W): the batch's dims 2, 3 are H, W here too
-        alone = predictor.predict_layout(model.networks, flipped, plan, cpu, tta=False)[1]
-        alone = np.flip(alone, axis=tuple(d - 1 for d in dims)) if dims else alone
-        np.testing.assert_allclose(passes[m], alone, atol=1e-5)
-    np.testing.assert_allclose(passes.mean(0), out.seg[1].numpy(), atol=1e-5)
+        p = predictor.predict_layout(model.networks, flipped, plan, cpu, tta=False)
+        alone.append(np.flip(p, axis=dims) if dims else p)  # (K, S, H, W): H, W are dims 2, 3 too
+        np.testing.assert_allclose(passes[m], alone[m][1], atol=1e-5)
+    # the averaged prediction is the softmax of the passes' mean logits (= of their mean log-probability)
+    mean_log = torch.from_numpy(np.mean([np.log(np.clip(p, 1e-30, None)) for p in alone], axis=0)).double()
+    np.testing.assert_allclose(torch.softmax(mean_log, 0)[1].numpy(), out.seg[1].numpy(), atol=1e-5)
     assert np.abs(passes[0] - passes[1]).max() > 1e-3  # a random network: the passes differ
     predictor.run_networks(model.networks, data, plan, cpu, tta=False, pass_channel=1, pass_sink=lambda *a: slabs.append(a))
     assert slabs == []

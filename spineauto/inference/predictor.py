@@ -6,14 +6,17 @@ size (zero-padded, centred, where a slice is smaller; nnunetv2's step computatio
 overlap). Tiles of many slices go through each network (fold) and each mirrored copy (test-time
 augmentation over ``plan.augmentation.mirror_axes``) together, once; from that one forward pass:
 
-- segmentation: each tile's softmax weighted by nnunetv2's Gaussian importance map, giving
-  probabilities ``(K, S, H, W)``. Every slice has the same in-plane size, so the Gaussian weight
-  sum is one 2D map shared by all slices;
+- segmentation: each tile's logits weighted by nnunetv2's Gaussian importance map and averaged over
+  networks (folds), mirrors and tiles, as nnunetv2's predictor averages them, then the softmax
+  (sigmoid for regions), giving probabilities ``(K, S, H, W)``. Every slice has the same in-plane
+  size, so the Gaussian weight sum is one 2D map shared by all slices;
 - classification heads: each tile's softmax, averaged over the slice's tiles, giving ``(S, K)``
   slice probabilities per head (each slice seen as in training: patch-sized windows).
 
-Networks (folds) and mirrors are averaged for both. With ``pass_channel`` (the cord label), each
-mirrored pass's own probability of that one channel (averaged over the networks) is handed over
+Networks (folds) and mirrors are averaged for both (segmentation logits, classification probabilities;
+averaging logits left fewer false positives on whole necks than averaging probabilities: README,
+"Averaging logits"). With ``pass_channel`` (the cord label), each
+mirrored pass's own probability of that one channel (its logits averaged over the networks) is handed over
 too, slab by slab, so that the cord choice can tell whether the passes agree
 (:class:`spineauto.inference.restore.Restoration` keeps one bit per pass and voxel of it). The case runs in slabs of whole slices, so a
 caller that takes the probabilities slab by slab (the case driver restores each into the mask at
@@ -100,12 +103,12 @@ def run_networks(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: Co
     """One sliding-window pass over a preprocessed case (C, S, H, W): segmentation probabilities
     and/or slice probabilities per classification head, as the plan's task has them.
 
-    ``region_order`` (region-based labels: ``Plans.region_order``): the sigmoid region probabilities,
-    averaged over networks, mirrors and tiles as nnU-Net averages them, become per-label scores whose
+    ``region_order`` (region-based labels: ``Plans.region_order``): the region logits, averaged over
+    networks, mirrors and tiles as nnU-Net averages them, through the sigmoid become per-label scores whose
     argmax paints the regions in that order (:func:`spineauto.networks.outputs.regions_to_labels`).
 
-    Averaged over ``networks`` (folds, on ``device``) and, with ``tta``, over all mirror
-    combinations. ``batch_slices``: tiles per forward pass (default from the patch size and device).
+    Logits averaged over ``networks`` (folds, on ``device``) and, with ``tta``, over all mirror
+    combinations, then the softmax (sigmoid). ``batch_slices``: tiles per forward pass (default from the patch size and device).
     ``amp``: float16 autocast on CUDA.
 
     The case runs in slabs of whole slices (about ``SLAB_PIXELS`` padded pixels each): one slab at a
@@ -116,8 +119,9 @@ def run_networks(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: Co
 
     ``pass_channel`` and ``pass_sink`` (test-time augmentation on, more than one pass): each slab's
     probability of output channel ``pass_channel`` per pass (the unmirrored one first, then
-    :func:`mirror_combinations`' order), averaged over the networks but not over the mirrors,
-    go to ``pass_sink(first_slice, (passes, n, H, W))``: one channel per pass, held for one slab.
+    :func:`mirror_combinations`' order), from that pass's logits averaged over the networks and tiles
+    (not over the mirrors), go to ``pass_sink(first_slice, (passes, n, H, W))``; every channel's logits
+    of every pass are held for one slab.
     """
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
@@ -149,9 +153,11 @@ def run_networks(networks: Sequence[torch.nn.Module], data: np.ndarray, plan: Co
             for head, p in slab_heads.items():
                 heads.setdefault(head, []).append(p)
             if passes is not None:
-                pass_sink(first, passes.div_(weight)[(slice(None), slice(None), *crop)])
+                passes = passes.div_(weight).unflatten(0, (len(tiles.mirrors), -1))[(slice(None), slice(None), slice(None), *crop)]
+                pass_sink(first, seg_probabilities(passes, plan.network.output_activation)[:, pass_channel])
             if acc is not None:
-                probs = acc.div_(weight)[(slice(None), slice(None), *crop)]
+                logits = acc.div_(weight)[(slice(None), slice(None), *crop)]
+                probs = seg_probabilities(logits.transpose(0, 1), plan.network.output_activation).transpose(0, 1)
                 if region_order:
                     probs = regions_to_labels(probs[None], region_order)[0]
                 if seg_sink is not None:
@@ -185,12 +191,12 @@ class _TilePass:
     scale: float  # 1 / (networks x mirrors)
     autocast: Any
     gauss: torch.Tensor | None = None  # the importance map (segmentation)
-    pass_channel: int | None = None  # also sum this channel per mirror (pass), over the networks
+    pass_channel: int | None = None  # also sum the logits per mirror (pass), over the networks
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], torch.Tensor | None]:
-        """(C, n, H, W) -> the Gaussian-weighted probability sum (K, n, H, W) (None without segmentation),
+        """(C, n, H, W) -> the Gaussian-weighted logit sum (K, n, H, W) (None without segmentation),
         per classification head the sum of its tiles' probabilities per slice (n, K), and with
-        ``pass_channel`` that channel's Gaussian-weighted sum per pass (passes, n, H, W) (else None)."""
+        ``pass_channel`` the Gaussian-weighted logit sum per pass (passes x K, n, H, W) (else None)."""
         ph, pw = self.patch
         want_seg, want_cls = self.plan.has_segmentation, self.plan.has_classification
         n = x.shape[1]
@@ -206,14 +212,14 @@ class _TilePass:
                     with self.autocast:
                         out = net(torch.flip(xb, dims) if dims else xb)
                     if want_seg:
-                        p = seg_probabilities(_seg_logits(out), self.plan.network.output_activation)  # softmax, or sigmoid (> 0.5)
+                        logits = _seg_logits(out).float()
                         if dims:
-                            p = torch.flip(p, dims)
-                        if ch is not None:
+                            logits = torch.flip(logits, dims)
+                        if ch is not None:  # this pass's own logits
                             if per_pass is None:
-                                per_pass = torch.zeros((len(self.mirrors), *p[:, ch].shape), device=p.device)
-                            per_pass[m] += p[:, ch]  # before p joins (and becomes) the running sum
-                        probs = p if probs is None else probs.add_(p)
+                                per_pass = torch.zeros((len(self.mirrors), *logits.shape), device=logits.device)
+                            per_pass[m] += logits
+                        probs = logits if probs is None else probs.add_(logits)
                     if want_cls:
                         for head, logits in out["cls"].items():
                             p = torch.softmax(logits.float(), dim=1)
@@ -223,10 +229,10 @@ class _TilePass:
                 if acc is None:
                     acc = torch.zeros((probs.shape[1], n, *x.shape[2:]), device=x.device)
                 _add_tiles(acc, probs.transpose(0, 1), chunk, self.offsets, self.patch)
-                if per_pass is not None:
-                    per_pass.mul_(self.gauss / len(self.networks))
+                if per_pass is not None:  # (passes, B, K, h, w) -> (passes x K, B, h, w)
+                    per_pass = per_pass.mul_(self.gauss / len(self.networks)).transpose(1, 2).flatten(0, 1)
                     if pass_acc is None:
-                        pass_acc = torch.zeros((len(self.mirrors), n, *x.shape[2:]), device=x.device)
+                        pass_acc = torch.zeros((per_pass.shape[0], n, *x.shape[2:]), device=x.device)
                     _add_tiles(pass_acc, per_pass, chunk, self.offsets, self.patch)
             if heads:
                 index = torch.tensor([s for s, _, _ in chunk], device=x.device)
