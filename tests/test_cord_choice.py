@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from spineauto.inference.postprocessing import CONFIDENCE_MARGIN, UNCERTAIN_CORD, CordEvidence, choose_cord_component
+from test_inference_support import softmax_of_mean_log
 
 AFFINE = np.diag([1.0, 1.0, 3.0, 1.0])  # RAS: larger y (second axis) is anterior; S-I on the last axis
 
@@ -181,8 +182,7 @@ def test_each_pass_is_handed_over_as_its_own_mirrored_prediction_slab_by_slab(pl
         alone.append(np.flip(p, axis=dims) if dims else p)  # (K, S, H, W): H, W are dims 2, 3 too
         np.testing.assert_allclose(passes[m], alone[m][1], atol=1e-5)
     # the averaged prediction is the softmax of the passes' mean logits (= of their mean log-probability)
-    mean_log = torch.from_numpy(np.mean([np.log(np.clip(p, 1e-30, None)) for p in alone], axis=0)).double()
-    np.testing.assert_allclose(torch.softmax(mean_log, 0)[1].numpy(), out.seg[1].numpy(), atol=1e-5)
+    np.testing.assert_allclose(softmax_of_mean_log(alone)[1], out.seg[1].numpy(), atol=1e-5)
     assert np.abs(passes[0] - passes[1]).max() > 1e-3  # a random network: the passes differ
     predictor.run_networks(model.networks, data, plan, cpu, tta=False, pass_channel=1, pass_sink=lambda *a: slabs.append(a))
     assert slabs == []

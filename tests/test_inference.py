@@ -14,7 +14,7 @@ import torch
 
 from conftest import planned_phantoms, require_real_data, run_cli
 from spineauto.errors import SpineautoError
-from test_inference_support import OracleNet, dice, make_model_folder
+from test_inference_support import OracleNet, dice, make_model_folder, softmax_of_mean_log
 
 torch.set_num_threads(2)
 
@@ -105,12 +105,6 @@ def _networks(planned_model, folds=("fold_0", "fold_1")):
     return load_model(planned_model, [f.split("_")[1] for f in folds], "final", torch.device("cpu"))
 
 
-def _softmax_of_mean_log(probs: list[np.ndarray]) -> np.ndarray:
-    """Averaged logits, from each pass's softmax probabilities (K, ...)."""
-    t = torch.from_numpy(np.mean([np.log(np.clip(p, 1e-30, None)) for p in probs], axis=0))
-    return torch.softmax(t.double(), dim=0).numpy()
-
-
 def test_tta_and_fold_ensembling(planned, env):
     from spineauto.inference.predictor import mirror_combinations, predict_layout
 
@@ -123,7 +117,7 @@ def test_tta_and_fold_ensembling(planned, env):
     assert both.shape == (3, *data.shape[1:]) and both.dtype == np.float32
     # logits are averaged, as nnU-Net's predictor does: softmax of the mean log-probability (the
     # per-voxel log-sum-exp of each network cancels), not the mean probability
-    np.testing.assert_allclose(both, _softmax_of_mean_log(one), atol=1e-5)
+    np.testing.assert_allclose(both, softmax_of_mean_log(one), atol=1e-5)
     assert np.abs(both - (one[0] + one[1]) / 2).max() > 1e-4
     np.testing.assert_allclose(both.sum(0), 1.0, atol=1e-5)
     tta = predict_layout(model.networks[:1], data, plan, torch.device("cpu"), tta=True)
@@ -138,7 +132,7 @@ def test_tta_and_fold_ensembling(planned, env):
         flipped = np.flip(single, axis=dims).copy() if dims else single
         p = predict_layout([net], flipped, plan, torch.device("cpu"), tta=False)
         passes.append(np.flip(p, axis=dims) if dims else p)
-    np.testing.assert_allclose(tta, _softmax_of_mean_log(passes), atol=1e-5)
+    np.testing.assert_allclose(tta, softmax_of_mean_log(passes), atol=1e-5)
     # a mirror-equivariant (pointwise) model gives the same with and without TTA; tile batching does not matter
     oracle = OracleNet(3)
     a = predict_layout([oracle], data, plan, torch.device("cpu"), tta=True, batch_slices=1)
@@ -185,7 +179,7 @@ def test_fold_ensemble_command_is_the_mean_of_the_folds(env, capsys, tmp_path):
         # two folds in one predict average their logits in the network's grid, before the probabilities are
         # resampled into the image's: per voxel, near the softmax of the folds' mean log-probability
         # (mean voxel distance 0.002 from it, 0.010 from the mean probability, in the version this test was written for)
-        near = np.abs(p01 - _softmax_of_mean_log([p0, p1])).max(0).mean()
+        near = np.abs(p01 - softmax_of_mean_log([p0, p1])).max(0).mean()
         assert near < 0.5 * np.abs(p01 - (p0 + p1) / 2).max(0).mean(), near
         mask = _assert_same_geometry(inp / f"{case}_0000.nii.gz", tmp_path / "ens" / f"{case}.nii.gz")
         np.testing.assert_array_equal(mask, pe.argmax(0))

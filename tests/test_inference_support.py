@@ -63,3 +63,10 @@ class OracleNet(nn.Module):
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     return 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+
+def softmax_of_mean_log(probs: list[np.ndarray]) -> np.ndarray:
+    """The softmax of averaged logits, from each pass's softmax probabilities (K, ...): each pass's
+    per-voxel log-sum-exp cancels, so the mean log-probability gives it."""
+    t = torch.from_numpy(np.mean([np.log(np.clip(p, 1e-30, None)) for p in probs], axis=0))
+    return torch.softmax(t.double(), dim=0).numpy()

@@ -206,7 +206,7 @@ class _TilePass:
         for start in range(0, len(tiles), self.batch):
             chunk = tiles[start:start + self.batch]
             xb = torch.stack([x[:, s, y:y + ph, z:z + pw] for s, y, z in chunk])
-            probs, heads, per_pass = None, {}, None
+            seg_sum, heads, per_pass = None, {}, None
             for net in self.networks:
                 for m, dims in enumerate(self.mirrors):
                     with self.autocast:
@@ -219,16 +219,16 @@ class _TilePass:
                             if per_pass is None:
                                 per_pass = torch.zeros((len(self.mirrors), *logits.shape), device=logits.device)
                             per_pass[m] += logits
-                        probs = logits if probs is None else probs.add_(logits)
+                        seg_sum = logits if seg_sum is None else seg_sum.add_(logits)
                     if want_cls:
                         for head, logits in out["cls"].items():
                             p = torch.softmax(logits.float(), dim=1)
                             heads[head] = p if head not in heads else heads[head].add_(p)
             if want_seg:
-                probs.mul_(self.scale).mul_(self.gauss)
+                seg_sum.mul_(self.scale).mul_(self.gauss)
                 if acc is None:
-                    acc = torch.zeros((probs.shape[1], n, *x.shape[2:]), device=x.device)
-                _add_tiles(acc, probs.transpose(0, 1), chunk, self.offsets, self.patch)
+                    acc = torch.zeros((seg_sum.shape[1], n, *x.shape[2:]), device=x.device)
+                _add_tiles(acc, seg_sum.transpose(0, 1), chunk, self.offsets, self.patch)
                 if per_pass is not None:  # (passes, B, K, h, w) -> (passes x K, B, h, w)
                     per_pass = per_pass.mul_(self.gauss / len(self.networks)).transpose(1, 2).flatten(0, 1)
                     if pass_acc is None:
